@@ -1,0 +1,116 @@
+"""Generation speed against transformers' PyTorch generate, and the memory the chunked log-prob saves.
+
+    python benchmarks/generation.py            # ~3 minutes on 2 CPU cores
+
+Both frameworks get the same random checkpoint (written by transformers), the same prompts and
+greedy decoding with no stop token, so both produce exactly batch x new_tokens tokens. Ours also
+returns each token's log-prob and full-distribution entropy; generate returns ids only. Times are
+medians of `--repeats` runs after one warm-up; our first call's extra time is the compile time.
+Memory is XLA's own account of the compiled program (argument + output + temporary buffers).
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+import model as M
+
+SHAPES = {
+    # Qwen2.5-0.5B's widths and vocabulary, 4 of its 24 layers to fit CPU time
+    "qwen2.5-0.5b-shaped (4 layers)": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=4,
+                                           num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny (2 layers, vocab 512)": dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def timed(fn, repeats):
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def generation(name, shape, batch, prompt_length, new_tokens, repeats):
+    torch.manual_seed(0)
+    reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        config, params = M.load_checkpoint(folder)
+    prompts = np.random.default_rng(0).integers(0, shape["vocab_size"], size=(batch, prompt_length)).tolist()
+    greedy = M.SamplingParams(temperature=0, max_new_tokens=new_tokens)
+
+    def ours():
+        jax.block_until_ready(M.generate(params, config, prompts, jax.random.key(0), greedy, stop_token_ids=()).tokens)
+
+    input_ids = torch.tensor(prompts)
+
+    def theirs():
+        with torch.no_grad():
+            reference.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
+
+    first, ours_s = timed(ours, repeats)
+    _, theirs_s = timed(theirs, repeats)
+    tokens = batch * new_tokens
+    print(f"{name}: {M.count_params(params) / 1e6:.1f}M parameters, batch {batch} x {prompt_length}-token prompts x {new_tokens} new tokens")
+    print(f"  jax (this project)   {tokens / ours_s:8.1f} tokens/s  ({ours_s:.2f} s; compile {first - ours_s:.1f} s)")
+    print(f"  transformers+torch   {tokens / theirs_s:8.1f} tokens/s  ({theirs_s:.2f} s)")
+    print(f"  ratio jax / torch    {theirs_s / ours_s:8.2f}x")
+
+
+def logprob_memory(batch, length, chunk_size):
+    """From the final hidden states to each target token's log-prob: the vocabulary part alone."""
+    shape = SHAPES["qwen2.5-0.5b-shaped (4 layers)"]
+    vocab, width = shape["vocab_size"], shape["hidden_size"]
+    config = M.Config(model_type="qwen2", vocab_size=vocab, hidden_size=width, intermediate_size=1, num_layers=0,
+                      num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
+    params = {"embed": {"embedding": jax.ShapeDtypeStruct((vocab, width), jnp.float32)}}
+    hidden = jax.ShapeDtypeStruct((batch, length, width), jnp.float32)
+    targets = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+
+    def chunked(p, h, t):
+        return M.logprobs_from_hidden(p, config, h, t, chunk_size=chunk_size)[0]
+
+    def naive(p, h, t):
+        log_probs = jax.nn.log_softmax(M.unembed(p, config, h), axis=-1)
+        return jnp.take_along_axis(log_probs, t[..., None], -1)[..., 0]
+
+    def peak(fn):
+        stats = jax.jit(fn).lower(params, hidden, targets).compile().memory_analysis()
+        total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+        return f"{total / 2**30:5.2f} GiB (temporaries {stats.temp_size_in_bytes / 2**30:4.2f})"
+
+    gradient = lambda fn: jax.grad(lambda p, h, t: fn(p, h, t).sum(), argnums=(0, 1))
+    print(f"log-probs of {batch} x {length} tokens from hidden states, vocab {vocab} x {width} "
+          "(XLA's compiled buffers: arguments + outputs + temporaries)")
+    print(f"  forward:            naive {peak(naive)}   chunked ({chunk_size}) {peak(chunked)}")
+    print(f"  forward + backward: naive {peak(gradient(naive))}   chunked ({chunk_size}) {peak(gradient(chunked))}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, shape in SHAPES.items():
+        generation(name, shape, args.batch, args.prompt_length, args.new_tokens, args.repeats)
+    logprob_memory(batch=4, length=1024, chunk_size=128)

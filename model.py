@@ -1,0 +1,888 @@
+"""The language model: a Flax decoder-only transformer that loads Hugging Face checkpoints, and its sampler.
+
+Every method in this project (RWML, PaW, SPA, plain GRPO) trains one of these. It covers the
+papers' models: Qwen2 / Qwen2.5 (bias on q, k, v), Qwen3 (RMSNorm on q and k before RoPE, explicit
+head_dim) and Llama 3.x (the "llama3" RoPE scaling); all are pre-norm decoders with grouped-query
+attention, RMSNorm, SwiGLU and rotary position embeddings:
+
+    x = embed(tokens)
+    for each layer:  x = x + attention(rms_norm(x));  x = x + down(silu(gate(h)) * up(h)), h = rms_norm(x)
+    logits = rms_norm(x) @ W_out                  (W_out = embed^T when the embeddings are tied)
+
+The weights are einsum-shaped ([hidden, heads, head_dim] for q, [heads, head_dim, hidden] for o),
+so converting a Hugging Face tensor is a transpose plus a reshape, spelled out in
+`_weight_specs`, with every shape checked. Everything architectural is read from the checkpoint's
+config.json, in both layouts that exist (transformers 4.x: top-level rope_theta / rope_scaling;
+5.x: rope_parameters).
+
+The sampler (`generate`) runs one jitted prefill and one jitted decode loop over a KV cache, on a
+batch of prompts of different lengths (left padded, positions counted over real tokens only, the
+prompt length padded to a power-of-two bucket so jit compiles a handful of programs). For each
+sampled token it returns the log-probability and the entropy of the policy's full distribution at
+the sampling temperature: exactly what `token_logprobs` recomputes by teacher forcing, which is
+what keeps the GRPO ratio pi_theta / pi_old at 1 on-policy.
+
+Run `python model.py` for a small generation demo on a random tiny checkpoint (offline), or
+`python model.py --model Qwen/Qwen2.5-0.5B-Instruct` with a real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]  # the Flax parameter pytree, variables["params"]
+
+# model_type in config.json -> the architecture name transformers writes beside it.
+SUPPORTED_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",  # Qwen2, Qwen2.5
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",  # Llama 3.x
+}
+MASKED_SCORE = -1e30  # finite: a fully masked (pad) query must give a uniform row, not NaN
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the problem and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The architecture, as read from a Hugging Face config.json. Frozen and hashable: a static jit argument."""
+
+    model_type: str  # "qwen2" | "qwen3" | "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_positions: int = 8192  # llama3 only
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict, where: str = "config.json") -> Config:
+        """Read a transformers config dict (either layout); unsupported features raise CheckpointError."""
+        model_type = hf.get("model_type")
+        architectures = hf.get("architectures") or []
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            names = ", ".join(f"{arch} (model_type '{t}')" for t, arch in SUPPORTED_ARCHITECTURES.items())
+            raise CheckpointError(
+                f"{where} describes {'/'.join(architectures) or 'a model'} (model_type '{model_type}'), "
+                f"which model.py does not implement. Supported: {names}. "
+                "Fix: use a Qwen2/Qwen2.5, Qwen3 or Llama 3 checkpoint."
+            )
+        unsupported = {
+            "hidden_act": hf.get("hidden_act", "silu") != "silu",
+            "use_sliding_window": bool(hf.get("use_sliding_window", False)),
+            "mlp_bias": bool(hf.get("mlp_bias", False)),
+        }
+        for key, bad in unsupported.items():
+            if bad:
+                raise CheckpointError(
+                    f"{where} sets {key}={hf[key]!r}, which model.py does not implement. "
+                    "Fix: use a checkpoint with the standard setting (silu, no sliding window, no MLP bias)."
+                )
+        # transformers 5 writes rope_parameters (theta included); 4.x writes rope_theta + rope_scaling.
+        rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise CheckpointError(
+                f"{where} asks for rope_type '{rope_type}'; model.py implements default, linear and llama3. "
+                "Fix: remove the rope scaling from config.json if you do not need long contexts."
+            )
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        bias = bool(hf.get("attention_bias", False))
+        num_heads = hf["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
+            qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v bias, never o bias
+            o_bias=bias and model_type != "qwen2",
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    def to_hf(self, dtype: str = "float32") -> dict:
+        """The config.json transformers and vLLM read: the 4.x layout that Hub checkpoints carry."""
+        rope_scaling = None
+        if self.rope_type == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": self.rope_factor}
+        elif self.rope_type == "llama3":
+            rope_scaling = {
+                "rope_type": "llama3",
+                "factor": self.rope_factor,
+                "low_freq_factor": self.rope_low_freq_factor,
+                "high_freq_factor": self.rope_high_freq_factor,
+                "original_max_position_embeddings": self.rope_original_max_positions,
+            }
+        hf = {
+            "architectures": [SUPPORTED_ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids) or None,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": dtype,
+        }
+        if self.model_type != "qwen2":
+            hf["attention_bias"] = self.o_bias
+        return hf
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for a batch of sequences, written slot by slot.
+
+    k, v:   one [batch, max_len, kv_heads, head_dim] array per layer
+    mask:   [batch, max_len] bool, True where a slot holds a real (non-pad) token
+    index:  int32 scalar, the next slot to write (all rows share it: prompts are left padded)
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    mask: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(zeros(), zeros(), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def rope_inverse_frequencies(config: Config) -> np.ndarray:
+    """[head_dim // 2] float32 rotation speeds, with the checkpoint's scaling applied."""
+    exponents = np.arange(0, config.head_dim, 2, dtype=np.float32) / np.float32(config.head_dim)
+    inv_freq = (1.0 / np.float32(config.rope_theta) ** exponents).astype(np.float32)
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(config.rope_factor)
+    elif config.rope_type == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones untouched, a smooth band between.
+        factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+        context = config.rope_original_max_positions
+        wavelength = 2 * math.pi / inv_freq
+        scaled = np.where(wavelength > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelength - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelength >= context / high) & (wavelength <= context / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x [batch, time, heads, head_dim] by position, in float32, halves layout (as transformers)."""
+    angles = positions[:, :, None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [b, t, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    first, second = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-second, first], axis=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: Config
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, attend, layer_cache, cache_index):
+        """x [b, t, hidden]; attend [b, t, s] bool; layer_cache None or (k, v) [b, s, kv_heads, head_dim]."""
+        c = self.config
+        dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense((c.num_heads, c.head_dim), use_bias=c.qkv_bias, name="q")(x)
+        k = dense((c.num_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="k")(x)
+        v = dense((c.num_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="v")(x)
+        if c.qk_norm:  # Qwen3: per-head RMSNorm on q and k, before RoPE
+            q = RMSNorm(c.rms_norm_eps, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, self.param_dtype, name="k_norm")(k)
+        inv_freq = rope_inverse_frequencies(c)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+            layer_cache = (k, v)
+        batch, time = x.shape[:2]
+        groups = c.num_heads // c.num_kv_heads  # query head h reads kv head h // groups
+        q = q.reshape(batch, time, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.where(attend[:, None, None], scores / math.sqrt(c.head_dim), MASKED_SCORE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+        out = out.reshape(batch, time, c.num_heads, c.head_dim)
+        return dense(c.hidden_size, axis=(-2, -1), use_bias=c.o_bias, name="o")(out), layer_cache
+
+
+class MLP(nn.Module):
+    config: Config
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = dense(self.config.intermediate_size, name="gate")(x)
+        up = dense(self.config.intermediate_size, name="up")(x)
+        return dense(self.config.hidden_size, name="down")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    config: Config
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, attend, layer_cache, cache_index):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        normed = RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(x)
+        attended, layer_cache = Attention(c, **kw, name="attn")(normed, positions, attend, layer_cache, cache_index)
+        x = x + attended
+        x = x + MLP(c, **kw, name="mlp")(RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(x))
+        return x, layer_cache
+
+
+class Transformer(nn.Module):
+    """tokens -> final normed hidden states. `unembed` turns those into logits.
+
+    dtype: the compute dtype (None: follow the parameters); remat: recompute each block in the
+    backward pass instead of storing its activations.
+    """
+
+    config: Config
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, positions, token_mask, cache: KVCache | None = None):
+        """tokens, positions [b, t] int; token_mask [b, t] bool. Returns (hidden [b, t, hidden], cache)."""
+        c = self.config
+        if not c.tie_word_embeddings:  # declared here so `init` creates it; read by `unembed`
+            self.param("lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size), self.param_dtype)
+        x = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(tokens)
+        time = tokens.shape[1]
+        if cache is None:  # causal attention over this call's real tokens
+            slots = jnp.arange(time)
+            kv_mask, index = token_mask, 0
+            attend = token_mask[:, None, :] & (slots[None, :, None] >= slots[None, None, :])
+        else:  # write this call's tokens at cache.index and attend to every earlier real slot
+            index = cache.index
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
+            query_slots = index + jnp.arange(time)
+            key_slots = jnp.arange(kv_mask.shape[1])
+            attend = kv_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+        block = nn.remat(Block) if self.remat else Block
+        keys, values = [], []
+        for layer in range(c.num_layers):
+            layer_cache = None if cache is None else (cache.k[layer], cache.v[layer])
+            x, layer_cache = block(c, self.dtype, self.param_dtype, name=f"layers_{layer}")(
+                x, positions, attend, layer_cache, index
+            )
+            if cache is not None:
+                keys.append(layer_cache[0])
+                values.append(layer_cache[1])
+        x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="final_norm")(x)
+        if cache is not None:
+            cache = KVCache(tuple(keys), tuple(values), kv_mask, index + time)
+        return x, cache
+
+
+def positions_from_mask(token_mask: jax.Array) -> jax.Array:
+    """Positions count real tokens only (as transformers' generate does): left padding shifts nothing."""
+    return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(params: Params, config: Config, tokens, token_mask, cache=None, positions=None, dtype=None, remat=False):
+    """Hidden states [b, t, hidden] (and the updated cache) for left- or right-padded tokens."""
+    if positions is None:
+        positions = positions_from_mask(token_mask)
+    model = Transformer(config, dtype=dtype, remat=remat)
+    return model.apply({"params": params}, tokens, positions, token_mask.astype(bool), cache)
+
+
+def unembed(params: Params, config: Config, hidden: jax.Array) -> jax.Array:
+    """Logits in float32 (accumulated in float32 whatever the parameter dtype).
+
+    Tied models multiply by the [vocab, hidden] input embedding directly: no transposed copy of
+    the largest matrix in the model.
+    """
+    if config.tie_word_embeddings:
+        weight, spec = params["embed"]["embedding"], "...h,vh->...v"
+    else:
+        weight, spec = params["lm_head"], "...h,hv->...v"
+    return jnp.einsum(spec, hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def logits(params: Params, config: Config, tokens, token_mask) -> jax.Array:
+    """Full logits [b, t, vocab] in float32. Fine for tests and small vocabularies; training uses token_logprobs."""
+    hidden, _ = forward(params, config, tokens, token_mask)
+    return unembed(params, config, hidden)
+
+
+def token_logprobs(params: Params, config: Config, tokens, token_mask, temperature: float = 1.0, chunk_size: int = 128,
+                   dtype=None, remat=False):
+    """Teacher-forced log pi(tokens[t] | tokens[<t]) and the full-distribution entropy at t, both [b, t] float32.
+
+    Column 0 has no prediction and is 0. Logits are divided by `temperature`, as when sampling.
+    """
+    hidden, _ = forward(params, config, tokens, token_mask, dtype=dtype, remat=remat)
+    logprobs, entropies = logprobs_from_hidden(params, config, hidden[:, :-1], tokens[:, 1:], temperature, chunk_size)
+    first = jnp.zeros((tokens.shape[0], 1), jnp.float32)
+    return jnp.concatenate([first, logprobs], 1), jnp.concatenate([first, entropies], 1)
+
+
+def logprobs_from_hidden(params: Params, config: Config, hidden, targets, temperature: float = 1.0, chunk_size: int = 128):
+    """log softmax(hidden @ W_out / temperature)[targets] and the entropy, both [b, t] float32.
+
+    The vocabulary projection runs over `chunk_size` positions at a time inside a rematerialised
+    scan, so [batch, time, vocab] float32 logits never exist at once, in the forward pass or the
+    backward pass (151,936 x 4 bytes per position otherwise).
+    """
+    batch, time = targets.shape
+    steps = -(-time // chunk_size)
+    padding = steps * chunk_size - time
+    hidden = jnp.pad(hidden, ((0, 0), (0, padding), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, padding)))
+    chunks = (
+        hidden.reshape(batch, steps, chunk_size, -1).swapaxes(0, 1),
+        targets.reshape(batch, steps, chunk_size).swapaxes(0, 1),
+    )
+
+    @jax.checkpoint
+    def chunk_logprobs(_, chunk):
+        hidden_chunk, target_chunk = chunk
+        log_probs = jax.nn.log_softmax(unembed(params, config, hidden_chunk) / temperature, axis=-1)
+        chosen = jnp.take_along_axis(log_probs, target_chunk[..., None], axis=-1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+        return None, (chosen, entropy)
+
+    _, (chosen, entropy) = jax.lax.scan(chunk_logprobs, None, chunks)
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :time]
+    return unchunk(chosen), unchunk(entropy)
+
+
+def init_params(config: Config, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters (normal 0.02, norms 1): for tiny models trained from scratch and tests."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = Transformer(config, param_dtype=dtype).init(key, tokens, tokens, tokens.astype(bool))
+    return variables["params"]
+
+
+def count_params(params: Params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. Static under jit: each distinct value compiles once."""
+
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_p: float = 1.0  # nucleus: the smallest set of most likely tokens with mass >= top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    max_new_tokens: int = 64
+
+
+class Completion(NamedTuple):
+    """A batch of sampled completions. The prompt is kept as fed (left padded) so training never re-tokenizes.
+
+    prompt_tokens, prompt_mask:  [batch, prompt_bucket]  left padded
+    tokens:     [batch, max_new_tokens] int32 sampled ids; after a row finishes, its pad id
+    logprobs:   [batch, max_new_tokens] float32 log pi(token) under softmax(logits / temperature)
+                (temperature 1 when greedy), over the full vocabulary, before top-p / top-k
+    entropies:  [batch, max_new_tokens] float32 entropy of that same full distribution
+    mask:       [batch, max_new_tokens] bool, True up to and including the first stop token
+    """
+
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    entropies: jax.Array
+    mask: jax.Array
+
+
+def bucket_length(length: int, minimum: int = 16) -> int:
+    """The next power of two (at least `minimum`): prompts of many lengths share a few compilations."""
+    return max(minimum, 1 << max(0, length - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [batch, length] right-aligned, and the mask of real tokens."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+        if not 0 < len(prompt) <= length:
+            raise ValueError(f"prompt {row} has {len(prompt)} tokens; it needs between 1 and {length}")
+        tokens[row, length - len(prompt):] = prompt
+        mask[row, length - len(prompt):] = True
+    return tokens, mask
+
+
+def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingParams):
+    """One token per row from logits [b, vocab] float32. Returns (token, its log-prob, entropy).
+
+    The log-prob and entropy are those of softmax(logits / temperature) over the whole vocabulary:
+    the distribution training recomputes. Top-k and top-p only restrict which token is drawn.
+    """
+    greedy = sampling.temperature == 0
+    scaled = logits if greedy else logits / sampling.temperature
+    log_probs = jax.nn.log_softmax(scaled, axis=-1)
+    if greedy:
+        token = jnp.argmax(logits, axis=-1)
+    else:
+        allowed = scaled
+        if sampling.top_k > 0:
+            kth_largest = jax.lax.top_k(allowed, sampling.top_k)[0][:, -1:]
+            allowed = jnp.where(allowed >= kth_largest, allowed, -jnp.inf)
+        if sampling.top_p < 1.0:
+            allowed = _nucleus(allowed, sampling.top_p)
+        token = jax.random.categorical(key, allowed, axis=-1)
+    logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    return token.astype(jnp.int32), logprob, entropy
+
+
+def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
+    """Keep the smallest set of most likely tokens whose probability mass reaches top_p."""
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def _prefill(params, config, tokens, token_mask, cache):
+    """Run the left-padded prompts through the model; the logits of each row's last token come back."""
+    hidden, cache = forward(params, config, tokens, token_mask, cache)
+    return unembed(params, config, hidden[:, -1]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_ids", "pad_id"))
+def _decode(params, config, cache, first_logits, next_positions, key, sampling, stop_ids, pad_id):
+    """Sample until every row has produced a stop token or max_new_tokens: one XLA while loop."""
+    batch, steps = first_logits.shape[0], sampling.max_new_tokens
+    stop_ids = jnp.asarray(stop_ids, jnp.int32)
+    empty = lambda dtype: jnp.zeros((batch, steps), dtype)
+
+    def unfinished(carry):
+        step, done = carry[0], carry[3]
+        return (step < steps) & ~jnp.all(done)
+
+    def decode_one(carry):
+        step, cache, step_logits, done, positions, outputs = carry
+        token, logprob, entropy = sample_token(step_logits, jax.random.fold_in(key, step), sampling)
+        live = ~done
+        token = jnp.where(live, token, pad_id)
+        outputs = tuple(
+            out.at[:, step].set(value)
+            for out, value in zip(outputs, (token, jnp.where(live, logprob, 0.0), jnp.where(live, entropy, 0.0), live))
+        )
+        done = done | jnp.isin(token, stop_ids)
+        hidden, cache = forward(params, config, token[:, None], live[:, None], cache, positions[:, None])
+        return step + 1, cache, unembed(params, config, hidden[:, 0]), done, positions + 1, outputs
+
+    outputs = (empty(jnp.int32) + pad_id, empty(jnp.float32), empty(jnp.float32), empty(bool))
+    carry = (0, cache, first_logits, jnp.zeros(batch, bool), next_positions, outputs)
+    return jax.lax.while_loop(unfinished, decode_one, carry)[-1]
+
+
+def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], key: jax.Array,
+             sampling: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] | None = None,
+             pad_token_id: int | None = None, min_bucket: int = 16) -> Completion:
+    """Sample completions for prompts of different lengths (token id lists).
+
+    stop_token_ids defaults to the config's EOS ids; a row finishes at its first stop token, which
+    is kept in its mask. pad_token_id (default: the config's pad, else the first stop id) fills
+    the left of the prompts and the right of finished rows; masks never derive from it, because
+    Qwen's pad id is its EOS id.
+    """
+    stop_ids = tuple(config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+    pad_id = next((i for i in (pad_token_id, config.pad_token_id, *stop_ids) if i is not None), 0)
+    prompt_length = bucket_length(max(len(p) for p in prompts), min_bucket)
+    tokens, mask = left_pad(prompts, prompt_length, pad_id)
+    cache_dtype = params["embed"]["embedding"].dtype
+    cache = init_cache(config, len(prompts), prompt_length + sampling.max_new_tokens, cache_dtype)
+    first_logits, cache = _prefill(params, config, jnp.asarray(tokens), jnp.asarray(mask), cache)
+    next_positions = jnp.asarray(mask.sum(-1), jnp.int32)
+    sampled, logprobs, entropies, completion_mask = _decode(
+        params, config, cache, first_logits, next_positions, key, sampling, stop_ids, pad_id
+    )
+    return Completion(jnp.asarray(tokens), jnp.asarray(mask), sampled, logprobs, entropies, completion_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face checkpoints: the name map, loading and saving
+# --------------------------------------------------------------------------------------------
+
+
+class WeightSpec(NamedTuple):
+    hf_name: str
+    path: tuple[str, ...]  # where it lives in our params
+    hf_shape: tuple[int, ...]
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _weight_specs(config: Config) -> list[WeightSpec]:
+    """Every tensor the config implies, with the conversion both ways. HF Linear weights are [out, in]."""
+    c = config
+    hidden, ffn, head = c.hidden_size, c.intermediate_size, c.head_dim
+    same = lambda w: w
+    transpose = lambda w: w.T
+
+    def heads_in(n):  # [n*head, hidden] -> [hidden, n, head]
+        return lambda w: w.T.reshape(hidden, n, head), lambda w: w.reshape(hidden, n * head).T
+
+    def heads_bias(n):  # [n*head] -> [n, head]
+        return lambda b: b.reshape(n, head), lambda b: b.reshape(n * head)
+
+    heads_out = (lambda w: w.T.reshape(c.num_heads, head, hidden), lambda w: w.reshape(c.num_heads * head, hidden).T)
+    specs = [WeightSpec("model.embed_tokens.weight", ("embed", "embedding"), (c.vocab_size, hidden), same, same)]
+    for i in range(c.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers_{i}"
+        attention = [("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)]
+        for name, n in attention:
+            specs.append(WeightSpec(f"{hf}self_attn.{name}_proj.weight", (ours, "attn", name, "kernel"), (n * head, hidden), *heads_in(n)))
+            if c.qkv_bias:
+                specs.append(WeightSpec(f"{hf}self_attn.{name}_proj.bias", (ours, "attn", name, "bias"), (n * head,), *heads_bias(n)))
+        specs.append(WeightSpec(f"{hf}self_attn.o_proj.weight", (ours, "attn", "o", "kernel"), (hidden, c.num_heads * head), *heads_out))
+        if c.o_bias:
+            specs.append(WeightSpec(f"{hf}self_attn.o_proj.bias", (ours, "attn", "o", "bias"), (hidden,), same, same))
+        if c.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                specs.append(WeightSpec(f"{hf}self_attn.{name}.weight", (ours, "attn", name, "scale"), (head,), same, same))
+        specs += [
+            WeightSpec(f"{hf}mlp.gate_proj.weight", (ours, "mlp", "gate", "kernel"), (ffn, hidden), transpose, transpose),
+            WeightSpec(f"{hf}mlp.up_proj.weight", (ours, "mlp", "up", "kernel"), (ffn, hidden), transpose, transpose),
+            WeightSpec(f"{hf}mlp.down_proj.weight", (ours, "mlp", "down", "kernel"), (hidden, ffn), transpose, transpose),
+            WeightSpec(f"{hf}input_layernorm.weight", (ours, "attn_norm", "scale"), (hidden,), same, same),
+            WeightSpec(f"{hf}post_attention_layernorm.weight", (ours, "mlp_norm", "scale"), (hidden,), same, same),
+        ]
+    specs.append(WeightSpec("model.norm.weight", ("final_norm", "scale"), (hidden,), same, same))
+    if not c.tie_word_embeddings:
+        specs.append(WeightSpec("lm_head.weight", ("lm_head",), (c.vocab_size, hidden), transpose, transpose))
+    return specs
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
+
+
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A local checkpoint folder, or a Hub id downloaded (or found in the cache) into one."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return folder
+    if not _looks_like_hub_id(str(model)):
+        raise CheckpointError(f"No checkpoint folder at '{model}'. Fix: pass an existing folder or a Hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
+    import huggingface_hub
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(huggingface_hub.snapshot_download(str(model), allow_patterns=patterns))
+    except Exception as error:
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else f"the download failed ({type(error).__name__}: {error})"
+        raise CheckpointError(
+            f"Cannot load '{model}': it is not a local folder, it is not in the Hugging Face cache, and {why}. "
+            f"Fix: on a machine with internet run `hf download {model} --local-dir DIR` and pass DIR, "
+            "or go online (unset HF_HUB_OFFLINE)."
+        ) from error
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (single file or sharded with an index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).exists():
+                raise CheckpointError(
+                    f"Shard '{shard}' listed in {index} is missing from {folder}. "
+                    "Fix: download the checkpoint again (all model-*.safetensors files)."
+                )
+        return {name: folder / shard for name, shard in weight_map.items()}
+    single = folder / "model.safetensors"
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(single, "np") as f:
+            return {name: single for name in f.keys()}
+    found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+    raise CheckpointError(
+        f"No model.safetensors or model.safetensors.index.json in {folder} (found: {found}). "
+        "Fix: save the model with transformers' save_pretrained (safetensors is its default)."
+    )
+
+
+def load_checkpoint(model: str | Path, dtype=jnp.float32) -> tuple[Config, Params]:
+    """Config and parameters (in `dtype`) from a Hugging Face checkpoint folder or Hub id."""
+    from safetensors import safe_open
+
+    folder = resolve_checkpoint(model)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(
+            f"No config.json in {folder}: this is not a Hugging Face model folder. "
+            "Fix: point at the folder that save_pretrained wrote (config.json + *.safetensors)."
+        )
+    config = Config.from_hf(json.loads(config_file.read_text()), str(config_file))
+    files = _tensor_files(folder)
+    specs = _weight_specs(config)
+    missing = [s.hf_name for s in specs if s.hf_name not in files]
+    if missing:
+        raise CheckpointError(
+            f"{folder} lacks {len(missing)} weight(s) that its config.json implies, e.g. {missing[:3]}. "
+            "Fix: check that config.json belongs to these weights (a tied or untied lm_head, Qwen2 biases, Qwen3 q/k norms)."
+        )
+    expected = {s.hf_name for s in specs} | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    unexpected = [n for n in files if n not in expected and not n.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise CheckpointError(
+            f"{folder} has weights model.py would ignore, e.g. {unexpected[:3]}, so its outputs would be wrong. "
+            "Fix: use a checkpoint of a supported architecture whose config.json matches its weights."
+        )
+    params: Params = {}
+    handles = {}
+    for spec in specs:
+        file = files[spec.hf_name]
+        if file not in handles:
+            handles[file] = safe_open(file, "np")
+        tensor = handles[file].get_tensor(spec.hf_name)
+        if tuple(tensor.shape) != spec.hf_shape:
+            raise CheckpointError(
+                f"Weight {spec.hf_name} in {file.name} has shape {tuple(tensor.shape)}, but config.json implies "
+                f"{spec.hf_shape}. Fix: the weights and config.json come from different models; use a matching pair."
+            )
+        node = params
+        for key in spec.path[:-1]:
+            node = node.setdefault(key, {})
+        node[spec.path[-1]] = jnp.asarray(spec.to_flax(tensor).astype(dtype))
+    return config, params
+
+
+def load_tokenizer(model: str | Path):
+    """The checkpoint's tokenizer (chat template included) through transformers.AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_checkpoint(model)))
+
+
+def save_checkpoint(folder: str | Path, config: Config, params: Params, tokenizer=None,
+                    max_shard_bytes: int = 4 * 2**30) -> Path:
+    """Write config.json and safetensors (sharded with an index past max_shard_bytes) that transformers and vLLM open."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for spec in _weight_specs(config):
+        value = params
+        for key in spec.path:
+            value = value[key]
+        tensors[spec.hf_name] = np.ascontiguousarray(spec.to_hf(np.asarray(jax.device_get(value))))
+    dtype = str(next(iter(tensors.values())).dtype)
+    (folder / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=2) + "\n")
+    shards, size = [[]], 0
+    for name, tensor in tensors.items():
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += tensor.nbytes
+    for stale in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        stale.unlink()
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(tensors, folder / "model.safetensors", metadata)
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: tensors[n] for n in names}, folder / shard, metadata)
+            weight_map.update({n: shard for n in names})
+        total = sum(t.nbytes for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Small tokenizers, and the demo
+# --------------------------------------------------------------------------------------------
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts`, with Qwen's special tokens and chat template.
+
+    For tiny models trained from scratch. Byte-level like Qwen's own, so any text round-trips
+    exactly, and transformers' AutoTokenizer reads the saved folder back unchanged.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_random_checkpoint(folder: str | Path, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2 with a small BPE tokenizer: lets the demo run offline in seconds."""
+    texts = ["You are an agent in a grid world. Move up, down, left or right to reach the goal."]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    config = Config(
+        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True,
+        eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+    )
+    return save_checkpoint(folder, config, init_params(config, jax.random.key(seed)), tokenizer)
+
+
+@dataclasses.dataclass
+class DemoArgs:
+    """Generate from a chat prompt and report speed (a demo of loading and sampling)."""
+
+    model: str = "tiny"
+    """a Hugging Face checkpoint folder or Hub id; 'tiny' builds a random 2-layer Qwen2 offline"""
+    prompt: str = "You are an agent in a grid world. Move to the goal."
+    """the user message, wrapped in the tokenizer's chat template"""
+    batch: int = 4
+    """copies of the prompt sampled side by side"""
+    max_new_tokens: int = 32
+    """tokens sampled per row at most"""
+    temperature: float = 1.0
+    """0 for greedy"""
+    top_p: float = 1.0
+    """nucleus sampling mass (1.0: off)"""
+    seed: int = 0
+    """the sampling key"""
+    dtype: str = "float32"
+    """parameter dtype: float32 or bfloat16"""
+
+
+def main(args: DemoArgs) -> None:
+    import time
+
+    folder = tiny_random_checkpoint(Path.home() / ".cache" / "rwml-jax" / "tiny-random-qwen2") if args.model == "tiny" else args.model
+    config, params = load_checkpoint(folder, jnp.dtype(args.dtype))
+    tokenizer = load_tokenizer(folder)
+    print(f"{config.model_type}: {count_params(params):,} parameters, {config.num_layers} layers, vocab {config.vocab_size}"
+          + (" (random weights: expect noise)" if args.model == "tiny" else ""))
+    messages = [{"role": "user", "content": args.prompt}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    sampling = SamplingParams(args.temperature, args.top_p, max_new_tokens=args.max_new_tokens)
+    for attempt in ("compile + run", "run"):
+        start = time.perf_counter()
+        out = generate(params, config, [prompt] * args.batch, jax.random.key(args.seed), sampling)
+        jax.block_until_ready(out.tokens)
+        seconds = time.perf_counter() - start
+        print(f"{attempt}: {seconds:.2f} s, {int(out.mask.sum()) / seconds:,.0f} new tokens/s")
+    for row in range(args.batch):
+        ids = np.asarray(out.tokens[row])[np.asarray(out.mask[row])]
+        mean_logprob = float(out.logprobs[row][out.mask[row]].mean())
+        print(f"[{row}] ({len(ids)} tokens, mean log-prob {mean_logprob:.2f}) {tokenizer.decode(ids)!r}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(DemoArgs))

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random checkpoints written by transformers itself, the reference implementation.
+
+Every parameter is randomised (biases and norm weights too): transformers initialises biases to 0
+and norms to 1, which would let a loader that skips them pass.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import transformers  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+ARCHITECTURES = {
+    "qwen2": lambda tied: transformers.Qwen2Config(**TINY, tie_word_embeddings=tied, rope_theta=10000.0),
+    # Qwen3: head_dim set explicitly and different from hidden / heads, as in the real models
+    "qwen3": lambda tied: transformers.Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=tied, rope_theta=1e6),
+    # Llama 3: llama3 rope scaling that bites inside a short test (original context 16), non-default theta
+    "llama3": lambda tied: transformers.LlamaConfig(
+        **TINY, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16, "rope_theta": 500.0},
+        rope_theta=500.0,
+    ),
+}
+MODEL_CLASSES = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+                 "llama3": transformers.LlamaForCausalLM}
+
+
+def random_hf_model(architecture: str, tied: bool, seed: int = 0):
+    """A transformers model of the given family with every parameter drawn at random."""
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[architecture](ARCHITECTURES[architecture](tied)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(1.0 + 0.2 * torch.randn_like(parameter))
+            else:
+                parameter.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """hf_checkpoint(architecture, tied, sharded=False) -> (folder, transformers model), cached per session."""
+    made = {}
+
+    def make(architecture: str, tied: bool = False, sharded: bool = False):
+        key = (architecture, tied, sharded)
+        if key not in made:
+            model = random_hf_model(architecture, tied)
+            folder = tmp_path_factory.mktemp(f"{architecture}-{'tied' if tied else 'untied'}{'-sharded' if sharded else ''}")
+            model.save_pretrained(folder, max_shard_size="40KB" if sharded else "5GB")
+            made[key] = (folder, model)
+        return made[key]
+
+    return make
+
+
+def torch_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    with torch.no_grad():
+        input_ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
+        attention = None if mask is None else torch.tensor(np.asarray(mask), dtype=torch.long)
+        return model(input_ids=input_ids, attention_mask=attention).logits.float().numpy()

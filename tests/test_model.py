@@ -1,0 +1,208 @@
+"""model.py against transformers' PyTorch models: loading, logits, padding, export, and the errors users hit."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ARCHITECTURES, torch_logits
+
+import model as M
+
+LOGIT_TOLERANCE = 1e-4  # float32, max abs difference
+
+
+def random_tokens(shape, vocab=128, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=shape, dtype=np.int32)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_logits_match_transformers(hf_checkpoint, architecture, tied):
+    folder, reference = hf_checkpoint(architecture, tied)
+    config, params = M.load_checkpoint(folder)
+    assert config.tie_word_embeddings == tied and ("lm_head" in params) != tied
+    # 40 positions: past llama3's original context of 16, where its rope scaling matters
+    tokens = random_tokens((2, 40))
+    ours = M.logits(params, config, tokens, np.ones_like(tokens, bool))
+    np.testing.assert_allclose(ours, torch_logits(reference, tokens), atol=LOGIT_TOLERANCE, rtol=0)
+
+
+def test_config_fields_are_read_from_the_checkpoint(hf_checkpoint):
+    qwen2 = M.load_checkpoint(hf_checkpoint("qwen2")[0])[0]
+    qwen3 = M.load_checkpoint(hf_checkpoint("qwen3")[0])[0]
+    llama = M.load_checkpoint(hf_checkpoint("llama3")[0])[0]
+    assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.qk_norm, qwen2.head_dim) == (True, False, False, 16)
+    assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim, qwen3.rope_theta) == (False, True, 32, 1e6)
+    assert (llama.rope_type, llama.rope_factor, llama.rope_original_max_positions, llama.rope_theta) == ("llama3", 8.0, 16, 500.0)
+    assert llama.eos_token_ids == (2,) and llama.num_kv_heads == 2
+
+
+def test_sharded_checkpoint_gives_the_same_logits(hf_checkpoint):
+    folder, reference = hf_checkpoint("qwen2", False, sharded=True)
+    assert (folder / "model.safetensors.index.json").exists() and len(list(folder.glob("*.safetensors"))) > 1
+    config, params = M.load_checkpoint(folder)
+    tokens = random_tokens((2, 24), seed=1)
+    np.testing.assert_allclose(M.logits(params, config, tokens, np.ones_like(tokens, bool)), torch_logits(reference, tokens),
+                               atol=LOGIT_TOLERANCE, rtol=0)
+
+
+def test_transformers_4_config_layout_reads_the_same(hf_checkpoint, tmp_path):
+    """Hub checkpoints carry top-level rope_theta / rope_scaling / torch_dtype; transformers 5 writes rope_parameters."""
+    source, _ = hf_checkpoint("llama3")
+    folder = tmp_path / "v4"
+    shutil.copytree(source, folder)
+    hf = json.loads((folder / "config.json").read_text())
+    rope = hf.pop("rope_parameters")
+    hf["rope_theta"] = rope.pop("rope_theta")
+    hf["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
+    hf["torch_dtype"] = hf.pop("dtype")
+    (folder / "config.json").write_text(json.dumps(hf))
+    assert M.load_checkpoint(folder)[0] == M.load_checkpoint(source)[0]
+
+
+def test_left_padding_does_not_change_logits(hf_checkpoint):
+    folder, _ = hf_checkpoint("qwen3")
+    config, params = M.load_checkpoint(folder)
+    short, long = random_tokens((1, 9), seed=2)[0], random_tokens((1, 20), seed=3)[0]
+    tokens, mask = M.left_pad([short, long], 20, pad_id=0)
+    padded = M.logits(params, config, tokens, mask)
+    alone = M.logits(params, config, short[None], np.ones((1, 9), bool))
+    assert np.isfinite(np.asarray(padded)).all()
+    np.testing.assert_allclose(padded[0, -9:], alone[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(padded[1], M.logits(params, config, long[None], np.ones((1, 20), bool))[0], atol=1e-5, rtol=0)
+
+
+def test_left_padded_logits_match_transformers_with_attention_mask(hf_checkpoint):
+    folder, reference = hf_checkpoint("llama3")
+    config, params = M.load_checkpoint(folder)
+    tokens, mask = M.left_pad([random_tokens((1, 7), seed=4)[0], random_tokens((1, 30), seed=5)[0]], 32, pad_id=0)
+    ours = np.asarray(M.logits(params, config, tokens, mask))
+    # transformers numbers positions 0..T-1 on padded rows in a plain forward, so compare row by row unpadded
+    for row in range(2):
+        real = mask[row]
+        expected = torch_logits(reference, tokens[row][real][None])[0]
+        np.testing.assert_allclose(ours[row][real], expected, atol=LOGIT_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 7, 64])
+def test_chunked_logprobs_equal_a_full_log_softmax(hf_checkpoint, chunk_size):
+    folder, _ = hf_checkpoint("qwen2", True)
+    config, params = M.load_checkpoint(folder)
+    tokens = random_tokens((3, 21), seed=6)
+    mask = np.ones_like(tokens, bool)
+    temperature = 0.7
+    logprobs, entropies = M.token_logprobs(params, config, tokens, mask, temperature=temperature, chunk_size=chunk_size)
+    full = np.asarray(M.logits(params, config, tokens, mask), np.float64) / temperature
+    log_softmax = full - np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1, keepdims=True)) - full.max(-1, keepdims=True)
+    expected = np.take_along_axis(log_softmax[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    expected_entropy = -(np.exp(log_softmax) * log_softmax).sum(-1)[:, :-1]
+    assert logprobs.shape == entropies.shape == tokens.shape
+    np.testing.assert_array_equal(logprobs[:, 0], 0.0)
+    np.testing.assert_allclose(logprobs[:, 1:], expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(entropies[:, 1:], expected_entropy, atol=1e-5, rtol=0)
+
+
+def test_chunked_logprobs_have_the_gradient_of_the_full_log_softmax(hf_checkpoint):
+    folder, _ = hf_checkpoint("qwen2", False)
+    config, params = M.load_checkpoint(folder)
+    tokens = random_tokens((2, 13), seed=7)
+    mask = np.ones_like(tokens, bool)
+
+    def chunked(p):
+        return M.token_logprobs(p, config, tokens, mask, chunk_size=5)[0].sum()
+
+    def full(p):
+        log_probs = jax.nn.log_softmax(M.logits(p, config, tokens, mask)[:, :-1], -1)
+        return jnp.take_along_axis(log_probs, tokens[:, 1:, None], -1).sum()
+
+    for a, b in zip(jax.tree.leaves(jax.grad(chunked)(params)), jax.tree.leaves(jax.grad(full)(params))):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_exported_checkpoint_opens_in_transformers_with_the_same_logits(hf_checkpoint, tmp_path, architecture, tied):
+    import torch
+    import transformers
+
+    folder, _ = hf_checkpoint(architecture, tied)
+    config, params = M.load_checkpoint(folder)
+    params = jax.tree.map(lambda x: x * 1.01, params)  # a "trained" model, different from the source
+    M.save_checkpoint(tmp_path / "out", config, params, max_shard_bytes=50_000)  # sharded on purpose
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    tokens = random_tokens((2, 30), seed=8)
+    ours = M.logits(params, config, tokens, np.ones_like(tokens, bool))
+    np.testing.assert_allclose(torch_logits(reloaded, tokens), ours, atol=LOGIT_TOLERANCE, rtol=0)
+    assert M.load_checkpoint(tmp_path / "out")[0] == config
+
+
+def test_bfloat16_parameters_load_and_stay_close(hf_checkpoint):
+    folder, reference = hf_checkpoint("qwen2")
+    config, params = M.load_checkpoint(folder, dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    tokens = random_tokens((1, 16), seed=9)
+    ours = np.asarray(M.logits(params, config, tokens, np.ones_like(tokens, bool)))
+    assert ours.dtype == np.float32
+    assert np.abs(ours - torch_logits(reference, tokens)).max() < 0.1  # bfloat16 keeps ~3 significant digits
+
+
+def test_tokenizer_loads_with_its_chat_template(tmp_path):
+    tokenizer = M.train_tokenizer(["You are an agent. Move left.", "<answer>Up || Left</answer>"], vocab_size=280)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    loaded = M.load_tokenizer(tmp_path)
+    text = "You are an agent. Move left, then <answer>Up</answer>!\n"
+    assert loaded.decode(loaded(text)["input_ids"]) == text
+    chat = loaded.apply_chat_template([{"role": "user", "content": "Move left."}], add_generation_prompt=True, tokenize=False)
+    assert chat == "<|im_start|>user\nMove left.<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ---- errors a user can cause: one clear message naming the problem and the fix ----
+
+
+def test_folder_without_config_json_names_the_problem(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(M.CheckpointError, match="No config.json"):
+        M.load_checkpoint(tmp_path)
+
+
+def test_unsupported_architecture_names_it_and_lists_the_supported_ones(tmp_path):
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    with pytest.raises(M.CheckpointError, match=r"GPT2LMHeadModel.*'gpt2'.*Supported: Qwen2ForCausalLM"):
+        M.load_checkpoint(tmp_path)
+
+
+def test_missing_shard_names_the_file(hf_checkpoint, tmp_path):
+    source, _ = hf_checkpoint("qwen2", False, sharded=True)
+    shutil.copytree(source, tmp_path / "ckpt")
+    victim = sorted((tmp_path / "ckpt").glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(M.CheckpointError, match=f"Shard '{victim.name}'.*missing"):
+        M.load_checkpoint(tmp_path / "ckpt")
+
+
+def test_weight_of_the_wrong_shape_names_the_weight_and_both_shapes(hf_checkpoint, tmp_path):
+    source, _ = hf_checkpoint("qwen2")
+    shutil.copytree(source, tmp_path / "ckpt")
+    hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    hf["intermediate_size"] = 128  # the weights were saved with 96
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(M.CheckpointError, match=r"mlp\.\w+_proj\.weight.*\(96, 64\).*\(128, 64\)|mlp\.\w+_proj\.weight.*\(64, 96\).*\(64, 128\)"):
+        M.load_checkpoint(tmp_path / "ckpt")
+
+
+def test_hub_id_while_offline_says_how_to_get_the_weights():
+    with pytest.raises(M.CheckpointError, match=r"offline.*hf download no-such-org/no-such-model"):
+        M.load_checkpoint("no-such-org/no-such-model")
+
+
+def test_missing_local_folder_is_not_mistaken_for_a_hub_id(tmp_path):
+    with pytest.raises(M.CheckpointError, match="No checkpoint folder"):
+        M.load_checkpoint(tmp_path / "nowhere" / "model")
