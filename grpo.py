@@ -1,0 +1,334 @@
+"""GRPO as pure functions: group-relative advantages, the clipped surrogate with a KL term, and one update step.
+
+The RL core under every method here (RWML trains its world model with it, policy RL and PaW use it
+for actions); `../shared/docs/methods.md` section 1. For each task, sample a group of G rollouts,
+score each with a scalar reward R_i, and give every token of rollout i the advantage
+
+    A_i = (R_i - mean(R_group)) / (std(R_group) + eps)                         GRPO
+    A_i =  R_i - mean(R_group)                                                 Dr.GRPO (no std scaling)
+    A_i =  R_i - mean(R_group without i)                                       RLOO (leave-one-out baseline)
+
+Per loss token, with rho = pi_theta / pi_old and x = log pi_theta - log pi_ref (clamped):
+
+    loss_t = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t - entropy_coef * H_t
+    KL_t = x (k1) | x^2 / 2 (k2) | exp(-x) - 1 + x (k3)
+
+Aggregation, the source of the field's best-known GRPO bugs, is explicit. The loss is always a sum
+over loss tokens divided by a denominator fixed by the whole batch:
+
+    token-mean                sum_i sum_t loss_it / (number of loss tokens in the batch)
+    seq-mean-token-mean       sum_i (sum_t loss_it / n_i) / (number of sequences)
+    seq-mean-token-sum-norm   sum_i (sum_t loss_it / max_length) / (number of sequences)   (Dr.GRPO)
+
+`grpo_loss` returns the numerator and the denominator separately, so summing numerators over
+micro-batches and dividing once by the batch's denominator is exactly the large-batch loss:
+gradient accumulation does not change the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import model as lm
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ESTIMATORS = ("grpo", "drgrpo", "rloo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------------
+
+
+class GroupStats(NamedTuple):
+    """Per-sample statistics of its group, for logging and filtering. All [n]."""
+
+    mean: jax.Array
+    std: jax.Array
+    size: jax.Array
+    zero_variance: jax.Array  # bool: every reward in the group is the same
+
+
+def group_stats(rewards: jax.Array, group_ids: jax.Array, std_ddof: int = 1) -> GroupStats:
+    """Mean, std and size of each sample's group. std_ddof=1 is the unbiased std, as verl computes it."""
+    same_group = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)  # [n, n]
+    size = same_group.sum(-1)
+    mean = same_group @ rewards / size
+    squares = same_group @ (rewards - mean) ** 2  # each sample's own mean is its group's mean
+    std = jnp.sqrt(squares / jnp.maximum(size - std_ddof, 1))
+    zero_variance = (same_group * jnp.abs(rewards[None, :] - rewards[:, None])).max(-1) == 0
+    return GroupStats(mean, std, size, zero_variance)
+
+
+def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo", eps: float = 1e-6,
+               std_ddof: int = 1, filter_zero_variance: bool = False) -> tuple[jax.Array, jax.Array, GroupStats]:
+    """Group-relative advantages [n] for scalar rewards [n] and integer group ids [n].
+
+    Returns (advantages, keep, stats). keep [n] bool is False for samples of zero-variance groups
+    when filter_zero_variance is set (their advantage is 0 anyway; dropping them also removes
+    their tokens from the token-mean denominator, as DAPO's dynamic sampling does). A group of
+    one sample has no baseline: its advantage is 0.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator '{estimator}' is not one of {ESTIMATORS}")
+    rewards = rewards.astype(jnp.float32)
+    stats = group_stats(rewards, group_ids, std_ddof)
+    centred = rewards - stats.mean
+    if estimator == "grpo":
+        adv = centred / (stats.std + eps)
+    elif estimator == "drgrpo":
+        adv = centred
+    else:  # RLOO: R_i - (sum_group - R_i) / (G - 1) = G / (G - 1) * (R_i - mean)
+        adv = centred * stats.size / jnp.maximum(stats.size - 1, 1)
+    adv = jnp.where(stats.size > 1, adv, 0.0)
+    keep = ~stats.zero_variance if filter_zero_variance else jnp.ones_like(rewards, bool)
+    return adv, keep, stats
+
+
+# --------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The policy loss. Defaults follow verl / verl-agent (methods.md section 1)."""
+
+    clip_low: float = 0.2
+    """eps_low: the ratio is clipped below at 1 - clip_low"""
+    clip_high: float = 0.2
+    """eps_high: clipped above at 1 + clip_high; larger than clip_low is DAPO's clip-higher"""
+    beta: float = 0.01
+    """KL-to-reference coefficient (verl-agent's kl_loss_coef); 0 needs no reference log-probs"""
+    kl_estimator: str = "k3"
+    """k1 (log ratio: zero expected gradient as a loss), k2 (half squared log ratio) or k3 (low-variance, verl's low_var_kl)"""
+    kl_clamp: float = 20.0
+    """|log pi - log pi_ref| and |log pi - log pi_old| are clamped to this before exponentiating"""
+    entropy_coef: float = 0.0
+    """entropy bonus: subtracts entropy_coef * H from each token's loss"""
+    aggregation: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)"""
+    max_length: int = 0
+    """the constant of seq-mean-token-sum-norm; 0 uses the batch's sequence length"""
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation '{self.aggregation}' is not one of {AGGREGATIONS}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator '{self.kl_estimator}' is not one of {KL_ESTIMATORS}")
+
+
+def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str, clamp: float) -> jax.Array:
+    """Per-token estimate of KL(pi_theta || pi_ref) from the sampled tokens' log-probs."""
+    log_ratio = jnp.clip(logprobs - ref_logprobs, -clamp, clamp)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    return jnp.exp(-log_ratio) - 1.0 + log_ratio  # k3: r - 1 - log r with r = pi_ref / pi_theta
+
+
+def loss_denominator(loss_mask: jax.Array, aggregation: str) -> jax.Array:
+    """What the summed token losses of the whole batch are divided by."""
+    if aggregation == "token-mean":
+        return loss_mask.sum()
+    return (loss_mask.sum(-1) > 0).sum()  # sequences that have any loss token
+
+
+class LossTerms(NamedTuple):
+    numerator: jax.Array  # scalar: the batch's loss is numerator / denominator
+    denominator: jax.Array  # scalar
+    token_sums: dict[str, jax.Array]  # per-token quantities summed over loss tokens, for metrics
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: LossConfig = LossConfig(),
+              entropies=None) -> LossTerms:
+    """The GRPO loss of per-token arrays, all [batch, time]. loss_mask: 1 on the tokens the policy is trained on.
+
+    Tokens with mask 0 contribute nothing, to the loss or its gradient, whatever their values.
+    """
+    mask = loss_mask.astype(jnp.float32)
+    on = mask > 0
+    log_ratio = jnp.where(on, jnp.clip(logprobs - old_logprobs, -cfg.kl_clamp, cfg.kl_clamp), 0.0)
+    ratio = jnp.exp(log_ratio)
+    advantages = jnp.where(on, advantages, 0.0)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * advantages
+    token_loss = -jnp.minimum(unclipped, clipped)
+    kl = jnp.zeros_like(token_loss)
+    if cfg.beta != 0.0:
+        kl = kl_penalty(logprobs, jnp.where(on, ref_logprobs, logprobs), cfg.kl_estimator, cfg.kl_clamp)
+        token_loss = token_loss + cfg.beta * kl
+    entropy = jnp.zeros_like(token_loss) if entropies is None else jnp.where(on, entropies, 0.0)
+    if cfg.entropy_coef != 0.0:
+        token_loss = token_loss - cfg.entropy_coef * entropy
+    token_loss = jnp.where(on, token_loss, 0.0) * mask
+
+    if cfg.aggregation == "token-mean":
+        numerator = token_loss.sum()
+    elif cfg.aggregation == "seq-mean-token-mean":
+        numerator = (token_loss.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)).sum()
+    else:
+        numerator = token_loss.sum() / (cfg.max_length or loss_mask.shape[-1])
+
+    clip_active = ((ratio < 1.0 - cfg.clip_low) & (advantages < 0)) | ((ratio > 1.0 + cfg.clip_high) & (advantages > 0))
+    token_sums = {
+        "clip_fraction": (clip_active * mask).sum(),
+        "kl_ref": (kl * mask).sum(),
+        "entropy": (entropy * mask).sum(),
+        "approx_kl_old": ((jnp.exp(-log_ratio) - 1.0 + log_ratio) * mask).sum(),  # k3 of pi_old vs pi_theta
+        "ratio": (ratio * mask).sum(),
+        "tokens": mask.sum(),
+    }
+    return LossTerms(numerator, loss_denominator(loss_mask, cfg.aggregation), token_sums)
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+class Batch(NamedTuple):
+    """One policy update's data, every array [batch, time]: prompt and completion side by side.
+
+    tokens:        int32 ids exactly as sampled (never re-tokenized)
+    token_mask:    bool, real tokens (the model attends to them)
+    loss_mask:     float, 1 on the tokens the policy is trained on (completions, through EOS)
+    old_logprobs:  float32, log pi_old of each token as the sampler returned it
+    ref_logprobs:  float32, log pi_ref (unused when beta = 0)
+    advantages:    float32, each token's advantage (its sequence's, broadcast)
+    """
+
+    tokens: jax.Array
+    token_mask: jax.Array
+    loss_mask: jax.Array
+    old_logprobs: jax.Array
+    ref_logprobs: jax.Array
+    advantages: jax.Array
+
+
+def completion_batch(completion: lm.Completion, sequence_advantages, keep=None, ref_logprobs=None) -> Batch:
+    """A Batch from the sampler's output and one advantage per row; keep [b] drops filtered rows from the loss."""
+    tokens = jnp.concatenate([completion.prompt_tokens, completion.tokens], 1)
+    token_mask = jnp.concatenate([completion.prompt_mask, completion.mask], 1)
+    loss_mask = jnp.concatenate([jnp.zeros_like(completion.prompt_mask), completion.mask], 1).astype(jnp.float32)
+    if keep is not None:
+        loss_mask = loss_mask * keep[:, None]
+    old = jnp.concatenate([jnp.zeros(completion.prompt_mask.shape, jnp.float32), completion.logprobs], 1)
+    ref = jnp.zeros_like(old) if ref_logprobs is None else ref_logprobs
+    adv = jnp.broadcast_to(jnp.asarray(sequence_advantages, jnp.float32)[:, None], tokens.shape)
+    return Batch(tokens, token_mask, loss_mask, old, ref, adv)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: lm.Params
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """How one update is computed (static under jit)."""
+
+    loss: LossConfig = LossConfig()
+    temperature: float = 1.0
+    """the sampling temperature: log-probs are recomputed at it, or the on-policy ratio is not 1"""
+    micro_batches: int = 1
+    """the batch is split into this many micro-batches whose gradients are summed (same update)"""
+    chunk_size: int = 128
+    """positions per vocabulary chunk in the log-prob computation"""
+    remat: bool = False
+    """recompute each transformer block in the backward pass (less memory, more compute)"""
+    compute_dtype: str | None = None
+    """e.g. bfloat16 compute on float32 parameters; None follows the parameters"""
+
+
+def make_optimizer(learning_rate: float = 1e-6, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
+                   warmup_steps: int = 0, total_steps: int = 0, schedule: str = "constant",
+                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping; constant (verl's default) or cosine decay to 0, with linear warmup."""
+    if schedule == "constant":
+        rate = optax.constant_schedule(learning_rate)
+        if warmup_steps:
+            rate = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), rate], [warmup_steps])
+    elif schedule == "cosine":
+        rate = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
+    else:
+        raise ValueError(f"schedule '{schedule}' is not constant or cosine")
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(rate, b1, b2, weight_decay=weight_decay))
+
+
+def init_state(params: lm.Params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def policy_logprobs(params, model_config: lm.Config, tokens, token_mask, step: StepConfig):
+    """log pi and entropy of every token, at the sampling temperature (the forward pass of the step)."""
+    dtype = None if step.compute_dtype is None else jnp.dtype(step.compute_dtype)
+    return lm.token_logprobs(params, model_config, tokens, token_mask, temperature=step.temperature,
+                             chunk_size=step.chunk_size, dtype=dtype, remat=step.remat)
+
+
+def accumulate(loss_fn: Callable, params, batch, micro_batches: int):
+    """Sum of gradients and auxiliary sums of `loss_fn(params, micro_batch) -> (loss, aux)` over micro-batches.
+
+    loss_fn must already divide by the whole batch's denominator, so the sum is the batch gradient.
+    """
+    size = jax.tree.leaves(batch)[0].shape[0]
+    if size % micro_batches:
+        raise ValueError(f"batch of {size} rows does not split into {micro_batches} micro-batches")
+    split = jax.tree.map(lambda x: x.reshape(micro_batches, size // micro_batches, *x.shape[1:]), batch)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def add(total, micro):
+        grads, aux = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, total, (grads, aux)), None
+
+    first = jax.tree.map(lambda x: x[0], split)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
+    total, _ = jax.lax.scan(add, zeros, split)
+    return total
+
+
+def apply_update(state: TrainState, grads, optimizer: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state), optax.global_norm(grads)
+
+
+def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimizer: optax.GradientTransformation,
+              step: StepConfig = StepConfig()) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One GRPO update: forward, loss, gradients (over micro-batches), clipped AdamW. Pure; jit it with
+    model_config, optimizer and step bound (functools.partial).
+
+    Metrics (token means are over the batch's loss tokens):
+      loss            the aggregated GRPO loss (numerator / denominator)
+      clip_fraction   share of loss tokens whose ratio is clipped (gradient zeroed by the clip)
+      kl_ref          mean per-token KL(pi_theta || pi_ref) by the chosen estimator (0 when beta = 0)
+      entropy         mean full-distribution entropy of pi_theta on loss tokens
+      approx_kl_old   mean k3 estimate of KL(pi_old || pi_theta): how far this update's policy moved
+      ratio           mean pi_theta / pi_old (1 on-policy)
+      grad_norm       global norm of the gradient before clipping
+      tokens          number of loss tokens in the batch
+    """
+    cfg = step.loss
+    denominator = loss_denominator(batch.loss_mask, cfg.aggregation)
+
+    def loss_fn(params, micro: Batch):
+        logprobs, entropies = policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step)
+        terms = grpo_loss(logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.loss_mask, cfg,
+                          entropies)
+        return terms.numerator / jnp.maximum(denominator, 1), (terms.numerator, terms.token_sums)
+
+    grads, (numerator, sums) = accumulate(loss_fn, state.params, batch, step.micro_batches)
+    state, grad_norm = apply_update(state, grads, optimizer)
+    tokens = jnp.maximum(sums["tokens"], 1)
+    metrics = {name: value / tokens for name, value in sums.items() if name != "tokens"}
+    metrics.update(loss=numerator / jnp.maximum(denominator, 1), grad_norm=grad_norm, tokens=sums["tokens"])
+    return state, metrics
