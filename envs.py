@@ -21,6 +21,7 @@ import dataclasses
 import multiprocessing
 import os
 import re
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
@@ -400,6 +401,121 @@ GRID_ENVS = {"frozenlake": FrozenLake, "sokoban": Sokoban, "sudoku": Sudoku}
 
 
 # --------------------------------------------------------------------------------------------
+# ALFWorld
+# --------------------------------------------------------------------------------------------
+
+ALFWORLD_SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
+ALFWORLD_TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
+                       "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place")
+
+
+def alfworld_games(split: str, data_root: str | Path | None = None, task_types: Sequence[str] | None = None) -> list[Path]:
+    """The sorted game.tw-pddl files of a split, from $ALFWORLD_DATA/json_2.1.1/<split>/ (the standard layout).
+
+    Like alfworld's own lister, it skips the "movable" and "Sliced" task folders.
+    """
+    if split not in ALFWORLD_SPLITS:
+        raise ValueError(f"ALFWorld split '{split}' is not one of {ALFWORLD_SPLITS}")
+    unknown = set(task_types or ()) - set(ALFWORLD_TASK_TYPES)
+    if unknown:
+        raise ValueError(f"unknown ALFWorld task types {sorted(unknown)}; choose from {ALFWORLD_TASK_TYPES}")
+    root = Path(data_root or os.environ.get("ALFWORLD_DATA") or "~/.cache/alfworld").expanduser()
+    folder = root / "json_2.1.1" / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"No ALFWorld games at {folder}. Fix: run `alfworld-download` (fetches them to ~/.cache/alfworld), "
+            "or unpack a copy, e.g. `mkdir -p ~/.cache/alfworld && tar xJf ../shared/alfworld/json_2.1.1.tar.xz "
+            "-C ~/.cache/alfworld`, and point ALFWORLD_DATA at the folder that holds json_2.1.1/."
+        )
+    games = []
+    for game in sorted(folder.glob("*/*/game.tw-pddl")):
+        task_folder = game.parent.parent.name  # <task_type>-<object>-<mrecep>-<recep>-<scene>
+        if "movable" in task_folder or "Sliced" in task_folder:
+            continue
+        if task_types and task_folder.split("-", 1)[0] not in task_types:
+            continue
+        games.append(game)
+    if not games:
+        raise FileNotFoundError(f"No game.tw-pddl files for task types {task_types} under {folder}")
+    return games
+
+
+def alfworld_walkthrough(game_file: str | Path) -> list[str]:
+    """The expert plan stored in a game file."""
+    import json
+
+    return list(json.loads(Path(game_file).read_text())["walkthrough"])
+
+
+class AlfWorld:
+    """An ALFWorld text game from the real `alfworld` package: TextWorld running the game's PDDL, with
+    alfworld's wrappers (AlfredDemangler names objects "drawer 3" as the papers' agents see them).
+
+    reset(seed) plays game games[seed % len(games)] of the split. The first observation is the room
+    and "Your task is to: ..."; every step returns the game's own text ("Nothing happens." for a
+    command it does not understand, which keeps the game going). A command outside the admissible
+    list is an invalid step: it costs invalid_penalty. Winning pays success_reward (10 in PaW and
+    verl-agent; RWML's policy RL uses 1). Actions are stripped, not lowercased: the game is
+    case-sensitive. Each instance reuses one TextWorld environment across games, because every new
+    one loads a private copy of the planner library that is never freed (~4 MB a game).
+    """
+
+    name = "alfworld"
+    HEADER = "-= Welcome to TextWorld, ALFRED! =-"
+
+    def __init__(self, split: str = "train", data_root: str | Path | None = None, task_types: Sequence[str] | None = None,
+                 max_steps: int = 50, success_reward: float = 10.0, invalid_penalty: float = -0.1):
+        self.games = alfworld_games(split, data_root, task_types)
+        self.max_steps, self.success_reward, self.invalid_penalty = max_steps, success_reward, invalid_penalty
+        self.game, self.env = None, None
+
+    def _call(self, method, *args):
+        """fast_downward's PDDL translation overwrites sys.argv on load and reset; put it back."""
+        import sys
+
+        saved = sys.argv
+        try:
+            return method(*args)
+        finally:
+            sys.argv = saved
+
+    def reset(self, seed: int) -> tuple[str, dict]:
+        import textworld
+        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+
+        game = str(self.games[seed % len(self.games)])
+        if self.env is None:
+            infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile"])
+            self.env = self._call(textworld.start, game, infos, [AlfredDemangler(shuffle=False), AlfredInfos])
+        elif game != self.game:
+            self._call(self.env.load, game)
+        self.game = game
+        state = self._call(self.env.reset)
+        observation = state.feedback.replace(self.HEADER, "", 1).strip()
+        self.task = observation.split("Your task is to: ", 1)[-1].strip()
+        self.admissible = list(state.admissible_commands)
+        self.steps, self.done, self.won = 0, False, False
+        return observation, self._info(False)
+
+    def _info(self, invalid: bool) -> dict:
+        return {"task": self.task, "admissible_actions": list(self.admissible), "won": self.won,
+                "invalid_action": invalid, "gamefile": self.game}
+
+    def step(self, action: str) -> tuple[str, float, bool, dict]:
+        if self.done:
+            raise RuntimeError("step() after the episode ended: call reset()")
+        command = action.strip()
+        invalid = command not in self.admissible
+        state, _, _ = self._call(self.env.step, command)
+        self.steps += 1
+        self.won = bool(state.won)
+        self.admissible = list(state.admissible_commands)
+        self.done = self.won or self.steps >= self.max_steps
+        reward = self.success_reward * self.won + self.invalid_penalty * invalid
+        return state.feedback.strip(), reward, self.done, self._info(invalid)
+
+
+# --------------------------------------------------------------------------------------------
 # Prompts and action parsing
 # --------------------------------------------------------------------------------------------
 
@@ -535,7 +651,11 @@ class EnvBatch:
                 sent.append((connection, [i for i, _ in mine]))
         results = {}
         for connection, indices in sent:
-            answer = connection.recv()
+            try:
+                answer = connection.recv()
+            except (EOFError, ConnectionError) as error:
+                codes = [p.exitcode for p in self.processes]
+                raise RuntimeError(f"an environment worker process died (exit codes {codes}); see its error above") from error
             if isinstance(answer, Exception):
                 raise answer
             results.update(zip(indices, answer))
@@ -551,9 +671,14 @@ class EnvBatch:
 
     def close(self):
         for connection in getattr(self, "connections", []):
-            connection.send(("close", None))
+            try:
+                connection.send(("close", None))
+            except (BrokenPipeError, ConnectionError):
+                pass
         for process in getattr(self, "processes", []):
             process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
 
     def __enter__(self):
         return self
@@ -655,21 +780,27 @@ def episode_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     }
 
 
-def rollout(params: lm.Params, config: lm.Config, tokenizer, envs: EnvBatch, seeds: Sequence[int], group_size: int,
+def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBatch, seeds: Sequence[int], group_size: int,
             key: jax.Array, prompt: Callable, parse: Callable[[str], list[str]], max_turns: int,
-            sampling: lm.SamplingParams = lm.SamplingParams(), history: int = 2) -> list[Trajectory]:
-    """Play len(seeds) groups of group_size copies (envs holds len(seeds) * group_size environments).
+            sampling: lm.SamplingParams = lm.SamplingParams(), history: int = 2,
+            timings: dict[str, float] | None = None) -> list[Trajectory]:
+    """Play len(seeds) groups of group_size copies (`environments` holds len(seeds) * group_size).
 
     Each turn, only the unfinished environments are sampled for (the batch is padded to a power of
     two so the sampler compiles a handful of programs). prompt(task, history, step, observation,
-    info) builds the user text; parse(response_text) gives the turn's actions.
+    info) builds the user text; parse(response_text) gives the turn's actions. If given, `timings`
+    accumulates wall seconds under "model" (sampling) and "env" (reset and steps).
     """
-    if envs.count != len(seeds) * group_size:
-        raise ValueError(f"{envs.count} environments for {len(seeds)} groups of {group_size}")
+    timings = {} if timings is None else timings
+    clock = time.perf_counter
+    if environments.count != len(seeds) * group_size:
+        raise ValueError(f"{environments.count} environments for {len(seeds)} groups of {group_size}")
     stop_ids = tuple(sorted({tokenizer.eos_token_id, *config.eos_token_ids} - {None}))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     env_seeds = [seed for seed in seeds for _ in range(group_size)]
-    starts = envs.reset(env_seeds)
+    start = clock()
+    starts = environments.reset(env_seeds)
+    timings["env"] = timings.get("env", 0.0) + clock() - start
     trajectories = [Trajectory(seed, i // group_size, info.get("task", ""), info, []) for i, (seed, (_, info))
                     in enumerate(zip(env_seeds, starts))]
     current = {i: observation_info for i, observation_info in enumerate(starts)}
@@ -684,21 +815,25 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, envs: EnvBatch, see
             past = [(t.observation, " || ".join(t.actions) or "(none)") for t in window]
             prompts.append(encode_prompt(tokenizer, prompt(trajectories[i].task, past, turn, observation, info)))
         padded = prompts + [prompts[0]] * (lm.bucket_length(len(prompts), 1) - len(prompts))
+        start = clock()
         out = jax.device_get(lm.generate(params, config, padded, jax.random.fold_in(key, turn), sampling,
                                          stop_token_ids=stop_ids, pad_token_id=pad_id))
+        timings["model"] = timings.get("model", 0.0) + clock() - start
         responses = {}
         for row, i in enumerate(active):
             length = int(out.mask[row].sum())
             ids = np.asarray(out.tokens[row, :length])
             text = tokenizer.decode(ids, skip_special_tokens=True)
             responses[i] = (ids, out.logprobs[row, :length], out.entropies[row, :length], text, parse(text))
-        results = envs.play({i: responses[i][4] for i in active})
-        for i in active:
+        start = clock()
+        results = environments.play({i: responses[i][4] for i in active})
+        timings["env"] = timings.get("env", 0.0) + clock() - start
+        for i, prompt_ids in zip(active, prompts):
             ids, logprobs, entropies, text, actions = responses[i]
             next_observation, reward, done, info = results[i]
             next_ids = np.asarray(tokenizer.encode(next_observation, add_special_tokens=False), np.int32)
             trajectories[i].turns.append(Turn(
-                turn, current[i][0], np.asarray(prompts[active.index(i)], np.int32), ids, np.asarray(logprobs),
+                turn, current[i][0], np.asarray(prompt_ids, np.int32), ids, np.asarray(logprobs),
                 np.asarray(entropies), text, list(actions), next_observation, next_ids, float(reward), bool(done),
                 bool(info.get("won", False)), bool(info.get("invalid_action", False)),
             ))

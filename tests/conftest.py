@@ -69,3 +69,23 @@ def torch_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> n
         input_ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
         attention = None if mask is None else torch.tensor(np.asarray(mask), dtype=torch.long)
         return model(input_ids=input_ids, attention_mask=attention).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def alfworld_data(tmp_path_factory):
+    """A folder holding json_2.1.1/: $ALFWORLD_DATA or ~/.cache/alfworld if they have it, else the copy in
+    ../shared/alfworld unpacked once per session. Missing everywhere: skipped locally, a failure in CI."""
+    import tarfile
+    from pathlib import Path
+
+    for candidate in (os.environ.get("ALFWORLD_DATA"), "~/.cache/alfworld"):
+        if candidate and (Path(candidate).expanduser() / "json_2.1.1" / "valid_seen").is_dir():
+            return Path(candidate).expanduser()
+    archive = Path(__file__).resolve().parents[1].parent / "shared" / "alfworld" / "json_2.1.1.tar.xz"
+    if not archive.exists():
+        message = f"no ALFWorld games: set ALFWORLD_DATA or provide {archive}"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    folder = tmp_path_factory.mktemp("alfworld")
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
