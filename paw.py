@@ -1,0 +1,222 @@
+"""PaW: co-training the policy and the world model in one forward pass (arXiv 2606.02388).
+
+One model, one forward pass over [h_t ; a_t ; o_{t+1}], two losses (`../shared/docs/methods.md`
+section 3): the GRPO loss on the action tokens, and an auxiliary world-model loss on the
+next-observation tokens appended after the action. Causal attention keeps o_{t+1} from changing
+the action's log-probs.
+
+    L = E_groups[ L_RL(g) + lambda_g * L_WM(S_alpha ∩ g) ]
+
+    selection   S_alpha: the top alpha (0.75) of the update's transitions, ranked globally by the
+                action entropy H(a_t | h_t) = mean over the action's tokens of the policy's entropy
+                (full distribution, from the sampler: no extra forward pass; flag: the paper's
+                literal sampled-token -q log q)
+    clipped MAE per transition: sum_i m_i (1 - p_i) / |o_{t+1}|, p_i = pi_theta(o_i | h_t, a_t, o_<i),
+                m_i = [p_i <= rho] (rho = 0.2, a constant: no gradient through the mask); divided by
+                the full observation length. Its gradient with respect to the target logit has
+                magnitude p (1 - p), against 1 - p for cross-entropy: tokens the model finds
+                unpredictable (p -> 0, noise) pull little. (flag: cross-entropy, the ablation)
+    lambda_g    1 - mean_return(g) / R_max (R_max = 10 in ALFWorld): groups that already succeed lean
+                on RL alone (flags: a fixed lambda; clipping lambda to [0, 1], which the paper leaves open)
+
+Choices the paper leaves open, made here: the observation's tokens are the environment text
+tokenized alone (the rollout's `next_observation_ids`), appended straight after the action's last
+sampled token (its EOS included), with no separator or chat wrapping; the last step of an episode
+is a transition like any other (its o_{t+1} is the final observation); an empty observation
+contributes no world-model loss. Observation probabilities are taken at temperature 1 (the model's
+own distribution), whatever the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import envs
+import grpo
+import model as lm
+
+
+@dataclasses.dataclass(frozen=True)
+class PaWConfig:
+    alpha: float = 0.75
+    """fraction of the update's transitions (highest action entropy) that get the world-model loss"""
+    rho: float = 0.2
+    """observation tokens with p > rho are already predicted: masked out of the clipped MAE"""
+    wm_loss: str = "cmae"
+    """cmae (clipped MAE) | ce (cross-entropy, the paper's ablation)"""
+    entropy: str = "full"
+    """full (the policy's full-distribution entropy) | sampled (the paper's literal -q log q of the sampled token)"""
+    lambda_mode: str = "adaptive"
+    """adaptive (1 - mean group return / r_max) | fixed (fixed_lambda; the paper's ablation uses 1)"""
+    fixed_lambda: float = 1.0
+    r_max: float = 10.0
+    """the maximum return (ALFWorld and WebShop 10, search QA 1)"""
+    clip_lambda: bool = False
+    """clip the adaptive lambda to [0, 1] (the paper does not say)"""
+
+
+# --------------------------------------------------------------------------------------------
+# The three parts, as pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def action_entropy(response_entropies: Sequence[np.ndarray], response_logprobs: Sequence[np.ndarray],
+                   form: str = "full") -> np.ndarray:
+    """H(a_t | h_t) per transition [n]: the mean over the action's tokens of the full-distribution
+    entropy ("full"), or of -q log q with q the sampled token's probability ("sampled")."""
+    if form == "full":
+        return np.array([float(np.mean(e)) if len(e) else 0.0 for e in response_entropies])
+    if form == "sampled":
+        return np.array([float(np.mean(-np.exp(l) * l)) if len(l) else 0.0 for l in response_logprobs])
+    raise ValueError(f"entropy form '{form}' is not full or sampled")
+
+
+def select_by_entropy(entropies: np.ndarray, alpha: float) -> np.ndarray:
+    """[n] bool: the ceil(alpha * n) highest-entropy transitions of the whole update (ties: earlier first)."""
+    count = int(np.ceil(alpha * len(entropies)))
+    chosen = np.argsort(-np.asarray(entropies), kind="stable")[:count]
+    selected = np.zeros(len(entropies), bool)
+    selected[chosen] = True
+    return selected
+
+
+def world_model_weights(returns: jax.Array, group_ids: jax.Array, cfg: PaWConfig = PaWConfig()) -> jax.Array:
+    """lambda per transition [n], from its group: 1 - mean_return_g / R_max (or the fixed value)."""
+    if cfg.lambda_mode == "fixed":
+        return jnp.full(returns.shape, cfg.fixed_lambda, jnp.float32)
+    if cfg.lambda_mode != "adaptive":
+        raise ValueError(f"lambda_mode '{cfg.lambda_mode}' is not adaptive or fixed")
+    weights = 1.0 - grpo.group_stats(returns.astype(jnp.float32), group_ids).mean / cfg.r_max
+    return jnp.clip(weights, 0.0, 1.0) if cfg.clip_lambda else weights
+
+
+def world_model_loss(observation_logprobs: jax.Array, observation_mask: jax.Array, rho: float = 0.2,
+                     form: str = "cmae") -> tuple[jax.Array, jax.Array]:
+    """Per transition [b]: clipped MAE sum_i [p_i <= rho] (1 - p_i) / |o|, or cross-entropy sum_i -log p_i / |o|.
+
+    observation_logprobs, observation_mask: [b, t]. Also returns the per-row count of observation
+    tokens the clip masks out (p > rho), for the clipped-token ratio.
+    """
+    mask = observation_mask.astype(jnp.float32)
+    length = jnp.maximum(mask.sum(-1), 1.0)  # the full observation length, clipped tokens included
+    probs = jnp.exp(jnp.where(mask > 0, observation_logprobs, 0.0))
+    predictable = jax.lax.stop_gradient(probs > rho)  # the mask is a constant
+    clipped = (predictable * mask).sum(-1)
+    if form == "cmae":
+        per_token = jnp.where(predictable, 0.0, 1.0 - probs)
+    elif form == "ce":
+        per_token = -jnp.where(mask > 0, observation_logprobs, 0.0)
+    else:
+        raise ValueError(f"world-model loss '{form}' is not cmae or ce")
+    return (per_token * mask).sum(-1) / length, clipped
+
+
+# --------------------------------------------------------------------------------------------
+# The batch and the step
+# --------------------------------------------------------------------------------------------
+
+
+class PaWBatch(NamedTuple):
+    """One PaW update. [batch, time] arrays hold [h_t ; a_t ; o_{t+1}] per row (one row a transition), right padded.
+
+    tokens, token_mask, old_logprobs, ref_logprobs, advantages: as in grpo.Batch
+    action_mask:       float, 1 on the action's sampled tokens (the GRPO loss mask)
+    observation_mask:  float, 1 on o_{t+1}'s tokens (the world-model loss mask)
+    wm_lambda:         [batch] float, lambda of the row's group
+    selected:          [batch] float, 1 for the rows in S_alpha (the entropy selection)
+    """
+
+    tokens: jax.Array
+    token_mask: jax.Array
+    action_mask: jax.Array
+    observation_mask: jax.Array
+    old_logprobs: jax.Array
+    ref_logprobs: jax.Array
+    advantages: jax.Array
+    wm_lambda: jax.Array
+    selected: jax.Array
+
+
+def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np.ndarray,
+              trajectory_lambdas: np.ndarray, cfg: PaWConfig = PaWConfig(), pad_id: int = 0,
+              min_bucket: int = 16) -> tuple[PaWBatch, dict]:
+    """Every turn of every trajectory as a row [prompt ; response ; next observation], from the exact
+    rollout ids. A turn gets its trajectory's advantage and lambda; the entropy selection ranks all turns."""
+    turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
+    entropies = action_entropy([t.response_entropies for _, t in turns], [t.response_logprobs for _, t in turns],
+                               cfg.entropy)
+    selected = select_by_entropy(entropies, cfg.alpha)
+    length = lm.bucket_length(max(len(t.prompt_ids) + len(t.response_ids) + len(t.next_observation_ids)
+                                  for _, t in turns), min_bucket)
+    shape = (len(turns), length)
+    tokens, token_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, bool)
+    action_mask, observation_mask = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    old_logprobs, advantages = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    wm_lambda = np.zeros(len(turns), np.float32)
+    for row, (index, turn) in enumerate(turns):
+        a = len(turn.prompt_ids)
+        o = a + len(turn.response_ids)
+        end = o + len(turn.next_observation_ids)
+        tokens[row, :end] = np.concatenate([turn.prompt_ids, turn.response_ids, turn.next_observation_ids])
+        token_mask[row, :end] = True
+        action_mask[row, a:o] = 1.0
+        observation_mask[row, o:end] = 1.0
+        old_logprobs[row, a:o] = turn.response_logprobs
+        advantages[row, a:o] = trajectory_advantages[index]
+        wm_lambda[row] = trajectory_lambdas[index]
+    batch = PaWBatch(*map(jnp.asarray, (tokens, token_mask, action_mask, observation_mask, old_logprobs,
+                                        np.zeros(shape, np.float32), advantages, wm_lambda, selected.astype(np.float32))))
+    return batch, {"selected": selected, "action_entropy": entropies}
+
+
+def paw_step(state: grpo.TrainState, batch: PaWBatch, model_config: lm.Config, optimizer,
+             step: grpo.StepConfig = grpo.StepConfig(), cfg: PaWConfig = PaWConfig()) -> tuple[grpo.TrainState, dict]:
+    """One PaW update: the GRPO loss on action tokens plus the lambda-weighted world-model loss on the
+    selected transitions' observation tokens, from one forward pass. With every lambda 0 it is
+    exactly grpo_step's update.
+
+    Metrics: grpo_step's, plus wm_loss (mean world-model loss over selected transitions),
+    clipped_token_ratio (share of their observation tokens with p > rho), lambda (mean over
+    selected transitions) and selected_fraction.
+    """
+    loss_cfg = step.loss
+    denominator = jnp.maximum(grpo.loss_denominator(batch.action_mask, loss_cfg.aggregation), 1)
+    selected_count = jnp.maximum(batch.selected.sum(), 1.0)
+    dtype = None if step.compute_dtype is None else jnp.dtype(step.compute_dtype)
+
+    def loss_fn(params, micro: PaWBatch):
+        hidden, _ = lm.forward(params, model_config, micro.tokens, micro.token_mask, dtype=dtype, remat=step.remat)
+        first = jnp.zeros((micro.tokens.shape[0], 1), jnp.float32)
+        logprobs, entropies = (jnp.concatenate([first, x], 1) for x in lm.logprobs_from_hidden(
+            params, model_config, hidden[:, :-1], micro.tokens[:, 1:], step.temperature, step.chunk_size))
+        terms = grpo.grpo_loss(logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.action_mask,
+                               loss_cfg, entropies)
+        observation_logprobs = logprobs
+        if step.temperature != 1.0:  # the world model is the model's own distribution
+            observation_logprobs = jnp.concatenate([first, lm.logprobs_from_hidden(
+                params, model_config, hidden[:, :-1], micro.tokens[:, 1:], 1.0, step.chunk_size)[0]], 1)
+        wm, clipped = world_model_loss(observation_logprobs, micro.observation_mask, cfg.rho, cfg.wm_loss)
+        wm_numerator = (micro.selected * micro.wm_lambda * wm).sum()
+        loss = terms.numerator / denominator + wm_numerator / selected_count
+        sums = dict(terms.token_sums, rl_numerator=terms.numerator, wm=(micro.selected * wm).sum(),
+                    clipped=(micro.selected * clipped).sum(),
+                    observation_tokens=(micro.selected * micro.observation_mask.sum(-1)).sum())
+        return loss, sums
+
+    grads, sums = grpo.accumulate(loss_fn, state.params, batch, step.micro_batches)
+    state, grad_norm = grpo.apply_update(state, grads, optimizer)
+    tokens = jnp.maximum(sums["tokens"], 1)
+    metrics = {name: sums[name] / tokens for name in ("clip_fraction", "kl_ref", "entropy", "approx_kl_old", "ratio")}
+    metrics.update(
+        loss=sums["rl_numerator"] / denominator, grad_norm=grad_norm, tokens=sums["tokens"],
+        wm_loss=sums["wm"] / selected_count,
+        clipped_token_ratio=sums["clipped"] / jnp.maximum(sums["observation_tokens"], 1),
+        **{"lambda": (batch.wm_lambda * batch.selected).sum() / selected_count},
+        selected_fraction=batch.selected.mean(),
+    )
+    return state, metrics
