@@ -131,7 +131,7 @@ def test_with_lambda_zero_paw_step_is_exactly_grpo_step():
                             batch.advantages)
     grpo_params, _ = sgd_update(grpo.grpo_step, params, grpo_batch)
     for a, b in zip(jax.tree.leaves(paw_params), jax.tree.leaves(grpo_params)):
-        np.testing.assert_allclose(a, b, atol=1e-7, rtol=0)
+        np.testing.assert_array_equal(a, b)  # bit for bit
 
 
 def test_world_model_loss_never_touches_prompt_or_action_tokens_and_rl_loss_never_observation_tokens():
