@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 import model as lm
+import sampler
 
 DIRECTIONS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 ACTION_NAMES = {"up": "Up", "down": "Down", "left": "Left", "right": "Right"}
@@ -782,7 +783,7 @@ def episode_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
 
 def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBatch, seeds: Sequence[int], group_size: int,
             key: jax.Array, prompt: Callable, parse: Callable[[str], list[str]], max_turns: int,
-            sampling: lm.SamplingParams = lm.SamplingParams(), history: int = 2,
+            sampling: sampler.SamplingParams = sampler.SamplingParams(), history: int = 2,
             timings: dict[str, float] | None = None) -> list[Trajectory]:
     """Play len(seeds) groups of group_size copies (`environments` holds len(seeds) * group_size).
 
@@ -816,7 +817,7 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
             prompts.append(encode_prompt(tokenizer, prompt(trajectories[i].task, past, turn, observation, info)))
         padded = prompts + [prompts[0]] * (lm.bucket_length(len(prompts), 1) - len(prompts))
         start = clock()
-        out = jax.device_get(lm.generate(params, config, padded, jax.random.fold_in(key, turn), sampling,
+        out = jax.device_get(sampler.generate(params, config, padded, jax.random.fold_in(key, turn), sampling,
                                          stop_token_ids=stop_ids, pad_token_id=pad_id))
         timings["model"] = timings.get("model", 0.0) + clock() - start
         responses = {}

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 import model as lm
+import sampler
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ESTIMATORS = ("grpo", "drgrpo", "rloo")
@@ -213,7 +214,7 @@ class Batch(NamedTuple):
     advantages: jax.Array
 
 
-def completion_batch(completion: lm.Completion, sequence_advantages, keep=None, ref_logprobs=None) -> Batch:
+def completion_batch(completion: sampler.Completion, sequence_advantages, keep=None, ref_logprobs=None) -> Batch:
     """A Batch from the sampler's output and one advantage per row; keep [b] drops filtered rows from the loss."""
     tokens = jnp.concatenate([completion.prompt_tokens, completion.tokens], 1)
     token_mask = jnp.concatenate([completion.prompt_mask, completion.mask], 1)

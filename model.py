@@ -1,4 +1,4 @@
-"""The language model: a Flax decoder-only transformer that loads Hugging Face checkpoints, and its sampler.
+"""The language model: a Flax decoder-only transformer that loads and saves Hugging Face checkpoints.
 
 Every method in this project (RWML, PaW, SPA, plain GRPO) trains one of these. It covers the
 papers' models: Qwen2 / Qwen2.5 (bias on q, k, v), Qwen3 (RMSNorm on q and k before RoPE, explicit
@@ -15,15 +15,8 @@ so converting a Hugging Face tensor is a transpose plus a reshape, spelled out i
 config.json, in both layouts that exist (transformers 4.x: top-level rope_theta / rope_scaling;
 5.x: rope_parameters).
 
-The sampler (`generate`) runs one jitted prefill and one jitted decode loop over a KV cache, on a
-batch of prompts of different lengths (left padded, positions counted over real tokens only, the
-prompt length padded to a power-of-two bucket so jit compiles a handful of programs). For each
-sampled token it returns the log-probability and the entropy of the policy's full distribution at
-the sampling temperature: exactly what `token_logprobs` recomputes by teacher forcing, which is
-what keeps the GRPO ratio pi_theta / pi_old at 1 on-policy.
-
-Run `python model.py` for a small generation demo on a random tiny checkpoint (offline), or
-`python model.py --model Qwen/Qwen2.5-0.5B-Instruct` with a real one.
+Sampling lives in `sampler.py`; `token_logprobs` here recomputes, by teacher forcing, exactly the
+log-probs and entropies the sampler returns.
 """
 
 from __future__ import annotations
@@ -448,37 +441,8 @@ def count_params(params: Params) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Sampling
+# Padding: many prompt lengths, few compiled shapes
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each token. Static under jit: each distinct value compiles once."""
-
-    temperature: float = 1.0  # 0 means greedy (argmax)
-    top_p: float = 1.0  # nucleus: the smallest set of most likely tokens with mass >= top_p
-    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
-    max_new_tokens: int = 64
-
-
-class Completion(NamedTuple):
-    """A batch of sampled completions. The prompt is kept as fed (left padded) so training never re-tokenizes.
-
-    prompt_tokens, prompt_mask:  [batch, prompt_bucket]  left padded
-    tokens:     [batch, max_new_tokens] int32 sampled ids; after a row finishes, its pad id
-    logprobs:   [batch, max_new_tokens] float32 log pi(token) under softmax(logits / temperature)
-                (temperature 1 when greedy), over the full vocabulary, before top-p / top-k
-    entropies:  [batch, max_new_tokens] float32 entropy of that same full distribution
-    mask:       [batch, max_new_tokens] bool, True up to and including the first stop token
-    """
-
-    prompt_tokens: jax.Array
-    prompt_mask: jax.Array
-    tokens: jax.Array
-    logprobs: jax.Array
-    entropies: jax.Array
-    mask: jax.Array
 
 
 def bucket_length(length: int, minimum: int = 16) -> int:
@@ -496,99 +460,6 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
         tokens[row, length - len(prompt):] = prompt
         mask[row, length - len(prompt):] = True
     return tokens, mask
-
-
-def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingParams):
-    """One token per row from logits [b, vocab] float32. Returns (token, its log-prob, entropy).
-
-    The log-prob and entropy are those of softmax(logits / temperature) over the whole vocabulary:
-    the distribution training recomputes. Top-k and top-p only restrict which token is drawn.
-    """
-    greedy = sampling.temperature == 0
-    scaled = logits if greedy else logits / sampling.temperature
-    log_probs = jax.nn.log_softmax(scaled, axis=-1)
-    if greedy:
-        token = jnp.argmax(logits, axis=-1)
-    else:
-        allowed = scaled
-        if sampling.top_k > 0:
-            kth_largest = jax.lax.top_k(allowed, sampling.top_k)[0][:, -1:]
-            allowed = jnp.where(allowed >= kth_largest, allowed, -jnp.inf)
-        if sampling.top_p < 1.0:
-            allowed = _nucleus(allowed, sampling.top_p)
-        token = jax.random.categorical(key, allowed, axis=-1)
-    logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-    return token.astype(jnp.int32), logprob, entropy
-
-
-def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
-    """Keep the smallest set of most likely tokens whose probability mass reaches top_p."""
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= cutoff, logits, -jnp.inf)
-
-
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _prefill(params, config, tokens, token_mask, cache):
-    """Run the left-padded prompts through the model; the logits of each row's last token come back."""
-    hidden, cache = forward(params, config, tokens, token_mask, cache)
-    return unembed(params, config, hidden[:, -1]), cache
-
-
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_ids", "pad_id"))
-def _decode(params, config, cache, first_logits, next_positions, key, sampling, stop_ids, pad_id):
-    """Sample until every row has produced a stop token or max_new_tokens: one XLA while loop."""
-    batch, steps = first_logits.shape[0], sampling.max_new_tokens
-    stop_ids = jnp.asarray(stop_ids, jnp.int32)
-    empty = lambda dtype: jnp.zeros((batch, steps), dtype)
-
-    def unfinished(carry):
-        step, done = carry[0], carry[3]
-        return (step < steps) & ~jnp.all(done)
-
-    def decode_one(carry):
-        step, cache, step_logits, done, positions, outputs = carry
-        token, logprob, entropy = sample_token(step_logits, jax.random.fold_in(key, step), sampling)
-        live = ~done
-        token = jnp.where(live, token, pad_id)
-        outputs = tuple(
-            out.at[:, step].set(value)
-            for out, value in zip(outputs, (token, jnp.where(live, logprob, 0.0), jnp.where(live, entropy, 0.0), live))
-        )
-        done = done | jnp.isin(token, stop_ids)
-        hidden, cache = forward(params, config, token[:, None], live[:, None], cache, positions[:, None])
-        return step + 1, cache, unembed(params, config, hidden[:, 0]), done, positions + 1, outputs
-
-    outputs = (empty(jnp.int32) + pad_id, empty(jnp.float32), empty(jnp.float32), empty(bool))
-    carry = (0, cache, first_logits, jnp.zeros(batch, bool), next_positions, outputs)
-    return jax.lax.while_loop(unfinished, decode_one, carry)[-1]
-
-
-def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], key: jax.Array,
-             sampling: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] | None = None,
-             pad_token_id: int | None = None, min_bucket: int = 16) -> Completion:
-    """Sample completions for prompts of different lengths (token id lists).
-
-    stop_token_ids defaults to the config's EOS ids; a row finishes at its first stop token, which
-    is kept in its mask. pad_token_id (default: the config's pad, else the first stop id) fills
-    the left of the prompts and the right of finished rows; masks never derive from it, because
-    Qwen's pad id is its EOS id.
-    """
-    stop_ids = tuple(config.eos_token_ids if stop_token_ids is None else stop_token_ids)
-    pad_id = next((i for i in (pad_token_id, config.pad_token_id, *stop_ids) if i is not None), 0)
-    prompt_length = bucket_length(max(len(p) for p in prompts), min_bucket)
-    tokens, mask = left_pad(prompts, prompt_length, pad_id)
-    cache_dtype = params["embed"]["embedding"].dtype
-    cache = init_cache(config, len(prompts), prompt_length + sampling.max_new_tokens, cache_dtype)
-    first_logits, cache = _prefill(params, config, jnp.asarray(tokens), jnp.asarray(mask), cache)
-    next_positions = jnp.asarray(mask.sum(-1), jnp.int32)
-    sampled, logprobs, entropies, completion_mask = _decode(
-        params, config, cache, first_logits, next_positions, key, sampling, stop_ids, pad_id
-    )
-    return Completion(jnp.asarray(tokens), jnp.asarray(mask), sampled, logprobs, entropies, completion_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -791,7 +662,7 @@ def save_checkpoint(folder: str | Path, config: Config, params: Params, tokenize
 
 
 # --------------------------------------------------------------------------------------------
-# Small tokenizers, and the demo
+# Small tokenizers
 # --------------------------------------------------------------------------------------------
 
 CHATML_TEMPLATE = (
@@ -823,66 +694,3 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
-
-
-def tiny_random_checkpoint(folder: str | Path, seed: int = 0) -> Path:
-    """A random 2-layer Qwen2 with a small BPE tokenizer: lets the demo run offline in seconds."""
-    texts = ["You are an agent in a grid world. Move up, down, left or right to reach the goal."]
-    tokenizer = train_tokenizer(texts, vocab_size=300)
-    config = Config(
-        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True,
-        eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
-    )
-    return save_checkpoint(folder, config, init_params(config, jax.random.key(seed)), tokenizer)
-
-
-@dataclasses.dataclass
-class DemoArgs:
-    """Generate from a chat prompt and report speed (a demo of loading and sampling)."""
-
-    model: str = "tiny"
-    """a Hugging Face checkpoint folder or Hub id; 'tiny' builds a random 2-layer Qwen2 offline"""
-    prompt: str = "You are an agent in a grid world. Move to the goal."
-    """the user message, wrapped in the tokenizer's chat template"""
-    batch: int = 4
-    """copies of the prompt sampled side by side"""
-    max_new_tokens: int = 32
-    """tokens sampled per row at most"""
-    temperature: float = 1.0
-    """0 for greedy"""
-    top_p: float = 1.0
-    """nucleus sampling mass (1.0: off)"""
-    seed: int = 0
-    """the sampling key"""
-    dtype: str = "float32"
-    """parameter dtype: float32 or bfloat16"""
-
-
-def main(args: DemoArgs) -> None:
-    import time
-
-    folder = tiny_random_checkpoint(Path.home() / ".cache" / "rwml-jax" / "tiny-random-qwen2") if args.model == "tiny" else args.model
-    config, params = load_checkpoint(folder, jnp.dtype(args.dtype))
-    tokenizer = load_tokenizer(folder)
-    print(f"{config.model_type}: {count_params(params):,} parameters, {config.num_layers} layers, vocab {config.vocab_size}"
-          + (" (random weights: expect noise)" if args.model == "tiny" else ""))
-    messages = [{"role": "user", "content": args.prompt}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    sampling = SamplingParams(args.temperature, args.top_p, max_new_tokens=args.max_new_tokens)
-    for attempt in ("compile + run", "run"):
-        start = time.perf_counter()
-        out = generate(params, config, [prompt] * args.batch, jax.random.key(args.seed), sampling)
-        jax.block_until_ready(out.tokens)
-        seconds = time.perf_counter() - start
-        print(f"{attempt}: {seconds:.2f} s, {int(out.mask.sum()) / seconds:,.0f} new tokens/s")
-    for row in range(args.batch):
-        ids = np.asarray(out.tokens[row])[np.asarray(out.mask[row])]
-        mean_logprob = float(out.logprobs[row][out.mask[row]].mean())
-        print(f"[{row}] ({len(ids)} tokens, mean log-prob {mean_logprob:.2f}) {tokenizer.decode(ids)!r}")
-
-
-if __name__ == "__main__":
-    import tyro
-
-    main(tyro.cli(DemoArgs))

@@ -37,6 +37,7 @@ import envs
 import grpo
 import model as lm
 import reward
+import sampler
 
 Triplet = envs.Transition  # <s_<=t, a_t, s_{t+1}> with the task and the H turns before t
 Scorer = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]  # (responses, targets) -> (rewards, distances)
@@ -159,11 +160,11 @@ def cosine_scorer(embedder, tau_d: float) -> Scorer:
 
 
 def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], key, samples: int = 1,
-            sampling: lm.SamplingParams = lm.SamplingParams(max_new_tokens=128), direct: bool = False):
+            sampling: sampler.SamplingParams = sampler.SamplingParams(max_new_tokens=128), direct: bool = False):
     """`samples` predictions per triplet (rows grouped by triplet): the Completion and each decoded text."""
     prompts = [envs.encode_prompt(tokenizer, world_model_prompt(t, direct)) for t in triplets for _ in range(samples)]
     stop_ids = tuple(sorted({tokenizer.eos_token_id, *model_config.eos_token_ids} - {None}))
-    completion = lm.generate(params, model_config, prompts, key, sampling, stop_token_ids=stop_ids,
+    completion = sampler.generate(params, model_config, prompts, key, sampling, stop_token_ids=stop_ids,
                              pad_token_id=tokenizer.pad_token_id)
     tokens, mask = np.asarray(completion.tokens), np.asarray(completion.mask)
     texts = [tokenizer.decode(tokens[row][mask[row]], skip_special_tokens=True) for row in range(len(prompts))]
@@ -186,7 +187,7 @@ class RWMLConfig:
     """the training reward's distance threshold (ALFWorld 0.2; tau2 user replies 0.4)"""
     history: int = 2
     """H: earlier turns in the world-model prompt (the paper does not give it; verl-agent uses 2)"""
-    sampling: lm.SamplingParams = lm.SamplingParams(temperature=1.0, max_new_tokens=128)
+    sampling: sampler.SamplingParams = sampler.SamplingParams(temperature=1.0, max_new_tokens=128)
 
 
 def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_config: lm.Config,
@@ -227,7 +228,7 @@ def world_model_accuracy(params, model_config: lm.Config, tokenizer, triplets: S
                          greedy: bool = True, samples: int = 1, max_new_tokens: int = 128, direct: bool = False,
                          batch_size: int = 64) -> float:
     """Mean binary reward of predictions on (validation) triplets: greedy, or `samples` at temperature 1."""
-    sampling = lm.SamplingParams(0.0 if greedy else 1.0, max_new_tokens=max_new_tokens)
+    sampling = sampler.SamplingParams(0.0 if greedy else 1.0, max_new_tokens=max_new_tokens)
     samples = 1 if greedy else samples
     total = []
     for start in range(0, len(triplets), batch_size):
@@ -247,7 +248,7 @@ def filter_distances(filter_params, model_config: lm.Config, tokenizer, triplets
                      key, samples: int = 10, max_new_tokens: int = 128, batch_size: int = 16) -> np.ndarray:
     """[n, K] distances of the filter model's K sampled predictions to each triplet's true next state
     (1.0 where a prediction has no <next_state> tag). embedder_scorer is a Scorer; only distances are kept."""
-    sampling = lm.SamplingParams(1.0, max_new_tokens=max_new_tokens)
+    sampling = sampler.SamplingParams(1.0, max_new_tokens=max_new_tokens)
     rows = []
     for start in range(0, len(triplets), batch_size):
         chunk = triplets[start:start + batch_size]

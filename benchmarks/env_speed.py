@@ -19,6 +19,7 @@ import numpy as np
 
 import envs
 import model as lm
+import sampler
 
 
 def grid_steps_per_second(name, steps=20_000):
@@ -61,7 +62,7 @@ def rollout_shares(hidden, layers, tokenizer, workers):
         start = time.perf_counter()
         trajectories = envs.rollout(params, config, tokenizer, batch, [0, 1, 2, 3], 4, jax.random.key(0),
                                     envs.alfworld_prompt, envs.parse_action, max_turns=5,
-                                    sampling=lm.SamplingParams(1.0, max_new_tokens=48), timings=timings)
+                                    sampling=sampler.SamplingParams(1.0, max_new_tokens=48), timings=timings)
         total = time.perf_counter() - start
     prompt_tokens = np.mean([len(t.prompt_ids) for trajectory in trajectories for t in trajectory.turns])
     print(f"  {lm.count_params(params) / 1e6:6.1f}M-parameter model ({layers} layers, hidden {hidden}; prompts ~{prompt_tokens:.0f} tokens): "

@@ -24,6 +24,7 @@ import torch
 import transformers
 
 import model as M
+import sampler
 
 SHAPES = {
     # Qwen2.5-0.5B's widths and vocabulary, 4 of its 24 layers to fit CPU time
@@ -53,10 +54,10 @@ def generation(name, shape, batch, prompt_length, new_tokens, repeats):
         reference.save_pretrained(folder)
         config, params = M.load_checkpoint(folder)
     prompts = np.random.default_rng(0).integers(0, shape["vocab_size"], size=(batch, prompt_length)).tolist()
-    greedy = M.SamplingParams(temperature=0, max_new_tokens=new_tokens)
+    greedy = sampler.SamplingParams(temperature=0, max_new_tokens=new_tokens)
 
     def ours():
-        jax.block_until_ready(M.generate(params, config, prompts, jax.random.key(0), greedy, stop_token_ids=()).tokens)
+        jax.block_until_ready(sampler.generate(params, config, prompts, jax.random.key(0), greedy, stop_token_ids=()).tokens)
 
     input_ids = torch.tensor(prompts)
 

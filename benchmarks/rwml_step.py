@@ -19,6 +19,7 @@ import grpo
 import model as lm
 import reward
 import rwml
+import sampler
 
 
 def walkthrough_triplets(games=12):
@@ -45,7 +46,7 @@ if __name__ == "__main__":
     step_fn = jax.jit(functools.partial(grpo.grpo_step, model_config=config, optimizer=optimizer,
                                         step=grpo.StepConfig(grpo.LossConfig(beta=0.0))))
     scorer = rwml.cosine_scorer(reward.default_embedder(), tau_d=0.2)
-    cfg = rwml.RWMLConfig(group_size=8, sampling=lm.SamplingParams(1.0, max_new_tokens=64))
+    cfg = rwml.RWMLConfig(group_size=8, sampling=sampler.SamplingParams(1.0, max_new_tokens=64))
     rng = np.random.default_rng(0)
     times = {"sampling": [], "reward": [], "update": []}
     for step in range(5):

@@ -8,6 +8,7 @@ import pytest
 
 import envs
 import model as lm
+import sampler
 
 # CI replays a stated sample: the first game of each task type in each evaluation split (12 games).
 # benchmarks/alfworld_walkthroughs.py replays all 140 + 134.
@@ -92,7 +93,7 @@ def test_rollout_with_a_tiny_random_model_records_what_the_games_received(alfwor
     params = lm.init_params(config, jax.random.key(1))
     batch = envs.EnvBatch(functools.partial(RecordingAlfWorld, "valid_seen", alfworld_data), 4)
     trajectories = envs.rollout(params, config, tokenizer, batch, [0, 1], 2, jax.random.key(0), envs.alfworld_prompt,
-                                envs.parse_action, max_turns=3, sampling=lm.SamplingParams(1.0, max_new_tokens=24))
+                                envs.parse_action, max_turns=3, sampling=sampler.SamplingParams(1.0, max_new_tokens=24))
     teacher_forced = jax.jit(lm.token_logprobs, static_argnames=("config", "chunk_size"))
     for trajectory, env in zip(trajectories, batch.environments):
         assert env.game == str(games[trajectory.seed])

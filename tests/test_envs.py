@@ -4,12 +4,12 @@ import itertools
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import envs
 import model as lm
+import sampler
 
 # ---- every built-in environment ----
 
@@ -324,7 +324,7 @@ def play_lake(tiny_policy, groups=3, group_size=4, max_turns=4):
     batch = envs.EnvBatch(RecordingLake, groups * group_size)
     trajectories = envs.rollout(params, config, tokenizer, batch, list(range(groups)), group_size, jax.random.key(0),
                                 envs.grid_prompt(envs.FrozenLake.rules), envs.parse_answer, max_turns,
-                                lm.SamplingParams(1.0, max_new_tokens=12))
+                                sampler.SamplingParams(1.0, max_new_tokens=12))
     return trajectories, batch
 
 

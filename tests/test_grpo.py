@@ -11,6 +11,7 @@ import pytest
 
 import grpo
 import model as lm
+import sampler
 
 # ---- numpy reference ----
 
@@ -146,7 +147,7 @@ PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
 
 def sampled_batch(params, seed=0, group=2, stop=(), max_new_tokens=6):
     prompts = [p for p in PROMPTS for _ in range(group)]
-    completion = lm.generate(params, TINY, prompts, jax.random.key(seed), lm.SamplingParams(1.0, max_new_tokens=max_new_tokens),
+    completion = sampler.generate(params, TINY, prompts, jax.random.key(seed), sampler.SamplingParams(1.0, max_new_tokens=max_new_tokens),
                              stop_token_ids=stop, pad_token_id=0)
     rewards = jax.random.uniform(jax.random.key(seed + 1), (len(prompts),))
     adv, keep, _ = grpo.advantages(rewards, jnp.repeat(jnp.arange(len(PROMPTS)), group))
@@ -235,10 +236,10 @@ def test_grpo_learns_a_toy_reward_from_chance_to_above_ninety_percent():
     state = grpo.init_state(params, optimizer)
     prompts = [p for p in PROMPTS for _ in range(group)]
     group_ids = jnp.repeat(jnp.arange(len(PROMPTS)), group)
-    sampling = lm.SamplingParams(1.0, max_new_tokens=8)
+    sampling = sampler.SamplingParams(1.0, max_new_tokens=8)
     history, start = [], time.perf_counter()
     for iteration in range(steps):
-        completion = lm.generate(state.params, TINY, prompts, jax.random.key(iteration), sampling, stop_token_ids=())
+        completion = sampler.generate(state.params, TINY, prompts, jax.random.key(iteration), sampling, stop_token_ids=())
         rewards = (completion.tokens == target).mean(-1)
         history.append(float(rewards.mean()))
         if history[-1] > 0.9:

@@ -12,6 +12,7 @@ import envs
 import grpo
 import model as lm
 import paw
+import sampler
 
 # ---- the three parts against numpy ----
 
@@ -187,7 +188,7 @@ def frozenlake_policy():
 
 def paw_iteration(state, step_fn, config, tokenizer, environments, seeds, group, key, prompt, parse, max_turns, cfg):
     trajectories = envs.rollout(state.params, config, tokenizer, environments, seeds, group, key, prompt, parse,
-                                max_turns, lm.SamplingParams(1.0, max_new_tokens=8))
+                                max_turns, sampler.SamplingParams(1.0, max_new_tokens=8))
     returns = jnp.asarray([t.total_reward for t in trajectories])
     group_ids = jnp.asarray([t.group for t in trajectories])
     advantages, _, _ = grpo.advantages(returns, group_ids)

@@ -11,6 +11,7 @@ import envs
 import grpo
 import model as lm
 import rwml
+import sampler
 
 
 def frozenlake_triplets(episodes=120, seed=0, history=1):
@@ -177,7 +178,7 @@ def test_wm_sft_then_rwml_raise_validation_world_model_accuracy(frozenlake_world
     rl_state = grpo.init_state(state.params, rl_optimizer)
     step_fn = jax.jit(functools.partial(grpo.grpo_step, model_config=config, optimizer=rl_optimizer,
                                         step=grpo.StepConfig(grpo.LossConfig(beta=0.0))))
-    cfg = rwml.RWMLConfig(group_size=8, tau_d=0.01, sampling=lm.SamplingParams(1.0, max_new_tokens=64))
+    cfg = rwml.RWMLConfig(group_size=8, tau_d=0.01, sampling=sampler.SamplingParams(1.0, max_new_tokens=64))
     rng = np.random.default_rng(0)
     for iteration in range(25):
         chosen = [train[i] for i in rng.choice(len(train), 8, replace=False)]
@@ -206,7 +207,7 @@ def test_rwml_pipeline_runs_end_to_end_on_alfworld(alfworld_data, minilm):
     with envs.EnvBatch(make, 8) as batch:
         trajectories = envs.rollout(params, config, tokenizer, batch, [0, 1, 2, 3], 2, jax.random.key(0),
                                     envs.alfworld_prompt, envs.parse_action, max_turns=4,
-                                    sampling=lm.SamplingParams(1.0, max_new_tokens=24))
+                                    sampling=sampler.SamplingParams(1.0, max_new_tokens=24))
     triplets = rwml.triplets_from_rollouts(trajectories, history=1)
     assert len(triplets) >= 3 and all(t.action in ("look", "inventory") for t in triplets)
     train, validation = rwml.split_triplets(triplets, 0.3, seed=0)
@@ -218,5 +219,5 @@ def test_rwml_pipeline_runs_end_to_end_on_alfworld(alfworld_data, minilm):
     step_fn = jax.jit(functools.partial(grpo.grpo_step, model_config=config, optimizer=optimizer,
                                         step=grpo.StepConfig(grpo.LossConfig(beta=0.0))))
     state, metrics = rwml.rwml_update(grpo.init_state(params, optimizer), step_fn, tokenizer, config, kept[:2], scorer,
-                                      jax.random.key(2), rwml.RWMLConfig(group_size=2, sampling=lm.SamplingParams(1.0, max_new_tokens=16)))
+                                      jax.random.key(2), rwml.RWMLConfig(group_size=2, sampling=sampler.SamplingParams(1.0, max_new_tokens=16)))
     assert int(state.step) == 1 and all(np.isfinite(v) for v in metrics.values())

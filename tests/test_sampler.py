@@ -1,5 +1,5 @@
-"""The sampler: greedy against transformers' generate, log-probs against teacher forcing, and the
-sampling rules against their definitions."""
+"""sampler.py: greedy against transformers' generate, log-probs against teacher forcing, and the sampling rules
+against their definitions."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as M
+import sampler
 
 PROMPT_LENGTHS = (5, 11, 17)  # different lengths: left padding and per-row positions matter
 
@@ -38,18 +39,18 @@ def test_greedy_generation_equals_transformers_generate(hf_checkpoint, architect
         pytest.fail("every prompt batch has a near-tie in the reference: greedy comparison would be fragile")
     expected = out.sequences[:, tokens.shape[1]:].numpy()
 
-    ours = M.generate(params, config, batch, jax.random.key(0), M.SamplingParams(temperature=0, max_new_tokens=new_tokens),
+    ours = sampler.generate(params, config, batch, jax.random.key(0), sampler.SamplingParams(temperature=0, max_new_tokens=new_tokens),
                       stop_token_ids=())
     np.testing.assert_array_equal(np.asarray(ours.tokens), expected)
     assert np.asarray(ours.mask).all()
 
 
-@pytest.mark.parametrize("sampling", [M.SamplingParams(1.0, max_new_tokens=20), M.SamplingParams(0.7, top_p=0.9, top_k=50, max_new_tokens=20),
-                                      M.SamplingParams(0.0, max_new_tokens=20)], ids=["t1", "t0.7-top-p-top-k", "greedy"])
+@pytest.mark.parametrize("sampling", [sampler.SamplingParams(1.0, max_new_tokens=20), sampler.SamplingParams(0.7, top_p=0.9, top_k=50, max_new_tokens=20),
+                                      sampler.SamplingParams(0.0, max_new_tokens=20)], ids=["t1", "t0.7-top-p-top-k", "greedy"])
 def test_sampled_logprobs_equal_teacher_forced_logprobs(hf_checkpoint, sampling):
     folder, _ = hf_checkpoint("qwen3")
     config, params = M.load_checkpoint(folder)
-    out = M.generate(params, config, prompts(seed=1), jax.random.key(1), sampling, stop_token_ids=(5, 9))
+    out = sampler.generate(params, config, prompts(seed=1), jax.random.key(1), sampling, stop_token_ids=(5, 9))
     sequence = jnp.concatenate([out.prompt_tokens, out.tokens], 1)
     sequence_mask = jnp.concatenate([out.prompt_mask, out.mask], 1)
     temperature = sampling.temperature or 1.0
@@ -64,12 +65,12 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(hf_checkpoint, sampling)
 def test_rows_finish_at_their_first_stop_token_which_stays_in_the_mask(hf_checkpoint):
     folder, _ = hf_checkpoint("qwen2")
     config, params = M.load_checkpoint(folder)
-    greedy = M.SamplingParams(temperature=0, max_new_tokens=16)
-    free = np.asarray(M.generate(params, config, prompts(), jax.random.key(0), greedy, stop_token_ids=()).tokens)
+    greedy = sampler.SamplingParams(temperature=0, max_new_tokens=16)
+    free = np.asarray(sampler.generate(params, config, prompts(), jax.random.key(0), greedy, stop_token_ids=()).tokens)
     stop = int(free[0, 3])  # the token row 0 emits at step 3; make it a stop token
     first_stop = [int(np.argmax(row == stop)) if (row == stop).any() else None for row in free]
     # the pad id equals the stop id, as in Qwen: masks must not be derived from it
-    out = M.generate(params, config, prompts(), jax.random.key(0), greedy, stop_token_ids=(stop,), pad_token_id=stop)
+    out = sampler.generate(params, config, prompts(), jax.random.key(0), greedy, stop_token_ids=(stop,), pad_token_id=stop)
     tokens, mask, logprobs = map(np.asarray, (out.tokens, out.mask, out.logprobs))
     for row, end in enumerate(first_stop):
         if end is None:
@@ -85,10 +86,10 @@ def test_rows_finish_at_their_first_stop_token_which_stays_in_the_mask(hf_checkp
 def test_sampling_with_a_fixed_key_is_reproducible(hf_checkpoint):
     folder, _ = hf_checkpoint("llama3")
     config, params = M.load_checkpoint(folder)
-    sampling = M.SamplingParams(temperature=1.0, max_new_tokens=12)
-    first = M.generate(params, config, prompts(), jax.random.key(7), sampling, stop_token_ids=())
-    again = M.generate(params, config, prompts(), jax.random.key(7), sampling, stop_token_ids=())
-    other = M.generate(params, config, prompts(), jax.random.key(8), sampling, stop_token_ids=())
+    sampling = sampler.SamplingParams(temperature=1.0, max_new_tokens=12)
+    first = sampler.generate(params, config, prompts(), jax.random.key(7), sampling, stop_token_ids=())
+    again = sampler.generate(params, config, prompts(), jax.random.key(7), sampling, stop_token_ids=())
+    other = sampler.generate(params, config, prompts(), jax.random.key(8), sampling, stop_token_ids=())
     np.testing.assert_array_equal(first.tokens, again.tokens)
     np.testing.assert_array_equal(first.logprobs, again.logprobs)
     assert not np.array_equal(first.tokens, other.tokens)
@@ -98,8 +99,8 @@ def test_prompts_of_nearby_lengths_share_one_padded_shape(hf_checkpoint):
     folder, _ = hf_checkpoint("qwen2")
     config, params = M.load_checkpoint(folder)
     assert [M.bucket_length(n) for n in (1, 16, 17, 32, 33, 100)] == [16, 16, 32, 32, 64, 128]
-    sampling = M.SamplingParams(temperature=0, max_new_tokens=4)
-    shapes = {M.generate(params, config, prompts((n,)), jax.random.key(0), sampling).prompt_tokens.shape for n in (3, 9, 16)}
+    sampling = sampler.SamplingParams(temperature=0, max_new_tokens=4)
+    shapes = {sampler.generate(params, config, prompts((n,)), jax.random.key(0), sampling).prompt_tokens.shape for n in (3, 9, 16)}
     assert shapes == {(1, 16)}
 
 
@@ -111,21 +112,21 @@ LOGITS = np.log(np.array([0.40, 0.25, 0.15, 0.10, 0.06, 0.04]))
 
 def frequencies(sampling, seed=0):
     logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (DRAWS, LOGITS.size))
-    tokens, logprobs, entropies = map(np.asarray, M.sample_token(logits, jax.random.key(seed), sampling))
+    tokens, logprobs, entropies = map(np.asarray, sampler.sample_token(logits, jax.random.key(seed), sampling))
     return np.bincount(tokens, minlength=LOGITS.size) / DRAWS, tokens, logprobs, entropies
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_temperature_samples_softmax_of_logits_over_temperature(temperature):
     expected = np.exp(LOGITS / temperature) / np.exp(LOGITS / temperature).sum()
-    observed, _, _, entropies = frequencies(M.SamplingParams(temperature=temperature))
+    observed, _, _, entropies = frequencies(sampler.SamplingParams(temperature=temperature))
     np.testing.assert_allclose(observed, expected, atol=TOLERANCE)
     np.testing.assert_allclose(entropies, -(expected * np.log(expected)).sum(), atol=1e-5)
 
 
 def test_top_p_samples_the_smallest_nucleus_renormalised():
     # mass before each token: 0, .40, .65, .80, ... -> top_p = 0.7 keeps the first three (mass 0.80)
-    observed, tokens, logprobs, _ = frequencies(M.SamplingParams(temperature=1.0, top_p=0.7))
+    observed, tokens, logprobs, _ = frequencies(sampler.SamplingParams(temperature=1.0, top_p=0.7))
     np.testing.assert_allclose(observed, np.array([0.40, 0.25, 0.15, 0, 0, 0]) / 0.80, atol=TOLERANCE)
     assert observed[3:].sum() == 0
     # the returned log-prob is that of the full distribution (what training recomputes), not the nucleus
@@ -133,11 +134,11 @@ def test_top_p_samples_the_smallest_nucleus_renormalised():
 
 
 def test_top_k_samples_the_k_most_likely_renormalised():
-    observed, _, _, _ = frequencies(M.SamplingParams(temperature=1.0, top_k=2))
+    observed, _, _, _ = frequencies(sampler.SamplingParams(temperature=1.0, top_k=2))
     np.testing.assert_allclose(observed, np.array([0.40, 0.25, 0, 0, 0, 0]) / 0.65, atol=TOLERANCE)
 
 
 def test_greedy_takes_the_argmax_and_reports_temperature_one_logprobs():
-    observed, _, logprobs, _ = frequencies(M.SamplingParams(temperature=0))
+    observed, _, logprobs, _ = frequencies(sampler.SamplingParams(temperature=0))
     np.testing.assert_array_equal(observed, [1, 0, 0, 0, 0, 0])
     np.testing.assert_allclose(logprobs, np.log(0.40), atol=1e-6)
