@@ -89,3 +89,32 @@ def alfworld_data(tmp_path_factory):
     with tarfile.open(archive) as tar:
         tar.extractall(folder, filter="data")
     return folder
+
+
+def tiny_command_policy(texts, commands, num_layers=2, vocab_size=300):
+    """(config, tokenizer) of a tiny random Qwen2 whose BPE tokenizer, trained on texts + commands, also
+    holds each whole command as one token: its near-uniform random play sends real actions."""
+    import model
+
+    tokenizer = model.train_tokenizer(list(texts) + list(commands), vocab_size=vocab_size)
+    tokenizer.add_tokens(list(commands))
+    config = model.Config(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                          num_layers=num_layers, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
+                          tie_word_embeddings=True, eos_token_ids=(tokenizer.eos_token_id,))
+    return config, tokenizer
+
+
+def recording(env_class):
+    """A subclass of env_class that keeps, in .received, every action sent since the last reset."""
+
+    class Recording(env_class):
+        def reset(self, seed):
+            self.received = []
+            return super().reset(seed)
+
+        def step(self, action):
+            self.received.append(action)
+            return super().step(action)
+
+    Recording.__name__ = f"Recording{env_class.__name__}"
+    return Recording

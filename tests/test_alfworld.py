@@ -5,6 +5,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_command_policy, recording
 
 import envs
 import model as lm
@@ -69,14 +70,7 @@ def test_task_type_filter_and_a_clear_message_for_missing_data(alfworld_data, tm
         envs.alfworld_games("valid_seen", alfworld_data, ["juggle"])
 
 
-class RecordingAlfWorld(envs.AlfWorld):
-    def reset(self, seed):
-        self.received = []
-        return super().reset(seed)
-
-    def step(self, action):
-        self.received.append(action)
-        return super().step(action)
+RecordingAlfWorld = recording(envs.AlfWorld)
 
 
 COMMANDS = ["<action>look</action>", "<action>inventory</action>", "<action>go to desk 1</action>"]
@@ -84,12 +78,8 @@ COMMANDS = ["<action>look</action>", "<action>inventory</action>", "<action>go t
 
 def test_rollout_with_a_tiny_random_model_records_what_the_games_received(alfworld_data):
     games = envs.alfworld_games("valid_seen", alfworld_data)[:2]
-    corpus = [envs.AlfWorld("valid_seen", alfworld_data).reset(i)[0] for i in range(2)] + COMMANDS
-    tokenizer = lm.train_tokenizer(corpus, vocab_size=400)
-    tokenizer.add_tokens(COMMANDS)
-    config = lm.Config(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
-                       num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=True,
-                       eos_token_ids=(tokenizer.eos_token_id,))
+    texts = [envs.AlfWorld("valid_seen", alfworld_data).reset(i)[0] for i in range(2)]
+    config, tokenizer = tiny_command_policy(texts, COMMANDS, num_layers=1, vocab_size=400)
     params = lm.init_params(config, jax.random.key(1))
     batch = envs.EnvBatch(functools.partial(RecordingAlfWorld, "valid_seen", alfworld_data), 4)
     trajectories = envs.rollout(params, config, tokenizer, batch, [0, 1], 2, jax.random.key(0), envs.alfworld_prompt,

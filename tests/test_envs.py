@@ -6,6 +6,7 @@ import re
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_command_policy, recording
 
 import envs
 import model as lm
@@ -294,28 +295,15 @@ def test_malformed_actions_never_crash_an_environment_turn():
 ANSWERS = [f"<answer>{a}</answer>" for a in ("Up", "Down", "Left", "Right", "Up || Right", "Down || Left")]
 
 
-class RecordingLake(envs.FrozenLake):
-    """FrozenLake that remembers every action it is sent."""
-
-    def reset(self, seed):
-        self.received = []
-        return super().reset(seed)
-
-    def step(self, action):
-        self.received.append(action)
-        return super().step(action)
+RecordingLake = recording(envs.FrozenLake)
 
 
 @pytest.fixture(scope="module")
 def tiny_policy():
     """A random tiny Qwen2 whose tokenizer has whole answers as tokens, so its near-uniform random play
     sends real actions (6 of ~300 tokens: about one turn in five)."""
-    corpus = [envs.FrozenLake().reset(s)[0] for s in range(30)] + [envs.FrozenLake.rules] + ANSWERS
-    tokenizer = lm.train_tokenizer(corpus, vocab_size=300)
-    tokenizer.add_tokens(ANSWERS)
-    config = lm.Config(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=True,
-                       eos_token_ids=(tokenizer.eos_token_id,))
+    texts = [envs.FrozenLake().reset(s)[0] for s in range(30)] + [envs.FrozenLake.rules]
+    config, tokenizer = tiny_command_policy(texts, ANSWERS)
     return lm.init_params(config, jax.random.key(0)), config, tokenizer
 
 

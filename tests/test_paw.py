@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_command_policy
 
 import envs
 import grpo
@@ -177,13 +178,8 @@ def test_micro_batches_give_the_same_paw_update():
 @pytest.fixture(scope="module")
 def frozenlake_policy():
     answers = [f"<answer>{a}</answer>" for a in ("Up", "Down", "Left", "Right")]
-    corpus = [envs.FrozenLake().reset(s)[0] for s in range(30)] + [envs.FrozenLake.rules] + answers
-    tokenizer = lm.train_tokenizer(corpus, vocab_size=300)
-    tokenizer.add_tokens(answers)
-    config = lm.Config(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=True,
-                       eos_token_ids=(tokenizer.eos_token_id,))
-    return config, tokenizer
+    texts = [envs.FrozenLake().reset(s)[0] for s in range(30)] + [envs.FrozenLake.rules]
+    return tiny_command_policy(texts, answers)
 
 
 def paw_iteration(state, step_fn, config, tokenizer, environments, seeds, group, key, prompt, parse, max_turns, cfg):
@@ -222,11 +218,7 @@ def test_paw_on_frozenlake_runs_and_its_world_model_loss_falls(frozenlake_policy
 def test_paw_on_alfworld_runs_end_to_end(alfworld_data):
     make = functools.partial(envs.AlfWorld, "valid_seen", alfworld_data)
     commands = ["<action>look</action>", "<action>inventory</action>"]
-    tokenizer = lm.train_tokenizer([make().reset(0)[0]] + commands, vocab_size=300)
-    tokenizer.add_tokens(commands)
-    config = lm.Config(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
-                       num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=True,
-                       eos_token_ids=(tokenizer.eos_token_id,))
+    config, tokenizer = tiny_command_policy([make().reset(0)[0]], commands, num_layers=1)
     optimizer = grpo.make_optimizer(1e-3)
     cfg = paw.PaWConfig()
     step_fn = jax.jit(functools.partial(paw.paw_step, model_config=config, optimizer=optimizer,

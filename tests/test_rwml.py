@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_command_policy
 
 import envs
 import grpo
@@ -197,12 +198,7 @@ COMMANDS = ["<action>look</action>", "<action>inventory</action>"]  # admissible
 def test_rwml_pipeline_runs_end_to_end_on_alfworld(alfworld_data, minilm):
     """rollouts -> triplets -> split -> too-easy filter -> one RWML GRPO step, with a tiny random model."""
     make = functools.partial(envs.AlfWorld, "valid_seen", alfworld_data)
-    corpus = [make().reset(i)[0] for i in range(3)] + COMMANDS
-    tokenizer = lm.train_tokenizer(corpus, vocab_size=300)
-    tokenizer.add_tokens(COMMANDS)  # whole commands as tokens: random play sends valid actions
-    config = lm.Config(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
-                       num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=True,
-                       eos_token_ids=(tokenizer.eos_token_id,))
+    config, tokenizer = tiny_command_policy([make().reset(i)[0] for i in range(3)], COMMANDS, num_layers=1)
     params = lm.init_params(config, jax.random.key(0))
     with envs.EnvBatch(make, 8) as batch:
         trajectories = envs.rollout(params, config, tokenizer, batch, [0, 1, 2, 3], 2, jax.random.key(0),
