@@ -11,8 +11,6 @@ medians of `--repeats` runs after one warm-up; our first call's extra time is th
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -23,6 +21,7 @@ import torch
 import transformers
 
 import reward as R
+from timing import timed
 
 OBJECTS = ["apple", "bowl", "cabinet", "countertop", "drawer", "fridge", "knife", "lettuce", "mug", "sinkbasin"]
 
@@ -37,18 +36,6 @@ def observations(count: int, seed: int = 0) -> list[str]:
         sentences.append(["Nothing happens.", f"You arrive at {where}. On the {where}, you see {', '.join(things)}.",
                           f"You pick up the {things[0][2:]} from the {where}."][i % 3])
     return sentences
-
-
-def timed(fn, repeats):
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def torch_embed(model, tokenizer, texts, batch_size, max_length=256):

@@ -11,9 +11,7 @@ Memory is XLA's own account of the compiled program (argument + output + tempora
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,6 +23,7 @@ import transformers
 
 import model as M
 import sampler
+from timing import timed
 
 SHAPES = {
     # Qwen2.5-0.5B's widths and vocabulary, 4 of its 24 layers to fit CPU time
@@ -33,18 +32,6 @@ SHAPES = {
     "tiny (2 layers, vocab 512)": dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
-
-
-def timed(fn, repeats):
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def generation(name, shape, batch, prompt_length, new_tokens, repeats):

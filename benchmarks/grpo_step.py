@@ -12,7 +12,6 @@ chunked log-prob's recomputation of the output projection is extra work not coun
 import argparse
 import functools
 import os
-import statistics
 import time
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 
 import grpo
 import model as lm
+from timing import timed_steps
 
 CONFIG = lm.Config(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=4,
                    num_heads=14, num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True)
@@ -58,17 +58,7 @@ def main(batch, prompt_length, completion_length, repeats):
     step = jax.jit(functools.partial(grpo.grpo_step, model_config=CONFIG, optimizer=optimizer), donate_argnums=0)
     state = grpo.init_state(params, optimizer)
 
-    start = time.perf_counter()
-    state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = step(state, data)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    first, seconds = timed_steps(step, state, data, repeats)
     achieved = model_flops_per_token(CONFIG, length) * batch * length / seconds
     peak = matmul_peak()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores)")

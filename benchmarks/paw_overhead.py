@@ -8,8 +8,6 @@ The paper reports ~2% of step time. Median of 3 steps after one compiling step.
 """
 
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ import numpy as np
 import grpo
 import model as lm
 import paw
+from timing import timed_steps
 
 CONFIGS = {
     "tiny (2 layers, hidden 64, vocab 512)": lm.Config(
@@ -27,18 +26,6 @@ CONFIGS = {
         model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=4, num_heads=14,
         num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True),
 }
-
-
-def median_step_seconds(step_fn, state, batch, repeats=3):
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -60,8 +47,8 @@ def main():
         step = grpo.StepConfig(grpo.LossConfig(beta=0.0))
         params = lm.init_params(config, jax.random.key(0))
         bind = lambda fn: jax.jit(functools.partial(fn, model_config=config, optimizer=optimizer, step=step))
-        grpo_seconds = median_step_seconds(bind(grpo.grpo_step), grpo.init_state(params, optimizer), grpo_batch)
-        paw_seconds = median_step_seconds(bind(paw.paw_step), grpo.init_state(params, optimizer), paw_batch)
+        _, grpo_seconds = timed_steps(bind(grpo.grpo_step), grpo.init_state(params, optimizer), grpo_batch)
+        _, paw_seconds = timed_steps(bind(paw.paw_step), grpo.init_state(params, optimizer), paw_batch)
         print(f"{name}: grpo_step {grpo_seconds * 1e3:8.1f} ms, paw_step {paw_seconds * 1e3:8.1f} ms, "
               f"overhead {paw_seconds / grpo_seconds - 1:+.1%}")
 
