@@ -17,6 +17,7 @@ record into the <s_<=t, a_t, s_{t+1}> triplets that RWML, PaW and SPA consume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -781,6 +782,14 @@ def episode_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def _stopwatch(timings: dict[str, float], name: str):
+    """Add the wall seconds of the `with` block to timings[name]."""
+    start = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
 def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBatch, seeds: Sequence[int], group_size: int,
             key: jax.Array, prompt: Callable, parse: Callable[[str], list[str]], max_turns: int,
             sampling: sampler.SamplingParams = sampler.SamplingParams(), history: int = 2,
@@ -793,15 +802,13 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
     accumulates wall seconds under "model" (sampling) and "env" (reset and steps).
     """
     timings = {} if timings is None else timings
-    clock = time.perf_counter
     if environments.count != len(seeds) * group_size:
         raise ValueError(f"{environments.count} environments for {len(seeds)} groups of {group_size}")
-    stop_ids = tuple(sorted({tokenizer.eos_token_id, *config.eos_token_ids} - {None}))
+    stop_ids = sampler.stop_token_ids(tokenizer, config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     env_seeds = [seed for seed in seeds for _ in range(group_size)]
-    start = clock()
-    starts = environments.reset(env_seeds)
-    timings["env"] = timings.get("env", 0.0) + clock() - start
+    with _stopwatch(timings, "env"):
+        starts = environments.reset(env_seeds)
     trajectories = [Trajectory(seed, i // group_size, info.get("task", ""), info, []) for i, (seed, (_, info))
                     in enumerate(zip(env_seeds, starts))]
     current = {i: observation_info for i, observation_info in enumerate(starts)}
@@ -816,19 +823,17 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
             past = [(t.observation, " || ".join(t.actions) or "(none)") for t in window]
             prompts.append(encode_prompt(tokenizer, prompt(trajectories[i].task, past, turn, observation, info)))
         padded = prompts + [prompts[0]] * (lm.bucket_length(len(prompts), 1) - len(prompts))
-        start = clock()
-        out = jax.device_get(sampler.generate(params, config, padded, jax.random.fold_in(key, turn), sampling,
-                                         stop_token_ids=stop_ids, pad_token_id=pad_id))
-        timings["model"] = timings.get("model", 0.0) + clock() - start
+        with _stopwatch(timings, "model"):
+            out = jax.device_get(sampler.generate(params, config, padded, jax.random.fold_in(key, turn), sampling,
+                                                  stop_token_ids=stop_ids, pad_token_id=pad_id))
         responses = {}
         for row, i in enumerate(active):
             length = int(out.mask[row].sum())
             ids = np.asarray(out.tokens[row, :length])
             text = tokenizer.decode(ids, skip_special_tokens=True)
             responses[i] = (ids, out.logprobs[row, :length], out.entropies[row, :length], text, parse(text))
-        start = clock()
-        results = environments.play({i: responses[i][4] for i in active})
-        timings["env"] = timings.get("env", 0.0) + clock() - start
+        with _stopwatch(timings, "env"):
+            results = environments.play({i: responses[i][4] for i in active})
         for i, prompt_ids in zip(active, prompts):
             ids, logprobs, entropies, text, actions = responses[i]
             next_observation, reward, done, info = results[i]

@@ -163,7 +163,7 @@ def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Tripl
             sampling: sampler.SamplingParams = sampler.SamplingParams(max_new_tokens=128), direct: bool = False):
     """`samples` predictions per triplet (rows grouped by triplet): the Completion and each decoded text."""
     prompts = [envs.encode_prompt(tokenizer, world_model_prompt(t, direct)) for t in triplets for _ in range(samples)]
-    stop_ids = tuple(sorted({tokenizer.eos_token_id, *model_config.eos_token_ids} - {None}))
+    stop_ids = sampler.stop_token_ids(tokenizer, model_config)
     completion = sampler.generate(params, model_config, prompts, key, sampling, stop_token_ids=stop_ids,
                              pad_token_id=tokenizer.pad_token_id)
     tokens, mask = np.asarray(completion.tokens), np.asarray(completion.mask)

@@ -126,6 +126,11 @@ def _decode(params, config, cache, first_logits, next_positions, key, sampling, 
     return jax.lax.while_loop(unfinished, decode_one, carry)[-1]
 
 
+def stop_token_ids(tokenizer, config: lm.Config) -> tuple[int, ...]:
+    """Where a chat turn ends: the tokenizer's EOS (e.g. <|im_end|>) and the checkpoint's own EOS ids."""
+    return tuple(sorted({tokenizer.eos_token_id, *config.eos_token_ids} - {None}))
+
+
 def generate(params: lm.Params, config: lm.Config, prompts: Sequence[Sequence[int]], key: jax.Array,
              sampling: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] | None = None,
              pad_token_id: int | None = None, min_bucket: int = 16) -> Completion:
