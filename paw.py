@@ -144,20 +144,28 @@ class PaWBatch(NamedTuple):
 
 def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np.ndarray,
               trajectory_lambdas: np.ndarray, cfg: PaWConfig = PaWConfig(), pad_id: int = 0,
-              min_bucket: int = 16) -> tuple[PaWBatch, dict]:
+              min_bucket: int = 16, min_rows: int = 1, with_observation: bool = True) -> tuple[PaWBatch, dict]:
     """Every turn of every trajectory as a row [prompt ; response ; next observation], from the exact
-    rollout ids. A turn gets its trajectory's advantage and lambda; the entropy selection ranks all turns."""
+    rollout ids. A turn gets its trajectory's advantage and lambda; the entropy selection ranks all turns.
+
+    Rows are padded (all masks 0) to a power of two, at least min_rows, so jit sees a handful of
+    shapes. with_observation=False leaves o_{t+1} out: plain GRPO rows, without the extra tokens.
+    """
     turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
+    if not with_observation:
+        empty = np.zeros(0, np.int32)
+        turns = [(index, dataclasses.replace(turn, next_observation_ids=empty)) for index, turn in turns]
     entropies = action_entropy([t.response_entropies for _, t in turns], [t.response_logprobs for _, t in turns],
                                cfg.entropy)
     selected = select_by_entropy(entropies, cfg.alpha)
     length = lm.bucket_length(max(len(t.prompt_ids) + len(t.response_ids) + len(t.next_observation_ids)
                                   for _, t in turns), min_bucket)
-    shape = (len(turns), length)
+    shape = (lm.bucket_length(len(turns), min_rows), length)
     tokens, token_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, bool)
     action_mask, observation_mask = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     old_logprobs, advantages = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    wm_lambda = np.zeros(len(turns), np.float32)
+    wm_lambda, chosen = np.zeros(shape[0], np.float32), np.zeros(shape[0], np.float32)
+    chosen[:len(turns)] = selected
     for row, (index, turn) in enumerate(turns):
         a = len(turn.prompt_ids)
         o = a + len(turn.response_ids)
@@ -170,7 +178,7 @@ def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np
         advantages[row, a:o] = trajectory_advantages[index]
         wm_lambda[row] = trajectory_lambdas[index]
     batch = PaWBatch(*map(jnp.asarray, (tokens, token_mask, action_mask, observation_mask, old_logprobs,
-                                        np.zeros(shape, np.float32), advantages, wm_lambda, selected.astype(np.float32))))
+                                        np.zeros(shape, np.float32), advantages, wm_lambda, chosen)))
     return batch, {"selected": selected, "action_entropy": entropies}
 
 
@@ -217,6 +225,6 @@ def paw_step(state: grpo.TrainState, batch: PaWBatch, model_config: lm.Config, o
         wm_loss=sums["wm"] / selected_count,
         clipped_token_ratio=sums["clipped"] / jnp.maximum(sums["observation_tokens"], 1),
         **{"lambda": (batch.wm_lambda * batch.selected).sum() / selected_count},
-        selected_fraction=batch.selected.mean(),
+        selected_fraction=batch.selected.sum() / jnp.maximum(batch.token_mask.any(-1).sum(), 1),
     )
     return state, metrics

@@ -1,0 +1,92 @@
+"""Peak memory and time of one PaW step on a Qwen2.5-0.5B-shaped model (24 layers, random weights), with
+and without rematerialisation and bfloat16 compute, on ALFWorld-length rows.
+
+    python benchmarks/paw_step_memory.py            # ~15 minutes on 2 CPU cores
+    python benchmarks/paw_step_memory.py --rows 2   # a bigger batch
+
+One row is 2048 prompt tokens (h_t) and 512 response tokens: a 384-token action, then the 128-token
+next observation that PaW's world-model loss reads. Each setting runs in its own process, so its
+peak resident memory (ru_maxrss) is its own. Reported per setting: XLA's compiled temporaries
+(the activations the backward pass keeps: what remat trades for compute), the process's peak
+resident memory, compile time and the time of one step after compiling.
+"""
+
+import argparse
+import functools
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+
+
+def one_setting(dtype: str, remat: bool, rows: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import grpo
+    import model as lm
+    import paw
+
+    config = lm.Config(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                       num_heads=14, num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True)
+    prompt, action, observation = 2048, 384, 128
+    length = prompt + action + observation
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (rows, length)).astype(np.int32)
+    action_mask = np.zeros((rows, length), np.float32)
+    action_mask[:, prompt:prompt + action] = 1
+    observation_mask = np.zeros((rows, length), np.float32)
+    observation_mask[:, prompt + action:] = 1
+    old = (-rng.uniform(0, 5, (rows, length)) * action_mask).astype(np.float32)
+    advantages = (rng.normal(size=(rows, 1)) * action_mask).astype(np.float32)
+    batch = paw.PaWBatch(tokens, np.ones((rows, length), bool), action_mask, observation_mask, old, np.zeros_like(old),
+                         advantages, np.full(rows, 0.5, np.float32), np.ones(rows, np.float32))
+    optimizer = grpo.make_optimizer(1e-6)
+    step = grpo.StepConfig(grpo.LossConfig(beta=0.0), remat=remat, compute_dtype=None if dtype == "float32" else dtype)
+    state = grpo.init_state(lm.init_params(config, jax.random.key(0)), optimizer)
+    update = jax.jit(functools.partial(paw.paw_step, model_config=config, optimizer=optimizer, step=step))
+    start = time.perf_counter()
+    compiled = update.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    step_seconds = time.perf_counter() - start
+    return {"dtype": dtype, "remat": remat, "rows": rows, "parameters": lm.count_params(state.params),
+            "temp_gib": memory.temp_size_in_bytes / 2**30,
+            "arguments_gib": memory.argument_size_in_bytes / 2**30,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "compile_s": compile_seconds, "step_s": step_seconds, "loss": float(metrics["loss"])}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1, help="rows of 2048 + 512 tokens per step")
+    parser.add_argument("--one", nargs=2, metavar=("DTYPE", "REMAT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_setting(args.one[0], args.one[1] == "1", args.rows)))
+        return
+    print(f"PaW step, Qwen2.5-0.5B-shaped (24 layers), {args.rows} x (2048 + 512) tokens, one process per setting")
+    print("| compute | remat | XLA temporaries | peak resident | compile | step |")
+    print("|---|---|---|---|---|---|")
+    for dtype, remat in SETTINGS:
+        done = subprocess.run([sys.executable, __file__, "--rows", str(args.rows), "--one", dtype, str(int(remat))],
+                              capture_output=True, text=True)
+        if done.returncode:
+            print(f"| {dtype} | {remat} | failed: {done.stderr.strip().splitlines()[-1]} |")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"| {dtype} | {'yes' if remat else 'no'} | {r['temp_gib']:.2f} GiB | {r['peak_rss_gib']:.2f} GiB | "
+              f"{r['compile_s']:.0f} s | {r['step_s']:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

