@@ -347,7 +347,9 @@ class Sudoku:
 
     def _info(self, invalid: bool) -> dict:
         task = "Fill the grid so that every row, column and 2x2 box contains 1 to 4 exactly once."
-        return {"task": task, "admissible_actions": None, "won": self.won, "invalid_action": invalid,
+        writable = np.argwhere(~self.clues)  # every legal placement: a value 1-N in a non-clue cell
+        admissible = [f"place {v} at ({r}, {c})" for r, c in writable for v in range(1, self.size + 1)]
+        return {"task": task, "admissible_actions": admissible, "won": self.won, "invalid_action": invalid,
                 "state_estimation": self.state_estimation(), "actions_left": self.max_steps - self.steps}
 
     def _candidates(self, grid, r, c):

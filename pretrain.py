@@ -80,46 +80,47 @@ class Game:
     max_turns: int
 
 
-def random_play(game: Game, episodes: int, seed: int) -> list[envs.Trajectory]:
-    """Uniformly random admissible actions; recorded as Trajectories (text only: no token ids)."""
+def random_play(game: Game, episodes: int, seed: int) -> tuple[list[envs.Trajectory], list[list[str]]]:
+    """Uniformly random admissible actions, recorded as Trajectories (text only: no token ids), and the
+    policy prompt of every turn (prompts[episode][turn])."""
     rng = np.random.default_rng(seed)
     env = game.make_env()
-    trajectories = []
+    trajectories, prompts = [], []
     for episode in range(episodes):
-        observation, info = env.reset(seed * 1_000_003 + episode)
-        trajectory = envs.Trajectory(episode, episode, info.get("task", ""), info, [])
+        reset_seed = seed * 1_000_003 + episode
+        observation, info = env.reset(reset_seed)
+        trajectory = envs.Trajectory(reset_seed, episode, info.get("task", ""), info, [])
+        prompts.append([])
         for step in range(game.max_turns):
             choices = info.get("admissible_actions") or ["(none)"]
             action = str(choices[rng.integers(len(choices))])
             window = trajectory.turns[max(0, step - game.history):step] if game.history else []
             past = [(t.observation, " || ".join(t.actions)) for t in window]
-            prompt = game.prompt(trajectory.task, past, step, observation, info)
+            prompts[-1].append(game.prompt(trajectory.task, past, step, observation, info))
             following, reward, done, info = envs.play_turn(env, [action])
             empty = np.zeros(0, np.int32)
-            trajectory.turns.append(envs.Turn(step, observation, empty, empty, empty, empty, prompt, [action],
+            trajectory.turns.append(envs.Turn(step, observation, empty, empty, empty, empty, game.respond(action), [action],
                                               following, empty, reward, done, bool(info.get("won")),
                                               bool(info.get("invalid_action"))))
             observation = following
             if done:
                 break
         trajectories.append(trajectory)
-    return trajectories
+    return trajectories, prompts
 
 
-def transcripts(game: Game, trajectories: Sequence[envs.Trajectory], tokenizer,
+def transcripts(game: Game, trajectories: Sequence[envs.Trajectory], prompts: Sequence[Sequence[str]], tokenizer,
                 seed: int) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
     """(context ids, target ids) pairs: every play turn, and a world-model example of every valid triplet
     (its prompt form, RWML's or WM SFT's direct one, drawn at random).
-
-    A play turn's prompt text is stored in Turn.response_text by random_play (no model responded).
     """
     eos = [tokenizer.eos_token_id]
     encode = functools.partial(tokenizer.encode, add_special_tokens=False)
     play = []
-    for trajectory in trajectories:
-        for turn in trajectory.turns:
-            response = encode(game.respond(turn.actions[0])) + eos
-            play.append((envs.encode_prompt(tokenizer, turn.response_text), response + encode(turn.next_observation)))
+    for trajectory, turn_prompts in zip(trajectories, prompts):
+        for turn, prompt in zip(trajectory.turns, turn_prompts):
+            response = encode(turn.response_text) + eos
+            play.append((envs.encode_prompt(tokenizer, prompt), response + encode(turn.next_observation)))
     rng = np.random.default_rng(seed)
     world_model = []
     for triplet in rwml.triplets_from_rollouts(trajectories, game.history):
@@ -128,16 +129,18 @@ def transcripts(game: Game, trajectories: Sequence[envs.Trajectory], tokenizer,
     return play, world_model
 
 
-def corpus(game: Game, trajectories: Sequence[envs.Trajectory], size: int = 3000, seed: int = 0) -> list[str]:
+def corpus(game: Game, trajectories: Sequence[envs.Trajectory], prompts: Sequence[Sequence[str]], size: int = 3000,
+           seed: int = 0) -> list[str]:
     """Texts to train the tokenizer on: a sample of play turns (prompt, response, next observation) and
     of world-model examples (both prompts and the label), half each."""
-    turns = [turn for trajectory in trajectories for turn in trajectory.turns]
+    turns = [(turn, prompt) for trajectory, turn_prompts in zip(trajectories, prompts)
+             for turn, prompt in zip(trajectory.turns, turn_prompts)]
     triplets = rwml.triplets_from_rollouts(trajectories, game.history)
     rng = np.random.default_rng(seed)
     texts = []
     for index in rng.choice(len(turns), min(size // 2, len(turns)), replace=False):
-        turn = turns[index]
-        texts += [turn.response_text, game.respond(turn.actions[0]), turn.next_observation]
+        turn, prompt = turns[index]
+        texts += [prompt, turn.response_text, turn.next_observation]
     for index in rng.choice(len(triplets), min(size // 2, len(triplets)), replace=False):
         triplet = triplets[index]
         texts += [rwml.world_model_prompt(triplet, direct=True), rwml.world_model_prompt(triplet), rwml.sft_label(triplet)]
@@ -147,9 +150,9 @@ def corpus(game: Game, trajectories: Sequence[envs.Trajectory], size: int = 3000
 def build(game: Game, folder: str | Path, cfg: PretrainConfig = PretrainConfig(), log: Callable = print) -> Path:
     """Record random play, train the tokenizer and the tiny model, and save both to `folder`."""
     start = time.perf_counter()
-    trajectories = random_play(game, cfg.episodes, cfg.seed)
-    tokenizer = lm.train_tokenizer(corpus(game, trajectories, seed=cfg.seed), cfg.vocab_size)
-    play, world_model = transcripts(game, trajectories, tokenizer, cfg.seed)
+    trajectories, prompts = random_play(game, cfg.episodes, cfg.seed)
+    tokenizer = lm.train_tokenizer(corpus(game, trajectories, prompts, seed=cfg.seed), cfg.vocab_size)
+    play, world_model = transcripts(game, trajectories, prompts, tokenizer, cfg.seed)
     config = lm.Config(
         model_type="qwen2", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,

@@ -155,6 +155,37 @@ def generate(params: lm.Params, config: lm.Config, prompts: Sequence[Sequence[in
     return Completion(jnp.asarray(tokens), jnp.asarray(mask), sampled, logprobs, entropies, completion_mask)
 
 
+def greedy_match_fractions(params, config: lm.Config, rows: list[tuple[list[int], list[int]]], pad_id: int,
+                           batch_size: int = 16) -> np.ndarray:
+    """[n] float: the share of each target's tokens that are the argmax after their prefix (teacher forced).
+
+    A fraction of 1 means greedy decoding after the context reproduces the target exactly: greedy
+    output equals the target if and only if each target token is the argmax after its prefix. Rows
+    are left padded, so every target ends at the right edge and only the last positions are unembedded.
+    """
+    fractions = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        sequences = [list(context) + list(target) for context, target in chunk]
+        tokens, mask = lm.left_pad(sequences, lm.bucket_length(max(map(len, sequences))), pad_id)
+        width = min(lm.bucket_length(max(len(target) for _, target in chunk), 8), tokens.shape[1] - 1)
+        predicted = np.asarray(_argmax_of_last(params, config, tokens, mask, width))  # predicts the last `width` tokens
+        fractions += [float(np.mean(predicted[row, width - len(target):] == np.asarray(target)))
+                      for row, (_, target) in enumerate(chunk)]
+    return np.array(fractions)
+
+
+def greedy_matches(params, config: lm.Config, rows: list[tuple[list[int], list[int]]], pad_id: int) -> np.ndarray:
+    """[n] bool: greedy decoding after each context reproduces its target exactly."""
+    return greedy_match_fractions(params, config, rows, pad_id) == 1.0
+
+
+@functools.partial(jax.jit, static_argnames=("config", "width"))
+def _argmax_of_last(params, config, tokens, token_mask, width):
+    hidden, _ = lm.forward(params, config, tokens, token_mask)
+    return jnp.argmax(lm.unembed(params, config, hidden[:, -width - 1:-1]), -1)
+
+
 # --------------------------------------------------------------------------------------------
 # The demo
 # --------------------------------------------------------------------------------------------

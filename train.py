@@ -13,6 +13,7 @@ the batch split over all devices:
     rwml          RWML: too-easy filter, G predictions a triplet, cosine reward, grpo_step
     rwml-grpo     RWML, then policy RL (GRPO) from its parameters, with a fresh optimizer
     wm-sft-grpo   WM SFT, then policy RL
+    spa           SPA: SFT on self-play with the true states in the reasoning, then policy RL   (methods.md 4)
 
 Without --model, the model is the embedded default (`pretrain.py`): a tiny Qwen2 pretrained on
 transcripts of random play in the chosen environment, built once and cached. Hyperparameters left
@@ -36,8 +37,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,16 +55,17 @@ import pretrain
 import reward
 import rwml
 import sampler
+import spa
 
 STAGES = {"grpo": ("grpo",), "paw": ("paw",), "wm-sft": ("wm-sft",), "rwml": ("rwml",),
-          "rwml-grpo": ("rwml", "grpo"), "wm-sft-grpo": ("wm-sft", "grpo")}
+          "rwml-grpo": ("rwml", "grpo"), "wm-sft-grpo": ("wm-sft", "grpo"), "spa": ("spa-sft", "grpo")}
 SUCCESS_REWARD = {"frozenlake": 1.0, "sokoban": 10.0, "sudoku": 1.0, "alfworld": 10.0}
 
 # Unset flags take these: the papers' recipe for a Hugging Face model, a tiny model's for the embedded default.
 PAPER = dict(learning_rate=1e-6, weight_decay=0.01, beta=0.01, groups=16, iterations=150, max_new_tokens=512,
-             wm_learning_rate=1e-6, sft_learning_rate=2e-6, wm_tasks=2048, wm_max_new_tokens=512)
+             wm_learning_rate=1e-6, sft_learning_rate=2e-6, wm_tasks=2048, wm_max_new_tokens=512, spa_learning_rate=1e-4)
 EMBEDDED = dict(learning_rate=1e-3, weight_decay=0.0, beta=0.0, groups=16, iterations=30, max_new_tokens=16,
-                wm_learning_rate=2e-4, sft_learning_rate=1e-3, wm_tasks=64, wm_max_new_tokens=48)
+                wm_learning_rate=2e-4, sft_learning_rate=1e-3, wm_tasks=64, wm_max_new_tokens=48, spa_learning_rate=1e-3)
 
 
 class UsageError(Exception):
@@ -76,7 +76,7 @@ class UsageError(Exception):
 class Args:
     """Train an LLM agent with GRPO, PaW, RWML or WM SFT (and their RL follow-ups) on a text game."""
 
-    method: Literal["grpo", "paw", "wm-sft", "rwml", "rwml-grpo", "wm-sft-grpo"] = "paw"
+    method: Literal["grpo", "paw", "wm-sft", "rwml", "rwml-grpo", "wm-sft-grpo", "spa"] = "paw"
     """the method: one or two stages (see the module docstring)"""
     env: Literal["frozenlake", "sokoban", "sudoku", "alfworld"] = "frozenlake"
     """the environment; ALFWorld games are read from $ALFWORLD_DATA (default ~/.cache/alfworld)"""
@@ -181,6 +181,28 @@ class Args:
     """calibrate the filter's tau_d to make this share easy (<= 0: use filter_tau_d)"""
     filter_tau_d: float = 0.1
 
+    # ---- SPA (methods.md 4; grid games) ----
+    spa_tasks: int = 160
+    """self-play tasks (the paper: 5 x 32 groups)"""
+    spa_rollouts: int = 8
+    """self-play rollouts per task (the paper's groups of 8: 1280 trajectories in all)"""
+    spa_max_turns: int = 5
+    """turns per self-play rollout"""
+    spa_epochs: int = 5
+    """SFT passes over the self-play examples"""
+    spa_learning_rate: float | None = None
+    """SFT learning rate, cosine decay to 0 (paper 1e-4; embedded default 1e-3)"""
+    spa_batch: int = 32
+    """SFT examples per step (the paper does not say)"""
+    spa_format_filter: bool = True
+    """drop self-play turns without a parsed action or with an invalid one"""
+    spa_dedupe: bool = True
+    """drop repeated (prompt, response) examples"""
+    spa_mask_world_model: bool = False
+    """the ablation (and SPA's released code): no SFT loss on the observation and prediction contents"""
+    actions_per_turn: int | None = None
+    """grid games: the most actions a response may give, joined by ' || ' (SPA 2; otherwise 1)"""
+
     # ---- evaluation ----
     eval_every: int = 10
     """steps between evaluations (also before and after training)"""
@@ -226,8 +248,9 @@ class Args:
     # ---- the embedded default (pretrain.py) ----
     pretrain_steps: int = pretrain.PretrainConfig.steps
     """cross-entropy steps on random-play transcripts"""
-    pretrain_episodes: int = pretrain.PretrainConfig.episodes
-    """random-play episodes recorded for pretraining"""
+    pretrain_episodes: int | None = None
+    """random-play episodes recorded for pretraining (grid games 3000; ALFWorld 100, whose games step ~30 times a
+    second: there the embedded default is a check of the plumbing, too small to learn to act from text)"""
     cache: str | None = None
     """where embedded defaults are cached (default $RWML_JAX_CACHE or ~/.cache/rwml-jax)"""
 
@@ -243,7 +266,11 @@ def settle(args: Args) -> Args:
     alfworld = args.env == "alfworld"
     by_env = dict(max_turns=50 if alfworld else 10, history=2 if alfworld else 0, r_max=SUCCESS_REWARD[args.env],
                   tau_d=0.2 if alfworld else 0.01, eval_episodes=140 if alfworld else 128, workers=2 if alfworld else 0,
+                  pretrain_episodes=100 if alfworld else pretrain.PretrainConfig.episodes,
                   out=f"runs/{args.method}-{args.env}-seed{args.seed}")
+    if args.method == "spa":  # the response holds two rendered states
+        recipe = {**recipe, "max_new_tokens": max(recipe["max_new_tokens"], 256)}
+    by_env["actions_per_turn"] = 2 if args.method == "spa" else 1
     filled = {k: v for k, v in {**recipe, **by_env}.items() if getattr(args, k) is None}
     args = dataclasses.replace(args, **filled)
     if args.eval_max_turns is None:
@@ -267,6 +294,9 @@ def check(args: Args) -> None:
             envs.alfworld_games(args.eval_split)
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from error
+    if args.method == "spa" and args.env == "alfworld":
+        raise UsageError("SPA needs the true state of the game (state estimation), which only the grid games render. "
+                         "Fix: --env frozenlake, sokoban or sudoku.")
     if "rwml" in STAGES[args.method] and args.embedder == "minilm":
         try:
             reward.minilm_folder()
@@ -302,13 +332,19 @@ def make_game(args: Args) -> pretrain.Game:
                              args.history, args.max_turns)
     env_class = envs.GRID_ENVS[args.env]
     short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
-    prompt = (lambda task, history, step, observation, info: observation) if short else envs.grid_prompt(
-        env_class.rules, args.state_estimation, max_actions_per_turn=1)
+    if short and args.method == "spa":  # SPA keeps state estimation on
+        prompt = lambda task, history, step, observation, info: spa.render_state(observation, info)
+    elif short:
+        prompt = lambda task, history, step, observation, info: observation
+    else:
+        prompt = envs.grid_prompt(env_class.rules, args.state_estimation or args.method == "spa", args.actions_per_turn)
     return pretrain.Game(args.env, env_class, prompt, lambda a: f"<answer>{a}</answer>", args.history, args.max_turns)
 
 
 def parser_for(args: Args):
-    return envs.parse_action if args.env == "alfworld" else envs.parse_answer
+    if args.env == "alfworld":
+        return envs.parse_action
+    return functools.partial(envs.parse_answer, max_actions=args.actions_per_turn)
 
 
 def eval_env(args: Args):
@@ -393,25 +429,6 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
 
 
-def exact_match_rows(params, config: lm.Config, rows: list[tuple[list[int], list[int]]], pad_id: int,
-                     batch_size: int = 64) -> np.ndarray:
-    """[n] bool: greedy decoding after each context reproduces its target exactly, checked in one teacher-forced
-    pass (greedy output equals the target if and only if the target's every token is the argmax after its prefix)."""
-    matches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        batch = rwml.sft_batch([c for c, _ in chunk], [t for _, t in chunk], pad_id)
-        predicted = np.asarray(_argmax_next(params, config, batch.tokens, batch.token_mask))
-        target, where = np.asarray(batch.tokens)[:, 1:], np.asarray(batch.loss_mask)[:, 1:] > 0
-        matches.extend(np.all((predicted[:, :-1] == target) | ~where, axis=1))
-    return np.array(matches)
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def _argmax_next(params, config, tokens, token_mask):
-    return jnp.argmax(lm.logits(params, config, tokens, token_mask), -1)
-
-
 class Evaluator:
     """Held-out task success and world-model accuracy, with fixed tasks and transitions for the whole run."""
 
@@ -419,8 +436,8 @@ class Evaluator:
         self.args, self.game, self.tokenizer, self.config = args, game, tokenizer, config
         held_out = dataclasses.replace(game, make_env=eval_env(args))  # ALFWorld: the evaluation split's games
         episodes = max(2, math.ceil(2 * args.wm_eval_transitions / args.max_turns))
-        triplets = rwml.triplets_from_rollouts(pretrain.random_play(held_out, episodes, seed=EVAL_SEED + args.seed),
-                                               args.history)
+        play, play_prompts = pretrain.random_play(held_out, episodes, seed=EVAL_SEED + args.seed)
+        triplets = rwml.triplets_from_rollouts(play, args.history)
         rng = np.random.default_rng(args.seed)
         self.triplets = [triplets[i] for i in rng.permutation(len(triplets))[:args.wm_eval_transitions]]
         encode = functools.partial(tokenizer.encode, add_special_tokens=False)
@@ -429,12 +446,16 @@ class Evaluator:
         for name, direct in (("wm_accuracy", False), ("wm_accuracy_direct", True)):
             self.wm_rows[name] = [(envs.encode_prompt(tokenizer, rwml.world_model_prompt(t, direct)),
                                    encode(rwml.sft_label(t)) + eos) for t in self.triplets]
-        # PaW's layout: the policy prompt and its response, then the next observation
+        # PaW's layout: the policy's prompt and response, then o_{t+1}
+        prompts = [play_prompts[t.trajectory][t.turn] for t in self.triplets]
         self.wm_rows["wm_accuracy_inline"] = [
-            (envs.encode_prompt(tokenizer, game.prompt(t.task, list(t.history), len(t.history), t.state,
-                                                       {"admissible_actions": [], "actions_left": 0,
-                                                        "state_estimation": ""}))
-             + encode(game.respond(t.action)) + eos, encode(t.next_state)) for t in self.triplets]
+            (envs.encode_prompt(tokenizer, prompt) + encode(game.respond(t.action)) + eos, encode(t.next_state))
+            for prompt, t in zip(prompts, self.triplets)]
+        if args.method == "spa":  # SPA's <prediction>: the true s_{t+1} (with coordinates) after the true s_t
+            states = {i: spa.true_states(held_out.make_env, play[i]) for i in {t.trajectory for t in self.triplets}}
+            self.wm_rows["spa_prediction_accuracy"] = [spa.prediction_row(spa.make_example(
+                tokenizer, envs.encode_prompt(tokenizer, prompt), *states[t.trajectory][t.turn], "", [t.action]))
+                for prompt, t in zip(prompts, self.triplets)]
         self.environments = envs.EnvBatch(eval_env(args), args.eval_episodes * args.eval_samples,
                                           min(args.workers, args.eval_episodes))
 
@@ -453,7 +474,10 @@ class Evaluator:
             metrics[f"pass@{k}"] = float(np.mean([pass_at_k(args.eval_samples, int(c), k) for c in wins]))
             k *= 2
         for name, rows in self.wm_rows.items():
-            metrics[name] = float(exact_match_rows(params, self.config, rows, self.tokenizer.pad_token_id).mean())
+            fractions = sampler.greedy_match_fractions(params, self.config, rows, self.tokenizer.pad_token_id)
+            metrics[name] = float(np.mean(fractions == 1.0))
+            if name == "spa_prediction_accuracy":  # exact matches are rare early on: also the share of tokens
+                metrics["spa_prediction_token_accuracy"] = float(np.mean(fractions))
         return metrics
 
     def close(self):
@@ -534,10 +558,6 @@ def plot_curves(metrics_file: Path, path: Path) -> Path:
         axis.set_xlabel("step")
         if axis.lines:
             axis.legend(fontsize=8)
-    for record in records:  # mark where a stage begins
-        if record.get("train/stage_start"):
-            for axis in axes:
-                axis.axvline(record["step"], color="grey", lw=0.5)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -605,6 +625,9 @@ class Run:
     global_step: int = 0
     stage_lengths: dict = dataclasses.field(default_factory=dict)
 
+    def stage_index(self, name: str) -> int:
+        return STAGES[self.args.method].index(name)
+
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -630,16 +653,15 @@ class Run:
 
 
 def reference_logprobs_fn(run: Run):
-    """log pi_ref of every token (for the KL term), at the rollout temperature like the policy's."""
-    fn = jax.jit(lambda params, tokens, mask: lm.token_logprobs(params, run.config, tokens, mask,
-                                                                run.args.temperature)[0])
-    return fn
+    """(reference params, tokens, mask) -> log pi_ref of every token, at the rollout temperature like the policy's."""
+    return jax.jit(lambda params, tokens, mask: lm.token_logprobs(params, run.config, tokens, mask,
+                                                                  run.args.temperature)[0])
 
 
 def policy_stage(run: Run, index: int, name: str, params, start: int, restored: dict | None):
     """GRPO or PaW: each step plays `groups` tasks x G, scores whole trajectories, and updates on every turn."""
     args = run.args
-    optimizer = grpo.make_optimizer(args.learning_rate, args.weight_decay, args.max_grad_norm)
+    optimizer = _optimizer(run, name)
     state = place(grpo.init_state(params, optimizer), run.mesh)
     reference = place(params, run.mesh) if args.beta > 0 else None
     if restored is not None:
@@ -687,10 +709,12 @@ def triplets_from_json(rows) -> list[envs.Transition]:
     return [envs.Transition(**{**row, "history": tuple(tuple(pair) for pair in row["history"])}) for row in rows]
 
 
-def make_embedder(args: Args):
-    if args.embedder == "minilm":
+@functools.cache
+def make_embedder(name: str):
+    """E of the RWML reward (loaded once per process): "minilm", or a BERT / Qwen3-Embedding checkpoint."""
+    if name == "minilm":
         return reward.default_embedder()
-    folder = lm.resolve_checkpoint(args.embedder)
+    folder = lm.resolve_checkpoint(name)
     if json.loads((folder / "config.json").read_text()).get("model_type") == "bert":
         return reward.BertEmbedder(folder)
     return reward.LastTokenEmbedder(folder)
@@ -742,14 +766,13 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
     so every batch has one shape)."""
     args = run.args
     train = data["train"]
-    rate = args.wm_learning_rate if name == "rwml" else args.sft_learning_rate
-    optimizer = grpo.make_optimizer(rate, args.weight_decay, args.max_grad_norm)
+    optimizer = _optimizer(run, name)
     state = place(grpo.init_state(params, optimizer), run.mesh)
     reference = place(params, run.mesh) if name == "rwml" and args.beta > 0 else None
     if restored is not None:
         state, reference = restored["state"], restored.get("reference")
     if name == "rwml":
-        scorer = rwml.cosine_scorer(make_embedder(args), args.tau_d)
+        scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.tau_d)
         bound = functools.partial(grpo.grpo_step, step=step_config(args))
         rwml_cfg = rwml.RWMLConfig(args.wm_group_size, args.tau_d, args.history,
                                    sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens))
@@ -774,6 +797,58 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
             metrics = {k: float(v) for k, v in metrics.items()}
         run.finish_step(index, name, step, state, reference, metrics)
     return state.params
+
+
+def spa_data(run: Run, index: int, params) -> dict:
+    """SFT examples from the current model's self-play (spa.py), saved so a resumed stage reuses them."""
+    args = run.args
+    path = run.out / f"stage{index}-spa-examples.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return {**data, "examples": [spa.Example(**e) for e in data["examples"]]}
+    seeds = [train_task(args, index, 0, task) for task in range(args.spa_tasks)]
+    sampling = sampler.SamplingParams(1.0, max_new_tokens=args.max_new_tokens)
+    key = jax.random.fold_in(jax.random.fold_in(run.key, index), 2**31 - 1)
+    with envs.EnvBatch(run.game.make_env, args.spa_tasks * args.spa_rollouts, args.workers) as environments:
+        trajectories = envs.rollout(params, run.config, run.tokenizer, environments, seeds, args.spa_rollouts, key,
+                                    run.game.prompt, parser_for(args), args.spa_max_turns, sampling, args.history)
+    cfg = spa.SPAConfig(args.spa_format_filter, args.spa_dedupe, args.spa_mask_world_model)
+    examples, summary = spa.self_play_examples(trajectories, run.game.make_env, run.tokenizer, cfg)
+    if not examples:
+        raise RuntimeError(f"self-play left no SFT examples ({summary}). Fix: raise --spa-tasks, or --no-spa-format-filter.")
+    path.write_text(json.dumps({"examples": [e._asdict() for e in examples], "summary": summary}))
+    return {"examples": examples, "summary": summary}
+
+
+def spa_stage(run: Run, index: int, params, start: int, restored: dict | None, data: dict):
+    """SPA's SFT: spa_epochs seeded shuffles of the self-play examples, cosine learning rate to 0."""
+    args = run.args
+    examples = data["examples"]
+    optimizer = _optimizer(run, "spa-sft")
+    state = place(grpo.init_state(params, optimizer), run.mesh)
+    if restored is not None:
+        state = restored["state"]
+    bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args), temperature=1.0))
+    update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer), state, run.mesh)
+    per_epoch = math.ceil(len(examples) / args.spa_batch)
+    for step in range(start, run.stage_lengths[index]):
+        epoch, position = divmod(step, per_epoch)
+        order = np.random.default_rng([args.seed, index, epoch]).permutation(len(examples))
+        rows = np.resize(np.roll(order, -position * args.spa_batch), args.spa_batch)
+        batch = spa.sft_batch([examples[i] for i in rows], run.pad_id, args.spa_mask_world_model)
+        state, metrics = update(state, batch)
+        run.finish_step(index, "spa-sft", step, state, None, {k: float(v) for k, v in metrics.items()})
+    return state.params
+
+
+def _optimizer(run: Run, stage: str):
+    """Each stage's optimizer: AdamW, constant rate for RL, cosine decay to 0 for SPA's SFT."""
+    args = run.args
+    if stage == "spa-sft":
+        return grpo.make_optimizer(args.spa_learning_rate, args.weight_decay, args.max_grad_norm, schedule="cosine",
+                                   total_steps=run.stage_lengths[run.stage_index(stage)])
+    rate = {"rwml": args.wm_learning_rate, "wm-sft": args.sft_learning_rate}.get(stage, args.learning_rate)
+    return grpo.make_optimizer(rate, args.weight_decay, args.max_grad_norm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -831,12 +906,18 @@ def main(args: Args) -> dict:
             start = position["step"] if index == position["stage"] else 0
             data = None
             if name in ("wm-sft", "rwml"):
-                scorer = rwml.cosine_scorer(make_embedder(args), args.filter_tau_d) if name == "rwml" else None
+                scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.filter_tau_d) if name == "rwml" else None
                 data = world_model_data(run, index, name, params, scorer)
                 run.stage_lengths[index] = world_model_steps(args, len(data["train"]))
                 if run.logger.bar is not None:
                     run.logger.bar.total = sum(run.stage_lengths.values())
                 run.logger.write(f"{name} data: {data['summary']}")
+            if name == "spa-sft":
+                data = spa_data(run, index, params)
+                run.stage_lengths[index] = args.spa_epochs * math.ceil(len(data["examples"]) / args.spa_batch)
+                if run.logger.bar is not None:
+                    run.logger.bar.total = sum(run.stage_lengths.values())
+                run.logger.write(f"SPA self-play data: {data['summary']}")
             if index == position["stage"] and latest is not None:
                 like = {"state": _fresh_state(run, name, params), "key": jax.random.key_data(run.key)}
                 if _uses_reference(args, name):
@@ -847,6 +928,8 @@ def main(args: Args) -> dict:
                 continue
             if name in ("grpo", "paw"):
                 params = policy_stage(run, index, name, params, start, restored)
+            elif name == "spa-sft":
+                params = spa_stage(run, index, params, start, restored, data)
             else:
                 params = world_model_stage(run, index, name, params, start, restored, data)
             restored = None
@@ -872,9 +955,7 @@ def _uses_reference(args: Args, name: str) -> bool:
 
 def _fresh_state(run: Run, name: str, params) -> grpo.TrainState:
     """The shape of a stage's training state (what a checkpoint is restored into)."""
-    args = run.args
-    rate = {"rwml": args.wm_learning_rate, "wm-sft": args.sft_learning_rate}.get(name, args.learning_rate)
-    return place(grpo.init_state(params, grpo.make_optimizer(rate, args.weight_decay, args.max_grad_norm)), run.mesh)
+    return place(grpo.init_state(params, _optimizer(run, name)), run.mesh)
 
 
 def cli() -> None:

@@ -91,6 +91,12 @@ def alfworld_data(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """One cache of embedded-default checkpoints (pretrain.py) for the whole session: each recipe is built once."""
+    return tmp_path_factory.mktemp("embedded-defaults")
+
+
 def tiny_command_policy(texts, commands, num_layers=2, vocab_size=300):
     """(config, tokenizer) of a tiny random Qwen2 whose BPE tokenizer, trained on texts + commands, also
     holds each whole command as one token: its near-uniform random play sends real actions."""
