@@ -70,9 +70,11 @@ class PretrainConfig:
 @dataclasses.dataclass(frozen=True)
 class Game:
     """What pretraining needs to know about an environment: how to make it, how the policy is
-    prompted, how a chosen action is written as a response, and the world-model history H."""
+    prompted (`prompt_name` names that prompt in the cache key), how a chosen action is written as a
+    response, and the world-model history H."""
 
     name: str
+    prompt_name: str
     make_env: Callable[[], envs.Env]
     prompt: Callable  # envs-style prompt(task, history, step, observation, info) -> text
     respond: Callable[[str], str]  # action -> response text, e.g. "<answer>Up</answer>"
@@ -188,7 +190,8 @@ def cache_root() -> Path:
 def embedded_default(game: Game, cfg: PretrainConfig = PretrainConfig(), root: str | Path | None = None,
                      log: Callable = print) -> Path:
     """The cached checkpoint folder for this game and recipe, built on first use (atomically)."""
-    recipe = json.dumps({"game": game.name, "version": RECIPE_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
+    recipe = json.dumps({"game": game.name, "prompt": game.prompt_name, "history": game.history,
+                         "max_turns": game.max_turns, "version": RECIPE_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
     folder = Path(root or cache_root()) / f"{game.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (folder / "config.json").exists():
         return folder

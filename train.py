@@ -74,7 +74,7 @@ class UsageError(Exception):
 
 @dataclasses.dataclass
 class Args:
-    """Train an LLM agent with GRPO, PaW, RWML or WM SFT (and their RL follow-ups) on a text game."""
+    """Train an LLM agent on a text game with GRPO, PaW, RWML, WM SFT or SPA (and RL after a world-model stage)."""
 
     method: Literal["grpo", "paw", "wm-sft", "rwml", "rwml-grpo", "wm-sft-grpo", "spa"] = "paw"
     """the method: one or two stages (see the module docstring)"""
@@ -109,6 +109,7 @@ class Args:
     beta: float | None = None
     """KL-to-reference coefficient, k3 (paper 0.01; embedded default 0: no reference pass)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator: k3 (verl's low_var_kl), k2, or k1 (zero expected gradient as a loss)"""
     entropy_coef: float = 0.0
     """entropy bonus coefficient"""
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
@@ -138,6 +139,7 @@ class Args:
     lambda_mode: Literal["adaptive", "fixed"] = "adaptive"
     """lambda_g = 1 - mean return / r_max, or fixed_lambda (the paper's ablation: 1)"""
     fixed_lambda: float = 1.0
+    """lambda under --lambda-mode fixed"""
     r_max: float | None = None
     """the maximum return in lambda_g (default: the environment's success reward, 10 in ALFWorld)"""
     clip_lambda: bool = False
@@ -180,6 +182,7 @@ class Args:
     target_easy_fraction: float = 0.3
     """calibrate the filter's tau_d to make this share easy (<= 0: use filter_tau_d)"""
     filter_tau_d: float = 0.1
+    """the filter's tau_d when not calibrated (ALFWorld 0.1)"""
 
     # ---- SPA (methods.md 4; grid games) ----
     spa_tasks: int = 160
@@ -280,6 +283,9 @@ def settle(args: Args) -> Args:
 
 def check(args: Args) -> None:
     """Every input a user can get wrong, checked before anything is written."""
+    if args.method == "spa" and args.env == "alfworld":
+        raise UsageError("SPA needs the true state of the game (state estimation), which only the grid games render. "
+                         "Fix: --env frozenlake, sokoban or sudoku.")
     if args.model is not None:
         try:
             folder = lm.resolve_checkpoint(args.model)
@@ -294,9 +300,6 @@ def check(args: Args) -> None:
             envs.alfworld_games(args.eval_split)
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from error
-    if args.method == "spa" and args.env == "alfworld":
-        raise UsageError("SPA needs the true state of the game (state estimation), which only the grid games render. "
-                         "Fix: --env frozenlake, sokoban or sudoku.")
     if "rwml" in STAGES[args.method] and args.embedder == "minilm":
         try:
             reward.minilm_folder()
@@ -328,17 +331,20 @@ def check(args: Args) -> None:
 def make_game(args: Args) -> pretrain.Game:
     if args.env == "alfworld":
         make_env = functools.partial(envs.AlfWorld, "train", max_steps=max(args.max_turns, args.wm_max_turns))
-        return pretrain.Game("alfworld", make_env, envs.alfworld_prompt, lambda a: f"<action>{a}</action>",
+        return pretrain.Game("alfworld", "verl-agent", make_env, envs.alfworld_prompt, lambda a: f"<action>{a}</action>",
                              args.history, args.max_turns)
     env_class = envs.GRID_ENVS[args.env]
     short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
-    if short and args.method == "spa":  # SPA keeps state estimation on
-        prompt = lambda task, history, step, observation, info: spa.render_state(observation, info)
+    state_estimation = args.state_estimation or args.method == "spa"  # SPA keeps state estimation on
+    if short and args.method == "spa":
+        name, prompt = "grid+coordinates", lambda task, history, step, observation, info: spa.render_state(observation, info)
     elif short:
-        prompt = lambda task, history, step, observation, info: observation
+        name, prompt = "grid", lambda task, history, step, observation, info: observation
     else:
-        prompt = envs.grid_prompt(env_class.rules, args.state_estimation or args.method == "spa", args.actions_per_turn)
-    return pretrain.Game(args.env, env_class, prompt, lambda a: f"<answer>{a}</answer>", args.history, args.max_turns)
+        name = f"ragen{'+coordinates' if state_estimation else ''}-{args.actions_per_turn}-actions"
+        prompt = envs.grid_prompt(env_class.rules, state_estimation, args.actions_per_turn)
+    return pretrain.Game(args.env, name, env_class, prompt, lambda a: f"<answer>{a}</answer>", args.history,
+                         args.max_turns)
 
 
 def parser_for(args: Args):

@@ -24,7 +24,9 @@ TINY_PRETRAIN = ["--pretrain-steps", "100", "--pretrain-episodes", "300"]
 TINY_POLICY = ["--iterations", "2", "--groups", "2", "--group-size", "4", "--eval-episodes", "4",
                "--wm-eval-transitions", "8", "--eval-every", "1", "--checkpoint-every", "1", "--no-progress"]
 TINY_WORLD_MODEL = ["--wm-tasks", "3", "--wm-rollouts", "2", "--wm-max-turns", "3", "--wm-epochs", "1",
-                    "--wm-batch", "4", "--wm-group-size", "2", "--filter-samples", "2", "--wm-max-new-tokens", "24"]
+                    "--wm-batch", "4", "--wm-group-size", "2", "--filter-samples", "2", "--wm-max-new-tokens", "24",
+                    "--spa-tasks", "3", "--spa-rollouts", "2", "--spa-max-turns", "2", "--spa-epochs", "1",
+                    "--spa-batch", "4", "--no-spa-format-filter"]
 # the tiny ALFWorld model rarely names an admissible command, so its invalid steps are kept as world-model data
 TINY_ALFWORLD = ["--wm-invalid-steps", "keep", "--groups", "1", "--group-size", "2", "--eval-every", "100",
                  "--wm-tasks", "2", "--max-turns", "2", "--max-new-tokens", "8", "--eval-episodes", "2", "--workers", "0",
@@ -70,6 +72,8 @@ def test_pass_at_k_matches_a_hand_worked_example():
 def test_every_method_runs_from_the_command_line_on_frozenlake(method, cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--method", method, "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, *TINY_WORLD_MODEL]
+    if method == "spa":  # its responses carry two rendered states: 256 tokens by default
+        argv += ["--max-new-tokens", "48"]
     result = run_in_process(argv, cache, monkeypatch)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "eval/success" in r]
@@ -112,7 +116,7 @@ def _read_events(path):
         offset += 12 + length + 4
 
 
-@pytest.mark.parametrize("method", list(train.STAGES))
+@pytest.mark.parametrize("method", [m for m in train.STAGES if m != "spa"])  # SPA needs a grid's true state
 def test_every_method_runs_from_the_command_line_on_alfworld(method, cache, tmp_path, monkeypatch, alfworld_data):
     monkeypatch.setenv("ALFWORLD_DATA", str(alfworld_data))
     out = tmp_path / "run"
@@ -257,6 +261,7 @@ def dataclasses_replace(args, **changes):
     (["--env", "minecraft"], "minecraft"),
     (["--model", "/nonexistent/checkpoint"], "/nonexistent/checkpoint"),
     (["--env", "alfworld"], "No ALFWorld games"),
+    (["--method", "spa", "--env", "alfworld"], "SPA needs the true state"),
 ])
 def test_bad_input_prints_one_message_exits_nonzero_and_writes_nothing(argv, message, tmp_path):
     out = tmp_path / "run"
