@@ -116,9 +116,9 @@ def test_spa_runs_end_to_end_and_its_sft_raises_next_state_prediction(env, tmp_p
     monkeypatch.setenv("RWML_JAX_CACHE", str(embedded_cache))
     out = tmp_path / "run"
     argv = ["--method", "spa", "--env", env, "--out", str(out), "--pretrain-steps", "100", "--pretrain-episodes", "300",
-            "--spa-tasks", "6", "--spa-rollouts", "4", "--spa-max-turns", "3", "--spa-epochs", "3", "--spa-batch", "8",
-            "--iterations", "2", "--groups", "2", "--group-size", "4", "--max-new-tokens", "160",
-            "--eval-episodes", "4", "--eval-samples", "2", "--wm-eval-transitions", "16", "--eval-every", "100",
+            "--spa-tasks", "4", "--spa-rollouts", "4", "--spa-max-turns", "3", "--spa-epochs", "2", "--spa-batch", "8",
+            "--iterations", "1", "--groups", "2", "--group-size", "2", "--max-new-tokens", "128",
+            "--eval-episodes", "2", "--eval-samples", "2", "--wm-eval-transitions", "16", "--eval-every", "100",
             "--no-progress"]
     train.main(tyro.cli(train.Args, args=argv))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

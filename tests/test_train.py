@@ -29,8 +29,9 @@ TINY_WORLD_MODEL = ["--wm-tasks", "3", "--wm-rollouts", "2", "--wm-max-turns", "
                     "--spa-batch", "4", "--no-spa-format-filter"]
 # the tiny ALFWorld model rarely names an admissible command, so its invalid steps are kept as world-model data
 TINY_ALFWORLD = ["--wm-invalid-steps", "keep", "--groups", "1", "--group-size", "2", "--eval-every", "100",
-                 "--wm-tasks", "2", "--max-turns", "2", "--max-new-tokens", "8", "--eval-episodes", "2", "--workers", "0",
-                 "--pretrain-episodes", "6", "--pretrain-steps", "4", "--wm-eval-transitions", "4"]
+                 "--iterations", "1", "--wm-tasks", "2", "--max-turns", "2", "--max-new-tokens", "8",
+                 "--eval-episodes", "1", "--workers", "0", "--pretrain-episodes", "4", "--pretrain-steps", "4",
+                 "--wm-eval-transitions", "2"]
 
 
 @pytest.fixture
@@ -227,26 +228,33 @@ def test_fsdp_spec_shards_the_largest_divisible_axis_and_replicates_the_rest():
 
 
 def test_world_model_exact_match_equals_greedy_generation(cache, tmp_path):
-    """The teacher-forced check behind world-model accuracy agrees with decoding greedily and comparing."""
+    """The teacher-forced check behind world-model accuracy agrees with decoding greedily and comparing: on the
+    evaluator's rows, on rows whose target is the model's own greedy output, and on those with one token changed."""
     args = train.settle(tyro.cli(train.Args, args=TINY_PRETRAIN))
     game = train.make_game(args)
     folder = pretrain.embedded_default(game, pretrain.PretrainConfig(episodes=300, steps=100), cache, log=lambda *_: None)
     config, params = lm.load_checkpoint(folder)
     tokenizer = lm.load_tokenizer(folder)
     evaluator = train.Evaluator(dataclasses_replace(args, wm_eval_transitions=24), game, tokenizer, config)
-    seen = []
     try:
-        for rows in evaluator.wm_rows.values():
-            matches = sampler.greedy_matches(params, config, rows, tokenizer.pad_token_id)
-            seen.extend(matches)
-            longest = max(len(t) for _, t in rows)
-            out = sampler.generate(params, config, [c for c, _ in rows], jax.random.key(0),
-                                   sampler.SamplingParams(0.0, max_new_tokens=longest), stop_token_ids=(-1,))
-            greedy = np.asarray(out.tokens)
-            expected = [list(greedy[i, :len(t)]) == list(t) for i, (_, t) in enumerate(rows)]
-            assert list(matches) == expected
+        row_sets = list(evaluator.wm_rows.values())
     finally:
         evaluator.close()
+    contexts = [context for context, _ in row_sets[0][:8]]
+    own = sampler.generate(params, config, contexts, jax.random.key(0), sampler.SamplingParams(0.0, max_new_tokens=12),
+                           stop_token_ids=(-1,))
+    own_rows = [(c, [int(t) for t in own.tokens[i]]) for i, c in enumerate(contexts)]
+    changed = [(c, t[:-1] + [(t[-1] + 1) % config.vocab_size]) for c, t in own_rows]
+    seen = []
+    for rows in [*row_sets, own_rows, changed]:
+        matches = sampler.greedy_matches(params, config, rows, tokenizer.pad_token_id)
+        longest = max(len(t) for _, t in rows)
+        out = sampler.generate(params, config, [c for c, _ in rows], jax.random.key(0),
+                               sampler.SamplingParams(0.0, max_new_tokens=longest), stop_token_ids=(-1,))
+        greedy = np.asarray(out.tokens)
+        expected = [list(greedy[i, :len(t)]) == list(t) for i, (_, t) in enumerate(rows)]
+        assert list(matches) == expected
+        seen.extend(matches)
     assert any(seen) and not all(seen)  # both outcomes occur: the comparison is not vacuous
 
 
