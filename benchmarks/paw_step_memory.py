@@ -25,7 +25,6 @@ SETTINGS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat
 
 def one_setting(dtype: str, remat: bool, rows: int, length: int) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -90,8 +90,6 @@ def test_every_method_runs_from_the_command_line_on_frozenlake(method, cache, tm
     if "paw" in method:
         assert "train/wm_loss" in next(r for r in records if r["stage"] == "paw")
     # TensorBoard events carry the same scalars as the JSONL
-    from tensorboardX.proto import event_pb2
-
     event_files = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert event_files
     tags = set()
