@@ -50,8 +50,6 @@ class SPAConfig:
     """keep a turn only if it parsed to >= 1 action and none was invalid"""
     dedupe: bool = True
     """keep one copy of each (prompt, response) pair"""
-    mask_world_model: bool = False
-    """the ablation: no loss on the observation and prediction contents"""
 
 
 def render_state(observation: str, info: dict) -> str:

@@ -669,7 +669,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     args = run.args
     optimizer = _optimizer(run, name)
     state = place(grpo.init_state(params, optimizer), run.mesh)
-    reference = place(params, run.mesh) if args.beta > 0 else None
+    reference = place(params, run.mesh) if _uses_reference(args, name) else None
     if restored is not None:
         state, reference = restored["state"], restored.get("reference")
     cfg = paw_config(args, name)
@@ -726,6 +726,33 @@ def make_embedder(name: str):
     return reward.LastTokenEmbedder(folder)
 
 
+def self_play(run: Run, index: int, params, tasks: int, rollouts: int, max_turns: int) -> list[envs.Trajectory]:
+    """A stage's data rollouts: `tasks` training tasks x `rollouts` at temperature 1, with a key apart from the step keys."""
+    args = run.args
+    seeds = [train_task(args, index, 0, task) for task in range(tasks)]
+    sampling = sampler.SamplingParams(1.0, max_new_tokens=args.max_new_tokens)
+    with envs.EnvBatch(run.game.make_env, tasks * rollouts, args.workers) as environments:
+        return envs.rollout(params, run.config, run.tokenizer, environments, seeds, rollouts, data_key(run, index),
+                            run.game.prompt, parser_for(args), max_turns, sampling, args.history)
+
+
+def data_key(run: Run, index: int) -> jax.Array:
+    """The key of a stage's data collection, apart from its step keys (fold_in(stage key, step))."""
+    return jax.random.fold_in(jax.random.fold_in(run.key, index), 2**31 - 1)
+
+
+def epoch_rows(seed: int, stage: int, step: int, count: int, batch_size: int) -> np.ndarray:
+    """The example indices of an epoch-based stage's step: a seeded shuffle per epoch, in batches of batch_size
+    (the last filled cyclically, so every batch has one shape). A function of the step, so resuming replays it."""
+    epoch, position = divmod(step, math.ceil(count / batch_size))
+    order = np.random.default_rng([seed, stage, epoch]).permutation(count)
+    return np.resize(np.roll(order, -position * batch_size), batch_size)
+
+
+def epoch_steps(epochs: int, count: int, batch_size: int) -> int:
+    return epochs * math.ceil(count / batch_size)
+
+
 def world_model_data(run: Run, index: int, name: str, params, scorer) -> dict:
     """The stage's triplets from the current model's own play (90/10 split; RWML: too-easy subsampled),
     saved to the run folder so a resumed stage trains on exactly the same data."""
@@ -734,13 +761,7 @@ def world_model_data(run: Run, index: int, name: str, params, scorer) -> dict:
     if path.exists():
         data = json.loads(path.read_text())
         return {**data, "train": triplets_from_json(data["train"]), "validation": triplets_from_json(data["validation"])}
-    make_env = run.game.make_env
-    seeds = [train_task(args, index, 0, task) for task in range(args.wm_tasks)]
-    sampling = sampler.SamplingParams(1.0, max_new_tokens=args.max_new_tokens)
-    key = jax.random.fold_in(jax.random.fold_in(run.key, index), 2**31 - 1)  # apart from the step keys
-    with envs.EnvBatch(make_env, args.wm_tasks * args.wm_rollouts, args.workers) as environments:
-        trajectories = envs.rollout(params, run.config, run.tokenizer, environments, seeds, args.wm_rollouts, key,
-                                    run.game.prompt, parser_for(args), args.wm_max_turns, sampling, args.history)
+    trajectories = self_play(run, index, params, args.wm_tasks, args.wm_rollouts, args.wm_max_turns)
     if args.wm_invalid_steps == "drop":
         triplets = rwml.triplets_from_rollouts(trajectories, args.history)
     else:
@@ -754,27 +775,23 @@ def world_model_data(run: Run, index: int, name: str, params, scorer) -> dict:
         optimizer = grpo.make_optimizer(args.sft_learning_rate, args.weight_decay, args.max_grad_norm)
         filter_cfg = rwml.FilterConfig(args.filter_samples, args.tau_easy, args.keep_easy, args.target_easy_fraction,
                                        args.filter_tau_d, args.wm_epochs, args.wm_batch, args.wm_max_new_tokens)
+        filter_key = jax.random.fold_in(data_key(run, index), 1)
         train, filtered = rwml.too_easy_subsample(params, run.config, run.tokenizer, train, validation, scorer, optimizer,
-                                                  jax.random.fold_in(key, 1), filter_cfg, args.seed)
+                                                  filter_key, filter_cfg, args.seed)
         summary.update(filtered)
     data = {"train": triplets_to_json(train), "validation": triplets_to_json(validation), "summary": summary}
     path.write_text(json.dumps(data))
     return {**data, "train": train, "validation": validation}
 
 
-def world_model_steps(args: Args, count: int) -> int:
-    return args.wm_epochs * math.ceil(count / args.wm_batch)
-
-
 def world_model_stage(run: Run, index: int, name: str, params, start: int, restored: dict | None, data: dict):
     """WM SFT (cross-entropy on the direct-prompt label) or RWML (GRPO on the binary cosine reward), over
-    wm_epochs seeded shuffles of the training triplets in batches of wm_batch (the last one filled cyclically,
-    so every batch has one shape)."""
+    wm_epochs seeded shuffles of the training triplets in batches of wm_batch (epoch_rows)."""
     args = run.args
     train = data["train"]
     optimizer = _optimizer(run, name)
     state = place(grpo.init_state(params, optimizer), run.mesh)
-    reference = place(params, run.mesh) if name == "rwml" and args.beta > 0 else None
+    reference = place(params, run.mesh) if _uses_reference(args, name) else None
     if restored is not None:
         state, reference = restored["state"], restored.get("reference")
     if name == "rwml":
@@ -788,11 +805,8 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
         bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args), temperature=1.0))
         prompts, labels = rwml.wm_sft_examples(run.tokenizer, train, direct=True)
     update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer), state, run.mesh)
-    per_epoch = math.ceil(len(train) / args.wm_batch)
     for step in range(start, run.stage_lengths[index]):
-        epoch, position = divmod(step, per_epoch)
-        order = np.random.default_rng([args.seed, index, epoch]).permutation(len(train))
-        rows = np.resize(np.roll(order, -position * args.wm_batch), args.wm_batch)
+        rows = epoch_rows(args.seed, index, step, len(train), args.wm_batch)
         key = jax.random.fold_in(jax.random.fold_in(run.key, index), step)
         if name == "rwml":
             state, metrics = rwml.rwml_update(state, update, run.tokenizer, run.config, [train[i] for i in rows],
@@ -812,13 +826,8 @@ def spa_data(run: Run, index: int, params) -> dict:
     if path.exists():
         data = json.loads(path.read_text())
         return {**data, "examples": [spa.Example(**e) for e in data["examples"]]}
-    seeds = [train_task(args, index, 0, task) for task in range(args.spa_tasks)]
-    sampling = sampler.SamplingParams(1.0, max_new_tokens=args.max_new_tokens)
-    key = jax.random.fold_in(jax.random.fold_in(run.key, index), 2**31 - 1)
-    with envs.EnvBatch(run.game.make_env, args.spa_tasks * args.spa_rollouts, args.workers) as environments:
-        trajectories = envs.rollout(params, run.config, run.tokenizer, environments, seeds, args.spa_rollouts, key,
-                                    run.game.prompt, parser_for(args), args.spa_max_turns, sampling, args.history)
-    cfg = spa.SPAConfig(args.spa_format_filter, args.spa_dedupe, args.spa_mask_world_model)
+    trajectories = self_play(run, index, params, args.spa_tasks, args.spa_rollouts, args.spa_max_turns)
+    cfg = spa.SPAConfig(args.spa_format_filter, args.spa_dedupe)
     examples, summary = spa.self_play_examples(trajectories, run.game.make_env, run.tokenizer, cfg)
     if not examples:
         raise RuntimeError(f"self-play left no SFT examples ({summary}). Fix: raise --spa-tasks, or --no-spa-format-filter.")
@@ -836,11 +845,8 @@ def spa_stage(run: Run, index: int, params, start: int, restored: dict | None, d
         state = restored["state"]
     bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args), temperature=1.0))
     update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer), state, run.mesh)
-    per_epoch = math.ceil(len(examples) / args.spa_batch)
     for step in range(start, run.stage_lengths[index]):
-        epoch, position = divmod(step, per_epoch)
-        order = np.random.default_rng([args.seed, index, epoch]).permutation(len(examples))
-        rows = np.resize(np.roll(order, -position * args.spa_batch), args.spa_batch)
+        rows = epoch_rows(args.seed, index, step, len(examples), args.spa_batch)
         batch = spa.sft_batch([examples[i] for i in rows], run.pad_id, args.spa_mask_world_model)
         state, metrics = update(state, batch)
         run.finish_step(index, "spa-sft", step, state, None, {k: float(v) for k, v in metrics.items()})
@@ -914,16 +920,14 @@ def main(args: Args) -> dict:
             if name in ("wm-sft", "rwml"):
                 scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.filter_tau_d) if name == "rwml" else None
                 data = world_model_data(run, index, name, params, scorer)
-                run.stage_lengths[index] = world_model_steps(args, len(data["train"]))
+                run.stage_lengths[index] = epoch_steps(args.wm_epochs, len(data["train"]), args.wm_batch)
+            elif name == "spa-sft":
+                data = spa_data(run, index, params)
+                run.stage_lengths[index] = epoch_steps(args.spa_epochs, len(data["examples"]), args.spa_batch)
+            if data is not None:  # a data stage's length is known once its data is
                 if run.logger.bar is not None:
                     run.logger.bar.total = sum(run.stage_lengths.values())
                 run.logger.write(f"{name} data: {data['summary']}")
-            if name == "spa-sft":
-                data = spa_data(run, index, params)
-                run.stage_lengths[index] = args.spa_epochs * math.ceil(len(data["examples"]) / args.spa_batch)
-                if run.logger.bar is not None:
-                    run.logger.bar.total = sum(run.stage_lengths.values())
-                run.logger.write(f"SPA self-play data: {data['summary']}")
             if index == position["stage"] and latest is not None:
                 like = {"state": _fresh_state(run, name, params), "key": jax.random.key_data(run.key)}
                 if _uses_reference(args, name):
