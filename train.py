@@ -122,8 +122,10 @@ class Args:
     """response tokens per turn (paper 512; embedded default 16)"""
     history: int | None = None
     """H, earlier turns shown in prompts and world-model triplets (ALFWorld 2, verl-agent; grid games 0: the grid is the state)"""
-    prompt: Literal["auto", "short", "full"] = "auto"
-    """full: verl-agent's ALFWorld prompt / RAGEN's grid prompt; short: the grid alone (the embedded default's)"""
+    prompt: Literal["auto", "short", "coordinates", "full"] = "auto"
+    """full: verl-agent's ALFWorld prompt / RAGEN's grid prompt; short: the grid alone (the embedded default's);
+    coordinates: the grid and SPA's coordinates of the objects (the embedded default's under SPA; set it on GRPO
+    for RL from the same starting point as SPA)"""
     state_estimation: bool = True
     """grid games, full prompt: add SPA's coordinates of the objects"""
 
@@ -209,6 +211,9 @@ class Args:
     # ---- evaluation ----
     eval_every: int = 10
     """steps between evaluations (also before and after training)"""
+    wm_eval_every: int | None = None
+    """steps between evaluations in the world-model and SFT stages (wm-sft, rwml, spa-sft; always at their end);
+    default: --eval-every"""
     eval_episodes: int | None = None
     """held-out tasks (grid games: 128 seeds; ALFWorld: the first N games of eval_split, all 140 of valid_seen by default)"""
     eval_split: Literal["valid_seen", "valid_unseen"] = "valid_seen"
@@ -278,6 +283,8 @@ def settle(args: Args) -> Args:
     args = dataclasses.replace(args, **filled)
     if args.eval_max_turns is None:
         args = dataclasses.replace(args, eval_max_turns=args.max_turns)
+    if args.wm_eval_every is None:
+        args = dataclasses.replace(args, wm_eval_every=args.eval_every)
     return args
 
 
@@ -314,7 +321,8 @@ def check(args: Args) -> None:
         raise UsageError(f"--wm-batch {args.wm_batch} (x --wm-group-size {args.wm_group_size} for RWML) must split "
                          f"evenly over the {devices} devices. Fix: make it a multiple of {devices}.")
     positive = {"iterations": args.iterations, "groups": args.groups, "group_size": args.group_size,
-                "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every, "wm_batch": args.wm_batch}
+                "eval_every": args.eval_every, "wm_eval_every": args.wm_eval_every,
+                "checkpoint_every": args.checkpoint_every, "wm_batch": args.wm_batch}
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
@@ -336,7 +344,7 @@ def make_game(args: Args) -> pretrain.Game:
     env_class = envs.GRID_ENVS[args.env]
     short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
     state_estimation = args.state_estimation or args.method == "spa"  # SPA keeps state estimation on
-    if short and args.method == "spa":
+    if args.prompt == "coordinates" or (short and args.method == "spa"):
         name, prompt = "grid+coordinates", lambda task, history, step, observation, info: spa.render_state(observation, info)
     elif short:
         name, prompt = "grid", lambda task, history, step, observation, info: observation
@@ -649,7 +657,8 @@ class Run:
         self.logger.log(self.global_step, stage, metrics)
         self.logger.advance()
         last = step + 1 == self.stage_lengths[stage_index]
-        if (step + 1) % self.args.eval_every == 0 or last:
+        every = self.args.eval_every if stage in ("grpo", "paw") else self.args.wm_eval_every
+        if (step + 1) % every == 0 or last:
             self.evaluate(state.params, stage)
         if self.global_step % self.args.checkpoint_every == 0 or last:
             arrays = {"state": state, "key": jax.random.key_data(self.key)}

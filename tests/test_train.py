@@ -69,8 +69,13 @@ def test_pass_at_k_matches_a_hand_worked_example():
         assert train.pass_at_k(6, 2, k) == pytest.approx(np.mean([any(s) for s in subsets]))
 
 
-@pytest.mark.parametrize("method", list(train.STAGES))
-def test_every_method_runs_from_the_command_line_on_frozenlake(method, cache, tmp_path, monkeypatch):
+# The two-stage methods run the world-model stages exactly as wm-sft and rwml do alone (same functions, same data),
+# so these cover every stage kind: grpo, paw, wm-sft, rwml and spa-sft.
+COVERING = ["grpo", "paw", "wm-sft-grpo", "rwml-grpo"]
+
+
+@pytest.mark.parametrize("method", COVERING + ["spa"])
+def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--method", method, "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, *TINY_WORLD_MODEL]
     if method == "spa":  # its responses carry two rendered states: 256 tokens by default
@@ -115,8 +120,8 @@ def _read_events(path):
         offset += 12 + length + 4
 
 
-@pytest.mark.parametrize("method", [m for m in train.STAGES if m != "spa"])  # SPA needs a grid's true state
-def test_every_method_runs_from_the_command_line_on_alfworld(method, cache, tmp_path, monkeypatch, alfworld_data):
+@pytest.mark.parametrize("method", COVERING[1:])  # SPA needs a grid's true state; rwml-grpo's second stage is grpo
+def test_every_stage_kind_runs_from_the_command_line_on_alfworld(method, cache, tmp_path, monkeypatch, alfworld_data):
     monkeypatch.setenv("ALFWORLD_DATA", str(alfworld_data))
     out = tmp_path / "run"
     argv = ["--method", method, "--env", "alfworld", "--out", str(out), *TINY_POLICY, *TINY_WORLD_MODEL,

@@ -1,0 +1,87 @@
+"""experiment.py: how runs are read (policy iterations, the success level, weights changed), and a quick
+experiment end to end: its table, plots, reuse of finished runs, and the same numbers when rerun from scratch."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import experiment
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_policy_iterations_are_counted_from_the_start_of_the_policy_stage(tmp_path):
+    # a two-stage run: base eval, 4 RWML steps (eval at its end), then 4 GRPO steps evaluated every 2
+    records = [{"step": 0, "stage": "base", "eval/success": 0.0}]
+    records += [{"step": s, "stage": "rwml", "train/loss": 1.0} for s in range(1, 5)]
+    records += [{"step": 4, "stage": "rwml", "eval/success": 0.05}]
+    for s in range(5, 9):
+        records.append({"step": s, "stage": "grpo", "train/loss": 1.0})
+        if s % 2 == 0:
+            records.append({"step": s, "stage": "grpo", "eval/success": {6: 0.3, 8: 0.5}[s]})
+    evals = experiment.evaluations(_write(tmp_path / "m.jsonl", records))
+    assert [r["iteration"] for r in evals] == [None, 0, 2, 4]
+    assert experiment.iterations_to(evals, 0.05) == 0
+    assert experiment.iterations_to(evals, 0.3) == 2
+    assert experiment.iterations_to(evals, 0.6) is None
+
+
+def test_a_world_model_only_run_has_no_policy_iterations(tmp_path):
+    records = [{"step": 0, "stage": "base", "eval/success": 0.0}, {"step": 1, "stage": "wm-sft", "train/loss": 1.0},
+               {"step": 1, "stage": "wm-sft", "eval/success": 0.0}]
+    assert [r["iteration"] for r in experiment.evaluations(_write(tmp_path / "m.jsonl", records))] == [None, None]
+
+
+def test_weights_changed_is_the_share_of_changed_kernel_weights():
+    rng = np.random.default_rng(0)
+    shapes = {"q": (8, 8), "k": (8, 4), "v": (8, 4), "o": (8, 8), "gate": (8, 16), "up": (8, 16), "down": (16, 8)}
+
+    def layer():
+        return {"attn": {m: {"kernel": rng.normal(size=shapes[m])} for m in ("q", "k", "v", "o")},
+                "mlp": {m: {"kernel": rng.normal(size=shapes[m])} for m in ("gate", "up", "down")}}
+
+    before = {"layers_0": layer(), "layers_1": layer(), "embed": {"embedding": rng.normal(size=(10, 8))}}
+    after = jax.tree.map(np.copy, before)
+    after["layers_0"]["attn"]["q"]["kernel"][0, :3] *= 1.01  # 3 changed by 1%
+    after["layers_1"]["mlp"]["down"]["kernel"][2, 1] += 1.0  # 1 changed
+    after["layers_1"]["mlp"]["up"]["kernel"][0, 0] *= 1 + 1e-4  # below eta = 1e-3: not counted
+    after["embed"]["embedding"] += 1.0  # not a kernel of q, k, v, o, gate, up, down
+    total = 2 * sum(np.prod(s) for s in shapes.values())
+    overall, detail = experiment.weights_changed(before, after)
+    assert overall == pytest.approx(4 / total)
+    assert detail["q"][0] == pytest.approx(3 / 64) and detail["down"][1] == pytest.approx(1 / 128)
+
+
+def test_quick_experiment_writes_its_table_reuses_finished_runs_and_reproduces(tmp_path, monkeypatch, embedded_cache):
+    monkeypatch.setenv("RWML_JAX_CACHE", str(embedded_cache))
+    args = experiment.ExperimentArgs(quick=True, seeds=(0,), methods=("GRPO", "RWML -> GRPO"), eval_samples=2,
+                                     out=str(tmp_path / "first"))
+    first = experiment.run_experiment(args)
+    lines = first["table"].splitlines()
+    assert lines[0].startswith("| method | Pass@1 | Pass@2 |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| base", "| GRPO", "| RWML -> GRPO"]
+    for name in ("results.md", "results.json", "success.png", "summary.png"):
+        assert (tmp_path / "first" / name).stat().st_size > 0
+    assert 0.0 <= first["data"]["GRPO"]["pass@1"][0] <= 1.0
+    assert first["data"]["GRPO"]["weights_changed"][0] > 0  # two updates at lr 1e-3 move the weights
+
+    # a rerun in the same folder trains nothing and prints the same table
+    marker = tmp_path / "first" / "grpo" / "seed0" / "trained.json"
+    stamp = marker.stat().st_mtime_ns
+    assert experiment.run_experiment(args)["table"] == first["table"]
+    assert marker.stat().st_mtime_ns == stamp
+
+    # from scratch in another folder, the same seed gives the same numbers
+    again = experiment.run_experiment(experiment.ExperimentArgs(quick=True, seeds=(0,), methods=("GRPO",),
+                                                                eval_samples=2, out=str(tmp_path / "second")))
+    assert again["data"]["GRPO"] == first["data"]["GRPO"]
+
+
+def test_an_unknown_method_is_refused():
+    with pytest.raises(experiment.train.UsageError, match="unknown method"):
+        experiment.run_experiment(experiment.ExperimentArgs(methods=("GRPO", "PPO")))
