@@ -55,8 +55,6 @@ METHODS = {
     "PaW": dict(method="paw"),
     "PaW, cross-entropy": dict(method="paw", wm_loss="ce"),
     "PaW, fixed lambda=1": dict(method="paw", lambda_mode="fixed", fixed_lambda=1.0),
-    "WM SFT": dict(method="wm-sft"),
-    "RWML": dict(method="rwml"),
     "WM SFT -> GRPO": dict(method="wm-sft-grpo"),
     "RWML -> GRPO": dict(method="rwml-grpo"),
     "SPA -> GRPO": dict(method="spa"),
@@ -64,6 +62,12 @@ METHODS = {
     # two actions a turn and SPA's response length; only the self-play SFT differs
     "GRPO, SPA's prompt": dict(method="grpo", prompt="coordinates", actions_per_turn=2, max_new_tokens=256),
 }
+# A world-model method alone is the first stage of its two-stage method, computed identically (same seed, data and
+# functions; tests/test_experiment.py checks the parameters bit for bit), so its row is read from that run: the
+# model train.py exports after the stage, and the evaluation at the stage's end. Half the world-model training time.
+FIRST_STAGE_OF = {"WM SFT": "WM SFT -> GRPO", "RWML": "RWML -> GRPO"}
+ROWS = ("GRPO", "PaW", "PaW, cross-entropy", "PaW, fixed lambda=1", "WM SFT", "RWML", "WM SFT -> GRPO", "RWML -> GRPO",
+        "SPA -> GRPO", "GRPO, SPA's prompt")
 POLICY_STAGES = ("grpo", "paw")
 
 # --quick: every size cut down, so the whole pipeline runs in minutes (the numbers mean nothing)
@@ -81,8 +85,8 @@ class ExperimentArgs:
     """the toy environment (the embedded default model of train.py)"""
     seeds: tuple[int, ...] = (0, 1, 2)
     """one run per method and seed"""
-    methods: tuple[str, ...] = tuple(METHODS)
-    """which rows of the table to run (names as in METHODS)"""
+    methods: tuple[str, ...] = ROWS
+    """which rows of the table to run (names as in ROWS)"""
     out: str | None = None
     """the experiment folder (default runs/experiment-<env>, or runs/experiment-<env>-quick)"""
     eval_samples: int = 8
@@ -160,13 +164,19 @@ def world_model_reward_accuracy(run: train.Args, models: dict, tokenizer, scorer
             for metric, direct in (("wm_accuracy", False), ("wm_accuracy_direct", True))}
 
 
-def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, scorer) -> dict:
-    """One finished run's numbers, from its metrics.jsonl and exported model (and the base model it started from)."""
+def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, scorer, stage: int | None = None) -> dict:
+    """One finished run's numbers, from its metrics.jsonl and exported model (and the base model it started from);
+    with `stage`, those of the run's first stages only, up to and including that one (FIRST_STAGE_OF)."""
     evals = evaluations(folder / "metrics.jsonl")
+    model_folder = folder / "model"
+    if stage is not None:
+        stage_name = train.STAGES[run.method][stage]
+        evals = [{**r, "iteration": None} for r in evals if r["stage"] in ("base", stage_name)]
+        model_folder = folder / f"model-stage{stage}-{stage_name}"
     first, last = evals[0], evals[-1]
     base = lm.load_checkpoint(train.load_model(run, train.make_game(run), log=lambda *_: None)[0])
-    trained = lm.load_checkpoint(folder / "model")
-    accuracy = world_model_reward_accuracy(run, {"base": base, "after": trained}, lm.load_tokenizer(folder / "model"),
+    trained = lm.load_checkpoint(model_folder)
+    accuracy = world_model_reward_accuracy(run, {"base": base, "after": trained}, lm.load_tokenizer(model_folder),
                                            scorer)
     k = args.eval_samples
     policy = any(r["iteration"] is not None for r in evals)
@@ -176,7 +186,7 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
                 "wm_accuracy": accuracy[f"{model}/wm_accuracy"], "wm_accuracy_direct": accuracy[f"{model}/wm_accuracy_direct"],
                 "wm_exact_inline": record["eval/wm_accuracy_inline"]}
 
-    return {"method": name, "seed": run.seed, "success_level": args.success_level,
+    return {"method": name, "seed": run.seed, "success_level": args.success_level, "model": str(model_folder),
             "base_model": f"base ({train.make_game(run).prompt_name} prompt)", "base": numbers(first, "base"),
             **numbers(last, "after"),
             "reached": iterations_to(evals, args.success_level) if policy else "n/a",
@@ -184,12 +194,14 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
             "curve": [(r["iteration"], r["eval/success"]) for r in evals if r["iteration"] is not None]}
 
 
-def run_one(args: ExperimentArgs, name: str, seed: int, folder: Path, scorer) -> dict:
-    """Train one (method, seed) with train.main, unless <folder> holds a finished run with the same settings
-    (trained.json), and summarise it (cached in summary.json)."""
-    run = train.settle(run_args(args, name, seed, folder))
+def run_one(args: ExperimentArgs, name: str, seed: int, out: Path, scorer) -> dict:
+    """Train the run behind one (row, seed) with train.main, unless its folder holds a finished run with the same
+    settings (trained.json), and summarise the row (cached in summary[-<row>].json)."""
+    source = FIRST_STAGE_OF.get(name, name)
+    folder = out / slug(source) / f"seed{seed}"
+    run = train.settle(run_args(args, source, seed, folder))
     settings = dataclasses.asdict(run)
-    trained_file, summary_file = folder / "trained.json", folder / "summary.json"
+    trained_file = folder / "trained.json"
     trained = json.loads(trained_file.read_text()) if trained_file.exists() else {}
     if trained.get("settings") != settings:
         # an unfinished run, or one with other settings, starts again: every summary comes from one clean run
@@ -198,11 +210,13 @@ def run_one(args: ExperimentArgs, name: str, seed: int, folder: Path, scorer) ->
         train.main(run)
         trained = {"settings": settings, "seconds": time.perf_counter() - started}
         trained_file.write_text(json.dumps(trained, indent=1) + "\n")
+    summary_file = folder / ("summary.json" if source == name else f"summary-{slug(name)}.json")
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     if summary.get("version") != SUMMARY_VERSION or summary.get("success_level") != args.success_level:
-        summary = {**summarise(args, name, run, folder, scorer), "seconds": trained["seconds"], "version": SUMMARY_VERSION}
+        stage = 0 if source != name else None
+        summary = {**summarise(args, name, run, folder, scorer, stage), "version": SUMMARY_VERSION}
         summary_file.write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    return {**summary, "folder": str(folder), "seconds": trained["seconds"]}
 
 
 def mean_std(values) -> str:
@@ -248,13 +262,11 @@ def table(args: ExperimentArgs, results: dict[str, list[dict]]) -> tuple[str, di
 def plot(args: ExperimentArgs, results: dict[str, list[dict]], out: Path) -> list[Path]:
     """success.png: held-out success against the policy-RL iteration (mean, band: min to max over seeds);
     summary.png: final Pass@1, WM accuracy and weights changed per method, one dot per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone, nothing opens a window
 
     paths = [out / "success.png", out / "summary.png"]
-    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    figure = Figure(figsize=(7.5, 4.5), layout="tight")
+    axis = figure.subplots()
     for name, runs in results.items():
         if not runs[0]["curve"]:
             continue
@@ -267,14 +279,13 @@ def plot(args: ExperimentArgs, results: dict[str, list[dict]], out: Path) -> lis
     axis.set_ylabel("held-out success (Pass@1)")
     axis.set_title(f"{args.env}: mean over {len(args.seeds)} seeds (band: min to max)")
     axis.legend(fontsize=8)
-    figure.tight_layout()
     figure.savefig(paths[0], dpi=120)
-    plt.close(figure)
 
     rows = {**base_rows(results), **results}  # a base model's weights changed: 0
     columns = [("Pass@1", "pass@1"), ("WM accuracy, RWML prompt", "wm_accuracy"),
                ("WM accuracy, direct prompt", "wm_accuracy_direct"), ("weights changed", "weights_changed")]
-    figure, axes = plt.subplots(1, 4, figsize=(18, 0.9 + 0.4 * len(rows)), sharey=True)
+    figure = Figure(figsize=(18, 0.9 + 0.4 * len(rows)), layout="tight")
+    axes = figure.subplots(1, 4, sharey=True)
     for axis, (title, metric) in zip(axes, columns):
         for row, (name, runs) in enumerate(rows.items()):
             values = [r.get(metric, 0.0) for r in runs]
@@ -284,26 +295,24 @@ def plot(args: ExperimentArgs, results: dict[str, list[dict]], out: Path) -> lis
     names = list(rows)
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
-    figure.tight_layout()
     figure.savefig(paths[1], dpi=120)
-    plt.close(figure)
     return paths
 
 
 def run_experiment(args: ExperimentArgs) -> dict:
     """Every (method, seed) run, then the table and the plots; returns {"table", "data", "seconds"}."""
-    unknown = [name for name in args.methods if name not in METHODS]
+    unknown = [name for name in args.methods if name not in ROWS]
     if unknown:
-        raise train.UsageError(f"unknown method(s) {unknown}. Fix: choose from {list(METHODS)}.")
+        raise train.UsageError(f"unknown method(s) {unknown}. Fix: choose from {list(ROWS)}.")
     out = Path(args.out or f"runs/experiment-{args.env}{'-quick' if args.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
     scorer = rwml.cosine_scorer(train.make_embedder("minilm"), train.settle(run_args(args, "GRPO", 0, out)).tau_d)
     started = time.perf_counter()
     results = {}
     for name in args.methods:
-        results[name] = [run_one(args, name, seed, out / slug(name) / f"seed{seed}", scorer) for seed in args.seeds]
+        results[name] = [run_one(args, name, seed, out, scorer) for seed in args.seeds]
     text, data = table(args, results)
-    seconds = sum(r["seconds"] for runs in results.values() for r in runs)
+    seconds = sum({r["folder"]: r["seconds"] for runs in results.values() for r in runs}.values())
     (out / "results.md").write_text(f"{text}\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
                                     f"{args.env}; training time summed over runs {seconds / 60:.1f} min.\n")
     (out / "results.json").write_text(json.dumps({"args": dataclasses.asdict(args), "table": data}, indent=1) + "\n")
@@ -311,10 +320,9 @@ def run_experiment(args: ExperimentArgs) -> dict:
     changes = {}
     for name in ("WM SFT", "RWML"):
         if name in results:
-            run = train.settle(run_args(args, name, args.seeds[0], out))
+            run = train.settle(run_args(args, FIRST_STAGE_OF[name], args.seeds[0], out))
             base = train.load_model(run, train.make_game(run), log=lambda *_: None)[2]
-            after = lm.load_checkpoint(out / slug(name) / f"seed{args.seeds[0]}" / "model")[1]
-            changes[name] = weights_changed(base, after)[1]
+            changes[name] = weights_changed(base, lm.load_checkpoint(results[name][0]["model"])[1])[1]
     if changes:
         rwml.plot_weight_change(changes, str(out / "weight_change.png"))
     print(text)

@@ -347,20 +347,17 @@ def weight_change(before: lm.Params, after: lm.Params, eta: float = 1e-3) -> dic
 
 def plot_weight_change(changes: dict[str, dict[str, np.ndarray]], path: str) -> str:
     """One panel per method (e.g. {"RWML": weight_change(...), "WM SFT": ...}): changed fraction by layer and module."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone, nothing opens a window
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(changes), figsize=(4.5 * len(changes), 3.5), squeeze=False, sharey=True)
+    figure = Figure(figsize=(4.5 * len(changes), 3.5), layout="tight")
+    axes = figure.subplots(1, len(changes), squeeze=False, sharey=True)
     for axis, (title, change) in zip(axes[0], changes.items()):
         for module, fractions in change.items():
             axis.plot(np.arange(len(fractions)), fractions, marker="o", label=module)
         axis.set_title(title)
         axis.set_xlabel("layer")
+        axis.set_xticks(np.arange(len(fractions)))
     axes[0][0].set_ylabel("fraction of weights changed")
     axes[0][-1].legend(fontsize=8)
-    figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return path

@@ -28,7 +28,8 @@ WM SFT's direct prompt (`wm_accuracy_direct`) and PaW's inline layout [h ; a ; o
 Metrics go to metrics.jsonl, TensorBoard event files and the progress bar; curves.png at the end.
 Orbax checkpoints (parameters, optimizer state, reference, RNG, stage and step, which fixes the
 data position) every --checkpoint-every steps; --resume continues bit for bit; the final model is
-exported in Hugging Face format to <out>/model.
+exported in Hugging Face format to <out>/model, and a two-stage method's first-stage model to
+<out>/model-stage0-<stage> (e.g. the RWML model that policy RL starts from).
 """
 
 from __future__ import annotations
@@ -553,13 +554,11 @@ class Logger:
 
 def plot_curves(metrics_file: Path, path: Path) -> Path:
     """Evaluation success and world-model accuracy, and the training return/reward, against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone, nothing opens a window
 
     records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    figure = Figure(figsize=(14, 3.8), layout="tight")
+    axes = figure.subplots(1, 3)
     panels = [("task success (held out)", ["eval/success"]),
               ("world-model accuracy (held out)", ["eval/wm_accuracy", "eval/wm_accuracy_direct", "eval/wm_accuracy_inline"]),
               ("training signal", ["train/return", "train/reward", "train/wm_loss"])]
@@ -572,9 +571,7 @@ def plot_curves(metrics_file: Path, path: Path) -> Path:
         axis.set_xlabel("step")
         if axis.lines:
             axis.legend(fontsize=8)
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 
@@ -943,15 +940,16 @@ def main(args: Args) -> dict:
                     like["reference"] = like["state"].params
                 restored = run.checkpoints.restore(latest, like)
                 params = restored["state"].params
-            if start >= run.stage_lengths[index]:
-                continue
-            if name in ("grpo", "paw"):
-                params = policy_stage(run, index, name, params, start, restored)
-            elif name == "spa-sft":
-                params = spa_stage(run, index, params, start, restored, data)
-            else:
-                params = world_model_stage(run, index, name, params, start, restored, data)
+            if start < run.stage_lengths[index]:
+                if name in ("grpo", "paw"):
+                    params = policy_stage(run, index, name, params, start, restored)
+                elif name == "spa-sft":
+                    params = spa_stage(run, index, params, start, restored, data)
+                else:
+                    params = world_model_stage(run, index, name, params, start, restored, data)
             restored = None
+            if index < len(stages) - 1:  # what the next stage starts from (e.g. the RWML model before policy RL)
+                lm.save_checkpoint(out / f"model-stage{index}-{name}", config, jax.device_get(params), tokenizer)
         run.checkpoints.close()
         lm.save_checkpoint(out / "model", config, jax.device_get(params), tokenizer)
     finally:

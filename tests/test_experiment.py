@@ -1,6 +1,7 @@
 """experiment.py: how runs are read (policy iterations, the success level, weights changed), and a quick
 experiment end to end: its table, plots, reuse of finished runs, and the same numbers when rerun from scratch."""
 
+import dataclasses
 import json
 
 import jax
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 import experiment
+import model as lm
+import train
 
 
 def _write(path, records):
@@ -59,16 +62,28 @@ def test_weights_changed_is_the_share_of_changed_kernel_weights():
 
 def test_quick_experiment_writes_its_table_reuses_finished_runs_and_reproduces(tmp_path, monkeypatch, embedded_cache):
     monkeypatch.setenv("RWML_JAX_CACHE", str(embedded_cache))
-    args = experiment.ExperimentArgs(quick=True, seeds=(0,), methods=("GRPO", "RWML -> GRPO"), eval_samples=2,
+    args = experiment.ExperimentArgs(quick=True, seeds=(0,), methods=("GRPO", "RWML", "RWML -> GRPO"), eval_samples=2,
                                      out=str(tmp_path / "first"))
     first = experiment.run_experiment(args)
     lines = first["table"].splitlines()
     assert lines[0].startswith("| method | Pass@1 | Pass@2 |")
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| base", "| GRPO", "| RWML -> GRPO"]
-    for name in ("results.md", "results.json", "success.png", "summary.png"):
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| base", "| GRPO", "| RWML", "| RWML -> GRPO"]
+    for name in ("results.md", "results.json", "success.png", "summary.png", "weight_change.png"):
         assert (tmp_path / "first" / name).stat().st_size > 0
     assert 0.0 <= first["data"]["GRPO"]["pass@1"][0] <= 1.0
     assert first["data"]["GRPO"]["weights_changed"][0] > 0  # two updates at lr 1e-3 move the weights
+    assert first["data"]["RWML"]["reached"] == ["n/a"]
+
+    # the RWML row is read from RWML -> GRPO's first stage: the same parameters as RWML run alone, bit for bit
+    alone = tmp_path / "alone"
+    run = dataclasses.replace(experiment.run_args(args, "RWML -> GRPO", 0, alone), method="rwml")
+    train.main(run)
+    row = json.loads((tmp_path / "first" / "rwml-then-grpo" / "seed0" / "summary-rwml.json").read_text())
+    for a, b in zip(jax.tree.leaves(lm.load_checkpoint(alone / "model")[1]),
+                    jax.tree.leaves(lm.load_checkpoint(row["model"])[1])):
+        np.testing.assert_array_equal(a, b)
+    last = [json.loads(line) for line in (alone / "metrics.jsonl").read_text().splitlines() if "eval/success" in line][-1]
+    assert row["pass@1"] == last["eval/pass@1"] and row["wm_exact_inline"] == last["eval/wm_accuracy_inline"]
 
     # a rerun in the same folder trains nothing and prints the same table
     marker = tmp_path / "first" / "grpo" / "seed0" / "trained.json"

@@ -24,6 +24,8 @@ def test_notebook_runs_without_errors_and_draws_figures(notebook, tmp_path, monk
     client = nbclient.NotebookClient(book, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # a cell that raises fails the test (CellExecutionError)
-    figures = [output for cell in book.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
-               if "image/png" in output.get("data", {})]
-    assert figures, f"{notebook.name} drew no figure"
+    code = [cell for cell in book.cells if cell.cell_type == "code"]
+    figures = [output for cell in code for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
+    # every figure the notebook shows arrives (a library call that switched matplotlib's backend would drop them)
+    shown = sum(cell.source.count("plt.show()") + cell.source.count("display(Image(") for cell in code)
+    assert len(figures) == shown > 0
