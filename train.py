@@ -249,8 +249,9 @@ class Args:
     """recompute each transformer block in the backward pass (less memory, ~1/3 more compute)"""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """activations' dtype in the update (parameters and log-probs stay float32)"""
-    micro_batches: int = 1
-    """split each update into this many micro-batches (same update, less memory)"""
+    micro_batches: int | None = None
+    """split each update into this many micro-batches (same update, less memory); default 1, and 16 for the
+    embedded default with responses of 256 tokens or more (SPA)"""
     workers: int | None = None
     """environment worker processes (ALFWorld 2; grid games 0: in process)"""
 
@@ -286,6 +287,9 @@ def settle(args: Args) -> Args:
         args = dataclasses.replace(args, eval_max_turns=args.max_turns)
     if args.wm_eval_every is None:
         args = dataclasses.replace(args, wm_eval_every=args.eval_every)
+    if args.micro_batches is None:  # the embedded default with long responses (SPA's two rendered states): one
+        # RL update of 1,280 turns of ~512 tokens would need ~68 GB of XLA temporaries in one piece
+        args = dataclasses.replace(args, micro_batches=16 if args.model is None and args.max_new_tokens >= 256 else 1)
     return args
 
 
@@ -418,11 +422,13 @@ def place(tree, mesh: Mesh):
     return jax.device_put(tree, state_sharding(tree, mesh), may_alias=False)
 
 
-def step_config(args: Args) -> grpo.StepConfig:
+def step_config(args: Args, rows: int | None = None) -> grpo.StepConfig:
+    """The update's configuration; with a fixed batch of `rows`, at most --micro-batches pieces that divide it."""
+    micro_batches = args.micro_batches if rows is None else math.gcd(args.micro_batches, rows)
     loss = grpo.LossConfig(args.clip_low, args.clip_high, args.beta, args.kl_estimator, entropy_coef=args.entropy_coef,
                            aggregation=args.aggregation)
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
-    return grpo.StepConfig(loss, args.temperature, args.micro_batches, remat=args.remat, compute_dtype=dtype)
+    return grpo.StepConfig(loss, args.temperature, micro_batches, remat=args.remat, compute_dtype=dtype)
 
 
 def paw_config(args: Args, stage: str) -> paw.PaWConfig:
@@ -697,7 +703,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
             advantages, _, stats = grpo.advantages(returns, group_ids, args.estimator)
             lambdas = paw.world_model_weights(returns, group_ids, cfg) if name == "paw" else jnp.zeros_like(returns)
             batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, run.pad_id,
-                                     min_rows=run.mesh.size, with_observation=name == "paw")
+                                     min_rows=run.mesh.size * args.micro_batches, with_observation=name == "paw")
             if reference_fn is not None:
                 batch = batch._replace(ref_logprobs=reference_fn(reference, batch.tokens, batch.token_mask))
             if name != "paw":
@@ -802,13 +808,13 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
         state, reference = restored["state"], restored.get("reference")
     if name == "rwml":
         scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.tau_d)
-        bound = functools.partial(grpo.grpo_step, step=step_config(args))
+        bound = functools.partial(grpo.grpo_step, step=step_config(args, args.wm_batch * args.wm_group_size))
         rwml_cfg = rwml.RWMLConfig(args.wm_group_size, args.tau_d, args.history,
                                    sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens))
         reference_fn = reference_logprobs_fn(run) if reference is not None else None
         reference_of = (lambda tokens, mask: reference_fn(reference, tokens, mask)) if reference_fn else None
     else:
-        bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args), temperature=1.0))
+        bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args, args.wm_batch), temperature=1.0))
         prompts, labels = rwml.wm_sft_examples(run.tokenizer, train, direct=True)
     update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer), state, run.mesh)
     for step in range(start, run.stage_lengths[index]):
@@ -849,7 +855,7 @@ def spa_stage(run: Run, index: int, params, start: int, restored: dict | None, d
     state = place(grpo.init_state(params, optimizer), run.mesh)
     if restored is not None:
         state = restored["state"]
-    bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args), temperature=1.0))
+    bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args, args.spa_batch), temperature=1.0))
     update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer), state, run.mesh)
     for step in range(start, run.stage_lengths[index]):
         rows = epoch_rows(args.seed, index, step, len(examples), args.spa_batch)
