@@ -11,8 +11,9 @@ The claims under test (methods.md):
     PaW   (3.)  GRPO + PaW beats GRPO; its clipped MAE beats cross-entropy; adaptive lambda beats lambda = 1
     SPA   (4.)  SFT on self-play with the true states in the reasoning, then RL, beats RL from the base model
 
-Every method is `train.py` with its defaults; no method gets a setting another does not (the only
-flags set here are the evaluation's, shared by all). Each (method, seed) run keeps its folder under
+Every method is `train.py` with its defaults; no method gets a setting another does not (the flags set
+here are the evaluation's, shared by all, and SPA's baseline takes SPA's prompt, actions per turn and
+response length, so that the self-play SFT is the only difference). Each (method, seed) run keeps its folder under
 --out, marked finished by `trained.json`; a rerun skips finished runs with the same settings, so an
 interrupted experiment continues where it stopped (an unfinished run starts again from scratch).
 
