@@ -110,7 +110,8 @@ def slug(name: str) -> str:
 def run_args(args: ExperimentArgs, name: str, seed: int, out: Path) -> train.Args:
     """train.py's arguments for one run: the method's switches, the seed, and the shared evaluation flags."""
     shared = dict(env=args.env, seed=seed, out=str(out), eval_samples=args.eval_samples, eval_every=args.eval_every,
-                  wm_eval_every=1_000_000, checkpoint_every=1_000_000, tensorboard=False, progress=False, cache=args.cache)
+                  wm_eval_every=1_000_000, checkpoint_every=args.eval_every, tensorboard=False, progress=False,
+                  cache=args.cache)
     if args.quick:
         shared.update(QUICK)
     return train.Args(**METHODS[name], **shared)
@@ -195,21 +196,35 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
             "curve": [(r["iteration"], r["eval/success"]) for r in evals if r["iteration"] is not None]}
 
 
+# settings that do not change what a run computes (a resumed run continues bit for bit)
+NEUTRAL_SETTINGS = ("checkpoint_every", "resume")
+
+
+def same_settings(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k not in NEUTRAL_SETTINGS} == {
+        k: v for k, v in b.items() if k not in NEUTRAL_SETTINGS}
+
+
 def run_one(args: ExperimentArgs, name: str, seed: int, out: Path, scorer) -> dict:
     """Train the run behind one (row, seed) with train.main, unless its folder holds a finished run with the same
-    settings (trained.json), and summarise the row (cached in summary[-<row>].json)."""
+    settings (trained.json); an interrupted one with the same settings resumes from its last checkpoint (every
+    eval_every steps). Then summarise the row (cached in summary[-<row>].json)."""
     source = FIRST_STAGE_OF.get(name, name)
     folder = out / slug(source) / f"seed{seed}"
     run = train.settle(run_args(args, source, seed, folder))
     settings = dataclasses.asdict(run)
     trained_file = folder / "trained.json"
     trained = json.loads(trained_file.read_text()) if trained_file.exists() else {}
-    if trained.get("settings") != settings:
-        # an unfinished run, or one with other settings, starts again: every summary comes from one clean run
-        shutil.rmtree(folder, ignore_errors=True)
+    if not same_settings(trained.get("settings", {}), settings):
+        saved = folder / "args.json"
+        resume = ((folder / "checkpoints").exists() and saved.exists()
+                  and same_settings(json.loads(saved.read_text()), settings))
+        if not resume:  # a run with other settings starts again: every summary comes from one clean run
+            shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
-        train.main(run)
-        trained = {"settings": settings, "seconds": time.perf_counter() - started}
+        train.main(dataclasses.replace(run, resume=resume))
+        # a resumed run's seconds are its last attempt's
+        trained = {"settings": settings, "seconds": time.perf_counter() - started, "resumed": resume}
         trained_file.write_text(json.dumps(trained, indent=1) + "\n")
     summary_file = folder / ("summary.json" if source == name else f"summary-{slug(name)}.json")
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}

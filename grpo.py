@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import model as lm
@@ -149,10 +150,12 @@ class LossTerms(NamedTuple):
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: LossConfig = LossConfig(),
-              entropies=None) -> LossTerms:
+              entropies=None, length=None) -> LossTerms:
     """The GRPO loss of per-token arrays, all [batch, time]. loss_mask: 1 on the tokens the policy is trained on.
 
     Tokens with mask 0 contribute nothing, to the loss or its gradient, whatever their values.
+    length: the sequence length of seq-mean-token-sum-norm when cfg.max_length is 0 (default: these arrays'),
+    so a micro-batch cut shorter than its batch keeps the batch's constant.
     """
     mask = loss_mask.astype(jnp.float32)
     on = mask > 0
@@ -176,7 +179,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: 
     elif cfg.aggregation == "seq-mean-token-mean":
         numerator = (token_loss.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)).sum()
     else:
-        numerator = token_loss.sum() / (cfg.max_length or loss_mask.shape[-1])
+        numerator = token_loss.sum() / (cfg.max_length or (loss_mask.shape[-1] if length is None else length))
 
     clip_active = ((ratio < 1.0 - cfg.clip_low) & (advantages < 0)) | ((ratio > 1.0 + cfg.clip_high) & (advantages > 0))
     token_sums = {
@@ -276,6 +279,41 @@ def policy_logprobs(params, model_config: lm.Config, tokens, token_mask, step: S
                              chunk_size=step.chunk_size, dtype=dtype, remat=step.remat)
 
 
+class Objective(NamedTuple):
+    """An update's loss, split so that any partition of the batch's rows sums to it.
+
+    totals(batch) -> the batch-wide scalars the loss is normalised by (denominators, the padded length)
+    loss(params, micro_batch, totals) -> (this micro-batch's share of the batch loss, dict of sums for metrics)
+    metrics(sums, totals) -> the step's metrics from the sums over all micro-batches
+    """
+
+    totals: Callable
+    loss: Callable
+    metrics: Callable
+
+
+def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
+    """The GRPO loss of a Batch, token means of the metrics over the batch's loss tokens."""
+    cfg = step.loss
+
+    def totals(batch: Batch) -> dict:
+        return {"denominator": jnp.maximum(loss_denominator(batch.loss_mask, cfg.aggregation), 1),
+                "length": jnp.float32(batch.tokens.shape[-1])}
+
+    def loss(params, micro: Batch, totals: dict):
+        logprobs, entropies = policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step)
+        terms = grpo_loss(logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.loss_mask, cfg,
+                          entropies, totals["length"])
+        return terms.numerator / totals["denominator"], dict(terms.token_sums, numerator=terms.numerator)
+
+    def metrics(sums: dict, totals: dict) -> dict:
+        tokens = jnp.maximum(sums["tokens"], 1)
+        means = {name: value / tokens for name, value in sums.items() if name not in ("tokens", "numerator")}
+        return dict(means, loss=sums["numerator"] / totals["denominator"], tokens=sums["tokens"])
+
+    return Objective(totals, loss, metrics)
+
+
 def accumulate(loss_fn: Callable, params, batch, micro_batches: int):
     """Sum of gradients and auxiliary sums of `loss_fn(params, micro_batch) -> (loss, aux)` over micro-batches.
 
@@ -303,6 +341,16 @@ def apply_update(state: TrainState, grads, optimizer: optax.GradientTransformati
     return TrainState(state.step + 1, params, opt_state), optax.global_norm(grads)
 
 
+def objective_step(objective: Objective, state: TrainState, batch, optimizer: optax.GradientTransformation,
+                   micro_batches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update of an objective: its gradient summed over equal micro-batches (one scan), clipped AdamW."""
+    totals = objective.totals(batch)
+    grads, sums = accumulate(lambda params, micro: objective.loss(params, micro, totals), state.params, batch,
+                             micro_batches)
+    state, grad_norm = apply_update(state, grads, optimizer)
+    return state, dict(objective.metrics(sums, totals), grad_norm=grad_norm)
+
+
 def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimizer: optax.GradientTransformation,
               step: StepConfig = StepConfig()) -> tuple[TrainState, dict[str, jax.Array]]:
     """One GRPO update: forward, loss, gradients (over micro-batches), clipped AdamW. Pure; jit it with
@@ -318,18 +366,71 @@ def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimize
       grad_norm       global norm of the gradient before clipping
       tokens          number of loss tokens in the batch
     """
-    cfg = step.loss
-    denominator = loss_denominator(batch.loss_mask, cfg.aggregation)
+    return objective_step(grpo_objective(model_config, step), state, batch, optimizer, step.micro_batches)
 
-    def loss_fn(params, micro: Batch):
-        logprobs, entropies = policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step)
-        terms = grpo_loss(logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.loss_mask, cfg,
-                          entropies)
-        return terms.numerator / jnp.maximum(denominator, 1), (terms.numerator, terms.token_sums)
 
-    grads, (numerator, sums) = accumulate(loss_fn, state.params, batch, step.micro_batches)
-    state, grad_norm = apply_update(state, grads, optimizer)
-    tokens = jnp.maximum(sums["tokens"], 1)
-    metrics = {name: value / tokens for name, value in sums.items() if name != "tokens"}
-    metrics.update(loss=numerator / jnp.maximum(denominator, 1), grad_norm=grad_norm, tokens=sums["tokens"])
-    return state, metrics
+# --------------------------------------------------------------------------------------------
+# Length-sorted micro-batches: the same update without paying for padding
+# --------------------------------------------------------------------------------------------
+
+
+def length_sorted_micro_batches(batch, rows: int, min_bucket: int = 16) -> list:
+    """The batch's rows, longest first, in micro-batches of `rows` rows, each cut to the power of two (>= min_bucket)
+    that holds its longest row (up to its last real token); micro-batches of padding rows only are left out.
+
+    A causal model's log-probs of the real tokens do not depend on the padding after them, so the micro-batches'
+    summed gradient is the whole batch's. Turns of a multi-turn rollout vary in length several-fold, and a batch
+    padded to its longest row and to a power of two of rows can be mostly padding (SPA's updates: ~5x).
+    """
+    arrays = jax.tree.map(np.asarray, batch)
+    mask = arrays.token_mask
+    if mask.shape[0] % rows:
+        raise ValueError(f"batch of {mask.shape[0]} rows does not split into micro-batches of {rows}")
+    lengths = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+    lengths[~mask.any(1)] = 0
+    order = np.argsort(-lengths, kind="stable")
+    pieces = []
+    for index in order.reshape(-1, rows):
+        if lengths[index[0]] == 0:
+            break
+        width = min(lm.bucket_length(int(lengths[index[0]]), min_bucket), mask.shape[1])
+        pieces.append(jax.tree.map(lambda x: x[index, :width] if x.ndim == 2 else x[index], arrays))
+    return pieces
+
+
+class LengthSortedUpdate:
+    """update(state, batch) -> (state, metrics): objective_step's update, with the gradient summed over
+    length_sorted_micro_batches (one jitted gradient per micro-batch shape, a handful of powers of two).
+
+    The sum runs in another order than one scan over equal micro-batches, so the result equals objective_step's
+    to float rounding, not bit for bit. shard(micro_batch) places each micro-batch (e.g. over a mesh's data
+    axes), and state_shardings, when given, keeps the state where it is.
+    """
+
+    def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, micro_batches: int,
+                 shard: Callable = lambda batch: batch, state_shardings=None, min_bucket: int = 16):
+        self.micro_batches, self.shard, self.min_bucket = micro_batches, shard, min_bucket
+        self.totals = jax.jit(objective.totals)
+        self.gradient = jax.jit(jax.grad(objective.loss, has_aux=True))
+        self.add = jax.jit(lambda total, more: jax.tree.map(jnp.add, total, more), donate_argnums=0)
+
+        def finish(state, grads, sums, totals):
+            state, grad_norm = apply_update(state, grads, optimizer)
+            return state, dict(objective.metrics(sums, totals), grad_norm=grad_norm)
+
+        shardings = {} if state_shardings is None else dict(in_shardings=(state_shardings, None, None, None),
+                                                              out_shardings=(state_shardings, None))
+        self.finish = jax.jit(finish, donate_argnums=0, **shardings)
+
+    def __call__(self, state: TrainState, batch):
+        totals = self.totals(batch)
+        rows = jax.tree.leaves(batch)[0].shape[0] // self.micro_batches
+        total = None
+        for micro in length_sorted_micro_batches(batch, rows, self.min_bucket):
+            more = self.gradient(state.params, self.shard(micro), totals)
+            total = more if total is None else self.add(total, more)
+        if total is None:  # no real rows: a zero gradient, as objective_step would take
+            total = jax.tree.map(jnp.zeros_like, jax.eval_shape(self.gradient, state.params, self.shard(
+                jax.tree.map(lambda x: x[:rows], batch)), totals))
+        grads, sums = total
+        return self.finish(state, grads, sums, totals)

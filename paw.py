@@ -182,49 +182,56 @@ def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np
     return batch, {"selected": selected, "action_entropy": entropies}
 
 
-def paw_step(state: grpo.TrainState, batch: PaWBatch, model_config: lm.Config, optimizer,
-             step: grpo.StepConfig = grpo.StepConfig(), cfg: PaWConfig = PaWConfig()) -> tuple[grpo.TrainState, dict]:
-    """One PaW update: the GRPO loss on action tokens plus the lambda-weighted world-model loss on the
-    selected transitions' observation tokens, from one forward pass. With every lambda 0 it is
-    exactly grpo_step's update.
-
-    Metrics: grpo_step's, plus wm_loss (mean world-model loss over selected transitions),
-    clipped_token_ratio (share of their observation tokens with p > rho), lambda (mean over
-    selected transitions) and selected_fraction.
-    """
+def paw_objective(model_config: lm.Config, step: grpo.StepConfig, cfg: PaWConfig = PaWConfig()) -> grpo.Objective:
+    """PaW's loss of a PaWBatch: the GRPO loss on action tokens plus the lambda-weighted world-model loss on the
+    selected transitions' observation tokens, from one forward pass."""
     loss_cfg = step.loss
-    denominator = jnp.maximum(grpo.loss_denominator(batch.action_mask, loss_cfg.aggregation), 1)
-    selected_count = jnp.maximum(batch.selected.sum(), 1.0)
     dtype = None if step.compute_dtype is None else jnp.dtype(step.compute_dtype)
 
-    def loss_fn(params, micro: PaWBatch):
+    def totals(batch: PaWBatch) -> dict:
+        return {"denominator": jnp.maximum(grpo.loss_denominator(batch.action_mask, loss_cfg.aggregation), 1),
+                "selected": batch.selected.sum(), "length": jnp.float32(batch.tokens.shape[-1]),
+                "lambda": (batch.wm_lambda * batch.selected).sum(), "rows": batch.token_mask.any(-1).sum()}
+
+    def loss(params, micro: PaWBatch, totals: dict):
         hidden, _ = lm.forward(params, model_config, micro.tokens, micro.token_mask, dtype=dtype, remat=step.remat)
         first = jnp.zeros((micro.tokens.shape[0], 1), jnp.float32)
         logprobs, entropies = (jnp.concatenate([first, x], 1) for x in lm.logprobs_from_hidden(
             params, model_config, hidden[:, :-1], micro.tokens[:, 1:], step.temperature, step.chunk_size))
         terms = grpo.grpo_loss(logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.action_mask,
-                               loss_cfg, entropies)
+                               loss_cfg, entropies, totals["length"])
         observation_logprobs = logprobs
         if step.temperature != 1.0:  # the world model is the model's own distribution
             observation_logprobs = jnp.concatenate([first, lm.logprobs_from_hidden(
                 params, model_config, hidden[:, :-1], micro.tokens[:, 1:], 1.0, step.chunk_size)[0]], 1)
         wm, clipped = world_model_loss(observation_logprobs, micro.observation_mask, cfg.rho, cfg.wm_loss)
         wm_numerator = (micro.selected * micro.wm_lambda * wm).sum()
-        loss = terms.numerator / denominator + wm_numerator / selected_count
+        value = terms.numerator / totals["denominator"] + wm_numerator / jnp.maximum(totals["selected"], 1.0)
         sums = dict(terms.token_sums, rl_numerator=terms.numerator, wm=(micro.selected * wm).sum(),
                     clipped=(micro.selected * clipped).sum(),
                     observation_tokens=(micro.selected * micro.observation_mask.sum(-1)).sum())
-        return loss, sums
+        return value, sums
 
-    grads, sums = grpo.accumulate(loss_fn, state.params, batch, step.micro_batches)
-    state, grad_norm = grpo.apply_update(state, grads, optimizer)
-    tokens = jnp.maximum(sums["tokens"], 1)
-    metrics = {name: sums[name] / tokens for name in ("clip_fraction", "kl_ref", "entropy", "approx_kl_old", "ratio")}
-    metrics.update(
-        loss=sums["rl_numerator"] / denominator, grad_norm=grad_norm, tokens=sums["tokens"],
-        wm_loss=sums["wm"] / selected_count,
-        clipped_token_ratio=sums["clipped"] / jnp.maximum(sums["observation_tokens"], 1),
-        **{"lambda": (batch.wm_lambda * batch.selected).sum() / selected_count},
-        selected_fraction=batch.selected.sum() / jnp.maximum(batch.token_mask.any(-1).sum(), 1),
-    )
-    return state, metrics
+    def metrics(sums: dict, totals: dict) -> dict:
+        tokens, selected = jnp.maximum(sums["tokens"], 1), jnp.maximum(totals["selected"], 1.0)
+        out = {name: sums[name] / tokens for name in ("clip_fraction", "kl_ref", "entropy", "approx_kl_old", "ratio")}
+        out.update(
+            loss=sums["rl_numerator"] / totals["denominator"], tokens=sums["tokens"], wm_loss=sums["wm"] / selected,
+            clipped_token_ratio=sums["clipped"] / jnp.maximum(sums["observation_tokens"], 1),
+            **{"lambda": totals["lambda"] / selected},
+            selected_fraction=totals["selected"] / jnp.maximum(totals["rows"], 1),
+        )
+        return out
+
+    return grpo.Objective(totals, loss, metrics)
+
+
+def paw_step(state: grpo.TrainState, batch: PaWBatch, model_config: lm.Config, optimizer,
+             step: grpo.StepConfig = grpo.StepConfig(), cfg: PaWConfig = PaWConfig()) -> tuple[grpo.TrainState, dict]:
+    """One PaW update (paw_objective): with every lambda 0 it is exactly grpo_step's update.
+
+    Metrics: grpo_step's, plus wm_loss (mean world-model loss over selected transitions),
+    clipped_token_ratio (share of their observation tokens with p > rho), lambda (mean over
+    selected transitions) and selected_fraction.
+    """
+    return grpo.objective_step(paw_objective(model_config, step, cfg), state, batch, optimizer, step.micro_batches)

@@ -251,7 +251,8 @@ class Args:
     """activations' dtype in the update (parameters and log-probs stay float32)"""
     micro_batches: int | None = None
     """split each update into this many micro-batches (same update, less memory); default 1, and 16 for the
-    embedded default with responses of 256 tokens or more (SPA)"""
+    embedded default with responses of 256 tokens or more (SPA). Policy RL then sorts its turns by length and cuts
+    each micro-batch to its longest turn (grpo.LengthSortedUpdate), so it does not pay for the padding"""
     workers: int | None = None
     """environment worker processes (ALFWorld 2; grid games 0: in process)"""
 
@@ -513,9 +514,10 @@ class Evaluator:
 class Logger:
     def __init__(self, out: Path, total_steps: int, start_step: int, args: Args):
         self.path = out / "metrics.jsonl"
+        kept = []  # a run from step 0 (also one stopped before its first checkpoint) starts the file again
         if start_step > 0 and self.path.exists():  # a resumed run drops what was logged after its checkpoint
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.writer = None
         if args.tensorboard:
@@ -685,9 +687,14 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     if restored is not None:
         state, reference = restored["state"], restored.get("reference")
     cfg = paw_config(args, name)
-    bound = (functools.partial(paw.paw_step, cfg=cfg) if name == "paw" else grpo.grpo_step)
-    update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer,
-                                              step=step_config(args)), state, run.mesh)
+    step_cfg = step_config(args)
+    objective = (paw.paw_objective(run.config, step_cfg, cfg) if name == "paw"
+                 else grpo.grpo_objective(run.config, step_cfg))
+    if args.micro_batches > 1:  # turns vary in length several-fold: micro-batches of similar lengths, cut short
+        shard = functools.partial(jax.device_put, device=batch_sharding(run.mesh))
+        update = grpo.LengthSortedUpdate(objective, optimizer, args.micro_batches, shard, state_sharding(state, run.mesh))
+    else:
+        update = compile_update(functools.partial(grpo.objective_step, objective, optimizer=optimizer), state, run.mesh)
     reference_fn = reference_logprobs_fn(run) if reference is not None else None
     sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
     with envs.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
@@ -704,8 +711,10 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
             lambdas = paw.world_model_weights(returns, group_ids, cfg) if name == "paw" else jnp.zeros_like(returns)
             batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, run.pad_id,
                                      min_rows=run.mesh.size * args.micro_batches, with_observation=name == "paw")
-            if reference_fn is not None:
-                batch = batch._replace(ref_logprobs=reference_fn(reference, batch.tokens, batch.token_mask))
+            if reference_fn is not None:  # in the update's micro-batches, so it fits where the update does
+                pieces = zip(*(np.split(np.asarray(x), args.micro_batches) for x in (batch.tokens, batch.token_mask)))
+                batch = batch._replace(ref_logprobs=jnp.concatenate(
+                    [reference_fn(reference, tokens, mask) for tokens, mask in pieces]))
             if name != "paw":
                 batch = grpo.Batch(batch.tokens, batch.token_mask, batch.action_mask, batch.old_logprobs,
                                    batch.ref_logprobs, batch.advantages)

@@ -3,6 +3,7 @@ experiment end to end: its table, plots, reuse of finished runs, and the same nu
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -91,6 +92,17 @@ def test_quick_experiment_writes_its_table_reuses_finished_runs_and_reproduces(t
     assert experiment.run_experiment(args)["table"] == first["table"]
     assert marker.stat().st_mtime_ns == stamp
 
+    # stopped after its first stage (its last checkpoint gone, as a kill before it was written leaves the run), a
+    # run resumes from the stage's checkpoint and ends with the same numbers
+    folder = tmp_path / "first" / "rwml-then-grpo" / "seed0"
+    checkpoints = sorted((folder / "checkpoints").glob("[0-9]*"), key=lambda p: int(p.name))
+    assert len(checkpoints) == 2  # the end of RWML and the end of GRPO (checkpoint_every = eval_every = 5 > steps)
+    shutil.rmtree(checkpoints[-1])
+    shutil.rmtree(folder / "model")
+    for done in [folder / "trained.json", *folder.glob("summary*.json")]:
+        done.unlink()
+    assert experiment.run_experiment(args)["data"] == first["data"]
+    assert json.loads((folder / "trained.json").read_text())["resumed"]
     # from scratch in another folder, the same seed gives the same numbers
     again = experiment.run_experiment(experiment.ExperimentArgs(quick=True, seeds=(0,), methods=("GRPO",),
                                                                 eval_samples=2, out=str(tmp_path / "second")))

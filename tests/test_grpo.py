@@ -264,3 +264,50 @@ def test_micro_batches_give_the_same_update_with_the_default_clipped_adamw():
 
     for a, b in zip(jax.tree.leaves(update(1)), jax.tree.leaves(update(4))):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)  # measured: 9e-13
+
+
+def ragged_batch(seed=0, rows=16, width=64):
+    """Right-padded rows of lengths 3..width (a quarter of them empty, as a batch padded to a power of two has)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, width + 1, rows)
+    lengths[rng.permutation(rows)[:rows // 4]] = 0
+    positions = np.arange(width)
+    token_mask = positions < lengths[:, None]
+    prompt = np.minimum(lengths, 2)[:, None]
+    loss_mask = (token_mask & (positions >= prompt)).astype(np.float32)
+    tokens = np.where(token_mask, rng.integers(1, TINY.vocab_size, (rows, width)), 0).astype(np.int32)
+    old = -rng.uniform(1, 4, (rows, width)).astype(np.float32) * loss_mask
+    advantages = np.repeat(rng.normal(size=(rows, 1)), width, 1).astype(np.float32) * loss_mask
+    return grpo.Batch(*map(jnp.asarray, (tokens, token_mask, loss_mask, old, old - 0.1, advantages)))
+
+
+def test_length_sorted_micro_batches_hold_every_real_row_once_cut_to_its_length():
+    batch = ragged_batch(seed=1)
+    pieces = grpo.length_sorted_micro_batches(batch, rows=4)
+    lengths = np.asarray(batch.token_mask).sum(1)
+    assert len(pieces) == 3  # 12 real rows in micro-batches of 4; the empty micro-batch is left out
+    assert [p.tokens.shape for p in pieces] == [(4, lm.bucket_length(int(p.token_mask.sum(1).max()))) for p in pieces]
+    assert sorted(int(n) for p in pieces for n in p.token_mask.sum(1) if n) == sorted(int(n) for n in lengths if n)
+    cut = np.concatenate([np.pad(p.tokens, ((0, 0), (0, 64 - p.tokens.shape[1]))) for p in pieces])
+    whole = {row.tobytes() for row in np.asarray(batch.tokens)[lengths > 0]}
+    assert {row.tobytes() for row in cut if row.any()} == whole
+
+
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+def test_length_sorted_update_is_the_whole_batch_update(aggregation):
+    """LengthSortedUpdate against grpo_step on the uncut batch: the same gradient (SGD with lr 1: the update is the
+    gradient; Adam's first step, about lr * sign(g), would hide a wrongly scaled one) and the same metrics."""
+    params = lm.init_params(TINY, jax.random.key(5))
+    batch = ragged_batch(seed=2)
+    optimizer = optax.sgd(1.0)
+    step = grpo.StepConfig(grpo.LossConfig(beta=0.05, aggregation=aggregation), temperature=0.7)
+    whole, expected = jax.jit(functools.partial(grpo.grpo_step, model_config=TINY, optimizer=optimizer, step=step))(
+        grpo.init_state(params, optimizer), batch)
+    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, step), optimizer, micro_batches=4)
+    pieces, metrics = update(grpo.init_state(params, optimizer), batch)
+    assert len(grpo.length_sorted_micro_batches(batch, 4)) == 3
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(pieces.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert metrics.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)

@@ -172,6 +172,25 @@ def test_micro_batches_give_the_same_paw_update():
     np.testing.assert_allclose(m1["wm_loss"], m4["wm_loss"], rtol=1e-5)
 
 
+def test_length_sorted_update_gives_the_same_paw_update():
+    """paw_objective's gradient over length-sorted micro-batches cut to 16 of 32 columns, padding rows dropped."""
+    params = lm.init_params(TINY, jax.random.key(6))
+    batch = tiny_batch(seed=5, rows=16)
+    empty = np.arange(16) % 4 == 3
+    batch = batch._replace(**{name: jnp.where(empty[:, None], 0, getattr(batch, name)).astype(getattr(batch, name).dtype)
+                              for name in ("token_mask", "action_mask", "observation_mask")},
+                           selected=jnp.where(empty, 0.0, batch.selected))
+    whole, expected = sgd_update(paw.paw_step, params, batch)
+    optimizer = optax.sgd(0.1)
+    update = grpo.LengthSortedUpdate(paw.paw_objective(TINY, grpo.StepConfig()), optimizer, micro_batches=4)
+    state, metrics = update(grpo.init_state(params, optimizer), batch)
+    assert [p.tokens.shape for p in grpo.length_sorted_micro_batches(batch, 4)] == [(4, 16)] * 3
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    for name in expected:
+        np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 # ---- end to end ----
 
 
