@@ -31,7 +31,7 @@ Reported per method, as mean ± std over seeds (std over seeds, ddof 0):
 that starts from it: SPA's prompt, the grid with coordinates, has its own embedded default and base row).
 
 Output in --out: results.md (the table), results.json, success.png (held-out success against the
-policy-RL iteration), summary.png (bars with seed spread), weight_change.png (by layer and module).
+policy-RL iteration), summary.png (bars with seed spread), weight_change.png (by layer and module, mean over seeds).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def weights_changed(before: lm.Params, after: lm.Params, eta: float = 1e-3) -> t
     return float(overall), detail
 
 
-SUMMARY_VERSION = 1  # bump when summarise() changes: summaries are recomputed from the saved runs, without retraining
+SUMMARY_VERSION = 2  # bump when summarise() changes: summaries are recomputed from the saved runs, without retraining
 
 
 def world_model_reward_accuracy(run: train.Args, models: dict, tokenizer, scorer) -> dict[str, float]:
@@ -176,12 +176,14 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
         evals = [{**r, "iteration": None} for r in evals if r["stage"] in ("base", stage_name)]
         model_folder = folder / f"model-stage{stage}-{stage_name}"
     first, last = evals[0], evals[-1]
-    base = lm.load_checkpoint(train.load_model(run, train.make_game(run), log=lambda *_: None)[0])
+    game = train.make_game(run)
+    base = lm.load_checkpoint(train.load_model(run, game, log=lambda *_: None)[0])
     trained = lm.load_checkpoint(model_folder)
     accuracy = world_model_reward_accuracy(run, {"base": base, "after": trained}, lm.load_tokenizer(model_folder),
                                            scorer)
     k = args.eval_samples
     policy = any(r["iteration"] is not None for r in evals)
+    changed, by_module = weights_changed(base[1], trained[1])
 
     def numbers(record: dict, model: str) -> dict:
         return {"pass@1": record["eval/pass@1"], f"pass@{k}": record[f"eval/pass@{k}"],
@@ -189,10 +191,10 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
                 "wm_exact_inline": record["eval/wm_accuracy_inline"]}
 
     return {"method": name, "seed": run.seed, "success_level": args.success_level, "model": str(model_folder),
-            "base_model": f"base ({train.make_game(run).prompt_name} prompt)", "base": numbers(first, "base"),
+            "base_model": f"base ({game.prompt_name} prompt)", "base": numbers(first, "base"),
             **numbers(last, "after"),
             "reached": iterations_to(evals, args.success_level) if policy else "n/a",
-            "weights_changed": weights_changed(base[1], trained[1])[0],
+            "weights_changed": changed, "weight_change": {module: list(f) for module, f in by_module.items()},
             "curve": [(r["iteration"], r["eval/success"]) for r in evals if r["iteration"] is not None]}
 
 
@@ -333,13 +335,9 @@ def run_experiment(args: ExperimentArgs) -> dict:
                                     f"{args.env}; training time summed over runs {seconds / 60:.1f} min.\n")
     (out / "results.json").write_text(json.dumps({"args": dataclasses.asdict(args), "table": data}, indent=1) + "\n")
     plot(args, results, out)
-    changes = {}
-    for name in ("WM SFT", "RWML"):
-        if name in results:
-            run = train.settle(run_args(args, FIRST_STAGE_OF[name], args.seeds[0], out))
-            base = train.load_model(run, train.make_game(run), log=lambda *_: None)[2]
-            changes[name] = weights_changed(base, lm.load_checkpoint(results[name][0]["model"])[1])[1]
-    if changes:
+    changes = {name: {module: np.mean([r["weight_change"][module] for r in results[name]], 0)
+                      for module in rwml.MODULES.values()} for name in ("WM SFT", "RWML") if name in results}
+    if changes:  # the mean over seeds
         rwml.plot_weight_change(changes, str(out / "weight_change.png"))
     print(text)
     print(f"{out / 'results.md'}; wall {(time.perf_counter() - started) / 60:.1f} min")

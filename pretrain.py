@@ -189,18 +189,22 @@ def cache_root() -> Path:
 
 def embedded_default(game: Game, cfg: PretrainConfig = PretrainConfig(), root: str | Path | None = None,
                      log: Callable = print) -> Path:
-    """The cached checkpoint folder for this game and recipe, built on first use (atomically)."""
+    """The cached checkpoint folder for this game and recipe, built on first use (atomically, and by one process:
+    others asking for the same recipe meanwhile wait for it and reuse it)."""
+    from filelock import FileLock
+
     recipe = json.dumps({"game": game.name, "prompt": game.prompt_name, "history": game.history,
                          "max_turns": game.max_turns, "version": RECIPE_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
     folder = Path(root or cache_root()) / f"{game.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (folder / "config.json").exists():
         return folder
-    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    build(game, partial, cfg, log)
-    (partial / "recipe.json").write_text(recipe)
-    try:
-        partial.rename(folder)
-    except OSError:  # another process finished first: use its copy
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.with_name(folder.name + ".lock")):
+        if (folder / "config.json").exists():  # built while this process waited
+            return folder
+        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
+        build(game, partial, cfg, log)
+        (partial / "recipe.json").write_text(recipe)
+        partial.rename(folder)  # a folder appears whole or not at all, even if this process is killed
     return folder

@@ -418,6 +418,15 @@ def compile_update(update, state: grpo.TrainState, mesh: Mesh):
                    donate_argnums=0)
 
 
+def policy_update(objective: grpo.Objective, optimizer, state: grpo.TrainState, mesh: Mesh, micro_batches: int):
+    """The policy stage's update(state, batch): one jitted step, or with micro-batches, grpo.LengthSortedUpdate (a
+    rollout's turns vary in length several-fold: micro-batches of similar lengths, each cut to its longest)."""
+    if micro_batches > 1:
+        shard = functools.partial(jax.device_put, device=batch_sharding(mesh))
+        return grpo.LengthSortedUpdate(objective, optimizer, micro_batches, shard, state_sharding(state, mesh))
+    return compile_update(functools.partial(grpo.objective_step, objective, optimizer=optimizer), state, mesh)
+
+
 def place(tree, mesh: Mesh):
     """A sharded copy of tree (never an alias: updates donate their state, which must not free the caller's arrays)."""
     return jax.device_put(tree, state_sharding(tree, mesh), may_alias=False)
@@ -690,11 +699,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     step_cfg = step_config(args)
     objective = (paw.paw_objective(run.config, step_cfg, cfg) if name == "paw"
                  else grpo.grpo_objective(run.config, step_cfg))
-    if args.micro_batches > 1:  # turns vary in length several-fold: micro-batches of similar lengths, cut short
-        shard = functools.partial(jax.device_put, device=batch_sharding(run.mesh))
-        update = grpo.LengthSortedUpdate(objective, optimizer, args.micro_batches, shard, state_sharding(state, run.mesh))
-    else:
-        update = compile_update(functools.partial(grpo.objective_step, objective, optimizer=optimizer), state, run.mesh)
+    update = policy_update(objective, optimizer, state, run.mesh, args.micro_batches)
     reference_fn = reference_logprobs_fn(run) if reference is not None else None
     sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
     with envs.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:

@@ -93,8 +93,14 @@ def alfworld_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
-    """One cache of embedded-default checkpoints (pretrain.py) for the whole session: each recipe is built once."""
-    return tmp_path_factory.mktemp("embedded-defaults")
+    """One cache of embedded-default checkpoints (pretrain.py) for the whole session: each recipe is built once,
+    also when pytest-xdist's workers share the run (their temporary folders share a parent; pretrain.py locks)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / "embedded-defaults"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def tiny_command_policy(texts, commands, num_layers=2, vocab_size=300):

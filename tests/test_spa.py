@@ -111,15 +111,17 @@ def test_prediction_row_ends_at_the_prediction_tag_and_targets_the_next_state(to
     assert tokenizer.decode(target) == examples[0].next_state
 
 
-@pytest.mark.parametrize("env", ["sokoban"])  # FrozenLake's SPA runs in tests/test_train.py's command-line test
-def test_spa_runs_end_to_end_and_its_sft_raises_next_state_prediction(env, tmp_path, monkeypatch, embedded_cache):
+def test_spa_runs_end_to_end_and_its_sft_raises_next_state_prediction(tmp_path, monkeypatch, embedded_cache):
+    """`--method spa` on FrozenLake (the command-line tests in tests/test_train.py run the other methods; Sokoban's
+    and Sudoku's SPA states are checked above): the self-play SFT stage, then GRPO, both evaluated."""
     monkeypatch.setenv("RWML_JAX_CACHE", str(embedded_cache))
     out = tmp_path / "run"
-    argv = ["--method", "spa", "--env", env, "--out", str(out), "--pretrain-steps", "100", "--pretrain-episodes", "300",
+    argv = ["--method", "spa", "--env", "frozenlake", "--out", str(out), "--pretrain-steps", "100",
+            "--pretrain-episodes", "300",
             "--spa-tasks", "4", "--spa-rollouts", "4", "--spa-max-turns", "3", "--spa-epochs", "2", "--spa-batch", "8",
             "--iterations", "1", "--groups", "2", "--group-size", "2", "--max-new-tokens", "128",
             "--eval-episodes", "2", "--eval-samples", "2", "--wm-eval-transitions", "16", "--eval-every", "100",
-            "--no-progress"]
+            "--micro-batches", "4", "--no-progress"]  # as SPA's default responses get: grpo.LengthSortedUpdate
     train.main(tyro.cli(train.Args, args=argv))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluations = {r["stage"]: r for r in records if "eval/success" in r}  # the last evaluation of each stage

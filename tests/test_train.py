@@ -24,9 +24,7 @@ TINY_PRETRAIN = ["--pretrain-steps", "100", "--pretrain-episodes", "300"]
 TINY_POLICY = ["--iterations", "2", "--groups", "2", "--group-size", "4", "--eval-episodes", "4",
                "--wm-eval-transitions", "8", "--eval-every", "1", "--checkpoint-every", "1", "--no-progress"]
 TINY_WORLD_MODEL = ["--wm-tasks", "3", "--wm-rollouts", "2", "--wm-max-turns", "3", "--wm-epochs", "1",
-                    "--wm-batch", "4", "--wm-group-size", "2", "--filter-samples", "2", "--wm-max-new-tokens", "24",
-                    "--spa-tasks", "3", "--spa-rollouts", "2", "--spa-max-turns", "2", "--spa-epochs", "1",
-                    "--spa-batch", "4", "--no-spa-format-filter"]
+                    "--wm-batch", "4", "--wm-group-size", "2", "--filter-samples", "2", "--wm-max-new-tokens", "24"]
 # the tiny ALFWorld model rarely names an admissible command, so its invalid steps are kept as world-model data
 TINY_ALFWORLD = ["--wm-invalid-steps", "keep", "--groups", "1", "--group-size", "2", "--eval-every", "100",
                  "--iterations", "1", "--wm-tasks", "2", "--max-turns", "2", "--max-new-tokens", "8",
@@ -70,16 +68,15 @@ def test_pass_at_k_matches_a_hand_worked_example():
 
 
 # The two-stage methods run the world-model stages exactly as wm-sft and rwml do alone (same functions, same data),
-# and then grpo, so these cover every stage kind: grpo, paw, wm-sft, rwml and spa-sft.
+# and then grpo, so these cover every stage kind but SPA's SFT: grpo, paw, wm-sft and rwml. SPA runs end to end
+# in tests/test_spa.py.
 COVERING = ["paw", "wm-sft-grpo", "rwml-grpo"]
 
 
-@pytest.mark.parametrize("method", COVERING + ["spa"])
+@pytest.mark.parametrize("method", COVERING)
 def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--method", method, "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, *TINY_WORLD_MODEL]
-    if method == "spa":  # its responses carry two rendered states: 256 tokens by default
-        argv += ["--max-new-tokens", "48"]
     result = run_in_process(argv, cache, monkeypatch)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "eval/success" in r]
@@ -189,10 +186,14 @@ batch = paw.PaWBatch(tokens, token_mask, action, observation, old, np.zeros_like
 optimizer = grpo.make_optimizer(1e-2)
 step = lambda s, b: paw.paw_step(s, b, config, optimizer, grpo.StepConfig(grpo.LossConfig(beta=0.0)))
 results = {}
+objective = paw.paw_objective(config, grpo.StepConfig(grpo.LossConfig(beta=0.0)))
 for name, mesh in (("one", jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))),
-                   ("eight", train.make_mesh(2, 4))):
+                   ("eight", train.make_mesh(2, 4)), ("eight, length-sorted", train.make_mesh(2, 4))):
     state = train.place(grpo.init_state(params, optimizer), mesh)
-    update = train.compile_update(step, state, mesh)
+    if name == "eight, length-sorted":  # two micro-batches of 8 rows, one per device
+        update = train.policy_update(objective, optimizer, state, mesh, micro_batches=2)
+    else:
+        update = train.compile_update(step, state, mesh)
     for _ in range(2):
         state, metrics = update(state, batch)
     kernel = state.params["layers_0"]["mlp"]["up"]["kernel"]
@@ -211,14 +212,15 @@ def test_a_step_on_8_devices_equals_one_device_and_the_parameters_are_sharded():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
-    one, eight = results["one"], results["eight"]
-    assert abs(one["loss"] - eight["loss"]) <= 1e-5 and abs(one["wm_loss"] - eight["wm_loss"]) <= 1e-5
-    for a, b in zip(one["params"], eight["params"]):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
-    # [32, 64] up-projection: its largest axis (64) split over the 4-way fsdp axis, replicated over data
-    assert eight["spec"] == [None, "fsdp"] and eight["shape"] == [32, 64]
-    assert eight["shard"] == [32, 16] and eight["devices"] == 8
-    assert sum("fsdp" in spec for spec in eight["moment_specs"]) > len(one["params"])  # Adam's moments sharded too
+    one = results["one"]
+    for eight in (results["eight"], results["eight, length-sorted"]):
+        assert abs(one["loss"] - eight["loss"]) <= 1e-5 and abs(one["wm_loss"] - eight["wm_loss"]) <= 1e-5
+        for a, b in zip(one["params"], eight["params"]):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+        # [32, 64] up-projection: its largest axis (64) split over the 4-way fsdp axis, replicated over data
+        assert eight["spec"] == [None, "fsdp"] and eight["shape"] == [32, 64]
+        assert eight["shard"] == [32, 16] and eight["devices"] == 8
+        assert sum("fsdp" in spec for spec in eight["moment_specs"]) > len(one["params"])  # Adam's moments too
 
 
 def test_fsdp_spec_shards_the_largest_divisible_axis_and_replicates_the_rest():
