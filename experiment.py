@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -103,8 +104,8 @@ class ExperimentArgs:
 
 
 def slug(name: str) -> str:
-    """A method's folder name: "RWML -> GRPO" -> "rwml-then-grpo"."""
-    return name.lower().replace(" -> ", "-then-").replace(", ", "-").replace(" ", "-").replace("=", "")
+    """A method's folder name: "RWML -> GRPO" -> "rwml-then-grpo", "GRPO, SPA's prompt" -> "grpo-spas-prompt"."""
+    return re.sub(r"[^a-z0-9-]", "", name.lower().replace(" -> ", "-then-").replace(", ", "-").replace(" ", "-"))
 
 
 def run_args(args: ExperimentArgs, name: str, seed: int, out: Path) -> train.Args:
@@ -198,8 +199,8 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
             "curve": [(r["iteration"], r["eval/success"]) for r in evals if r["iteration"] is not None]}
 
 
-# settings that do not change what a run computes (a resumed run continues bit for bit)
-NEUTRAL_SETTINGS = ("checkpoint_every", "resume")
+# settings that do not change what a run computes (a resumed run continues bit for bit; a moved folder is the same run)
+NEUTRAL_SETTINGS = ("checkpoint_every", "resume", "out")
 
 
 def same_settings(a: dict, b: dict) -> bool:

@@ -3,6 +3,7 @@ experiment end to end: its table, plots, reuse of finished runs, and the same nu
 
 import dataclasses
 import json
+import re
 import shutil
 
 import jax
@@ -112,3 +113,10 @@ def test_quick_experiment_writes_its_table_reuses_finished_runs_and_reproduces(t
 def test_an_unknown_method_is_refused():
     with pytest.raises(experiment.train.UsageError, match="unknown method"):
         experiment.run_experiment(experiment.ExperimentArgs(methods=("GRPO", "PPO")))
+
+
+def test_every_row_has_a_distinct_shell_safe_folder():
+    folders = [experiment.slug(name) for name in experiment.ROWS]
+    assert all(re.fullmatch(r"[a-z0-9-]+", folder) for folder in folders), folders
+    assert len(set(folders)) == len(folders)
+    assert experiment.slug("GRPO, SPA's prompt") == "grpo-spas-prompt"
