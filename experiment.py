@@ -154,11 +154,11 @@ def weights_changed(before: lm.Params, after: lm.Params, eta: float = 1e-3) -> t
 SUMMARY_VERSION = 2  # bump when summarise() changes: summaries are recomputed from the saved runs, without retraining
 
 
-def world_model_reward_accuracy(run: train.Args, models: dict, tokenizer, scorer) -> dict[str, float]:
+def world_model_reward_accuracy(run: train.Args, game, models: dict, tokenizer, scorer) -> dict[str, float]:
     """RWML's world-model accuracy (greedy; reward 1 when 1 - cos < tau_d) on the run's held-out transitions
     (train.Evaluator's), in RWML's prompt and in WM SFT's direct prompt, for each {name: (config, params)}."""
     config = next(iter(models.values()))[0]
-    evaluator = train.Evaluator(run, train.make_game(run), tokenizer, config)
+    evaluator = train.Evaluator(run, game, tokenizer, config)
     evaluator.close()
     return {f"{name}/{metric}": rwml.world_model_accuracy(params, config, tokenizer, evaluator.triplets, scorer,
                                                           jax.random.key(0), max_new_tokens=run.wm_max_new_tokens,
@@ -180,8 +180,8 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
     game = train.make_game(run)
     base = lm.load_checkpoint(train.load_model(run, game, log=lambda *_: None)[0])
     trained = lm.load_checkpoint(model_folder)
-    accuracy = world_model_reward_accuracy(run, {"base": base, "after": trained}, lm.load_tokenizer(model_folder),
-                                           scorer)
+    accuracy = world_model_reward_accuracy(run, game, {"base": base, "after": trained},
+                                           lm.load_tokenizer(model_folder), scorer)
     k = args.eval_samples
     policy = any(r["iteration"] is not None for r in evals)
     changed, by_module = weights_changed(base[1], trained[1])

@@ -376,7 +376,8 @@ def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimize
 
 def length_sorted_micro_batches(batch, rows: int, min_bucket: int = 16) -> list:
     """The batch's rows, longest first, in micro-batches of `rows` rows, each cut to the power of two (>= min_bucket)
-    that holds its longest row (up to its last real token); micro-batches of padding rows only are left out.
+    that holds its longest row (up to its last real token); micro-batches of padding rows only are left out (but the
+    first, so there is always one: a batch without real rows gives a zero gradient).
 
     A causal model's log-probs of the real tokens do not depend on the padding after them, so the micro-batches'
     summed gradient is the whole batch's. Turns of a multi-turn rollout vary in length several-fold, and a batch
@@ -391,7 +392,7 @@ def length_sorted_micro_batches(batch, rows: int, min_bucket: int = 16) -> list:
     order = np.argsort(-lengths, kind="stable")
     pieces = []
     for index in order.reshape(-1, rows):
-        if lengths[index[0]] == 0:
+        if pieces and lengths[index[0]] == 0:
             break
         width = min(lm.bucket_length(int(lengths[index[0]]), min_bucket), mask.shape[1])
         pieces.append(jax.tree.map(lambda x: x[index, :width] if x.ndim == 2 else x[index], arrays))
@@ -425,12 +426,9 @@ class LengthSortedUpdate:
     def __call__(self, state: TrainState, batch):
         totals = self.totals(batch)
         rows = jax.tree.leaves(batch)[0].shape[0] // self.micro_batches
-        total = None
-        for micro in length_sorted_micro_batches(batch, rows, self.min_bucket):
-            more = self.gradient(state.params, self.shard(micro), totals)
-            total = more if total is None else self.add(total, more)
-        if total is None:  # no real rows: a zero gradient, as objective_step would take
-            total = jax.tree.map(jnp.zeros_like, jax.eval_shape(self.gradient, state.params, self.shard(
-                jax.tree.map(lambda x: x[:rows], batch)), totals))
+        first, *rest = length_sorted_micro_batches(batch, rows, self.min_bucket)
+        total = self.gradient(state.params, self.shard(first), totals)
+        for micro in rest:
+            total = self.add(total, self.gradient(state.params, self.shard(micro), totals))
         grads, sums = total
         return self.finish(state, grads, sums, totals)

@@ -291,6 +291,9 @@ def test_length_sorted_micro_batches_hold_every_real_row_once_cut_to_its_length(
     cut = np.concatenate([np.pad(p.tokens, ((0, 0), (0, 64 - p.tokens.shape[1]))) for p in pieces])
     whole = {row.tobytes() for row in np.asarray(batch.tokens)[lengths > 0]}
     assert {row.tobytes() for row in cut if row.any()} == whole
+    # a batch of padding only still gives one (empty) micro-batch, whose gradient is zero
+    padding = batch._replace(token_mask=jnp.zeros_like(batch.token_mask), loss_mask=jnp.zeros_like(batch.loss_mask))
+    assert [p.tokens.shape for p in grpo.length_sorted_micro_batches(padding, rows=4)] == [(4, 16)]
 
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
