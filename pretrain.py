@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from filelock import FileLock
 
 import envs
 import grpo
@@ -191,8 +192,6 @@ def embedded_default(game: Game, cfg: PretrainConfig = PretrainConfig(), root: s
                      log: Callable = print) -> Path:
     """The cached checkpoint folder for this game and recipe, built on first use (atomically, and by one process:
     others asking for the same recipe meanwhile wait for it and reuse it)."""
-    from filelock import FileLock
-
     recipe = json.dumps({"game": game.name, "prompt": game.prompt_name, "history": game.history,
                          "max_turns": game.max_turns, "version": RECIPE_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
     folder = Path(root or cache_root()) / f"{game.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
