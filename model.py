@@ -247,14 +247,191 @@ class RMSNorm(nn.Module):
         return scale * normed.astype(x.dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# Attention: the plain reference and the blockwise form that never holds a [T, T] matrix
+# --------------------------------------------------------------------------------------------
+
+ATTENTION_BLOCK = 512  # query and key positions per block of the blockwise attention
+
+
+def attention_mask(kv_mask: jax.Array, query_offset, queries: int) -> jax.Array:
+    """[b, t, s] bool: query i (at slot query_offset + i) sees key slot j iff j is real and j <= its slot."""
+    query_slots = query_offset + jnp.arange(queries)
+    key_slots = jnp.arange(kv_mask.shape[1])
+    return kv_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+
+
+def plain_attention(q, k, v, kv_mask, query_offset=0):
+    """softmax(q k^T / sqrt(d)) v with the causal and padding mask, written out: the readable reference.
+
+    q [b, t, kv_heads, groups, d] (query head h = kv head h // groups, grouped-query attention);
+    k, v [b, s, kv_heads, d]; kv_mask [b, s] bool. Returns [b, t, kv_heads, groups, d].
+    Holds the [b, heads, t, s] scores (and, under autodiff, keeps them for the backward pass).
+    """
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    attend = attention_mask(kv_mask, query_offset, q.shape[1])
+    scores = jnp.where(attend[:, None, None], scores / math.sqrt(q.shape[-1]), MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+
+
+def _blocks(x, size: int, axis: int = 1, fill=0):
+    """Pad x along `axis` to a multiple of size."""
+    extra = -x.shape[axis] % size
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def _block_scores(q_block, k_block, kv_mask_block, query_start, key_start):
+    """Masked, scaled scores [b, kv_heads, groups, bq, bk] float32 of one query block against one key block."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_block, k_block.astype(q_block.dtype), preferred_element_type=jnp.float32)
+    query_slots = query_start + jnp.arange(q_block.shape[1])
+    key_slots = key_start + jnp.arange(k_block.shape[1])
+    attend = kv_mask_block[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+    return jnp.where(attend[:, None, None], scores / math.sqrt(q_block.shape[-1]), MASKED_SCORE), attend
+
+
+def _key_blocks_seen(query_block, query_offset, block: int, key_blocks: int):
+    """How many key blocks (from the first) query block `query_block` can see: the causal mask skips the rest."""
+    last_slot = query_offset + (query_block + 1) * block - 1
+    return jnp.minimum(key_blocks, last_slot // block + 1)
+
+
+def _blockwise_forward(q, k, v, kv_mask, query_offset, block):
+    """(output, logsumexp) by an online softmax over key blocks, one query block at a time."""
+    queries = q.shape[1]
+    q, k, v, kv_mask = _blocks(q, block), _blocks(k, block), _blocks(v, block), _blocks(kv_mask, block, fill=False)
+    key_blocks = k.shape[1] // block
+    batch, _, kv_heads, groups, head_dim = q.shape
+
+    def one_query_block(i):
+        q_block = jax.lax.dynamic_slice_in_dim(q, i * block, block, 1)
+
+        def add_key_block(j, carry):
+            out, running_max, total = carry
+            k_block, v_block, mask_block = (jax.lax.dynamic_slice_in_dim(x, j * block, block, 1) for x in (k, v, kv_mask))
+            scores, _ = _block_scores(q_block, k_block, mask_block, query_offset + i * block, j * block)
+            new_max = jnp.maximum(running_max, scores.max(-1))
+            probs = jnp.exp(scores - new_max[..., None])
+            rescale = jnp.exp(running_max - new_max)
+            total = total * rescale + probs.sum(-1)
+            update = jnp.einsum("bkgts,bskd->bkgtd", probs.astype(q.dtype), v_block.astype(q.dtype),
+                                preferred_element_type=jnp.float32)
+            return out * rescale[..., None] + update, new_max, total
+
+        stats = (batch, kv_heads, groups, block)
+        init = (jnp.zeros((*stats, head_dim), jnp.float32), jnp.full(stats, MASKED_SCORE, jnp.float32),
+                jnp.zeros(stats, jnp.float32))
+        out, running_max, total = jax.lax.fori_loop(
+            0, _key_blocks_seen(i, query_offset, block, key_blocks), add_key_block, init)
+        return out / total[..., None], running_max + jnp.log(total)
+
+    out, logsumexp = jax.lax.map(one_query_block, jnp.arange(q.shape[1] // block))  # [nq, b, k, g, bq, (d)]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, -1, kv_heads, groups, head_dim)  # [b, nq * bq, k, g, d]
+    logsumexp = logsumexp.transpose(1, 2, 3, 0, 4).reshape(batch, kv_heads, groups, -1)  # [b, k, g, nq * bq]
+    return out[:, :queries].astype(q.dtype), logsumexp[..., :queries]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blockwise(q, k, v, kv_mask, query_offset, block):
+    return _blockwise_forward(q, k, v, kv_mask, query_offset, block)[0]
+
+
+def _blockwise_fwd(q, k, v, kv_mask, query_offset, block):
+    out, logsumexp = _blockwise_forward(q, k, v, kv_mask, query_offset, block)
+    return out, (q, k, v, kv_mask, query_offset, out, logsumexp)
+
+
+def _blockwise_bwd(block, residuals, d_out):
+    """FlashAttention-2's backward: each block's probabilities recomputed from the saved logsumexp, dQ accumulated
+    across key blocks, dK and dV of a key block summed over the query blocks that see it."""
+    q, k, v, kv_mask, query_offset, out, logsumexp = residuals
+    queries, keys = q.shape[1], k.shape[1]
+    # D_i = sum_d dO_i O_i: the softmax's Jacobian term, one number per query and head
+    delta = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    q_pad, d_out_pad = _blocks(q, block), _blocks(d_out, block)
+    logsumexp, delta = _blocks(logsumexp, block, axis=3), _blocks(delta, block, axis=3)
+    k_pad, v_pad, mask_pad = _blocks(k, block), _blocks(v, block), _blocks(kv_mask, block, fill=False)
+    query_blocks, key_blocks = q_pad.shape[1] // block, k_pad.shape[1] // block
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    compute = q.dtype
+
+    def one_key_block(j, carry):
+        d_q, d_k, d_v = carry
+        k_block, v_block, mask_block = (jax.lax.dynamic_slice_in_dim(x, j * block, block, 1) for x in (k_pad, v_pad, mask_pad))
+
+        def add_query_block(i, inner):
+            d_q, d_k_block, d_v_block = inner
+            q_block, d_out_block = (jax.lax.dynamic_slice_in_dim(x, i * block, block, 1) for x in (q_pad, d_out_pad))
+            lse_block, delta_block = (jax.lax.dynamic_slice_in_dim(x, i * block, block, 3) for x in (logsumexp, delta))
+            scores, attend = _block_scores(q_block, k_block, mask_block, query_offset + i * block, j * block)
+            probs = jnp.exp(scores - lse_block[..., None])  # [b, k, g, bq, bk]
+            d_v_block += jnp.einsum("bkgts,btkgd->bskd", probs.astype(compute), d_out_block.astype(compute),
+                                    preferred_element_type=jnp.float32)
+            d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_block.astype(compute), v_block.astype(compute),
+                                 preferred_element_type=jnp.float32)
+            # masked scores are constants in the forward pass (jnp.where): no gradient reaches q or k through them
+            d_scores = jnp.where(attend[:, None, None], probs * (d_probs - delta_block[..., None]), 0.0) * scale
+            d_q_block = jnp.einsum("bkgts,bskd->btkgd", d_scores.astype(compute), k_block.astype(compute),
+                                   preferred_element_type=jnp.float32)
+            d_q = jax.lax.dynamic_update_slice_in_dim(
+                d_q, jax.lax.dynamic_slice_in_dim(d_q, i * block, block, 1) + d_q_block, i * block, 1)
+            d_k_block += jnp.einsum("bkgts,btkgd->bskd", d_scores.astype(compute), q_block.astype(compute),
+                                    preferred_element_type=jnp.float32)
+            return d_q, d_k_block, d_v_block
+
+        # the first query block whose last query slot reaches this key block's first slot
+        first = jnp.clip((j * block - query_offset) // block, 0, query_blocks)
+        zeros = jnp.zeros(k_block.shape, jnp.float32)
+        d_q, d_k_block, d_v_block = jax.lax.fori_loop(first, query_blocks, add_query_block, (d_q, zeros, zeros))
+        d_k = jax.lax.dynamic_update_slice_in_dim(d_k, d_k_block, j * block, 1)
+        d_v = jax.lax.dynamic_update_slice_in_dim(d_v, d_v_block, j * block, 1)
+        return d_q, d_k, d_v
+
+    init = (jnp.zeros(q_pad.shape, jnp.float32), jnp.zeros(k_pad.shape, jnp.float32), jnp.zeros(v_pad.shape, jnp.float32))
+    d_q, d_k, d_v = jax.lax.fori_loop(0, key_blocks, one_key_block, init)
+    return (d_q[:, :queries].astype(q.dtype), d_k[:, :keys].astype(k.dtype), d_v[:, :keys].astype(v.dtype), None, None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q, k, v, kv_mask, query_offset=0, block: int = ATTENTION_BLOCK):
+    """plain_attention's result computed `block` queries x `block` keys at a time (FlashAttention's online softmax),
+    so memory grows linearly with length: no [t, s] matrix exists in the forward pass or in the backward pass (a
+    custom VJP recomputes each block's probabilities from the saved logsumexp). Key blocks wholly in a query
+    block's future are skipped. Same shapes and mask as plain_attention; the lengths need not be multiples of block.
+    """
+    return _blockwise(q, k, v, kv_mask, jnp.asarray(query_offset, jnp.int32), block)
+
+
+def attention(q, k, v, kv_mask, query_offset=0, implementation: str = "auto", block: int = ATTENTION_BLOCK):
+    """Grouped-query causal attention over padded rows (shapes as plain_attention).
+
+    implementation: "plain", "blockwise", or "auto": blockwise once the queries span more than one block (long
+    prompts and training rows), plain for short rows and the one-token decode steps, where it is faster.
+    """
+    if implementation == "auto":
+        implementation = "blockwise" if q.shape[1] > block else "plain"
+    if implementation == "plain":
+        return plain_attention(q, k, v, kv_mask, query_offset)
+    if implementation == "blockwise":
+        return blockwise_attention(q, k, v, kv_mask, query_offset, block)
+    raise ValueError(f"attention implementation '{implementation}' is not auto, plain or blockwise")
+
+
 class Attention(nn.Module):
     config: Config
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    implementation: str = "auto"  # see `attention`
+    block: int = ATTENTION_BLOCK
 
     @nn.compact
-    def __call__(self, x, positions, attend, layer_cache, cache_index):
-        """x [b, t, hidden]; attend [b, t, s] bool; layer_cache None or (k, v) [b, s, kv_heads, head_dim]."""
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+        """x [b, t, hidden], at slots cache_index + [0, t); kv_mask [b, s] bool, the real key slots;
+        layer_cache None (then s = t) or (k, v) [b, s, kv_heads, head_dim]."""
         c = self.config
         dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype)
         q = dense((c.num_heads, c.head_dim), use_bias=c.qkv_bias, name="q")(x)
@@ -273,10 +450,7 @@ class Attention(nn.Module):
         batch, time = x.shape[:2]
         groups = c.num_heads // c.num_kv_heads  # query head h reads kv head h // groups
         q = q.reshape(batch, time, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(attend[:, None, None], scores / math.sqrt(c.head_dim), MASKED_SCORE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+        out = attention(q, k, v, kv_mask, cache_index, self.implementation, self.block)
         out = out.reshape(batch, time, c.num_heads, c.head_dim)
         return dense(c.hidden_size, axis=(-2, -1), use_bias=c.o_bias, name="o")(out), layer_cache
 
@@ -298,12 +472,15 @@ class Block(nn.Module):
     config: Config
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
+    attention_block: int = ATTENTION_BLOCK
 
     @nn.compact
-    def __call__(self, x, positions, attend, layer_cache, cache_index):
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         normed = RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(x)
-        attended, layer_cache = Attention(c, **kw, name="attn")(normed, positions, attend, layer_cache, cache_index)
+        attended, layer_cache = Attention(c, **kw, implementation=self.attention, block=self.attention_block, name="attn")(
+            normed, positions, kv_mask, layer_cache, cache_index)
         x = x + attended
         x = x + MLP(c, **kw, name="mlp")(RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(x))
         return x, layer_cache
@@ -313,13 +490,16 @@ class Transformer(nn.Module):
     """tokens -> final normed hidden states. `unembed` turns those into logits.
 
     dtype: the compute dtype (None: follow the parameters); remat: recompute each block in the
-    backward pass instead of storing its activations.
+    backward pass instead of storing its activations; attention: "auto", "plain" or "blockwise" and its block size
+    (`attention`).
     """
 
     config: Config
     dtype: Any = None
     param_dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
+    attention_block: int = ATTENTION_BLOCK
 
     @nn.compact
     def __call__(self, tokens, positions, token_mask, cache: KVCache | None = None):
@@ -330,21 +510,17 @@ class Transformer(nn.Module):
         x = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(tokens)
         time = tokens.shape[1]
         if cache is None:  # causal attention over this call's real tokens
-            slots = jnp.arange(time)
             kv_mask, index = token_mask, 0
-            attend = token_mask[:, None, :] & (slots[None, :, None] >= slots[None, None, :])
         else:  # write this call's tokens at cache.index and attend to every earlier real slot
             index = cache.index
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
-            query_slots = index + jnp.arange(time)
-            key_slots = jnp.arange(kv_mask.shape[1])
-            attend = kv_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
         block = nn.remat(Block) if self.remat else Block
         keys, values = [], []
         for layer in range(c.num_layers):
             layer_cache = None if cache is None else (cache.k[layer], cache.v[layer])
-            x, layer_cache = block(c, self.dtype, self.param_dtype, name=f"layers_{layer}")(
-                x, positions, attend, layer_cache, index
+            x, layer_cache = block(c, self.dtype, self.param_dtype, self.attention, self.attention_block,
+                                   name=f"layers_{layer}")(
+                x, positions, kv_mask, layer_cache, index
             )
             if cache is not None:
                 keys.append(layer_cache[0])
@@ -360,11 +536,12 @@ def positions_from_mask(token_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def forward(params: Params, config: Config, tokens, token_mask, cache=None, positions=None, dtype=None, remat=False):
+def forward(params: Params, config: Config, tokens, token_mask, cache=None, positions=None, dtype=None, remat=False,
+            attention: str = "auto", attention_block: int = ATTENTION_BLOCK):
     """Hidden states [b, t, hidden] (and the updated cache) for left- or right-padded tokens."""
     if positions is None:
         positions = positions_from_mask(token_mask)
-    model = Transformer(config, dtype=dtype, remat=remat)
+    model = Transformer(config, dtype=dtype, remat=remat, attention=attention, attention_block=attention_block)
     return model.apply({"params": params}, tokens, positions, token_mask.astype(bool), cache)
 
 
@@ -381,19 +558,19 @@ def unembed(params: Params, config: Config, hidden: jax.Array) -> jax.Array:
     return jnp.einsum(spec, hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
-def logits(params: Params, config: Config, tokens, token_mask) -> jax.Array:
+def logits(params: Params, config: Config, tokens, token_mask, attention: str = "auto") -> jax.Array:
     """Full logits [b, t, vocab] in float32. Fine for tests and small vocabularies; training uses token_logprobs."""
-    hidden, _ = forward(params, config, tokens, token_mask)
+    hidden, _ = forward(params, config, tokens, token_mask, attention=attention)
     return unembed(params, config, hidden)
 
 
 def token_logprobs(params: Params, config: Config, tokens, token_mask, temperature: float = 1.0, chunk_size: int = 128,
-                   dtype=None, remat=False):
+                   dtype=None, remat=False, attention: str = "auto"):
     """Teacher-forced log pi(tokens[t] | tokens[<t]) and the full-distribution entropy at t, both [b, t] float32.
 
     Column 0 has no prediction and is 0. Logits are divided by `temperature`, as when sampling.
     """
-    hidden, _ = forward(params, config, tokens, token_mask, dtype=dtype, remat=remat)
+    hidden, _ = forward(params, config, tokens, token_mask, dtype=dtype, remat=remat, attention=attention)
     logprobs, entropies = logprobs_from_hidden(params, config, hidden[:, :-1], tokens[:, 1:], temperature, chunk_size)
     first = jnp.zeros((tokens.shape[0], 1), jnp.float32)
     return jnp.concatenate([first, logprobs], 1), jnp.concatenate([first, entropies], 1)

@@ -122,6 +122,71 @@ def test_chunked_logprobs_have_the_gradient_of_the_full_log_softmax(hf_checkpoin
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+# ---- blockwise attention: the plain attention's numbers without its [T, T] matrix ----
+
+BLOCK = 8  # small blocks, so short rows span several of them, and row lengths that are no multiple of them
+
+
+def left_padded_rows(lengths, width, seed):
+    rows = [random_tokens((1, n), seed=seed + i)[0] for i, n in enumerate(lengths)]
+    return M.left_pad(rows, width, pad_id=0)
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_blockwise_attention_gives_the_plain_logits(hf_checkpoint, architecture):
+    config, params = M.load_checkpoint(hf_checkpoint(architecture)[0])
+    tokens, mask = left_padded_rows([37, 21, 5], 37, seed=10)  # 37 = 4 blocks and 5 positions
+    plain = np.asarray(M.logits(params, config, tokens, mask, attention="plain"))
+    hidden, _ = M.forward(params, config, tokens, mask, attention="blockwise", attention_block=BLOCK)
+    blockwise = np.asarray(M.unembed(params, config, hidden))
+    np.testing.assert_allclose(blockwise[mask], plain[mask], atol=1e-5, rtol=0)
+    assert np.isfinite(blockwise).all()  # pad positions too: their garbage must not become NaN in a gradient
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_blockwise_attention_gives_the_plain_gradients(hf_checkpoint, architecture):
+    """The custom VJP (probabilities recomputed block by block) against autodiff through the plain softmax."""
+    config, params = M.load_checkpoint(hf_checkpoint(architecture)[0])
+    tokens, mask = left_padded_rows([29, 12], 29, seed=20)
+    # a loss on real tokens predicted from real tokens (a row's first token is predicted from a pad's garbage)
+    weights = np.random.default_rng(3).normal(size=(2, 28)) * mask[:, 1:] * mask[:, :-1]
+
+    def loss(p, attention):
+        hidden, _ = M.forward(p, config, tokens, mask, attention=attention, attention_block=BLOCK)
+        logprobs, _ = M.logprobs_from_hidden(p, config, hidden[:, :-1], tokens[:, 1:])
+        return (logprobs * weights).sum()
+
+    plain, blockwise = jax.grad(loss)(params, "plain"), jax.grad(loss)(params, "blockwise")
+    for name, a, b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(plain), jax.tree.leaves(blockwise)):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(name[0]))
+
+
+def test_blockwise_attention_fills_the_same_cache_in_a_prefill(hf_checkpoint):
+    """The sampler's prefill: queries written at the cache's index, keys over the whole cache."""
+    config, params = M.load_checkpoint(hf_checkpoint("qwen3")[0])
+    tokens, mask = left_padded_rows([19, 7], 19, seed=30)
+    results = {}
+    for attention in ("plain", "blockwise"):
+        cache = M.init_cache(config, 2, 19 + 13)
+        hidden, cache = M.forward(params, config, tokens, mask, cache, attention=attention, attention_block=BLOCK)
+        results[attention] = (np.asarray(hidden), cache)
+    (plain, plain_cache), (blockwise, blockwise_cache) = results["plain"], results["blockwise"]
+    np.testing.assert_allclose(blockwise[mask], plain[mask], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(blockwise_cache.mask, plain_cache.mask)
+    assert int(blockwise_cache.index) == int(plain_cache.index) == 19
+    real = np.asarray(plain_cache.mask)  # pad slots hold garbage that no query reads
+    for a, b in zip(plain_cache.k + plain_cache.v, blockwise_cache.k + blockwise_cache.v):
+        np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], atol=1e-5, rtol=0)
+
+
+def test_auto_attention_is_blockwise_only_past_one_block():
+    q = jnp.zeros((1, 9, 1, 1, 4))
+    kv = jnp.zeros((1, 9, 1, 4))
+    blockwise = jax.make_jaxpr(lambda q: M.attention(q, kv, kv, jnp.ones((1, 9), bool), block=8))(q)
+    plain = jax.make_jaxpr(lambda q: M.attention(q, kv, kv, jnp.ones((1, 9), bool), block=16))(q)
+    assert "custom_vjp" in str(blockwise) and "custom_vjp" not in str(plain)
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_exported_checkpoint_opens_in_transformers_with_the_same_logits(hf_checkpoint, tmp_path, architecture, tied):
