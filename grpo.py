@@ -245,8 +245,8 @@ class StepConfig:
     """the sampling temperature: log-probs are recomputed at it, or the on-policy ratio is not 1"""
     micro_batches: int = 1
     """the batch is split into this many micro-batches whose gradients are summed (same update)"""
-    chunk_size: int = 128
-    """positions per vocabulary chunk in the log-prob computation"""
+    chunk_size: int = 256
+    """tokens (the rows' positions, flattened) per vocabulary chunk in the log-prob computation"""
     remat: bool = False
     """recompute each transformer block in the backward pass (less memory, more compute)"""
     compute_dtype: str | None = None
@@ -370,47 +370,67 @@ def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimize
 
 
 # --------------------------------------------------------------------------------------------
-# Length-sorted micro-batches: the same update without paying for padding
+# Micro-batches sized to memory: the same update in pieces of at most a token budget
 # --------------------------------------------------------------------------------------------
 
 
-def length_sorted_micro_batches(batch, rows: int, min_bucket: int = 16) -> list:
-    """The batch's rows, longest first, in micro-batches of `rows` rows, each cut to the power of two (>= min_bucket)
-    that holds its longest row (up to its last real token); micro-batches of padding rows only are left out (but the
-    first, so there is always one: a batch without real rows gives a zero gradient).
-
-    A causal model's log-probs of the real tokens do not depend on the padding after them, so the micro-batches'
-    summed gradient is the whole batch's. Turns of a multi-turn rollout vary in length several-fold, and a batch
-    padded to its longest row and to a power of two of rows can be mostly padding (SPA's updates: ~5x).
-    """
-    arrays = jax.tree.map(np.asarray, batch)
-    mask = arrays.token_mask
-    if mask.shape[0] % rows:
-        raise ValueError(f"batch of {mask.shape[0]} rows does not split into micro-batches of {rows}")
+def row_lengths(token_mask) -> np.ndarray:
+    """[n] each row's length up to its last real token (0 for a row of padding only)."""
+    mask = np.asarray(token_mask)
     lengths = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
     lengths[~mask.any(1)] = 0
+    return lengths
+
+
+def plan_micro_batches(lengths: np.ndarray, width: int, token_budget: int, row_multiple: int = 1,
+                       min_bucket: int = 16) -> list[tuple[np.ndarray, int]]:
+    """(row indices, padded length) of each micro-batch: rows sorted longest first, each micro-batch cut to the power
+    of two (>= min_bucket, <= width) holding its longest row, with as many rows as fit in token_budget tokens per
+    row_multiple rows (a power of two times row_multiple, at least row_multiple: one row per device). The last
+    micro-batch's indices may run short; the caller fills them with padding rows. Rows of padding only are left out
+    (but one micro-batch is always planned, so a batch without real rows gives a zero gradient).
+
+    Every real row is in exactly one micro-batch. Shapes are powers of two, so jit compiles a handful of them.
+    """
     order = np.argsort(-lengths, kind="stable")
-    pieces = []
-    for index in order.reshape(-1, rows):
-        if pieces and lengths[index[0]] == 0:
-            break
-        width = min(lm.bucket_length(int(lengths[index[0]]), min_bucket), mask.shape[1])
-        pieces.append(jax.tree.map(lambda x: x[index, :width] if x.ndim == 2 else x[index], arrays))
-    return pieces
+    real = int((lengths > 0).sum())
+    plans, start = [], 0
+    while start < max(real, 1):
+        cut = min(lm.bucket_length(int(lengths[order[start]]), min_bucket), width)
+        per_device = 1 << max(0, (token_budget // cut).bit_length() - 1)  # the largest power of two that fits
+        rows = row_multiple * min(per_device, lm.bucket_length(-(-(max(real, 1) - start) // row_multiple), 1))
+        plans.append((order[start:min(start + rows, max(real, 1))], cut))
+        start += rows
+    return plans
+
+
+def micro_batch(batch, indices: np.ndarray, width: int, rows: int):
+    """The rows `indices` of batch (a NamedTuple of [n, ...] arrays), cut to `width` columns, and padded with
+    all-zero rows (no real token, no loss) to `rows` rows."""
+    def take(x):
+        x = np.asarray(x)
+        piece = x[indices, :width] if x.ndim == 2 else x[indices]
+        return np.concatenate([piece, np.zeros((rows - len(indices), *piece.shape[1:]), piece.dtype)])
+
+    return jax.tree.map(take, batch)
 
 
 class LengthSortedUpdate:
-    """update(state, batch) -> (state, metrics): objective_step's update, with the gradient summed over
-    length_sorted_micro_batches (one jitted gradient per micro-batch shape, a handful of powers of two).
+    """update(state, batch) -> (state, metrics): objective_step's update, its gradient summed over micro-batches of at
+    most token_budget tokens per device (plan_micro_batches): one jitted gradient per micro-batch shape.
 
-    The sum runs in another order than one scan over equal micro-batches, so the result equals objective_step's
-    to float rounding, not bit for bit. shard(micro_batch) places each micro-batch (e.g. over a mesh's data
-    axes), and state_shardings, when given, keeps the state where it is.
+    A causal model's log-probs of the real tokens do not depend on the padding after them, and every micro-batch's
+    loss is divided by the whole batch's totals, so the summed gradient is the whole batch's: the result equals
+    objective_step's to float rounding (the sum runs in another order). Sorting by length also saves the padding:
+    a multi-turn rollout's turns vary in length several-fold. shard(micro_batch) places each micro-batch (e.g. over
+    a mesh's data axes; rows come in multiples of row_multiple, the device count), and state_shardings, when given,
+    keeps the state where it is.
     """
 
-    def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, micro_batches: int,
-                 shard: Callable = lambda batch: batch, state_shardings=None, min_bucket: int = 16):
-        self.micro_batches, self.shard, self.min_bucket = micro_batches, shard, min_bucket
+    def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, token_budget: int,
+                 shard: Callable = lambda batch: batch, state_shardings=None, row_multiple: int = 1,
+                 min_bucket: int = 16):
+        self.token_budget, self.shard, self.row_multiple, self.min_bucket = token_budget, shard, row_multiple, min_bucket
         self.totals = jax.jit(objective.totals)
         self.gradient = jax.jit(jax.grad(objective.loss, has_aux=True))
         self.add = jax.jit(lambda total, more: jax.tree.map(jnp.add, total, more), donate_argnums=0)
@@ -423,12 +443,33 @@ class LengthSortedUpdate:
                                                               out_shardings=(state_shardings, None))
         self.finish = jax.jit(finish, donate_argnums=0, **shardings)
 
+    def micro_batches(self, batch) -> list:
+        """The batch's micro-batches, as this update splits it."""
+        plans = plan_micro_batches(row_lengths(batch.token_mask), batch.tokens.shape[1], self.token_budget,
+                                   self.row_multiple, self.min_bucket)
+        return [micro_batch(batch, indices, width, self._rows(indices)) for indices, width in plans]
+
+    def _rows(self, indices) -> int:
+        return self.row_multiple * lm.bucket_length(-(-len(indices) // self.row_multiple), 1)
+
     def __call__(self, state: TrainState, batch):
         totals = self.totals(batch)
-        rows = jax.tree.leaves(batch)[0].shape[0] // self.micro_batches
-        first, *rest = length_sorted_micro_batches(batch, rows, self.min_bucket)
-        total = self.gradient(state.params, self.shard(first), totals)
-        for micro in rest:
-            total = self.add(total, self.gradient(state.params, self.shard(micro), totals))
+        total = None
+        for micro in self.micro_batches(batch):
+            more = self.gradient(state.params, self.shard(micro), totals)
+            total = more if total is None else self.add(total, more)
         grads, sums = total
         return self.finish(state, grads, sums, totals)
+
+    def map_rows(self, fn: Callable, tokens, token_mask) -> np.ndarray:
+        """fn(tokens, token_mask) -> [rows, time] values, run over the same micro-batches and put back in row order
+        ([n, time], zeros past each micro-batch's cut): e.g. the reference log-probs of the KL term."""
+        tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
+        plans = plan_micro_batches(row_lengths(token_mask), tokens.shape[1], self.token_budget, self.row_multiple,
+                                   self.min_bucket)
+        out = np.zeros(tokens.shape, np.float32)
+        for indices, width in plans:
+            piece = micro_batch((tokens, token_mask), indices, width, self._rows(indices))
+            values = np.asarray(fn(*self.shard(piece)))
+            out[indices, :width] = values[:len(indices)]
+        return out

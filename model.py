@@ -579,18 +579,17 @@ def token_logprobs(params: Params, config: Config, tokens, token_mask, temperatu
 def logprobs_from_hidden(params: Params, config: Config, hidden, targets, temperature: float = 1.0, chunk_size: int = 128):
     """log softmax(hidden @ W_out / temperature)[targets] and the entropy, both [b, t] float32.
 
-    The vocabulary projection runs over `chunk_size` positions at a time inside a rematerialised
-    scan, so [batch, time, vocab] float32 logits never exist at once, in the forward pass or the
-    backward pass (151,936 x 4 bytes per position otherwise).
+    The vocabulary projection runs over `chunk_size` tokens at a time (the batch's rows and positions flattened)
+    inside a rematerialised scan, so [tokens, vocab] float32 logits never exist at once, in the forward pass or the
+    backward pass (151,936 x 4 bytes per token otherwise), and this memory does not grow with the batch.
     """
     batch, time = targets.shape
-    steps = -(-time // chunk_size)
-    padding = steps * chunk_size - time
-    hidden = jnp.pad(hidden, ((0, 0), (0, padding), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, padding)))
+    tokens = batch * time
+    steps = -(-tokens // chunk_size)
+    padding = steps * chunk_size - tokens
     chunks = (
-        hidden.reshape(batch, steps, chunk_size, -1).swapaxes(0, 1),
-        targets.reshape(batch, steps, chunk_size).swapaxes(0, 1),
+        jnp.pad(hidden.reshape(tokens, -1), ((0, padding), (0, 0))).reshape(steps, chunk_size, -1),
+        jnp.pad(targets.reshape(tokens), (0, padding)).reshape(steps, chunk_size),
     )
 
     @jax.checkpoint
@@ -602,8 +601,18 @@ def logprobs_from_hidden(params: Params, config: Config, hidden, targets, temper
         return None, (chosen, entropy)
 
     _, (chosen, entropy) = jax.lax.scan(chunk_logprobs, None, chunks)
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :time]
+    unchunk = lambda x: x.reshape(-1)[:tokens].reshape(batch, time)
     return unchunk(chosen), unchunk(entropy)
+
+
+def activation_bytes_per_token(config: Config, attention_block: int = ATTENTION_BLOCK) -> int:
+    """A float32 upper estimate of the memory one token of a training row costs in an update's gradient: what the
+    backward pass keeps of each layer (the MLP's [intermediate] activations dominate) and a row of attention scores
+    (the plain attention's, kept up to one block; the blockwise attention's transient ones). XLA's memory analysis
+    on CPU, Qwen2.5-0.5B's width: about 225 KiB a layer in rows of 512 tokens (plain attention) and 127 KiB in rows
+    of 2,048 (blockwise); this estimate says 252."""
+    c = config
+    return 4 * c.num_layers * (10 * c.hidden_size + 7 * c.intermediate_size + 3 * c.num_heads * attention_block)
 
 
 def init_params(config: Config, key: jax.Array, dtype=jnp.float32) -> Params:

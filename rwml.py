@@ -115,19 +115,28 @@ def wm_sft_examples(tokenizer, triplets: Sequence[Triplet], direct: bool = True)
     return prompts, labels
 
 
-def sft_step(state: grpo.TrainState, batch: SFTBatch, model_config: lm.Config, optimizer,
-             step: grpo.StepConfig = grpo.StepConfig()) -> tuple[grpo.TrainState, dict]:
-    """One cross-entropy update, token-mean over the batch's label tokens (micro-batches give the same update)."""
-    denominator = jnp.maximum(batch.loss_mask.sum(), 1.0)
+def sft_objective(model_config: lm.Config, step: grpo.StepConfig = grpo.StepConfig()) -> grpo.Objective:
+    """Cross-entropy on the label tokens, token mean over the whole batch's label tokens (any split of the rows into
+    micro-batches sums to it)."""
 
-    def loss_fn(params, micro: SFTBatch):
+    def totals(batch: SFTBatch) -> dict:
+        return {"denominator": jnp.maximum(batch.loss_mask.sum(), 1.0)}
+
+    def loss(params, micro: SFTBatch, totals: dict):
         logprobs, _ = grpo.policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step)
         nll = -(logprobs * micro.loss_mask).sum()
-        return nll / denominator, nll
+        return nll / totals["denominator"], {"nll": nll, "tokens": micro.loss_mask.sum()}
 
-    grads, nll = grpo.accumulate(loss_fn, state.params, batch, step.micro_batches)
-    state, grad_norm = grpo.apply_update(state, grads, optimizer)
-    return state, {"loss": nll / denominator, "grad_norm": grad_norm, "tokens": batch.loss_mask.sum()}
+    def metrics(sums: dict, totals: dict) -> dict:
+        return {"loss": sums["nll"] / totals["denominator"], "tokens": sums["tokens"]}
+
+    return grpo.Objective(totals, loss, metrics)
+
+
+def sft_step(state: grpo.TrainState, batch: SFTBatch, model_config: lm.Config, optimizer,
+             step: grpo.StepConfig = grpo.StepConfig()) -> tuple[grpo.TrainState, dict]:
+    """One cross-entropy update (sft_objective), over step.micro_batches equal micro-batches."""
+    return grpo.objective_step(sft_objective(model_config, step), state, batch, optimizer, step.micro_batches)
 
 
 def train_wm_sft(state: grpo.TrainState, tokenizer, model_config: lm.Config, triplets: Sequence[Triplet], optimizer,

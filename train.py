@@ -67,6 +67,9 @@ PAPER = dict(learning_rate=1e-6, weight_decay=0.01, beta=0.01, groups=16, iterat
              wm_learning_rate=1e-6, sft_learning_rate=2e-6, wm_tasks=2048, wm_max_new_tokens=512, spa_learning_rate=1e-4)
 EMBEDDED = dict(learning_rate=1e-3, weight_decay=0.0, beta=0.0, groups=16, iterations=30, max_new_tokens=16,
                 wm_learning_rate=2e-4, sft_learning_rate=1e-3, wm_tasks=64, wm_max_new_tokens=48, spa_learning_rate=1e-3)
+# ALFWorld's games step ~30 times a second here and the tiny embedded default cannot learn to act from its text: on
+# ALFWorld the embedded default's run checks the whole pipeline end to end in minutes, it does not train an agent
+EMBEDDED_ALFWORLD = dict(groups=4, iterations=4, max_turns=20, eval_episodes=16)
 
 
 class UsageError(Exception):
@@ -249,10 +252,10 @@ class Args:
     """recompute each transformer block in the backward pass (less memory, ~1/3 more compute)"""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """activations' dtype in the update (parameters and log-probs stay float32)"""
-    micro_batches: int | None = None
-    """split each update into this many micro-batches (same update, less memory); default 1, and 16 for the
-    embedded default with responses of 256 tokens or more (SPA). Policy RL then sorts its turns by length and cuts
-    each micro-batch to its longest turn (grpo.LengthSortedUpdate), so it does not pay for the padding"""
+    update_tokens: int | None = None
+    """tokens (rows x padded length) per device in one micro-batch of an update: every update sorts its rows by
+    length and sums the gradients of micro-batches of at most this many tokens (grpo.LengthSortedUpdate: the same
+    update, in less memory); default: from the model's size and the memory available, printed at the start"""
     workers: int | None = None
     """environment worker processes (ALFWorld 2; grid games 0: in process)"""
 
@@ -282,15 +285,13 @@ def settle(args: Args) -> Args:
     if args.method == "spa":  # the response holds two rendered states
         recipe = {**recipe, "max_new_tokens": max(recipe["max_new_tokens"], 256)}
     by_env["actions_per_turn"] = 2 if args.method == "spa" else 1
-    filled = {k: v for k, v in {**recipe, **by_env}.items() if getattr(args, k) is None}
+    small = EMBEDDED_ALFWORLD if alfworld and args.model is None else {}
+    filled = {k: v for k, v in {**recipe, **by_env, **small}.items() if getattr(args, k) is None}
     args = dataclasses.replace(args, **filled)
     if args.eval_max_turns is None:
         args = dataclasses.replace(args, eval_max_turns=args.max_turns)
     if args.wm_eval_every is None:
         args = dataclasses.replace(args, wm_eval_every=args.eval_every)
-    if args.micro_batches is None:  # the embedded default with long responses (SPA's two rendered states): one
-        # RL update of 1,280 turns of ~512 tokens would need ~68 GB of XLA temporaries in one piece
-        args = dataclasses.replace(args, micro_batches=16 if args.model is None and args.max_new_tokens >= 256 else 1)
     return args
 
 
@@ -411,20 +412,47 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
-def compile_update(update, state: grpo.TrainState, mesh: Mesh):
-    """jit an update(state, batch) -> (state, metrics) with the state kept sharded (and donated)."""
-    shardings = state_sharding(state, mesh)
-    return jax.jit(update, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
-                   donate_argnums=0)
+def sized_update(objective: grpo.Objective, optimizer, state: grpo.TrainState, mesh: Mesh, token_budget: int):
+    """An update(state, batch) whose gradient is summed over micro-batches of at most token_budget tokens per device
+    (grpo.LengthSortedUpdate: rows sorted by length, each micro-batch cut to its longest row), each split over every
+    device, with the state kept sharded."""
+    shard = functools.partial(jax.device_put, device=batch_sharding(mesh))
+    return grpo.LengthSortedUpdate(objective, optimizer, token_budget, shard, state_sharding(state, mesh), mesh.size)
 
 
-def policy_update(objective: grpo.Objective, optimizer, state: grpo.TrainState, mesh: Mesh, micro_batches: int):
-    """The policy stage's update(state, batch): one jitted step, or with micro-batches, grpo.LengthSortedUpdate (a
-    rollout's turns vary in length several-fold: micro-batches of similar lengths, each cut to its longest)."""
-    if micro_batches > 1:
-        shard = functools.partial(jax.device_put, device=batch_sharding(mesh))
-        return grpo.LengthSortedUpdate(objective, optimizer, micro_batches, shard, state_sharding(state, mesh))
-    return compile_update(functools.partial(grpo.objective_step, objective, optimizer=optimizer), state, mesh)
+def memory_available() -> tuple[int, str]:
+    """Bytes one device can hold, and where the number comes from: the accelerator's own statistics, or on a CPU
+    the host memory not in use (MemAvailable) shared by its devices."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.device_kind} memory"
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import os
+
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available // jax.local_device_count(), "host memory available"
+
+
+MAX_UPDATE_TOKENS = 2**15  # past this a micro-batch buys no speed on a CPU, only memory
+
+
+def default_update_tokens(config: lm.Config, parameters: int, args: Args, devices: int) -> tuple[int, str]:
+    """The largest power of two of tokens per device whose activations (model.activation_bytes_per_token) fit in half
+    of a device's free memory, after the training state (parameters, gradients and their running sum, AdamW's two
+    moments, the reference) sharded over the devices and the vocabulary chunks of the log-probs."""
+    available, source = memory_available()
+    state = parameters * 4 * (6 if args.beta > 0 else 5) // devices
+    vocabulary = 4 * 4 * grpo.StepConfig.chunk_size * config.vocab_size
+    per_token = lm.activation_bytes_per_token(config)
+    fit = max(1, (available // 2 - state - vocabulary) // per_token)
+    tokens = min(MAX_UPDATE_TOKENS, 1 << (int(fit).bit_length() - 1))
+    why = (f"{tokens:,} tokens per device per micro-batch: ~{per_token / 2**20:.2f} MiB of activations a token, half of "
+           f"{available / 2**30:.1f} GiB ({source}) less {state / 2**30:.1f} GiB of training state")
+    return tokens, why
 
 
 def place(tree, mesh: Mesh):
@@ -432,13 +460,12 @@ def place(tree, mesh: Mesh):
     return jax.device_put(tree, state_sharding(tree, mesh), may_alias=False)
 
 
-def step_config(args: Args, rows: int | None = None) -> grpo.StepConfig:
-    """The update's configuration; with a fixed batch of `rows`, at most --micro-batches pieces that divide it."""
-    micro_batches = args.micro_batches if rows is None else math.gcd(args.micro_batches, rows)
+def step_config(args: Args) -> grpo.StepConfig:
+    """How the update's loss is computed (its micro-batches are sized_update's)."""
     loss = grpo.LossConfig(args.clip_low, args.clip_high, args.beta, args.kl_estimator, entropy_coef=args.entropy_coef,
                            aggregation=args.aggregation)
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
-    return grpo.StepConfig(loss, args.temperature, micro_batches, remat=args.remat, compute_dtype=dtype)
+    return grpo.StepConfig(loss, args.temperature, remat=args.remat, compute_dtype=dtype)
 
 
 def paw_config(args: Args, stage: str) -> paw.PaWConfig:
@@ -520,6 +547,25 @@ class Evaluator:
 # --------------------------------------------------------------------------------------------
 
 
+def peak_memory_gib() -> float:
+    """The peak memory since the last call, in GiB: the accelerator's peak in use where the backend counts it (since
+    the process started: JAX cannot reset it), else this process's peak resident memory (Linux's VmHWM, reset after
+    each read so that each iteration reports its own; elsewhere the peak since the start)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**30
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+        Path("/proc/self/clear_refs").write_text("5")
+        return peak / 2**30
+    except (OSError, IndexError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # KiB on Linux
+
+
 class Logger:
     def __init__(self, out: Path, total_steps: int, start_step: int, args: Args):
         self.path = out / "metrics.jsonl"
@@ -538,7 +584,7 @@ class Logger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=args.method, dynamic_ncols=True)
-        self.shown: dict[str, float] = {}
+        self.shown: dict[str, object] = {}
 
     def log(self, step: int, stage: str, metrics: dict, prefix: str = "train") -> None:
         values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
@@ -551,6 +597,8 @@ class Logger:
                      "train/loss", "train/wm_loss"):
             if name in values:
                 self.shown[name.split("/")[1]] = round(values[name], 3)
+        if "train/peak_memory_gib" in values:
+            self.shown["memory"] = f"{values['train/peak_memory_gib']:.1f}G"
         if self.bar is not None:
             self.bar.set_postfix(self.shown, refresh=True)
 
@@ -666,9 +714,9 @@ class Run:
         return metrics
 
     def finish_step(self, stage_index: int, stage: str, step: int, state: grpo.TrainState, reference, metrics: dict):
-        """Log a step's metrics; evaluate and checkpoint on schedule."""
+        """Log a step's metrics (and the step's peak memory); evaluate and checkpoint on schedule."""
         self.global_step += 1
-        self.logger.log(self.global_step, stage, metrics)
+        self.logger.log(self.global_step, stage, dict(metrics, peak_memory_gib=peak_memory_gib()))
         self.logger.advance()
         last = step + 1 == self.stage_lengths[stage_index]
         every = self.args.eval_every if stage in ("grpo", "paw") else self.args.wm_eval_every
@@ -699,7 +747,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     step_cfg = step_config(args)
     objective = (paw.paw_objective(run.config, step_cfg, cfg) if name == "paw"
                  else grpo.grpo_objective(run.config, step_cfg))
-    update = policy_update(objective, optimizer, state, run.mesh, args.micro_batches)
+    update = sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
     reference_fn = reference_logprobs_fn(run) if reference is not None else None
     sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
     with envs.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
@@ -715,11 +763,10 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
             advantages, _, stats = grpo.advantages(returns, group_ids, args.estimator)
             lambdas = paw.world_model_weights(returns, group_ids, cfg) if name == "paw" else jnp.zeros_like(returns)
             batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, run.pad_id,
-                                     min_rows=run.mesh.size * args.micro_batches, with_observation=name == "paw")
+                                     min_rows=run.mesh.size, with_observation=name == "paw")
             if reference_fn is not None:  # in the update's micro-batches, so it fits where the update does
-                pieces = zip(*(np.split(np.asarray(x), args.micro_batches) for x in (batch.tokens, batch.token_mask)))
-                batch = batch._replace(ref_logprobs=jnp.concatenate(
-                    [reference_fn(reference, tokens, mask) for tokens, mask in pieces]))
+                batch = batch._replace(ref_logprobs=update.map_rows(functools.partial(reference_fn, reference),
+                                                                    batch.tokens, batch.token_mask))
             if name != "paw":
                 batch = grpo.Batch(batch.tokens, batch.token_mask, batch.action_mask, batch.old_logprobs,
                                    batch.ref_logprobs, batch.advantages)
@@ -822,15 +869,16 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
         state, reference = restored["state"], restored.get("reference")
     if name == "rwml":
         scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.tau_d)
-        bound = functools.partial(grpo.grpo_step, step=step_config(args, args.wm_batch * args.wm_group_size))
+        objective = grpo.grpo_objective(run.config, step_config(args))
         rwml_cfg = rwml.RWMLConfig(args.wm_group_size, args.tau_d, args.history,
                                    sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens))
-        reference_fn = reference_logprobs_fn(run) if reference is not None else None
-        reference_of = (lambda tokens, mask: reference_fn(reference, tokens, mask)) if reference_fn else None
     else:
-        bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args, args.wm_batch), temperature=1.0))
+        objective = rwml.sft_objective(run.config, dataclasses.replace(step_config(args), temperature=1.0))
         prompts, labels = rwml.wm_sft_examples(run.tokenizer, train, direct=True)
-    update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer), state, run.mesh)
+    update = sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
+    reference_of = None
+    if name == "rwml" and reference is not None:  # in the update's micro-batches, so it fits where the update does
+        reference_of = functools.partial(update.map_rows, functools.partial(reference_logprobs_fn(run), reference))
     for step in range(start, run.stage_lengths[index]):
         rows = epoch_rows(args.seed, index, step, len(train), args.wm_batch)
         key = jax.random.fold_in(jax.random.fold_in(run.key, index), step)
@@ -869,8 +917,8 @@ def spa_stage(run: Run, index: int, params, start: int, restored: dict | None, d
     state = place(grpo.init_state(params, optimizer), run.mesh)
     if restored is not None:
         state = restored["state"]
-    bound = functools.partial(rwml.sft_step, step=dataclasses.replace(step_config(args, args.spa_batch), temperature=1.0))
-    update = compile_update(functools.partial(bound, model_config=run.config, optimizer=optimizer), state, run.mesh)
+    objective = rwml.sft_objective(run.config, dataclasses.replace(step_config(args), temperature=1.0))
+    update = sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
     for step in range(start, run.stage_lengths[index]):
         rows = epoch_rows(args.seed, index, step, len(examples), args.spa_batch)
         batch = spa.sft_batch([examples[i] for i in rows], run.pad_id, args.spa_mask_world_model)
@@ -916,12 +964,16 @@ def main(args: Args) -> dict:
     check(args)
     game = make_game(args)
     folder, config, params, tokenizer = load_model(args, game)
+    mesh = make_mesh(args.mesh_data, args.mesh_fsdp)
+    print(f"{args.method} on {args.env}: {config.model_type} from {folder} ({lm.count_params(params):,} parameters), "
+          f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), out {args.out}")
+    if args.update_tokens is None:
+        tokens, why = default_update_tokens(config, lm.count_params(params), args, mesh.size)
+        args = dataclasses.replace(args, update_tokens=tokens)
+        print(f"updates in micro-batches of {why} (--update-tokens to change)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
-    mesh = make_mesh(args.mesh_data, args.mesh_fsdp)
-    print(f"{args.method} on {args.env}: {config.model_type} from {folder} ({lm.count_params(params):,} parameters), "
-          f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), out {out}")
     run = Run(args, game, config, tokenizer, mesh, out, jax.random.key(args.seed), Evaluator(args, game, tokenizer, config))
     run.checkpoints = Checkpoints(out / "checkpoints")
     stages = STAGES[args.method]

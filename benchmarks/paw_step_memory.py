@@ -1,14 +1,15 @@
-"""Peak memory and time of one PaW step on a Qwen2.5-0.5B-shaped model (24 layers, random weights), with
-and without rematerialisation and bfloat16 compute, on ALFWorld-length rows.
+"""Peak memory and time of one PaW step on a Qwen2.5-0.5B-shaped model (24 layers, random weights) on ALFWorld-length
+rows, at several lengths, with and without rematerialisation (and optionally bfloat16 compute).
 
-    python benchmarks/paw_step_memory.py            # ~15 minutes on 2 CPU cores
-    python benchmarks/paw_step_memory.py --length 1024   # rows that fit in 24 GB, to time the step
+    python benchmarks/paw_step_memory.py                                # 1,024 / 2,560 / 4,096 tokens: ~25 min on 2 cores
+    python benchmarks/paw_step_memory.py --lengths 2560 --settings float32
 
-One row is 2048 prompt tokens (h_t) and 512 response tokens: a 384-token action, then the 128-token
-next observation that PaW's world-model loss reads. Each setting runs in its own process, so its
-peak resident memory (ru_maxrss) is its own. Reported per setting: XLA's compiled temporaries
-(the activations the backward pass keeps: what remat trades for compute), the process's peak
-resident memory, compile time and the time of one step after compiling.
+A row of 2,560 tokens is 2,048 prompt tokens (h_t) and 512 response tokens: a 384-token action, then the 128-token
+next observation that PaW's world-model loss reads (other lengths keep these shares). Each setting runs in its own
+process, so its peak resident memory (ru_maxrss) is its own. Reported per setting: XLA's compiled temporaries (the
+activations the backward pass keeps: what the blockwise attention keeps linear in length and remat trades for
+compute), the process's peak resident memory (parameters, AdamW's moments and gradients included), compile time and
+the time of one step after compiling.
 """
 
 import argparse
@@ -20,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+SETTINGS = {"float32": ("float32", False), "float32+remat": ("float32", True), "bfloat16": ("bfloat16", False),
+            "bfloat16+remat": ("bfloat16", True)}
 
 
 def one_setting(dtype: str, remat: bool, rows: int, length: int) -> dict:
@@ -72,26 +74,30 @@ def one_setting(dtype: str, remat: bool, rows: int, length: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1, help="rows per step")
-    parser.add_argument("--length", type=int, default=2560, help="tokens per row (2560: 2048 prompt + 512 response)")
-    parser.add_argument("--one", nargs=2, metavar=("DTYPE", "REMAT"), help=argparse.SUPPRESS)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2560, 4096], help="tokens per row")
+    parser.add_argument("--settings", nargs="+", default=["float32", "float32+remat"], choices=list(SETTINGS))
+    parser.add_argument("--one", nargs=3, metavar=("DTYPE", "REMAT", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_setting(args.one[0], args.one[1] == "1", args.rows, args.length)))
+        print(json.dumps(one_setting(args.one[0], args.one[1] == "1", args.rows, int(args.one[2]))))
         return
-    print(f"PaW step, Qwen2.5-0.5B-shaped (24 layers), {args.rows} x {args.length} tokens, one process per setting")
-    print("| compute | remat | XLA temporaries | peak resident | compile | step |")
-    print("|---|---|---|---|---|---|")
-    for dtype, remat in SETTINGS:
-        done = subprocess.run([sys.executable, __file__, "--rows", str(args.rows), "--length", str(args.length),
-                               "--one", dtype, str(int(remat))],
-                              capture_output=True, text=True)
-        if done.returncode:
-            print(f"| {dtype} | {remat} | failed: {done.stderr.strip().splitlines()[-1]} |")
-            continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        step = f"{r['step_s']:.0f} s" if r["step_s"] is not None else f"did not run: {r['error']}"
-        print(f"| {dtype} | {'yes' if remat else 'no'} | {r['temp_gib']:.2f} GiB | {r['peak_rss_gib']:.2f} GiB | "
-              f"{r['compile_s']:.0f} s | {step} |", flush=True)
+    print(f"PaW step, Qwen2.5-0.5B-shaped (24 layers), {args.rows} row(s) a step, one process per setting; "
+          f"load {open('/proc/loadavg').read().split()[0]}")
+    print("| tokens | compute | remat | XLA temporaries | peak resident | compile | step |")
+    print("|---|---|---|---|---|---|---|")
+    for length in args.lengths:
+        for setting in args.settings:
+            dtype, remat = SETTINGS[setting]
+            done = subprocess.run([sys.executable, __file__, "--rows", str(args.rows),
+                                   "--one", dtype, str(int(remat)), str(length)], capture_output=True, text=True)
+            if done.returncode:
+                lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+                print(f"| {length:,} | {dtype} | {'yes' if remat else 'no'} | failed: {lines[-1][:160]} |", flush=True)
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            step = f"{r['step_s']:.0f} s" if r["step_s"] is not None else f"did not run: {r['error']}"
+            print(f"| {length:,} | {dtype} | {'yes' if remat else 'no'} | {r['temp_gib']:.2f} GiB | "
+                  f"{r['peak_rss_gib']:.2f} GiB | {r['compile_s']:.0f} s | {step} |", flush=True)
 
 
 if __name__ == "__main__":

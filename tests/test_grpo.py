@@ -281,19 +281,30 @@ def ragged_batch(seed=0, rows=16, width=64):
     return grpo.Batch(*map(jnp.asarray, (tokens, token_mask, loss_mask, old, old - 0.1, advantages)))
 
 
-def test_length_sorted_micro_batches_hold_every_real_row_once_cut_to_its_length():
+def test_micro_batches_hold_every_real_row_once_within_the_token_budget():
     batch = ragged_batch(seed=1)
-    pieces = grpo.length_sorted_micro_batches(batch, rows=4)
+    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, grpo.StepConfig()), optax.sgd(1.0), token_budget=128)
+    pieces = update.micro_batches(batch)
     lengths = np.asarray(batch.token_mask).sum(1)
-    assert len(pieces) == 3  # 12 real rows in micro-batches of 4; the empty micro-batch is left out
-    assert [p.tokens.shape for p in pieces] == [(4, lm.bucket_length(int(p.token_mask.sum(1).max()))) for p in pieces]
+    for piece in pieces:
+        rows, width = piece.tokens.shape
+        assert width == lm.bucket_length(int(piece.token_mask.sum(1).max()))  # cut to its longest row
+        assert rows * width <= 128 and rows & (rows - 1) == 0  # within the budget, a power of two of rows
+    assert [p.tokens.shape for p in pieces][:2] == [(2, 64), (2, 64)]  # the longest rows first, two of 64 at a time
     assert sorted(int(n) for p in pieces for n in p.token_mask.sum(1) if n) == sorted(int(n) for n in lengths if n)
     cut = np.concatenate([np.pad(p.tokens, ((0, 0), (0, 64 - p.tokens.shape[1]))) for p in pieces])
     whole = {row.tobytes() for row in np.asarray(batch.tokens)[lengths > 0]}
     assert {row.tobytes() for row in cut if row.any()} == whole
     # a batch of padding only still gives one (empty) micro-batch, whose gradient is zero
     padding = batch._replace(token_mask=jnp.zeros_like(batch.token_mask), loss_mask=jnp.zeros_like(batch.loss_mask))
-    assert [p.tokens.shape for p in grpo.length_sorted_micro_batches(padding, rows=4)] == [(4, 16)]
+    assert [p.tokens.shape for p in update.micro_batches(padding)] == [(1, 16)]
+
+
+def test_micro_batches_come_in_multiples_of_the_device_count():
+    lengths = np.array([40, 33, 30, 17, 9, 9, 5, 0])
+    plans = grpo.plan_micro_batches(lengths, 64, token_budget=32, row_multiple=2)
+    assert [(len(rows), width) for rows, width in plans] == [(2, 64), (2, 32), (3, 16)]  # the last filled to 4
+    assert sorted(int(i) for rows, _ in plans for i in rows) == list(range(7))  # the padding row is left out
 
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
@@ -306,11 +317,24 @@ def test_length_sorted_update_is_the_whole_batch_update(aggregation):
     step = grpo.StepConfig(grpo.LossConfig(beta=0.05, aggregation=aggregation), temperature=0.7)
     whole, expected = jax.jit(functools.partial(grpo.grpo_step, model_config=TINY, optimizer=optimizer, step=step))(
         grpo.init_state(params, optimizer), batch)
-    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, step), optimizer, micro_batches=4)
+    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, step), optimizer, token_budget=128)
     pieces, metrics = update(grpo.init_state(params, optimizer), batch)
-    assert len(grpo.length_sorted_micro_batches(batch, 4)) == 3
+    assert len(update.micro_batches(batch)) >= 4
     for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(pieces.params)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     assert metrics.keys() == expected.keys()
     for name in expected:
         np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_rows_mapped_over_micro_batches_come_back_in_row_order():
+    """The reference log-probs computed in the update's micro-batches equal one pass over the whole batch."""
+    params = lm.init_params(TINY, jax.random.key(6))
+    batch = ragged_batch(seed=3)
+    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, grpo.StepConfig()), optax.sgd(1.0), token_budget=128)
+    logprobs = jax.jit(lambda tokens, mask: lm.token_logprobs(params, TINY, tokens, mask)[0])
+    mapped = update.map_rows(logprobs, batch.tokens, batch.token_mask)
+    whole = np.asarray(logprobs(batch.tokens, batch.token_mask))
+    real = np.asarray(batch.token_mask)
+    np.testing.assert_allclose(mapped[real], whole[real], atol=1e-5, rtol=0)  # float32 rounding of other shapes
+    assert not mapped[~real.any(1)].any()  # rows of padding only are in no micro-batch

@@ -182,9 +182,9 @@ def test_length_sorted_update_gives_the_same_paw_update():
                            selected=jnp.where(empty, 0.0, batch.selected))
     whole, expected = sgd_update(paw.paw_step, params, batch)
     optimizer = optax.sgd(0.1)
-    update = grpo.LengthSortedUpdate(paw.paw_objective(TINY, grpo.StepConfig()), optimizer, micro_batches=4)
+    update = grpo.LengthSortedUpdate(paw.paw_objective(TINY, grpo.StepConfig()), optimizer, token_budget=64)
     state, metrics = update(grpo.init_state(params, optimizer), batch)
-    assert [p.tokens.shape for p in grpo.length_sorted_micro_batches(batch, 4)] == [(4, 16)] * 3
+    assert [p.tokens.shape for p in update.micro_batches(batch)] == [(4, 16)] * 3
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     for name in expected:

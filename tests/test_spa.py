@@ -121,7 +121,7 @@ def test_spa_runs_end_to_end_and_its_sft_raises_next_state_prediction(tmp_path, 
             "--spa-tasks", "4", "--spa-rollouts", "4", "--spa-max-turns", "3", "--spa-epochs", "2", "--spa-batch", "8",
             "--iterations", "1", "--groups", "2", "--group-size", "2", "--max-new-tokens", "128",
             "--eval-episodes", "2", "--eval-samples", "2", "--wm-eval-transitions", "16", "--eval-every", "100",
-            "--micro-batches", "4", "--no-progress"]  # as SPA's default responses get: grpo.LengthSortedUpdate
+            "--update-tokens", "256", "--no-progress"]  # several micro-batches in every update
     train.main(tyro.cli(train.Args, args=argv))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluations = {r["stage"]: r for r in records if "eval/success" in r}  # the last evaluation of each stage
