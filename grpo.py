@@ -58,13 +58,18 @@ class GroupStats(NamedTuple):
 
 
 def group_stats(rewards: jax.Array, group_ids: jax.Array, std_ddof: int = 1) -> GroupStats:
-    """Mean, std and size of each sample's group. std_ddof=1 is the unbiased std, as verl computes it."""
+    """Mean, std and size of each sample's group. std_ddof=1 is the unbiased std, as verl computes it.
+
+    A group whose rewards are all equal gets exactly that value as its mean and exactly 0 as its std: the
+    mean's matmul rounds (seven rewards of 0.7 average to 0.7 - 6e-8), and GRPO would amplify that residue
+    by 1 / (std + eps) into an advantage of 0.056.
+    """
     same_group = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)  # [n, n]
     size = same_group.sum(-1)
-    mean = same_group @ rewards / size
-    squares = same_group @ (rewards - mean) ** 2  # each sample's own mean is its group's mean
-    std = jnp.sqrt(squares / jnp.maximum(size - std_ddof, 1))
     zero_variance = (same_group * jnp.abs(rewards[None, :] - rewards[:, None])).max(-1) == 0
+    mean = jnp.where(zero_variance, rewards, same_group @ rewards / size)
+    squares = same_group @ (rewards - mean) ** 2  # each sample's own mean is its group's mean
+    std = jnp.where(zero_variance, 0.0, jnp.sqrt(squares / jnp.maximum(size - std_ddof, 1)))
     return GroupStats(mean, std, size, zero_variance)
 
 
@@ -75,7 +80,8 @@ def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo"
     Returns (advantages, keep, stats). keep [n] bool is False for samples of zero-variance groups
     when filter_zero_variance is set (their advantage is 0 anyway; dropping them also removes
     their tokens from the token-mean denominator, as DAPO's dynamic sampling does). A group of
-    one sample has no baseline: its advantage is 0.
+    one sample has no baseline, and a group of equal rewards nothing to prefer: their advantage is
+    exactly 0, whatever the estimator and eps (with eps = 0, not 0 / 0).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator '{estimator}' is not one of {ESTIMATORS}")
@@ -88,7 +94,7 @@ def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo"
         adv = centred
     else:  # RLOO: R_i - (sum_group - R_i) / (G - 1) = G / (G - 1) * (R_i - mean)
         adv = centred * stats.size / jnp.maximum(stats.size - 1, 1)
-    adv = jnp.where(stats.size > 1, adv, 0.0)
+    adv = jnp.where((stats.size > 1) & ~stats.zero_variance, adv, 0.0)
     keep = ~stats.zero_variance if filter_zero_variance else jnp.ones_like(rewards, bool)
     return adv, keep, stats
 

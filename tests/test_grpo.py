@@ -90,6 +90,36 @@ def test_zero_variance_groups_get_zero_advantage_and_can_be_filtered():
     np.testing.assert_array_equal(stats.zero_variance, [True] * 3 + [False] * 3)
 
 
+@pytest.mark.parametrize("estimator", grpo.ESTIMATORS)
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_groups_of_equal_rewards_get_exactly_zero_advantage(estimator, eps):
+    """A group with no spread has nothing to prefer: its advantage is exactly 0 (not a rounding residue of the
+    mean, amplified by 1 / (std + eps); not 0 / 0 with eps 0), for every estimator and any eps."""
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        sizes = rng.integers(2, 17, rng.integers(1, 4))
+        sizes = np.append(sizes, 50 - sizes.sum())  # one shape for every trial: one compilation
+        values = rng.choice([0.7, 0.3, -0.1, 0.1, 1 / 3, 10.0, -0.4], len(sizes))
+        equal = rng.random(len(sizes)) < 0.7
+        rewards = np.concatenate([np.full(n, v) if same else rng.normal(v, 1.0, n)
+                                  for n, v, same in zip(sizes, values, equal)]).astype(np.float32)
+        groups = np.repeat(np.arange(len(sizes)), sizes)
+        adv, _, stats = grpo.advantages(jnp.asarray(rewards), jnp.asarray(groups), estimator, eps=eps)
+        adv = np.asarray(adv)
+        on_equal = np.repeat(equal, sizes)
+        assert (adv[on_equal] == 0.0).all(), (trial, rewards, adv)
+        assert np.isfinite(adv).all()
+        np.testing.assert_array_equal(np.asarray(stats.mean)[on_equal], rewards[on_equal])  # the exact value
+        np.testing.assert_array_equal(np.asarray(stats.std)[on_equal], 0.0)
+
+
+def test_seven_rewards_of_0_7_and_four_of_3_with_eps_0_get_zero_advantage():
+    adv, _, _ = grpo.advantages(jnp.full(7, 0.7), jnp.zeros(7, jnp.int32))
+    np.testing.assert_array_equal(adv, 0.0)  # was 0.056 each
+    adv, _, _ = grpo.advantages(jnp.full(4, 3.0), jnp.zeros(4, jnp.int32), eps=0.0)
+    np.testing.assert_array_equal(adv, 0.0)  # was NaN
+
+
 # ---- the loss ----
 
 
