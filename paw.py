@@ -144,12 +144,15 @@ class PaWBatch(NamedTuple):
 
 def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np.ndarray,
               trajectory_lambdas: np.ndarray, cfg: PaWConfig = PaWConfig(), pad_id: int = 0,
-              min_bucket: int = 16, min_rows: int = 1, with_observation: bool = True) -> tuple[PaWBatch, dict]:
+              min_bucket: int = 16, min_rows: int = 1, with_observation: bool = True,
+              trajectory_keep: np.ndarray | None = None) -> tuple[PaWBatch, dict]:
     """Every turn of every trajectory as a row [prompt ; response ; next observation], from the exact
     rollout ids. A turn gets its trajectory's advantage and lambda; the entropy selection ranks all turns.
 
     Rows are padded (all masks 0) to a power of two, at least min_rows, so jit sees a handful of
     shapes. with_observation=False leaves o_{t+1} out: plain GRPO rows, without the extra tokens.
+    trajectory_keep [trajectories] bool (grpo.advantages' keep): the turns of a trajectory it marks False
+    get no action tokens, so they leave the RL loss; their world-model loss stays.
     """
     turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
     if not with_observation:
@@ -172,7 +175,7 @@ def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np
         end = o + len(turn.next_observation_ids)
         tokens[row, :end] = np.concatenate([turn.prompt_ids, turn.response_ids, turn.next_observation_ids])
         token_mask[row, :end] = True
-        action_mask[row, a:o] = 1.0
+        action_mask[row, a:o] = 1.0 if trajectory_keep is None else float(trajectory_keep[index])
         observation_mask[row, o:end] = 1.0
         old_logprobs[row, a:o] = turn.response_logprobs
         advantages[row, a:o] = trajectory_advantages[index]

@@ -117,6 +117,9 @@ class Args:
     """loss aggregation (token-mean: verl's default)"""
     estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
     """group advantage: std-normalised (GRPO), centred only (Dr.GRPO), leave-one-out (RLOO)"""
+    filter_zero_variance: bool = False
+    """drop groups whose rewards are all equal (advantage 0) from the RL loss, so they leave the token-mean
+    denominator too (DAPO's dynamic sampling, without resampling); policy RL and RWML"""
     temperature: float = 1.0
     """rollout temperature (log-probs are recomputed at it)"""
     max_new_tokens: int | None = None
@@ -712,10 +715,12 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
                                         timings)
             returns = jnp.asarray([t.total_reward for t in trajectories], jnp.float32)
             group_ids = jnp.asarray([t.group for t in trajectories])
-            advantages, _, stats = grpo.advantages(returns, group_ids, args.estimator)
+            advantages, keep, stats = grpo.advantages(returns, group_ids, args.estimator,
+                                                      filter_zero_variance=args.filter_zero_variance)
             lambdas = paw.world_model_weights(returns, group_ids, cfg) if name == "paw" else jnp.zeros_like(returns)
             batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, run.pad_id,
-                                     min_rows=run.mesh.size * args.micro_batches, with_observation=name == "paw")
+                                     min_rows=run.mesh.size * args.micro_batches, with_observation=name == "paw",
+                                     trajectory_keep=np.asarray(keep))
             if reference_fn is not None:  # in the update's micro-batches, so it fits where the update does
                 pieces = zip(*(np.split(np.asarray(x), args.micro_batches) for x in (batch.tokens, batch.token_mask)))
                 batch = batch._replace(ref_logprobs=jnp.concatenate(
@@ -824,7 +829,8 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
         scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.tau_d)
         bound = functools.partial(grpo.grpo_step, step=step_config(args, args.wm_batch * args.wm_group_size))
         rwml_cfg = rwml.RWMLConfig(args.wm_group_size, args.tau_d, args.history,
-                                   sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens))
+                                   sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens),
+                                   args.filter_zero_variance)
         reference_fn = reference_logprobs_fn(run) if reference is not None else None
         reference_of = (lambda tokens, mask: reference_fn(reference, tokens, mask)) if reference_fn else None
     else:
