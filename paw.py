@@ -78,7 +78,8 @@ def action_entropy(response_entropies: Sequence[np.ndarray], response_logprobs: 
 
 def select_by_entropy(entropies: np.ndarray, alpha: float) -> np.ndarray:
     """[n] bool: the ceil(alpha * n) highest-entropy transitions of the whole update (ties: earlier first)."""
-    count = int(np.ceil(alpha * len(entropies)))
+    # rounded first: 0.55 * 100 is 55.00000000000001, whose ceiling would select 56
+    count = int(np.ceil(round(alpha * len(entropies), 9)))
     chosen = np.argsort(-np.asarray(entropies), kind="stable")[:count]
     selected = np.zeros(len(entropies), bool)
     selected[chosen] = True

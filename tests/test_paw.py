@@ -27,6 +27,13 @@ def test_selection_keeps_the_top_alpha_by_action_entropy_ranked_globally():
     assert entropies[selected].min() >= entropies[~selected].max()
 
 
+@pytest.mark.parametrize("alpha, n, expected", [(0.55, 100, 55), (0.07, 100, 7), (0.75, 37, 28), (0.29, 100, 29),
+                                                 (0.1, 10, 1), (1.0, 9, 9), (0.0, 9, 0)])
+def test_selection_size_is_the_exact_ceiling_of_alpha_n_despite_float_rounding(alpha, n, expected):
+    """0.55 * 100 is 55.00000000000001 in floating point; its ceiling must still be 55, not 56."""
+    assert paw.select_by_entropy(np.arange(n, dtype=float), alpha).sum() == expected
+
+
 def test_action_entropy_full_and_sampled_forms():
     entropies = [np.array([1.0, 2.0, 3.0]), np.array([0.5])]
     logprobs = [np.log(np.array([0.5, 0.25, 1.0])), np.log(np.array([0.1]))]
