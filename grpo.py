@@ -192,7 +192,8 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: 
         "clip_fraction": (clip_active * mask).sum(),
         "kl_ref": (kl * mask).sum(),
         "entropy": (entropy * mask).sum(),
-        "approx_kl_old": ((jnp.exp(-log_ratio) - 1.0 + log_ratio) * mask).sum(),  # k3 of pi_old vs pi_theta
+        # k3 of KL(pi_old || pi_theta) from pi_old's samples: r - 1 - log r with r = pi_theta / pi_old
+        "approx_kl_old": ((jnp.exp(log_ratio) - 1.0 - log_ratio) * mask).sum(),
         "ratio": (ratio * mask).sum(),
         "tokens": mask.sum(),
     }
@@ -367,7 +368,8 @@ def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimize
       clip_fraction   share of loss tokens whose ratio is clipped (gradient zeroed by the clip)
       kl_ref          mean per-token KL(pi_theta || pi_ref) by the chosen estimator (0 when beta = 0)
       entropy         mean full-distribution entropy of pi_theta on loss tokens
-      approx_kl_old   mean k3 estimate of KL(pi_old || pi_theta): how far this update's policy moved
+      approx_kl_old   mean k3 estimate of KL(pi_old || pi_theta), unbiased under the tokens' sampling policy pi_old:
+                      r - 1 - log r, r = pi_theta / pi_old; how far this update's policy moved
       ratio           mean pi_theta / pi_old (1 on-policy)
       grad_norm       global norm of the gradient before clipping
       tokens          number of loss tokens in the batch

@@ -143,6 +143,26 @@ def test_kl_estimators_match_their_definitions():
     assert np.isfinite(grpo.kl_penalty(jnp.array([0.0]), jnp.array([-500.0]), "k3", 20.0)).all()  # clamped
 
 
+def test_approx_kl_old_estimates_kl_of_pi_old_from_pi_theta_under_pi_old_samples():
+    """Tokens are sampled from pi_old. Over a categorical distribution, the metric's expectation under pi_old (each
+    outcome a token whose mask is its pi_old probability) is exactly KL(pi_old || pi_theta); a large sample agrees."""
+    rng = np.random.default_rng(4)
+    pi_old, pi_theta = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
+    exact = float(np.sum(pi_old * np.log(pi_old / pi_theta)))
+    assert exact > 0.05 and abs(exact - float(np.sum(pi_theta * np.log(pi_theta / pi_old)))) > 0.01  # not symmetric
+
+    def metric(outcomes, weights):
+        logp = jnp.asarray(np.log(pi_theta[outcomes])[None], jnp.float32)
+        old = jnp.asarray(np.log(pi_old[outcomes])[None], jnp.float32)
+        terms = grpo.grpo_loss(logp, old, logp, jnp.zeros_like(logp), jnp.asarray(weights[None], jnp.float32),
+                               grpo.LossConfig(beta=0.0))
+        return float(terms.token_sums["approx_kl_old"] / terms.token_sums["tokens"])
+
+    np.testing.assert_allclose(metric(np.arange(6), pi_old), exact, rtol=1e-5)
+    samples = rng.choice(6, 200_000, p=pi_old)
+    np.testing.assert_allclose(metric(samples, np.ones(len(samples))), exact, rtol=0.05)
+
+
 def test_clip_fraction_counts_tokens_whose_gradient_the_clip_removes():
     logp = jnp.log(jnp.array([[1.5, 0.5, 1.1, 0.7]]))  # ratios against old = 0
     adv = jnp.array([[1.0, -1.0, 1.0, 1.0]])  # clipped: 1.5 with A>0, 0.5 with A<0; not 1.1, not 0.7 with A>0
