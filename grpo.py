@@ -17,8 +17,12 @@ Aggregation, the source of the field's best-known GRPO bugs, is explicit. The lo
 over loss tokens divided by a denominator fixed by the whole batch:
 
     token-mean                sum_i sum_t loss_it / (number of loss tokens in the batch)
-    seq-mean-token-mean       sum_i (sum_t loss_it / n_i) / (number of sequences)
+    seq-mean-token-mean       sum_i (sum_t loss_it / n_i) / (number of sequences with loss tokens)
     seq-mean-token-sum-norm   sum_i (sum_t loss_it / max_length) / (number of sequences)   (Dr.GRPO)
+
+Dr.GRPO's max_length is one constant, the generation budget (train.py sets it), so that a token's weight does not
+depend on how long the other responses were, and its number of sequences is every sequence of the batch (rows of
+padding only, added to round the batch up, are not sequences).
 
 `grpo_loss` returns the numerator and the denominator separately, so summing numerators over
 micro-batches and dividing once by the batch's denominator is exactly the large-batch loss:
@@ -123,7 +127,8 @@ class LossConfig:
     aggregation: str = "token-mean"
     """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)"""
     max_length: int = 0
-    """the constant of seq-mean-token-sum-norm; 0 uses the batch's sequence length"""
+    """the constant of seq-mean-token-sum-norm: the generation budget (max new tokens); 0 uses the batch's padded
+    width, which changes from batch to batch and is not Dr.GRPO's constant"""
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -142,11 +147,19 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str, cla
     return jnp.exp(-log_ratio) - 1.0 + log_ratio  # k3: r - 1 - log r with r = pi_ref / pi_theta
 
 
-def loss_denominator(loss_mask: jax.Array, aggregation: str) -> jax.Array:
-    """What the summed token losses of the whole batch are divided by."""
+def loss_denominator(loss_mask: jax.Array, aggregation: str, token_mask: jax.Array | None = None) -> jax.Array:
+    """What the summed token losses of the whole batch are divided by.
+
+    token_mask [batch, time] tells sequences from rows of padding only (no real token), which Dr.GRPO's count of
+    sequences leaves out; without it every row is a sequence.
+    """
     if aggregation == "token-mean":
         return loss_mask.sum()
-    return (loss_mask.sum(-1) > 0).sum()  # sequences that have any loss token
+    if aggregation == "seq-mean-token-mean":
+        return (loss_mask.sum(-1) > 0).sum()  # the mean of a sequence without loss tokens is undefined
+    if token_mask is None:
+        return jnp.asarray(loss_mask.shape[0], jnp.float32)
+    return token_mask.any(-1).sum()
 
 
 class LossTerms(NamedTuple):
@@ -156,12 +169,13 @@ class LossTerms(NamedTuple):
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: LossConfig = LossConfig(),
-              entropies=None, length=None) -> LossTerms:
+              entropies=None, length=None, token_mask=None) -> LossTerms:
     """The GRPO loss of per-token arrays, all [batch, time]. loss_mask: 1 on the tokens the policy is trained on.
 
     Tokens with mask 0 contribute nothing, to the loss or its gradient, whatever their values.
     length: the sequence length of seq-mean-token-sum-norm when cfg.max_length is 0 (default: these arrays'),
-    so a micro-batch cut shorter than its batch keeps the batch's constant.
+    so a micro-batch cut shorter than its batch keeps the batch's constant. token_mask: the real tokens, so the
+    denominator does not count rows of padding as sequences (loss_denominator).
     """
     mask = loss_mask.astype(jnp.float32)
     on = mask > 0
@@ -197,7 +211,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: 
         "ratio": (ratio * mask).sum(),
         "tokens": mask.sum(),
     }
-    return LossTerms(numerator, loss_denominator(loss_mask, cfg.aggregation), token_sums)
+    return LossTerms(numerator, loss_denominator(loss_mask, cfg.aggregation, token_mask), token_sums)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +318,7 @@ def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
     cfg = step.loss
 
     def totals(batch: Batch) -> dict:
-        return {"denominator": jnp.maximum(loss_denominator(batch.loss_mask, cfg.aggregation), 1),
+        return {"denominator": jnp.maximum(loss_denominator(batch.loss_mask, cfg.aggregation, batch.token_mask), 1),
                 "length": jnp.float32(batch.tokens.shape[-1])}
 
     def loss(params, micro: Batch, totals: dict):

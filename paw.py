@@ -193,7 +193,8 @@ def paw_objective(model_config: lm.Config, step: grpo.StepConfig, cfg: PaWConfig
     dtype = None if step.compute_dtype is None else jnp.dtype(step.compute_dtype)
 
     def totals(batch: PaWBatch) -> dict:
-        return {"denominator": jnp.maximum(grpo.loss_denominator(batch.action_mask, loss_cfg.aggregation), 1),
+        return {"denominator": jnp.maximum(grpo.loss_denominator(batch.action_mask, loss_cfg.aggregation,
+                                                                 batch.token_mask), 1),
                 "selected": batch.selected.sum(), "length": jnp.float32(batch.tokens.shape[-1]),
                 "lambda": (batch.wm_lambda * batch.selected).sum(), "rows": batch.token_mask.any(-1).sum()}
 

@@ -115,6 +115,9 @@ class Args:
     """entropy bonus coefficient"""
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """loss aggregation (token-mean: verl's default)"""
+    loss_max_length: int | None = None
+    """Dr.GRPO's constant under seq-mean-token-sum-norm (each sequence's token sum is divided by it); default the
+    stage's generation budget: --max-new-tokens, and --wm-max-new-tokens for RWML"""
     estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
     """group advantage: std-normalised (GRPO), centred only (Dr.GRPO), leave-one-out (RLOO)"""
     filter_zero_variance: bool = False
@@ -435,11 +438,13 @@ def place(tree, mesh: Mesh):
     return jax.device_put(tree, state_sharding(tree, mesh), may_alias=False)
 
 
-def step_config(args: Args, rows: int | None = None) -> grpo.StepConfig:
-    """The update's configuration; with a fixed batch of `rows`, at most --micro-batches pieces that divide it."""
+def step_config(args: Args, rows: int | None = None, budget: int | None = None) -> grpo.StepConfig:
+    """The update's configuration; with a fixed batch of `rows`, at most --micro-batches pieces that divide it.
+    budget: the stage's most new tokens per response (default --max-new-tokens), Dr.GRPO's constant."""
     micro_batches = args.micro_batches if rows is None else math.gcd(args.micro_batches, rows)
+    max_length = args.loss_max_length or budget or args.max_new_tokens
     loss = grpo.LossConfig(args.clip_low, args.clip_high, args.beta, args.kl_estimator, entropy_coef=args.entropy_coef,
-                           aggregation=args.aggregation)
+                           aggregation=args.aggregation, max_length=max_length)
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
     return grpo.StepConfig(loss, args.temperature, micro_batches, remat=args.remat, compute_dtype=dtype)
 
@@ -827,7 +832,8 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
         state, reference = restored["state"], restored.get("reference")
     if name == "rwml":
         scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.tau_d)
-        bound = functools.partial(grpo.grpo_step, step=step_config(args, args.wm_batch * args.wm_group_size))
+        bound = functools.partial(grpo.grpo_step, step=step_config(args, args.wm_batch * args.wm_group_size,
+                                                                   args.wm_max_new_tokens))
         rwml_cfg = rwml.RWMLConfig(args.wm_group_size, args.tau_d, args.history,
                                    sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens),
                                    args.filter_zero_variance)

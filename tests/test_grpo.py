@@ -33,8 +33,11 @@ def np_advantages(rewards, groups, estimator, eps=1e-6, ddof=1):
     return out
 
 
-def np_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, kl, entropy_coef, entropies, aggregation, max_length, clamp=20.0):
+def np_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, kl, entropy_coef, entropies, aggregation, max_length,
+            clamp=20.0, sequences=None):
+    """sequences [batch] bool: the rows that are sequences of the batch, not padding (default: every row)."""
     batch, time_ = logp.shape
+    sequences = np.ones(batch, bool) if sequences is None else sequences
     per_token = np.zeros((batch, time_))
     for b in range(batch):
         for t in range(time_):
@@ -47,12 +50,11 @@ def np_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, kl, entropy_co
             per_token[b, t] = (-surrogate + beta * penalty - entropy_coef * entropies[b, t]) * mask[b, t]
     if aggregation == "token-mean":
         return per_token.sum() / mask.sum()
-    has_tokens = mask.sum(1) > 0
-    if aggregation == "seq-mean-token-mean":
-        per_seq = [per_token[b].sum() / mask[b].sum() for b in range(batch) if has_tokens[b]]
-    else:
-        per_seq = [per_token[b].sum() / max_length for b in range(batch) if has_tokens[b]]
-    return sum(per_seq) / has_tokens.sum()
+    if aggregation == "seq-mean-token-mean":  # the mean over sequences of their token means (those with tokens)
+        has_tokens = mask.sum(1) > 0
+        return sum(per_token[b].sum() / mask[b].sum() for b in range(batch) if has_tokens[b]) / has_tokens.sum()
+    # Dr.GRPO: 1/G sum_i 1/MAX_TOKENS sum_t loss_it, over every sequence of the batch (one without loss tokens too)
+    return sum(per_token[b].sum() / max_length for b in range(batch) if sequences[b]) / sequences.sum()
 
 
 def random_loss_inputs(seed=0, batch=6, time_=9):
@@ -132,6 +134,31 @@ def test_loss_matches_numpy(aggregation, kl):
     terms = grpo.grpo_loss(*map(jnp.asarray, (logp, old, ref, adv, mask)), cfg, entropies=jnp.asarray(entropies))
     expected = np_loss(logp, old, ref, adv, mask, 0.2, 0.28, 0.05, kl, 0.01, entropies, aggregation, 12)
     np.testing.assert_allclose(terms.numerator / terms.denominator, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dr_grpo_divides_each_sequence_by_the_budget_and_averages_over_every_sequence_but_padding():
+    """seq-mean-token-sum-norm against numpy: the sum of each sequence's token losses / max_length, averaged over the
+    batch's sequences (a row without loss tokens counts, rows of padding only do not); padding the batch wider or
+    with more padding rows changes nothing, and grpo_objective's denominator is the same count."""
+    logp, old, ref, adv, mask, entropies = random_loss_inputs(3, batch=8)
+    token_mask = np.ones(mask.shape, bool)
+    token_mask[-2:] = False  # rows of padding (a batch rounded up to a device multiple)
+    mask[-2:] = 0
+    mask[3] = 0  # a sequence whose loss tokens were all filtered out: still a sequence
+    cfg = grpo.LossConfig(beta=0.05, entropy_coef=0.01, aggregation="seq-mean-token-sum-norm", max_length=32)
+    expected = np_loss(logp, old, ref, adv, mask, 0.2, 0.2, 0.05, "k3", 0.01, entropies, cfg.aggregation, 32,
+                       sequences=token_mask.any(1))
+
+    def ours(pad_columns=0, pad_rows=0):
+        widen = lambda x: np.pad(x, ((0, pad_rows), (0, pad_columns)))
+        arrays = [jnp.asarray(widen(x)) for x in (logp, old, ref, adv, mask, entropies)]
+        terms = grpo.grpo_loss(*arrays[:5], cfg, entropies=arrays[5], token_mask=jnp.asarray(widen(token_mask)))
+        return float(terms.numerator / terms.denominator), float(terms.denominator)
+
+    assert ours() == pytest.approx((expected, 6), rel=1e-5)
+    assert ours(pad_columns=23, pad_rows=8) == pytest.approx((expected, 6), rel=1e-5)
+    batch = grpo.Batch(jnp.zeros(mask.shape, jnp.int32), jnp.asarray(token_mask), *map(jnp.asarray, (mask, old, ref, adv)))
+    assert float(grpo.grpo_objective(TINY, grpo.StepConfig(cfg)).totals(batch)["denominator"]) == 6
 
 
 def test_kl_estimators_match_their_definitions():

@@ -263,6 +263,15 @@ def test_world_model_exact_match_equals_greedy_generation(cache, tmp_path):
     assert any(seen) and not all(seen)  # both outcomes occur: the comparison is not vacuous
 
 
+def test_dr_grpo_constant_is_the_stage_generation_budget_unless_set():
+    """seq-mean-token-sum-norm divides by one constant, the response cap, not the batch's padded width (0)."""
+    args = train.settle(tyro.cli(train.Args, args=["--aggregation", "seq-mean-token-sum-norm", "--max-new-tokens", "24",
+                                                   "--wm-max-new-tokens", "40"]))
+    assert train.step_config(args).loss.max_length == 24
+    assert train.step_config(args, 8, budget=args.wm_max_new_tokens).loss.max_length == 40  # RWML's predictions
+    assert train.step_config(dataclasses_replace(args, loss_max_length=100)).loss.max_length == 100
+
+
 def dataclasses_replace(args, **changes):
     import dataclasses
 
