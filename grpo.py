@@ -83,7 +83,8 @@ def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo"
 
     Returns (advantages, keep, stats). keep [n] bool is False for samples of zero-variance groups
     when filter_zero_variance is set (their advantage is 0 anyway; dropping them also removes
-    their tokens from the token-mean denominator, as DAPO's dynamic sampling does). A group of
+    their tokens from the token-mean denominator, as DAPO's dynamic sampling does; Dr.GRPO's count of
+    sequences still counts them, their rows being real). A group of
     one sample has no baseline, and a group of equal rewards nothing to prefer: their advantage is
     exactly 0, whatever the estimator and eps (with eps = 0, not 0 / 0).
     """
