@@ -179,14 +179,11 @@ def score_texts(texts: Sequence[str], triplets: Sequence[Triplet], samples: int,
 
 @dataclasses.dataclass(frozen=True)
 class RWMLConfig:
-    """The RWML update (ALFWorld defaults of methods.md section 2)."""
+    """The RWML update (ALFWorld defaults of methods.md section 2). The reward's threshold tau_d lives in the
+    scorer (cosine_scorer), the history H in the triplets (triplets_from_rollouts)."""
 
     group_size: int = 8
     """G predictions per triplet: one GRPO group"""
-    tau_d: float = 0.2
-    """the training reward's distance threshold (ALFWorld 0.2; tau2 user replies 0.4)"""
-    history: int = 2
-    """H: earlier turns in the world-model prompt (the paper does not give it; verl-agent uses 2)"""
     sampling: sampler.SamplingParams = sampler.SamplingParams(temperature=1.0, max_new_tokens=128)
     filter_zero_variance: bool = False
     """drop the predictions of triplets whose G rewards are all equal from the loss (DAPO's dynamic sampling)"""

@@ -449,7 +449,8 @@ def step_config(args: Args, rows: int | None = None, budget: int | None = None) 
     return grpo.StepConfig(loss, args.temperature, micro_batches, remat=args.remat, compute_dtype=dtype)
 
 
-def paw_config(args: Args, stage: str) -> paw.PaWConfig:
+def paw_config(args: Args) -> paw.PaWConfig:
+    """PaW's settings from the command line (policy_stage builds them for GRPO too: its lambdas are then unused)."""
     return paw.PaWConfig(args.alpha, args.rho, args.wm_loss, args.entropy_form, args.lambda_mode, args.fixed_lambda,
                          args.r_max, args.clip_lambda)
 
@@ -703,7 +704,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     reference = place(params, run.mesh) if _uses_reference(args, name) else None
     if restored is not None:
         state, reference = restored["state"], restored.get("reference")
-    cfg = paw_config(args, name)
+    cfg = paw_config(args)
     step_cfg = step_config(args)
     objective = (paw.paw_objective(run.config, step_cfg, cfg) if name == "paw"
                  else grpo.grpo_objective(run.config, step_cfg))
@@ -834,8 +835,7 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
         scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.tau_d)
         bound = functools.partial(grpo.grpo_step, step=step_config(args, args.wm_batch * args.wm_group_size,
                                                                    args.wm_max_new_tokens))
-        rwml_cfg = rwml.RWMLConfig(args.wm_group_size, args.tau_d, args.history,
-                                   sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens),
+        rwml_cfg = rwml.RWMLConfig(args.wm_group_size, sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens),
                                    args.filter_zero_variance)
         reference_fn = reference_logprobs_fn(run) if reference is not None else None
         reference_of = (lambda tokens, mask: reference_fn(reference, tokens, mask)) if reference_fn else None

@@ -272,6 +272,13 @@ def test_dr_grpo_constant_is_the_stage_generation_budget_unless_set():
     assert train.step_config(dataclasses_replace(args, loss_max_length=100)).loss.max_length == 100
 
 
+def test_paw_config_carries_the_paw_flags():
+    args = train.settle(tyro.cli(train.Args, args=["--alpha", "0.5", "--rho", "0.3", "--lambda-mode", "fixed",
+                                                   "--fixed-lambda", "0.25"]))
+    cfg = train.paw_config(args)
+    assert (cfg.alpha, cfg.rho, cfg.lambda_mode, cfg.fixed_lambda, cfg.r_max) == (0.5, 0.3, "fixed", 0.25, 1.0)
+
+
 def dataclasses_replace(args, **changes):
     import dataclasses
 
