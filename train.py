@@ -300,8 +300,72 @@ def settle(args: Args) -> Args:
     return args
 
 
+# Every number on the command line: (field, what it must be, the test, an example for the fix). Checked after
+# settle(), so fields the recipe fills hold numbers; one that is still None (e.g. --loss-max-length) is skipped.
+AT_LEAST_ONE = ("at least 1", lambda v: v >= 1)
+RATE = ("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+FRACTION = ("in [0, 1]", lambda v: math.isfinite(v) and 0 <= v <= 1)
+DISTANCE = ("in [0, 2] (1 - cos lies there)", lambda v: math.isfinite(v) and 0 <= v <= 2)
+NUMBER_RULES = [
+    ("iterations", *AT_LEAST_ONE, "150"), ("groups", *AT_LEAST_ONE, "16"), ("group_size", *AT_LEAST_ONE, "8"),
+    ("max_turns", *AT_LEAST_ONE, "10"), ("learning_rate", *RATE, "1e-6"),
+    ("weight_decay", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0, "0.01"),
+    ("max_grad_norm", *RATE, "1.0"),
+    ("clip_low", "in [0, 1) (the ratio is clipped below at 1 - clip_low)", lambda v: math.isfinite(v) and 0 <= v < 1, "0.2"),
+    ("clip_high", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0, "0.2"),
+    ("beta", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0, "0.01"),
+    ("entropy_coef", "a finite number", math.isfinite, "0"),
+    ("temperature", "a finite number > 0 (log-probs are recomputed at it)", lambda v: math.isfinite(v) and v > 0, "1.0"),
+    ("max_new_tokens", *AT_LEAST_ONE, "512"), ("history", "at least 0", lambda v: v >= 0, "2"),
+    ("loss_max_length", *AT_LEAST_ONE, "512"),
+    ("alpha", *FRACTION, "0.75"), ("rho", *FRACTION, "0.2"), ("fixed_lambda", "a finite number", math.isfinite, "1.0"),
+    ("r_max", *RATE, "10"),
+    ("wm_tasks", *AT_LEAST_ONE, "2048"), ("wm_rollouts", *AT_LEAST_ONE, "3"), ("wm_max_turns", *AT_LEAST_ONE, "30"),
+    ("wm_epochs", *AT_LEAST_ONE, "2"), ("wm_batch", *AT_LEAST_ONE, "32"), ("wm_group_size", *AT_LEAST_ONE, "8"),
+    ("wm_learning_rate", *RATE, "1e-6"), ("sft_learning_rate", *RATE, "2e-6"),
+    ("wm_max_new_tokens", *AT_LEAST_ONE, "512"), ("tau_d", *DISTANCE, "0.2"),
+    ("filter_samples", *AT_LEAST_ONE, "10"), ("tau_easy", *FRACTION, "0"), ("keep_easy", *FRACTION, "0.1"),
+    ("target_easy_fraction", "a finite number <= 1 (<= 0: use --filter-tau-d)", lambda v: math.isfinite(v) and v <= 1, "0.3"),
+    ("filter_tau_d", *DISTANCE, "0.1"),
+    ("spa_tasks", *AT_LEAST_ONE, "160"), ("spa_rollouts", *AT_LEAST_ONE, "8"), ("spa_max_turns", *AT_LEAST_ONE, "5"),
+    ("spa_epochs", *AT_LEAST_ONE, "5"), ("spa_learning_rate", *RATE, "1e-4"), ("spa_batch", *AT_LEAST_ONE, "32"),
+    ("actions_per_turn", *AT_LEAST_ONE, "1"),
+    ("eval_every", *AT_LEAST_ONE, "10"), ("wm_eval_every", *AT_LEAST_ONE, "10"),
+    ("eval_episodes", *AT_LEAST_ONE, "128"),
+    ("eval_temperature", "a finite number >= 0 (0: greedy)", lambda v: math.isfinite(v) and v >= 0, "0.4"),
+    ("eval_samples", *AT_LEAST_ONE, "1"), ("eval_max_turns", *AT_LEAST_ONE, "10"),
+    ("wm_eval_transitions", *AT_LEAST_ONE, "128"), ("checkpoint_every", *AT_LEAST_ONE, "10"),
+    ("mesh_data", *AT_LEAST_ONE, "1"), ("mesh_fsdp", "at least 1, or -1 (every device left)",
+                                        lambda v: v >= 1 or v == -1, "-1"),
+    ("micro_batches", *AT_LEAST_ONE, "1"), ("workers", "at least 0 (0: in process)", lambda v: v >= 0, "0"),
+    ("pretrain_steps", *AT_LEAST_ONE, str(pretrain.PretrainConfig.steps)),
+    ("pretrain_episodes", *AT_LEAST_ONE, str(pretrain.PretrainConfig.episodes)),
+]
+
+
+def number_problems(args: Args) -> list[str]:
+    """One message per number out of its range (NaN and infinity included), and per group too small to compare."""
+    problems = []
+    for name, requirement, ok, example in NUMBER_RULES:
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            flag = "--" + name.replace("_", "-")
+            problems.append(f"{flag} must be {requirement}, not {value}. Fix: pass e.g. {flag} {example}.")
+    stages = STAGES[args.method]
+    if any(stage in ("grpo", "paw") for stage in stages) and args.group_size == 1:
+        problems.append("--group-size must be at least 2 for policy RL, not 1: a group of one rollout has no baseline, "
+                        "so every advantage is 0 and nothing is trained. Fix: pass e.g. --group-size 8.")
+    if "rwml" in stages and args.wm_group_size == 1:
+        problems.append("--wm-group-size must be at least 2 for RWML, not 1: a group of one prediction has no baseline, "
+                        "so every advantage is 0 and nothing is trained. Fix: pass e.g. --wm-group-size 8.")
+    return problems
+
+
 def check(args: Args) -> None:
     """Every input a user can get wrong, checked before anything is written."""
+    problems = number_problems(args)
+    if problems:
+        raise UsageError("\n".join(problems))
     if args.method == "spa" and args.env == "alfworld":
         raise UsageError("SPA needs the true state of the game (state estimation), which only the grid games render. "
                          "Fix: --env frozenlake, sokoban or sudoku.")
@@ -332,12 +396,6 @@ def check(args: Args) -> None:
     if (args.wm_batch * args.wm_group_size) % devices or args.wm_batch % devices:
         raise UsageError(f"--wm-batch {args.wm_batch} (x --wm-group-size {args.wm_group_size} for RWML) must split "
                          f"evenly over the {devices} devices. Fix: make it a multiple of {devices}.")
-    positive = {"iterations": args.iterations, "groups": args.groups, "group_size": args.group_size,
-                "eval_every": args.eval_every, "wm_eval_every": args.wm_eval_every,
-                "checkpoint_every": args.checkpoint_every, "wm_batch": args.wm_batch}
-    for name, value in positive.items():
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
     out = Path(args.out)
     if not args.resume and (out / "checkpoints").exists():
         raise UsageError(f"{out} already holds a run. Fix: add --resume to continue it, or choose another --out.")
