@@ -617,7 +617,22 @@ def load_tokenizer(model: str | Path):
     """The checkpoint's tokenizer (chat template included) through transformers.AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_checkpoint(model)))
+    folder = resolve_checkpoint(model)
+    why = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        # a folder without tokenizer files still gives a tokenizer (of the config's model type), with no vocabulary
+        if not tokenizer.encode("a", add_special_tokens=False):
+            why = "the tokenizer transformers built from it encodes 'a' to no ids"
+    except (OSError, ValueError) as error:
+        why = f"{type(error).__name__}: {error}"
+    if why is not None:
+        raise CheckpointError(
+            f"{folder} holds no usable tokenizer ({why}; found: {', '.join(sorted(p.name for p in folder.iterdir()))}). "
+            "Fix: add the tokenizer of the model these weights come from (tokenizer.json, or tokenizer_config.json "
+            f"with its vocabulary files), e.g. AutoTokenizer.from_pretrained(BASE_MODEL).save_pretrained('{folder}')."
+        )
+    return tokenizer
 
 
 def save_checkpoint(folder: str | Path, config: Config, params: Params, tokenizer=None,

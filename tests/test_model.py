@@ -198,6 +198,14 @@ def test_weight_of_the_wrong_shape_names_the_weight_and_both_shapes(hf_checkpoin
         M.load_checkpoint(tmp_path / "ckpt")
 
 
+def test_folder_without_tokenizer_files_names_the_problem(hf_checkpoint):
+    """save_pretrained of a model writes no tokenizer; transformers would quietly build one that encodes nothing."""
+    folder, _ = hf_checkpoint("qwen2")
+    assert not list(folder.glob("tokenizer*"))
+    with pytest.raises(M.CheckpointError, match=rf"{folder}.*no usable tokenizer.*Fix: .*save_pretrained"):
+        M.load_tokenizer(folder)
+
+
 def test_hub_id_while_offline_says_how_to_get_the_weights():
     with pytest.raises(M.CheckpointError, match=r"offline.*hf download no-such-org/no-such-model"):
         M.load_checkpoint("no-such-org/no-such-model")

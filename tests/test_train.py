@@ -363,3 +363,10 @@ def test_a_group_of_one_is_refused_for_a_group_relative_method(argv, message, tm
 def test_group_size_one_is_fine_where_no_stage_compares_a_group():
     args = train.settle(tyro.cli(train.Args, args=["--method", "wm-sft", "--group-size", "1"]))
     assert train.number_problems(args) == []
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_before_anything_is_written(hf_checkpoint, tmp_path, monkeypatch,
+                                                                                   capsys):
+    folder, _ = hf_checkpoint("qwen2")
+    code, stderr, wrote = run_cli_in_process(["--model", str(folder)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "no usable tokenizer" in stderr and "Traceback" not in stderr and not wrote
