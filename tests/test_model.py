@@ -1,6 +1,7 @@
 """model.py against transformers' PyTorch models: loading, logits, padding, export, and the errors users hit."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -195,6 +196,37 @@ def test_weight_of_the_wrong_shape_names_the_weight_and_both_shapes(hf_checkpoin
     hf["intermediate_size"] = 128  # the weights were saved with 96
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
     with pytest.raises(M.CheckpointError, match=r"mlp\.\w+_proj\.weight.*\(96, 64\).*\(128, 64\)|mlp\.\w+_proj\.weight.*\(64, 96\).*\(64, 128\)"):
+        M.load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_truncated_safetensors_file_names_the_file_and_says_to_download_again(hf_checkpoint, tmp_path, sharded):
+    source, _ = hf_checkpoint("qwen2", False, sharded=sharded)
+    shutil.copytree(source, tmp_path / "ckpt")
+    victim = sorted((tmp_path / "ckpt").glob("model*.safetensors"))[-1]
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(victim))}.*(cannot be read|incomplete).*Fix: download"):
+        M.load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_invalid_json_names_the_file(hf_checkpoint, tmp_path, name):
+    source, _ = hf_checkpoint("qwen2", False, sharded=True)
+    shutil.copytree(source, tmp_path / "ckpt")
+    broken = tmp_path / "ckpt" / name
+    broken.write_text(broken.read_text()[:-20])  # cut off mid-object
+    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(broken))} is not valid JSON .*line \d+.*Fix: "):
+        M.load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "hidden_size", "num_attention_heads"])
+def test_config_without_a_required_key_names_the_key(hf_checkpoint, tmp_path, key):
+    source, _ = hf_checkpoint("qwen2")
+    shutil.copytree(source, tmp_path / "ckpt")
+    hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del hf[key]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(M.CheckpointError, match=rf"config.json lacks {key}.*Fix: "):
         M.load_checkpoint(tmp_path / "ckpt")
 
 
