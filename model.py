@@ -543,12 +543,14 @@ def resolve_checkpoint(model: str | Path) -> Path:
     try:
         return Path(huggingface_hub.snapshot_download(str(model), allow_patterns=patterns))
     except Exception as error:
-        offline = huggingface_hub.constants.HF_HUB_OFFLINE
-        why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else f"the download failed ({type(error).__name__}: {error})"
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            why, online = "the Hub is offline (HF_HUB_OFFLINE is set)", "or go online (unset HF_HUB_OFFLINE)"
+        else:
+            why = f"the download failed ({type(error).__name__}: {error})"
+            online = "or check the id, the network and, for a gated model, your Hugging Face token (hf auth login)"
         raise CheckpointError(
             f"Cannot load '{model}': it is not a local folder, it is not in the Hugging Face cache, and {why}. "
-            f"Fix: on a machine with internet run `hf download {model} --local-dir DIR` and pass DIR, "
-            "or go online (unset HF_HUB_OFFLINE)."
+            f"Fix: on a machine with internet run `hf download {model} --local-dir DIR` and pass DIR, {online}."
         ) from error
 
 

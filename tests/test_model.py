@@ -243,6 +243,21 @@ def test_hub_id_while_offline_says_how_to_get_the_weights():
         M.load_checkpoint("no-such-org/no-such-model")
 
 
+def test_hub_id_whose_download_fails_online_says_what_failed_and_not_hf_hub_offline(monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(M.CheckpointError) as error:
+        M.load_checkpoint("no-such-org/no-such-model")
+    message = str(error.value)
+    assert "download failed (ConnectionError: Failed to resolve 'huggingface.co')" in message
+    assert "HF_HUB_OFFLINE" not in message and "hf download no-such-org/no-such-model" in message
+
+
 def test_missing_local_folder_is_not_mistaken_for_a_hub_id(tmp_path):
     with pytest.raises(M.CheckpointError, match="No checkpoint folder"):
         M.load_checkpoint(tmp_path / "nowhere" / "model")
