@@ -73,6 +73,11 @@ class UsageError(Exception):
     """A problem with the command line or its inputs: printed as one message; exit status 2; nothing written."""
 
 
+class DataError(Exception):
+    """A stage's own data cannot train it (e.g. too few valid transitions), found after the run folder is written:
+    printed as one message; exit status 2."""
+
+
 @dataclasses.dataclass
 class Args:
     """Train an LLM agent on a text game with GRPO, PaW, RWML, WM SFT or SPA (and RL after a world-model stage)."""
@@ -862,7 +867,7 @@ def world_model_data(run: Run, index: int, name: str, params, scorer) -> dict:
     else:
         triplets = envs.transitions(trajectories, args.history)
     if len(triplets) < 2:
-        raise RuntimeError(f"only {len(triplets)} valid transitions from {len(trajectories)} rollouts: too few to "
+        raise DataError(f"only {len(triplets)} valid transitions from {len(trajectories)} rollouts: too few to "
                            "train a world model on. Fix: raise --wm-tasks, or --wm-invalid-steps keep.")
     train, validation = rwml.split_triplets(triplets, 0.1, args.seed)
     summary = {"triplets": len(triplets), "train": len(train), "validation": len(validation)}
@@ -926,7 +931,7 @@ def spa_data(run: Run, index: int, params) -> dict:
     cfg = spa.SPAConfig(args.spa_format_filter, args.spa_dedupe)
     examples, summary = spa.self_play_examples(trajectories, run.game.make_env, run.tokenizer, cfg)
     if not examples:
-        raise RuntimeError(f"self-play left no SFT examples ({summary}). Fix: raise --spa-tasks, or --no-spa-format-filter.")
+        raise DataError(f"self-play left no SFT examples ({summary}). Fix: raise --spa-tasks, or --no-spa-format-filter.")
     path.write_text(json.dumps({"examples": [e._asdict() for e in examples], "summary": summary}))
     return {"examples": examples, "summary": summary}
 
@@ -1071,9 +1076,13 @@ def cli() -> None:
     args = tyro.cli(Args)
     try:
         main(args)
-    except UsageError as error:
+    except (UsageError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, as a shell reports an interrupted command
+        print(f"interrupted. To continue from the last checkpoint, run the same command with --resume --out "
+              f"{settle(args).out}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -370,3 +370,26 @@ def test_a_model_folder_without_a_tokenizer_is_refused_before_anything_is_writte
     folder, _ = hf_checkpoint("qwen2")
     code, stderr, wrote = run_cli_in_process(["--model", str(folder)], tmp_path, monkeypatch, capsys)
     assert code == 2 and "no usable tokenizer" in stderr and "Traceback" not in stderr and not wrote
+
+
+def test_too_few_world_model_transitions_end_with_one_message_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    """Found only after the run folder is written, so it is not a UsageError, but still no traceback."""
+    import types
+
+    monkeypatch.setattr(train, "self_play", lambda *args, **kwargs: [])  # 0 valid transitions
+    args = train.settle(tyro.cli(train.Args, args=["--method", "wm-sft", "--out", str(tmp_path / "run")]))
+    stub = types.SimpleNamespace(args=args, out=tmp_path)
+    monkeypatch.setattr(train, "main", lambda args: train.world_model_data(stub, 0, "wm-sft", None, None))
+    code, stderr, _ = run_cli_in_process([], tmp_path, monkeypatch, capsys)
+    assert code == 2 and stderr.startswith("error: only 0 valid transitions") and "Fix: raise --wm-tasks" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "main", interrupted)
+    code, stderr, _ = run_cli_in_process(["--method", "grpo"], tmp_path, monkeypatch, capsys)
+    assert code == 130 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert f"--resume --out {tmp_path / 'run'}" in stderr
