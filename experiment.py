@@ -352,7 +352,7 @@ def cli() -> None:
 
     try:
         run_experiment(tyro.cli(ExperimentArgs))
-    except train.UsageError as error:
+    except (train.UsageError, train.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -17,8 +17,12 @@ Aggregation, the source of the field's best-known GRPO bugs, is explicit. The lo
 over loss tokens divided by a denominator fixed by the whole batch:
 
     token-mean                sum_i sum_t loss_it / (number of loss tokens in the batch)
-    seq-mean-token-mean       sum_i (sum_t loss_it / n_i) / (number of sequences)
+    seq-mean-token-mean       sum_i (sum_t loss_it / n_i) / (number of sequences with loss tokens)
     seq-mean-token-sum-norm   sum_i (sum_t loss_it / max_length) / (number of sequences)   (Dr.GRPO)
+
+Dr.GRPO's max_length is one constant, the generation budget (train.py sets it), so that a token's weight does not
+depend on how long the other responses were, and its number of sequences is every sequence of the batch (rows of
+padding only, added to round the batch up, are not sequences).
 
 `grpo_loss` returns the numerator and the denominator separately, so summing numerators over
 micro-batches and dividing once by the batch's denominator is exactly the large-batch loss:
@@ -58,13 +62,18 @@ class GroupStats(NamedTuple):
 
 
 def group_stats(rewards: jax.Array, group_ids: jax.Array, std_ddof: int = 1) -> GroupStats:
-    """Mean, std and size of each sample's group. std_ddof=1 is the unbiased std, as verl computes it."""
+    """Mean, std and size of each sample's group. std_ddof=1 is the unbiased std, as verl computes it.
+
+    A group whose rewards are all equal gets exactly that value as its mean and exactly 0 as its std: the
+    mean's matmul rounds (seven rewards of 0.7 average to 0.7 - 6e-8), and GRPO would amplify that residue
+    by 1 / (std + eps) into an advantage of 0.056.
+    """
     same_group = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)  # [n, n]
     size = same_group.sum(-1)
-    mean = same_group @ rewards / size
-    squares = same_group @ (rewards - mean) ** 2  # each sample's own mean is its group's mean
-    std = jnp.sqrt(squares / jnp.maximum(size - std_ddof, 1))
     zero_variance = (same_group * jnp.abs(rewards[None, :] - rewards[:, None])).max(-1) == 0
+    mean = jnp.where(zero_variance, rewards, same_group @ rewards / size)
+    squares = same_group @ (rewards - mean) ** 2  # each sample's own mean is its group's mean
+    std = jnp.where(zero_variance, 0.0, jnp.sqrt(squares / jnp.maximum(size - std_ddof, 1)))
     return GroupStats(mean, std, size, zero_variance)
 
 
@@ -74,8 +83,10 @@ def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo"
 
     Returns (advantages, keep, stats). keep [n] bool is False for samples of zero-variance groups
     when filter_zero_variance is set (their advantage is 0 anyway; dropping them also removes
-    their tokens from the token-mean denominator, as DAPO's dynamic sampling does). A group of
-    one sample has no baseline: its advantage is 0.
+    their tokens from the token-mean denominator, as DAPO's dynamic sampling does; Dr.GRPO's count of
+    sequences still counts them, their rows being real). A group of
+    one sample has no baseline, and a group of equal rewards nothing to prefer: their advantage is
+    exactly 0, whatever the estimator and eps (with eps = 0, not 0 / 0).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator '{estimator}' is not one of {ESTIMATORS}")
@@ -88,7 +99,7 @@ def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo"
         adv = centred
     else:  # RLOO: R_i - (sum_group - R_i) / (G - 1) = G / (G - 1) * (R_i - mean)
         adv = centred * stats.size / jnp.maximum(stats.size - 1, 1)
-    adv = jnp.where(stats.size > 1, adv, 0.0)
+    adv = jnp.where((stats.size > 1) & ~stats.zero_variance, adv, 0.0)
     keep = ~stats.zero_variance if filter_zero_variance else jnp.ones_like(rewards, bool)
     return adv, keep, stats
 
@@ -117,7 +128,8 @@ class LossConfig:
     aggregation: str = "token-mean"
     """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)"""
     max_length: int = 0
-    """the constant of seq-mean-token-sum-norm; 0 uses the batch's sequence length"""
+    """the constant of seq-mean-token-sum-norm: the generation budget (max new tokens); 0 uses the batch's padded
+    width, which changes from batch to batch and is not Dr.GRPO's constant"""
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -136,11 +148,19 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str, cla
     return jnp.exp(-log_ratio) - 1.0 + log_ratio  # k3: r - 1 - log r with r = pi_ref / pi_theta
 
 
-def loss_denominator(loss_mask: jax.Array, aggregation: str) -> jax.Array:
-    """What the summed token losses of the whole batch are divided by."""
+def loss_denominator(loss_mask: jax.Array, aggregation: str, token_mask: jax.Array | None = None) -> jax.Array:
+    """What the summed token losses of the whole batch are divided by.
+
+    token_mask [batch, time] tells sequences from rows of padding only (no real token), which Dr.GRPO's count of
+    sequences leaves out; without it every row is a sequence.
+    """
     if aggregation == "token-mean":
         return loss_mask.sum()
-    return (loss_mask.sum(-1) > 0).sum()  # sequences that have any loss token
+    if aggregation == "seq-mean-token-mean":
+        return (loss_mask.sum(-1) > 0).sum()  # the mean of a sequence without loss tokens is undefined
+    if token_mask is None:
+        return jnp.asarray(loss_mask.shape[0], jnp.float32)
+    return token_mask.any(-1).sum()
 
 
 class LossTerms(NamedTuple):
@@ -150,12 +170,13 @@ class LossTerms(NamedTuple):
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: LossConfig = LossConfig(),
-              entropies=None, length=None) -> LossTerms:
+              entropies=None, length=None, token_mask=None) -> LossTerms:
     """The GRPO loss of per-token arrays, all [batch, time]. loss_mask: 1 on the tokens the policy is trained on.
 
     Tokens with mask 0 contribute nothing, to the loss or its gradient, whatever their values.
     length: the sequence length of seq-mean-token-sum-norm when cfg.max_length is 0 (default: these arrays'),
-    so a micro-batch cut shorter than its batch keeps the batch's constant.
+    so a micro-batch cut shorter than its batch keeps the batch's constant. token_mask: the real tokens, so the
+    denominator does not count rows of padding as sequences (loss_denominator).
     """
     mask = loss_mask.astype(jnp.float32)
     on = mask > 0
@@ -186,11 +207,12 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: 
         "clip_fraction": (clip_active * mask).sum(),
         "kl_ref": (kl * mask).sum(),
         "entropy": (entropy * mask).sum(),
-        "approx_kl_old": ((jnp.exp(-log_ratio) - 1.0 + log_ratio) * mask).sum(),  # k3 of pi_old vs pi_theta
+        # k3 of KL(pi_old || pi_theta) from pi_old's samples: r - 1 - log r with r = pi_theta / pi_old
+        "approx_kl_old": ((jnp.exp(log_ratio) - 1.0 - log_ratio) * mask).sum(),
         "ratio": (ratio * mask).sum(),
         "tokens": mask.sum(),
     }
-    return LossTerms(numerator, loss_denominator(loss_mask, cfg.aggregation), token_sums)
+    return LossTerms(numerator, loss_denominator(loss_mask, cfg.aggregation, token_mask), token_sums)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +319,7 @@ def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
     cfg = step.loss
 
     def totals(batch: Batch) -> dict:
-        return {"denominator": jnp.maximum(loss_denominator(batch.loss_mask, cfg.aggregation), 1),
+        return {"denominator": jnp.maximum(loss_denominator(batch.loss_mask, cfg.aggregation, batch.token_mask), 1),
                 "length": jnp.float32(batch.tokens.shape[-1])}
 
     def loss(params, micro: Batch, totals: dict):
@@ -361,7 +383,8 @@ def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimize
       clip_fraction   share of loss tokens whose ratio is clipped (gradient zeroed by the clip)
       kl_ref          mean per-token KL(pi_theta || pi_ref) by the chosen estimator (0 when beta = 0)
       entropy         mean full-distribution entropy of pi_theta on loss tokens
-      approx_kl_old   mean k3 estimate of KL(pi_old || pi_theta): how far this update's policy moved
+      approx_kl_old   mean k3 estimate of KL(pi_old || pi_theta), unbiased under the tokens' sampling policy pi_old:
+                      r - 1 - log r, r = pi_theta / pi_old; how far this update's policy moved
       ratio           mean pi_theta / pi_old (1 on-policy)
       grad_norm       global norm of the gradient before clipping
       tokens          number of loss tokens in the batch

@@ -85,6 +85,9 @@ class Config:
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> Config:
         """Read a transformers config dict (either layout); unsupported features raise CheckpointError."""
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{where} holds a {type(hf).__name__}, not a JSON object. "
+                                  "Fix: use the config.json that save_pretrained wrote with the weights.")
         model_type = hf.get("model_type")
         architectures = hf.get("architectures") or []
         if model_type not in SUPPORTED_ARCHITECTURES:
@@ -112,6 +115,13 @@ class Config:
             raise CheckpointError(
                 f"{where} asks for rope_type '{rope_type}'; model.py implements default, linear and llama3. "
                 "Fix: remove the rope scaling from config.json if you do not need long contexts."
+            )
+        missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads") if key not in hf]
+        if missing:
+            raise CheckpointError(
+                f"{where} lacks {', '.join(missing)}, which the architecture needs. "
+                "Fix: use the config.json that save_pretrained wrote with the weights (download it again if it was cut)."
             )
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
@@ -719,12 +729,37 @@ def resolve_checkpoint(model: str | Path) -> Path:
     try:
         return Path(huggingface_hub.snapshot_download(str(model), allow_patterns=patterns))
     except Exception as error:
-        offline = huggingface_hub.constants.HF_HUB_OFFLINE
-        why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else f"the download failed ({type(error).__name__}: {error})"
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            why, online = "the Hub is offline (HF_HUB_OFFLINE is set)", "or go online (unset HF_HUB_OFFLINE)"
+        else:
+            why = f"the download failed ({type(error).__name__}: {error})"
+            online = "or check the id, the network and, for a gated model, your Hugging Face token (hf auth login)"
         raise CheckpointError(
             f"Cannot load '{model}': it is not a local folder, it is not in the Hugging Face cache, and {why}. "
-            f"Fix: on a machine with internet run `hf download {model} --local-dir DIR` and pass DIR, "
-            "or go online (unset HF_HUB_OFFLINE)."
+            f"Fix: on a machine with internet run `hf download {model} --local-dir DIR` and pass DIR, {online}."
+        ) from error
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error}). Fix: download the checkpoint again, or repair the file "
+            "(an interrupted download or a hand edit leaves it cut or malformed)."
+        ) from error
+
+
+def _open_safetensors(file: Path):
+    """safe_open(file), with a damaged file (e.g. a download cut short) named in a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, "np")
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{file} cannot be read as safetensors ({error}): it is incomplete or damaged, as an interrupted "
+            "download leaves it. Fix: download the checkpoint again (every *.safetensors file)."
         ) from error
 
 
@@ -732,7 +767,10 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it (single file or sharded with an index)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        contents = _read_json(index)
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map. Fix: download the checkpoint again, index included.")
         for shard in sorted(set(weight_map.values())):
             if not (folder / shard).exists():
                 raise CheckpointError(
@@ -742,9 +780,7 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         return {name: folder / shard for name, shard in weight_map.items()}
     single = folder / "model.safetensors"
     if single.exists():
-        from safetensors import safe_open
-
-        with safe_open(single, "np") as f:
+        with _open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
     raise CheckpointError(
@@ -755,8 +791,6 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 def load_checkpoint(model: str | Path, dtype=jnp.float32) -> tuple[Config, Params]:
     """Config and parameters (in `dtype`) from a Hugging Face checkpoint folder or Hub id."""
-    from safetensors import safe_open
-
     folder = resolve_checkpoint(model)
     config_file = folder / "config.json"
     if not config_file.exists():
@@ -764,7 +798,7 @@ def load_checkpoint(model: str | Path, dtype=jnp.float32) -> tuple[Config, Param
             f"No config.json in {folder}: this is not a Hugging Face model folder. "
             "Fix: point at the folder that save_pretrained wrote (config.json + *.safetensors)."
         )
-    config = Config.from_hf(json.loads(config_file.read_text()), str(config_file))
+    config = Config.from_hf(_read_json(config_file), str(config_file))
     files = _tensor_files(folder)
     specs = _weight_specs(config)
     missing = [s.hf_name for s in specs if s.hf_name not in files]
@@ -785,7 +819,7 @@ def load_checkpoint(model: str | Path, dtype=jnp.float32) -> tuple[Config, Param
     for spec in specs:
         file = files[spec.hf_name]
         if file not in handles:
-            handles[file] = safe_open(file, "np")
+            handles[file] = _open_safetensors(file)
         tensor = handles[file].get_tensor(spec.hf_name)
         if tuple(tensor.shape) != spec.hf_shape:
             raise CheckpointError(
@@ -803,7 +837,22 @@ def load_tokenizer(model: str | Path):
     """The checkpoint's tokenizer (chat template included) through transformers.AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_checkpoint(model)))
+    folder = resolve_checkpoint(model)
+    why = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        # a folder without tokenizer files still gives a tokenizer (of the config's model type), with no vocabulary
+        if not tokenizer.encode("a", add_special_tokens=False):
+            why = "the tokenizer transformers built from it encodes 'a' to no ids"
+    except (OSError, ValueError) as error:
+        why = f"{type(error).__name__}: {error}"
+    if why is not None:
+        raise CheckpointError(
+            f"{folder} holds no usable tokenizer ({why}; found: {', '.join(sorted(p.name for p in folder.iterdir()))}). "
+            "Fix: add the tokenizer of the model these weights come from (tokenizer.json, or tokenizer_config.json "
+            f"with its vocabulary files), e.g. AutoTokenizer.from_pretrained(BASE_MODEL).save_pretrained('{folder}')."
+        )
+    return tokenizer
 
 
 def save_checkpoint(folder: str | Path, config: Config, params: Params, tokenizer=None,

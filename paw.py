@@ -78,7 +78,8 @@ def action_entropy(response_entropies: Sequence[np.ndarray], response_logprobs: 
 
 def select_by_entropy(entropies: np.ndarray, alpha: float) -> np.ndarray:
     """[n] bool: the ceil(alpha * n) highest-entropy transitions of the whole update (ties: earlier first)."""
-    count = int(np.ceil(alpha * len(entropies)))
+    # rounded first: 0.55 * 100 is 55.00000000000001, whose ceiling would select 56
+    count = int(np.ceil(round(alpha * len(entropies), 9)))
     chosen = np.argsort(-np.asarray(entropies), kind="stable")[:count]
     selected = np.zeros(len(entropies), bool)
     selected[chosen] = True
@@ -144,12 +145,15 @@ class PaWBatch(NamedTuple):
 
 def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np.ndarray,
               trajectory_lambdas: np.ndarray, cfg: PaWConfig = PaWConfig(), pad_id: int = 0,
-              min_bucket: int = 16, min_rows: int = 1, with_observation: bool = True) -> tuple[PaWBatch, dict]:
+              min_bucket: int = 16, min_rows: int = 1, with_observation: bool = True,
+              trajectory_keep: np.ndarray | None = None) -> tuple[PaWBatch, dict]:
     """Every turn of every trajectory as a row [prompt ; response ; next observation], from the exact
     rollout ids. A turn gets its trajectory's advantage and lambda; the entropy selection ranks all turns.
 
     Rows are padded (all masks 0) to a power of two, at least min_rows, so jit sees a handful of
     shapes. with_observation=False leaves o_{t+1} out: plain GRPO rows, without the extra tokens.
+    trajectory_keep [trajectories] bool (grpo.advantages' keep): the turns of a trajectory it marks False
+    get no action tokens, so they leave the RL loss; their world-model loss stays.
     """
     turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
     if not with_observation:
@@ -172,7 +176,7 @@ def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np
         end = o + len(turn.next_observation_ids)
         tokens[row, :end] = np.concatenate([turn.prompt_ids, turn.response_ids, turn.next_observation_ids])
         token_mask[row, :end] = True
-        action_mask[row, a:o] = 1.0
+        action_mask[row, a:o] = 1.0 if trajectory_keep is None else float(trajectory_keep[index])
         observation_mask[row, o:end] = 1.0
         old_logprobs[row, a:o] = turn.response_logprobs
         advantages[row, a:o] = trajectory_advantages[index]
@@ -189,7 +193,8 @@ def paw_objective(model_config: lm.Config, step: grpo.StepConfig, cfg: PaWConfig
     dtype = None if step.compute_dtype is None else jnp.dtype(step.compute_dtype)
 
     def totals(batch: PaWBatch) -> dict:
-        return {"denominator": jnp.maximum(grpo.loss_denominator(batch.action_mask, loss_cfg.aggregation), 1),
+        return {"denominator": jnp.maximum(grpo.loss_denominator(batch.action_mask, loss_cfg.aggregation,
+                                                                 batch.token_mask), 1),
                 "selected": batch.selected.sum(), "length": jnp.float32(batch.tokens.shape[-1]),
                 "lambda": (batch.wm_lambda * batch.selected).sum(), "rows": batch.token_mask.any(-1).sum()}
 

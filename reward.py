@@ -9,8 +9,10 @@ frozen sentence-embedding space E:
     r = 1.0 if d < tau_d else 0.0          RWML eq.: binary, more robust and less hackable than cos
     r = round_to(ROUGE-L F1(s_hat, s_{t+1}), 0.2)        structured tool responses (tau2-bench)
 
-Policy RL afterwards uses the task-success reward (1 when the episode is won); the two are never
-mixed. Every reward here is a pure function of texts (and a frozen embedder) to floats.
+Policy RL afterwards uses the environment's own return, the sum of its step rewards
+(`envs.Trajectory.total_reward`: the success reward when the episode is won, plus the game's invalid-action
+and step penalties); the two are never mixed. Every reward here is a pure function of texts (and a frozen
+embedder) to floats.
 
 Two embedders implement E, both returning [n, dim] float32 unit vectors:
   - `BertEmbedder`: a Flax BERT with mean pooling over real tokens, for sentence-transformers
@@ -29,7 +31,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -136,11 +138,6 @@ def rouge_rewards(responses: Sequence[str], targets: Sequence[str], step: float 
         raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
     predictions = [extract_tag(response, tag) for response in responses]
     return np.array([0.0 if p is None else rouge_reward(p, t, step) for p, t in zip(predictions, targets)], np.float32)
-
-
-def success_rewards(trajectories: Iterable[Any], success_reward: float = 1.0) -> np.ndarray:
-    """Policy RL's binary task reward (gamma = 1, so one number per episode): success_reward if `.won`, else 0. [n] float32."""
-    return np.array([success_reward if trajectory.won else 0.0 for trajectory in trajectories], np.float32)
 
 
 # --------------------------------------------------------------------------------------------

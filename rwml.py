@@ -188,15 +188,14 @@ def score_texts(texts: Sequence[str], triplets: Sequence[Triplet], samples: int,
 
 @dataclasses.dataclass(frozen=True)
 class RWMLConfig:
-    """The RWML update (ALFWorld defaults of methods.md section 2)."""
+    """The RWML update (ALFWorld defaults of methods.md section 2). The reward's threshold tau_d lives in the
+    scorer (cosine_scorer), the history H in the triplets (triplets_from_rollouts)."""
 
     group_size: int = 8
     """G predictions per triplet: one GRPO group"""
-    tau_d: float = 0.2
-    """the training reward's distance threshold (ALFWorld 0.2; tau2 user replies 0.4)"""
-    history: int = 2
-    """H: earlier turns in the world-model prompt (the paper does not give it; verl-agent uses 2)"""
     sampling: sampler.SamplingParams = sampler.SamplingParams(temperature=1.0, max_new_tokens=128)
+    filter_zero_variance: bool = False
+    """drop the predictions of triplets whose G rewards are all equal from the loss (DAPO's dynamic sampling)"""
 
 
 def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_config: lm.Config,
@@ -215,7 +214,8 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
     rewards, distances = score_texts(texts, triplets, cfg.group_size, scorer)
     scored = clock()
     group_ids = jnp.repeat(jnp.arange(len(triplets)), cfg.group_size)
-    advantages, keep, stats = grpo.advantages(jnp.asarray(rewards, jnp.float32), group_ids)
+    advantages, keep, stats = grpo.advantages(jnp.asarray(rewards, jnp.float32), group_ids,
+                                              filter_zero_variance=cfg.filter_zero_variance)
     batch = grpo.completion_batch(completion, advantages, keep)
     if ref_logprobs_fn is not None:
         batch = batch._replace(ref_logprobs=ref_logprobs_fn(batch.tokens, batch.token_mask))

@@ -76,6 +76,11 @@ class UsageError(Exception):
     """A problem with the command line or its inputs: printed as one message; exit status 2; nothing written."""
 
 
+class DataError(Exception):
+    """A stage's own data cannot train it (e.g. too few valid transitions), found after the run folder is written:
+    printed as one message; exit status 2."""
+
+
 @dataclasses.dataclass
 class Args:
     """Train an LLM agent on a text game with GRPO, PaW, RWML, WM SFT or SPA (and RL after a world-model stage)."""
@@ -118,8 +123,14 @@ class Args:
     """entropy bonus coefficient"""
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """loss aggregation (token-mean: verl's default)"""
+    loss_max_length: int | None = None
+    """Dr.GRPO's constant under seq-mean-token-sum-norm (each sequence's token sum is divided by it); default the
+    stage's generation budget: --max-new-tokens, and --wm-max-new-tokens for RWML"""
     estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
     """group advantage: std-normalised (GRPO), centred only (Dr.GRPO), leave-one-out (RLOO)"""
+    filter_zero_variance: bool = False
+    """drop groups whose rewards are all equal (advantage 0) from the RL loss, so they leave the token-mean
+    denominator too (DAPO's dynamic sampling, without resampling); policy RL and RWML"""
     temperature: float = 1.0
     """rollout temperature (log-probs are recomputed at it)"""
     max_new_tokens: int | None = None
@@ -295,8 +306,72 @@ def settle(args: Args) -> Args:
     return args
 
 
+# Every number on the command line: (field, what it must be, the test, an example for the fix). Checked after
+# settle(), so fields the recipe fills hold numbers; one that is still None (e.g. --loss-max-length) is skipped.
+AT_LEAST_ONE = ("at least 1", lambda v: v >= 1)
+RATE = ("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+FRACTION = ("in [0, 1]", lambda v: math.isfinite(v) and 0 <= v <= 1)
+DISTANCE = ("in [0, 2] (1 - cos lies there)", lambda v: math.isfinite(v) and 0 <= v <= 2)
+NUMBER_RULES = [
+    ("iterations", *AT_LEAST_ONE, "150"), ("groups", *AT_LEAST_ONE, "16"), ("group_size", *AT_LEAST_ONE, "8"),
+    ("max_turns", *AT_LEAST_ONE, "10"), ("learning_rate", *RATE, "1e-6"),
+    ("weight_decay", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0, "0.01"),
+    ("max_grad_norm", *RATE, "1.0"),
+    ("clip_low", "in [0, 1) (the ratio is clipped below at 1 - clip_low)", lambda v: math.isfinite(v) and 0 <= v < 1, "0.2"),
+    ("clip_high", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0, "0.2"),
+    ("beta", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0, "0.01"),
+    ("entropy_coef", "a finite number", math.isfinite, "0"),
+    ("temperature", "a finite number > 0 (log-probs are recomputed at it)", lambda v: math.isfinite(v) and v > 0, "1.0"),
+    ("max_new_tokens", *AT_LEAST_ONE, "512"), ("history", "at least 0", lambda v: v >= 0, "2"),
+    ("loss_max_length", *AT_LEAST_ONE, "512"),
+    ("alpha", *FRACTION, "0.75"), ("rho", *FRACTION, "0.2"), ("fixed_lambda", "a finite number", math.isfinite, "1.0"),
+    ("r_max", *RATE, "10"),
+    ("wm_tasks", *AT_LEAST_ONE, "2048"), ("wm_rollouts", *AT_LEAST_ONE, "3"), ("wm_max_turns", *AT_LEAST_ONE, "30"),
+    ("wm_epochs", *AT_LEAST_ONE, "2"), ("wm_batch", *AT_LEAST_ONE, "32"), ("wm_group_size", *AT_LEAST_ONE, "8"),
+    ("wm_learning_rate", *RATE, "1e-6"), ("sft_learning_rate", *RATE, "2e-6"),
+    ("wm_max_new_tokens", *AT_LEAST_ONE, "512"), ("tau_d", *DISTANCE, "0.2"),
+    ("filter_samples", *AT_LEAST_ONE, "10"), ("tau_easy", *FRACTION, "0"), ("keep_easy", *FRACTION, "0.1"),
+    ("target_easy_fraction", "a finite number <= 1 (<= 0: use --filter-tau-d)", lambda v: math.isfinite(v) and v <= 1, "0.3"),
+    ("filter_tau_d", *DISTANCE, "0.1"),
+    ("spa_tasks", *AT_LEAST_ONE, "160"), ("spa_rollouts", *AT_LEAST_ONE, "8"), ("spa_max_turns", *AT_LEAST_ONE, "5"),
+    ("spa_epochs", *AT_LEAST_ONE, "5"), ("spa_learning_rate", *RATE, "1e-4"), ("spa_batch", *AT_LEAST_ONE, "32"),
+    ("actions_per_turn", *AT_LEAST_ONE, "1"),
+    ("eval_every", *AT_LEAST_ONE, "10"), ("wm_eval_every", *AT_LEAST_ONE, "10"),
+    ("eval_episodes", *AT_LEAST_ONE, "128"),
+    ("eval_temperature", "a finite number >= 0 (0: greedy)", lambda v: math.isfinite(v) and v >= 0, "0.4"),
+    ("eval_samples", *AT_LEAST_ONE, "1"), ("eval_max_turns", *AT_LEAST_ONE, "10"),
+    ("wm_eval_transitions", *AT_LEAST_ONE, "128"), ("checkpoint_every", *AT_LEAST_ONE, "10"),
+    ("mesh_data", *AT_LEAST_ONE, "1"), ("mesh_fsdp", "at least 1, or -1 (every device left)",
+                                        lambda v: v >= 1 or v == -1, "-1"),
+    ("update_tokens", *AT_LEAST_ONE, "4096"), ("workers", "at least 0 (0: in process)", lambda v: v >= 0, "0"),
+    ("pretrain_steps", *AT_LEAST_ONE, str(pretrain.PretrainConfig.steps)),
+    ("pretrain_episodes", *AT_LEAST_ONE, str(pretrain.PretrainConfig.episodes)),
+]
+
+
+def number_problems(args: Args) -> list[str]:
+    """One message per number out of its range (NaN and infinity included), and per group too small to compare."""
+    problems = []
+    for name, requirement, ok, example in NUMBER_RULES:
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            flag = "--" + name.replace("_", "-")
+            problems.append(f"{flag} must be {requirement}, not {value}. Fix: pass e.g. {flag} {example}.")
+    stages = STAGES[args.method]
+    if any(stage in ("grpo", "paw") for stage in stages) and args.group_size == 1:
+        problems.append("--group-size must be at least 2 for policy RL, not 1: a group of one rollout has no baseline, "
+                        "so every advantage is 0 and nothing is trained. Fix: pass e.g. --group-size 8.")
+    if "rwml" in stages and args.wm_group_size == 1:
+        problems.append("--wm-group-size must be at least 2 for RWML, not 1: a group of one prediction has no baseline, "
+                        "so every advantage is 0 and nothing is trained. Fix: pass e.g. --wm-group-size 8.")
+    return problems
+
+
 def check(args: Args) -> None:
     """Every input a user can get wrong, checked before anything is written."""
+    problems = number_problems(args)
+    if problems:
+        raise UsageError("\n".join(problems))
     if args.method == "spa" and args.env == "alfworld":
         raise UsageError("SPA needs the true state of the game (state estimation), which only the grid games render. "
                          "Fix: --env frozenlake, sokoban or sudoku.")
@@ -327,12 +402,6 @@ def check(args: Args) -> None:
     if (args.wm_batch * args.wm_group_size) % devices or args.wm_batch % devices:
         raise UsageError(f"--wm-batch {args.wm_batch} (x --wm-group-size {args.wm_group_size} for RWML) must split "
                          f"evenly over the {devices} devices. Fix: make it a multiple of {devices}.")
-    positive = {"iterations": args.iterations, "groups": args.groups, "group_size": args.group_size,
-                "eval_every": args.eval_every, "wm_eval_every": args.wm_eval_every,
-                "checkpoint_every": args.checkpoint_every, "wm_batch": args.wm_batch}
-    for name, value in positive.items():
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
     out = Path(args.out)
     if not args.resume and (out / "checkpoints").exists():
         raise UsageError(f"{out} already holds a run. Fix: add --resume to continue it, or choose another --out.")
@@ -460,15 +529,18 @@ def place(tree, mesh: Mesh):
     return jax.device_put(tree, state_sharding(tree, mesh), may_alias=False)
 
 
-def step_config(args: Args) -> grpo.StepConfig:
-    """How the update's loss is computed (its micro-batches are sized_update's)."""
+def step_config(args: Args, budget: int | None = None) -> grpo.StepConfig:
+    """How the update's loss is computed (its micro-batches are sized_update's). budget: the stage's most new tokens
+    per response (default --max-new-tokens), Dr.GRPO's constant."""
+    max_length = args.loss_max_length or budget or args.max_new_tokens
     loss = grpo.LossConfig(args.clip_low, args.clip_high, args.beta, args.kl_estimator, entropy_coef=args.entropy_coef,
-                           aggregation=args.aggregation)
+                           aggregation=args.aggregation, max_length=max_length)
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
     return grpo.StepConfig(loss, args.temperature, remat=args.remat, compute_dtype=dtype)
 
 
-def paw_config(args: Args, stage: str) -> paw.PaWConfig:
+def paw_config(args: Args) -> paw.PaWConfig:
+    """PaW's settings from the command line (policy_stage builds them for GRPO too: its lambdas are then unused)."""
     return paw.PaWConfig(args.alpha, args.rho, args.wm_loss, args.entropy_form, args.lambda_mode, args.fixed_lambda,
                          args.r_max, args.clip_lambda)
 
@@ -743,7 +815,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     reference = place(params, run.mesh) if _uses_reference(args, name) else None
     if restored is not None:
         state, reference = restored["state"], restored.get("reference")
-    cfg = paw_config(args, name)
+    cfg = paw_config(args)
     step_cfg = step_config(args)
     objective = (paw.paw_objective(run.config, step_cfg, cfg) if name == "paw"
                  else grpo.grpo_objective(run.config, step_cfg))
@@ -760,10 +832,12 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
                                         timings)
             returns = jnp.asarray([t.total_reward for t in trajectories], jnp.float32)
             group_ids = jnp.asarray([t.group for t in trajectories])
-            advantages, _, stats = grpo.advantages(returns, group_ids, args.estimator)
+            advantages, keep, stats = grpo.advantages(returns, group_ids, args.estimator,
+                                                      filter_zero_variance=args.filter_zero_variance)
             lambdas = paw.world_model_weights(returns, group_ids, cfg) if name == "paw" else jnp.zeros_like(returns)
             batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, run.pad_id,
-                                     min_rows=run.mesh.size, with_observation=name == "paw")
+                                     min_rows=run.mesh.size, with_observation=name == "paw",
+                                     trajectory_keep=np.asarray(keep))
             if reference_fn is not None:  # in the update's micro-batches, so it fits where the update does
                 batch = batch._replace(ref_logprobs=update.map_rows(functools.partial(reference_fn, reference),
                                                                     batch.tokens, batch.token_mask))
@@ -840,7 +914,7 @@ def world_model_data(run: Run, index: int, name: str, params, scorer) -> dict:
     else:
         triplets = envs.transitions(trajectories, args.history)
     if len(triplets) < 2:
-        raise RuntimeError(f"only {len(triplets)} valid transitions from {len(trajectories)} rollouts: too few to "
+        raise DataError(f"only {len(triplets)} valid transitions from {len(trajectories)} rollouts: too few to "
                            "train a world model on. Fix: raise --wm-tasks, or --wm-invalid-steps keep.")
     train, validation = rwml.split_triplets(triplets, 0.1, args.seed)
     summary = {"triplets": len(triplets), "train": len(train), "validation": len(validation)}
@@ -869,9 +943,9 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
         state, reference = restored["state"], restored.get("reference")
     if name == "rwml":
         scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.tau_d)
-        objective = grpo.grpo_objective(run.config, step_config(args))
-        rwml_cfg = rwml.RWMLConfig(args.wm_group_size, args.tau_d, args.history,
-                                   sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens))
+        objective = grpo.grpo_objective(run.config, step_config(args, args.wm_max_new_tokens))
+        rwml_cfg = rwml.RWMLConfig(args.wm_group_size, sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens),
+                                   args.filter_zero_variance)
     else:
         objective = rwml.sft_objective(run.config, dataclasses.replace(step_config(args), temperature=1.0))
         prompts, labels = rwml.wm_sft_examples(run.tokenizer, train, direct=True)
@@ -904,7 +978,7 @@ def spa_data(run: Run, index: int, params) -> dict:
     cfg = spa.SPAConfig(args.spa_format_filter, args.spa_dedupe)
     examples, summary = spa.self_play_examples(trajectories, run.game.make_env, run.tokenizer, cfg)
     if not examples:
-        raise RuntimeError(f"self-play left no SFT examples ({summary}). Fix: raise --spa-tasks, or --no-spa-format-filter.")
+        raise DataError(f"self-play left no SFT examples ({summary}). Fix: raise --spa-tasks, or --no-spa-format-filter.")
     path.write_text(json.dumps({"examples": [e._asdict() for e in examples], "summary": summary}))
     return {"examples": examples, "summary": summary}
 
@@ -1053,9 +1127,13 @@ def cli() -> None:
     args = tyro.cli(Args)
     try:
         main(args)
-    except UsageError as error:
+    except (UsageError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, as a shell reports an interrupted command
+        print(f"interrupted. To continue from the last checkpoint, run the same command with --resume --out "
+              f"{settle(args).out}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,17 @@ def test_every_row_has_a_distinct_shell_safe_folder():
     assert all(re.fullmatch(r"[a-z0-9-]+", folder) for folder in folders), folders
     assert len(set(folders)) == len(folders)
     assert experiment.slug("GRPO, SPA's prompt") == "grpo-spas-prompt"
+
+
+def test_a_run_whose_data_cannot_train_it_ends_with_one_message_and_exit_status_2(monkeypatch, capsys):
+    import sys
+
+    def too_few(args):
+        raise train.DataError("only 0 valid transitions from 2 rollouts. Fix: raise --wm-tasks.")
+
+    monkeypatch.setattr(experiment, "run_experiment", too_few)
+    monkeypatch.setattr(sys, "argv", ["experiment.py"])
+    with pytest.raises(SystemExit) as exit_:
+        experiment.cli()
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and stderr.startswith("error: only 0 valid transitions") and "Traceback" not in stderr

@@ -33,8 +33,11 @@ def np_advantages(rewards, groups, estimator, eps=1e-6, ddof=1):
     return out
 
 
-def np_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, kl, entropy_coef, entropies, aggregation, max_length, clamp=20.0):
+def np_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, kl, entropy_coef, entropies, aggregation, max_length,
+            clamp=20.0, sequences=None):
+    """sequences [batch] bool: the rows that are sequences of the batch, not padding (default: every row)."""
     batch, time_ = logp.shape
+    sequences = np.ones(batch, bool) if sequences is None else sequences
     per_token = np.zeros((batch, time_))
     for b in range(batch):
         for t in range(time_):
@@ -47,12 +50,11 @@ def np_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, kl, entropy_co
             per_token[b, t] = (-surrogate + beta * penalty - entropy_coef * entropies[b, t]) * mask[b, t]
     if aggregation == "token-mean":
         return per_token.sum() / mask.sum()
-    has_tokens = mask.sum(1) > 0
-    if aggregation == "seq-mean-token-mean":
-        per_seq = [per_token[b].sum() / mask[b].sum() for b in range(batch) if has_tokens[b]]
-    else:
-        per_seq = [per_token[b].sum() / max_length for b in range(batch) if has_tokens[b]]
-    return sum(per_seq) / has_tokens.sum()
+    if aggregation == "seq-mean-token-mean":  # the mean over sequences of their token means (those with tokens)
+        has_tokens = mask.sum(1) > 0
+        return sum(per_token[b].sum() / mask[b].sum() for b in range(batch) if has_tokens[b]) / has_tokens.sum()
+    # Dr.GRPO: 1/G sum_i 1/MAX_TOKENS sum_t loss_it, over every sequence of the batch (one without loss tokens too)
+    return sum(per_token[b].sum() / max_length for b in range(batch) if sequences[b]) / sequences.sum()
 
 
 def random_loss_inputs(seed=0, batch=6, time_=9):
@@ -90,6 +92,36 @@ def test_zero_variance_groups_get_zero_advantage_and_can_be_filtered():
     np.testing.assert_array_equal(stats.zero_variance, [True] * 3 + [False] * 3)
 
 
+@pytest.mark.parametrize("estimator", grpo.ESTIMATORS)
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_groups_of_equal_rewards_get_exactly_zero_advantage(estimator, eps):
+    """A group with no spread has nothing to prefer: its advantage is exactly 0 (not a rounding residue of the
+    mean, amplified by 1 / (std + eps); not 0 / 0 with eps 0), for every estimator and any eps."""
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        sizes = rng.integers(2, 17, rng.integers(1, 4))
+        sizes = np.append(sizes, 50 - sizes.sum())  # one shape for every trial: one compilation
+        values = rng.choice([0.7, 0.3, -0.1, 0.1, 1 / 3, 10.0, -0.4], len(sizes))
+        equal = rng.random(len(sizes)) < 0.7
+        rewards = np.concatenate([np.full(n, v) if same else rng.normal(v, 1.0, n)
+                                  for n, v, same in zip(sizes, values, equal)]).astype(np.float32)
+        groups = np.repeat(np.arange(len(sizes)), sizes)
+        adv, _, stats = grpo.advantages(jnp.asarray(rewards), jnp.asarray(groups), estimator, eps=eps)
+        adv = np.asarray(adv)
+        on_equal = np.repeat(equal, sizes)
+        assert (adv[on_equal] == 0.0).all(), (trial, rewards, adv)
+        assert np.isfinite(adv).all()
+        np.testing.assert_array_equal(np.asarray(stats.mean)[on_equal], rewards[on_equal])  # the exact value
+        np.testing.assert_array_equal(np.asarray(stats.std)[on_equal], 0.0)
+
+
+def test_seven_rewards_of_0_7_and_four_of_3_with_eps_0_get_zero_advantage():
+    adv, _, _ = grpo.advantages(jnp.full(7, 0.7), jnp.zeros(7, jnp.int32))
+    np.testing.assert_array_equal(adv, 0.0)  # was 0.056 each
+    adv, _, _ = grpo.advantages(jnp.full(4, 3.0), jnp.zeros(4, jnp.int32), eps=0.0)
+    np.testing.assert_array_equal(adv, 0.0)  # was NaN
+
+
 # ---- the loss ----
 
 
@@ -104,6 +136,31 @@ def test_loss_matches_numpy(aggregation, kl):
     np.testing.assert_allclose(terms.numerator / terms.denominator, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_dr_grpo_divides_each_sequence_by_the_budget_and_averages_over_every_sequence_but_padding():
+    """seq-mean-token-sum-norm against numpy: the sum of each sequence's token losses / max_length, averaged over the
+    batch's sequences (a row without loss tokens counts, rows of padding only do not); padding the batch wider or
+    with more padding rows changes nothing, and grpo_objective's denominator is the same count."""
+    logp, old, ref, adv, mask, entropies = random_loss_inputs(3, batch=8)
+    token_mask = np.ones(mask.shape, bool)
+    token_mask[-2:] = False  # rows of padding (a batch rounded up to a device multiple)
+    mask[-2:] = 0
+    mask[3] = 0  # a sequence whose loss tokens were all filtered out: still a sequence
+    cfg = grpo.LossConfig(beta=0.05, entropy_coef=0.01, aggregation="seq-mean-token-sum-norm", max_length=32)
+    expected = np_loss(logp, old, ref, adv, mask, 0.2, 0.2, 0.05, "k3", 0.01, entropies, cfg.aggregation, 32,
+                       sequences=token_mask.any(1))
+
+    def ours(pad_columns=0, pad_rows=0):
+        widen = lambda x: np.pad(x, ((0, pad_rows), (0, pad_columns)))
+        arrays = [jnp.asarray(widen(x)) for x in (logp, old, ref, adv, mask, entropies)]
+        terms = grpo.grpo_loss(*arrays[:5], cfg, entropies=arrays[5], token_mask=jnp.asarray(widen(token_mask)))
+        return float(terms.numerator / terms.denominator), float(terms.denominator)
+
+    assert ours() == pytest.approx((expected, 6), rel=1e-5)
+    assert ours(pad_columns=23, pad_rows=8) == pytest.approx((expected, 6), rel=1e-5)
+    batch = grpo.Batch(jnp.zeros(mask.shape, jnp.int32), jnp.asarray(token_mask), *map(jnp.asarray, (mask, old, ref, adv)))
+    assert float(grpo.grpo_objective(TINY, grpo.StepConfig(cfg)).totals(batch)["denominator"]) == 6
+
+
 def test_kl_estimators_match_their_definitions():
     logp, ref = jnp.array([-1.0, -2.0, -0.5]), jnp.array([-1.5, -1.0, -0.5])
     x = np.array([0.5, -1.0, 0.0])
@@ -111,6 +168,26 @@ def test_kl_estimators_match_their_definitions():
     np.testing.assert_allclose(grpo.kl_penalty(logp, ref, "k2", 20.0), x**2 / 2, atol=1e-6)
     np.testing.assert_allclose(grpo.kl_penalty(logp, ref, "k3", 20.0), np.exp(-x) - 1 + x, atol=1e-6)
     assert np.isfinite(grpo.kl_penalty(jnp.array([0.0]), jnp.array([-500.0]), "k3", 20.0)).all()  # clamped
+
+
+def test_approx_kl_old_estimates_kl_of_pi_old_from_pi_theta_under_pi_old_samples():
+    """Tokens are sampled from pi_old. Over a categorical distribution, the metric's expectation under pi_old (each
+    outcome a token whose mask is its pi_old probability) is exactly KL(pi_old || pi_theta); a large sample agrees."""
+    rng = np.random.default_rng(4)
+    pi_old, pi_theta = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
+    exact = float(np.sum(pi_old * np.log(pi_old / pi_theta)))
+    assert exact > 0.05 and abs(exact - float(np.sum(pi_theta * np.log(pi_theta / pi_old)))) > 0.01  # not symmetric
+
+    def metric(outcomes, weights):
+        logp = jnp.asarray(np.log(pi_theta[outcomes])[None], jnp.float32)
+        old = jnp.asarray(np.log(pi_old[outcomes])[None], jnp.float32)
+        terms = grpo.grpo_loss(logp, old, logp, jnp.zeros_like(logp), jnp.asarray(weights[None], jnp.float32),
+                               grpo.LossConfig(beta=0.0))
+        return float(terms.token_sums["approx_kl_old"] / terms.token_sums["tokens"])
+
+    np.testing.assert_allclose(metric(np.arange(6), pi_old), exact, rtol=1e-5)
+    samples = rng.choice(6, 200_000, p=pi_old)
+    np.testing.assert_allclose(metric(samples, np.ones(len(samples))), exact, rtol=0.05)
 
 
 def test_clip_fraction_counts_tokens_whose_gradient_the_clip_removes():

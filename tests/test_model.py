@@ -1,6 +1,7 @@
 """model.py against transformers' PyTorch models: loading, logits, padding, export, and the errors users hit."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -263,9 +264,63 @@ def test_weight_of_the_wrong_shape_names_the_weight_and_both_shapes(hf_checkpoin
         M.load_checkpoint(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_truncated_safetensors_file_names_the_file_and_says_to_download_again(hf_checkpoint, tmp_path, sharded):
+    source, _ = hf_checkpoint("qwen2", False, sharded=sharded)
+    shutil.copytree(source, tmp_path / "ckpt")
+    victim = sorted((tmp_path / "ckpt").glob("model*.safetensors"))[-1]
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(victim))}.*(cannot be read|incomplete).*Fix: download"):
+        M.load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_invalid_json_names_the_file(hf_checkpoint, tmp_path, name):
+    source, _ = hf_checkpoint("qwen2", False, sharded=True)
+    shutil.copytree(source, tmp_path / "ckpt")
+    broken = tmp_path / "ckpt" / name
+    broken.write_text(broken.read_text()[:-20])  # cut off mid-object
+    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(broken))} is not valid JSON .*line \d+.*Fix: "):
+        M.load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "hidden_size", "num_attention_heads"])
+def test_config_without_a_required_key_names_the_key(hf_checkpoint, tmp_path, key):
+    source, _ = hf_checkpoint("qwen2")
+    shutil.copytree(source, tmp_path / "ckpt")
+    hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del hf[key]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(M.CheckpointError, match=rf"config.json lacks {key}.*Fix: "):
+        M.load_checkpoint(tmp_path / "ckpt")
+
+
+def test_folder_without_tokenizer_files_names_the_problem(hf_checkpoint):
+    """save_pretrained of a model writes no tokenizer; transformers would quietly build one that encodes nothing."""
+    folder, _ = hf_checkpoint("qwen2")
+    assert not list(folder.glob("tokenizer*"))
+    with pytest.raises(M.CheckpointError, match=rf"{folder}.*no usable tokenizer.*Fix: .*save_pretrained"):
+        M.load_tokenizer(folder)
+
+
 def test_hub_id_while_offline_says_how_to_get_the_weights():
     with pytest.raises(M.CheckpointError, match=r"offline.*hf download no-such-org/no-such-model"):
         M.load_checkpoint("no-such-org/no-such-model")
+
+
+def test_hub_id_whose_download_fails_online_says_what_failed_and_not_hf_hub_offline(monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(M.CheckpointError) as error:
+        M.load_checkpoint("no-such-org/no-such-model")
+    message = str(error.value)
+    assert "download failed (ConnectionError: Failed to resolve 'huggingface.co')" in message
+    assert "HF_HUB_OFFLINE" not in message and "hf download no-such-org/no-such-model" in message
 
 
 def test_missing_local_folder_is_not_mistaken_for_a_hub_id(tmp_path):

@@ -27,6 +27,13 @@ def test_selection_keeps_the_top_alpha_by_action_entropy_ranked_globally():
     assert entropies[selected].min() >= entropies[~selected].max()
 
 
+@pytest.mark.parametrize("alpha, n, expected", [(0.55, 100, 55), (0.07, 100, 7), (0.75, 37, 28), (0.29, 100, 29),
+                                                 (0.1, 10, 1), (1.0, 9, 9), (0.0, 9, 0)])
+def test_selection_size_is_the_exact_ceiling_of_alpha_n_despite_float_rounding(alpha, n, expected):
+    """0.55 * 100 is 55.00000000000001 in floating point; its ceiling must still be 55, not 56."""
+    assert paw.select_by_entropy(np.arange(n, dtype=float), alpha).sum() == expected
+
+
 def test_action_entropy_full_and_sampled_forms():
     entropies = [np.array([1.0, 2.0, 3.0]), np.array([0.5])]
     logprobs = [np.log(np.array([0.5, 0.25, 1.0])), np.log(np.array([0.1]))]
@@ -63,6 +70,45 @@ def test_lambda_is_one_minus_group_mean_return_over_r_max(clip):
     np.testing.assert_allclose(weights, np.clip(expected, 0, 1) if clip else expected, rtol=1e-6)
     fixed = paw.world_model_weights(returns, groups, paw.PaWConfig(lambda_mode="fixed", fixed_lambda=1.0))
     np.testing.assert_array_equal(fixed, 1.0)
+
+
+def synthetic_trajectories(turns_per_trajectory, seed=0):
+    """Trajectories of random ids: prompts of 3-6 tokens, responses of 1-4, observations of 2-3."""
+    rng = np.random.default_rng(seed)
+    ids = lambda low, high: rng.integers(1, 20, rng.integers(low, high + 1)).astype(np.int32)
+    out = []
+    for index, count in enumerate(turns_per_trajectory):
+        turns = []
+        for step in range(count):
+            response = ids(1, 4)
+            turns.append(envs.Turn(step, "s", ids(3, 6), response, -rng.uniform(0.1, 2, len(response)),
+                                   rng.uniform(0, 2, len(response)), "", ["a"], "s2", ids(2, 3), 0.0, False, False,
+                                   False))
+        out.append(envs.Trajectory(index, index // 2, "task", {}, turns))
+    return out
+
+
+def test_turns_of_dropped_trajectories_leave_the_rl_loss_and_keep_the_world_model_loss():
+    """trajectory_keep (grpo.advantages' keep under filter_zero_variance): the token-mean GRPO loss of the batch
+    is the loss of the kept trajectories' batch alone, and every row keeps its observation tokens."""
+    trajectories = synthetic_trajectories([2, 3, 1, 2])
+    advantages, lambdas = np.array([0.5, -0.5, 0.0, 0.0]), np.ones(4)
+    keep = np.array([True, True, False, False])  # the second group's returns were equal
+    batch, _ = paw.paw_batch(trajectories, advantages, lambdas, trajectory_keep=keep)
+    kept, _ = paw.paw_batch(trajectories[:2], advantages[:2], lambdas[:2])
+    rows = np.repeat(keep, [len(t.turns) for t in trajectories])
+    np.testing.assert_array_equal(np.asarray(batch.action_mask).sum(1)[:len(rows)] > 0, rows)
+    np.testing.assert_array_equal(np.asarray(batch.observation_mask).sum(1)[:len(rows)] > 0, True)
+    logprobs = jnp.asarray(np.random.default_rng(1).normal(-1, 0.3, batch.tokens.shape), jnp.float32)
+
+    def loss(b):
+        rows, width = b.tokens.shape
+        terms = grpo.grpo_loss(logprobs[:rows, :width], b.old_logprobs, b.ref_logprobs, b.advantages, b.action_mask,
+                               grpo.LossConfig(beta=0.0))
+        return float(terms.numerator / terms.denominator)
+
+    assert kept.tokens.shape[1] == batch.tokens.shape[1]  # the kept trajectories' turns are the first rows of both
+    np.testing.assert_allclose(loss(batch), loss(kept), rtol=1e-6)
 
 
 # ---- the noise-tolerance argument ----

@@ -1,7 +1,5 @@
 """reward.py: the embedders against transformers' PyTorch models, and the rewards against hand-worked values."""
 
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -178,11 +176,6 @@ def test_rouge_reward_rounds_to_the_nearest_multiple_of_a_fifth(prediction, refe
 def test_rouge_rewards_score_a_missing_tag_zero():
     rewards = R.rouge_rewards([tag("x y z"), "x y z"], ["x y z", "x y z"])
     assert rewards.tolist() == [1.0, 0.0]
-
-
-def test_success_reward_follows_won():
-    episodes = [types.SimpleNamespace(won=True), types.SimpleNamespace(won=False)]
-    assert R.success_rewards(episodes, success_reward=10.0).tolist() == [10.0, 0.0]
 
 
 # --------------------------------------------------------------------------------------------

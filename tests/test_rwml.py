@@ -1,5 +1,6 @@
 """rwml.py: the triplet dataset, too-easy subsampling, WM SFT, the RWML update, and the weight-change analysis."""
 
+import dataclasses
 import functools
 
 import jax
@@ -157,6 +158,29 @@ def test_sft_loss_is_the_mean_label_cross_entropy(frozenlake_world_model):
     np.testing.assert_allclose(metrics["loss"], -(chosen * mask).sum() / mask.sum(), rtol=1e-5)
 
 
+def test_rwml_config_holds_only_what_the_update_reads():
+    """tau_d belongs to the scorer and H to the triplets: fields here that rwml_update ignores would mislead."""
+    assert [f.name for f in dataclasses.fields(rwml.RWMLConfig)] == ["group_size", "sampling", "filter_zero_variance"]
+
+
+@pytest.mark.parametrize("filter_zero_variance", [False, True])
+def test_filter_zero_variance_drops_the_predictions_of_equal_reward_triplets_from_the_loss(
+        frozenlake_world_model, filter_zero_variance):
+    """Triplet 0's four predictions all score 1 (nothing to learn from them), triplet 1's score 1, 0, 1, 0."""
+    train, _, tokenizer, config = frozenlake_world_model
+    params = lm.init_params(config, jax.random.key(0))
+    scorer = lambda texts, targets: (np.array([1.0] * 4 + [1.0, 0.0] * 2), np.zeros(8))
+    seen = []
+    step_fn = lambda state, batch: (seen.append(batch), (state, {}))[1]
+    cfg = rwml.RWMLConfig(group_size=4, sampling=sampler.SamplingParams(1.0, max_new_tokens=8),
+                          filter_zero_variance=filter_zero_variance)
+    _, metrics = rwml.rwml_update(grpo.init_state(params, grpo.make_optimizer()), step_fn, tokenizer, config,
+                                  train[:2], scorer, jax.random.key(0), cfg)
+    loss_tokens = np.asarray(seen[0].loss_mask).sum(1)
+    assert (loss_tokens[4:] > 0).all() and metrics["zero_variance_groups"] == 0.5
+    assert ((loss_tokens[:4] == 0) if filter_zero_variance else (loss_tokens[:4] > 0)).all()
+
+
 def test_wm_sft_then_rwml_raise_validation_world_model_accuracy(frozenlake_world_model, minilm):
     """WM SFT from a random model, then RWML from that checkpoint, each raise accuracy on held-out triplets.
 
@@ -179,7 +203,7 @@ def test_wm_sft_then_rwml_raise_validation_world_model_accuracy(frozenlake_world
     rl_state = grpo.init_state(state.params, rl_optimizer)
     step_fn = jax.jit(functools.partial(grpo.grpo_step, model_config=config, optimizer=rl_optimizer,
                                         step=grpo.StepConfig(grpo.LossConfig(beta=0.0))))
-    cfg = rwml.RWMLConfig(group_size=8, tau_d=0.01, sampling=sampler.SamplingParams(1.0, max_new_tokens=64))
+    cfg = rwml.RWMLConfig(group_size=8, sampling=sampler.SamplingParams(1.0, max_new_tokens=64))
     rng = np.random.default_rng(0)
     for iteration in range(25):
         chosen = [train[i] for i in rng.choice(len(train), 8, replace=False)]

@@ -267,6 +267,22 @@ def test_world_model_exact_match_equals_greedy_generation(cache, tmp_path):
     assert any(seen) and not all(seen)  # both outcomes occur: the comparison is not vacuous
 
 
+def test_dr_grpo_constant_is_the_stage_generation_budget_unless_set():
+    """seq-mean-token-sum-norm divides by one constant, the response cap, not the batch's padded width (0)."""
+    args = train.settle(tyro.cli(train.Args, args=["--aggregation", "seq-mean-token-sum-norm", "--max-new-tokens", "24",
+                                                   "--wm-max-new-tokens", "40"]))
+    assert train.step_config(args).loss.max_length == 24
+    assert train.step_config(args, 8, budget=args.wm_max_new_tokens).loss.max_length == 40  # RWML's predictions
+    assert train.step_config(dataclasses_replace(args, loss_max_length=100)).loss.max_length == 100
+
+
+def test_paw_config_carries_the_paw_flags():
+    args = train.settle(tyro.cli(train.Args, args=["--alpha", "0.5", "--rho", "0.3", "--lambda-mode", "fixed",
+                                                   "--fixed-lambda", "0.25"]))
+    cfg = train.paw_config(args)
+    assert (cfg.alpha, cfg.rho, cfg.lambda_mode, cfg.fixed_lambda, cfg.r_max) == (0.5, 0.3, "fixed", 0.25, 1.0)
+
+
 def dataclasses_replace(args, **changes):
     import dataclasses
 
@@ -287,3 +303,97 @@ def test_bad_input_prints_one_message_exits_nonzero_and_writes_nothing(argv, mes
     assert code != 0
     assert message in stderr and "Traceback" not in stderr
     assert not out.exists() and not cache.exists()
+
+
+def run_cli_in_process(argv, tmp_path, monkeypatch, capsys):
+    """train.cli() on argv with --out in tmp_path: (exit status, stderr, whether anything was written)."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    monkeypatch.setenv("RWML_JAX_CACHE", str(cache))
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv, "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        train.cli()
+    return exit_.value.code, capsys.readouterr().err, out.exists() or cache.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0, not nan"),
+    (["--learning-rate", "-1e-6"], "--learning-rate must be a finite number > 0, not -1e-06"),
+    (["--wm-learning-rate", "inf"], "--wm-learning-rate must be a finite number > 0, not inf"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be a finite number > 0"),
+    (["--clip-low", "1.0"], "--clip-low must be in [0, 1)"),
+    (["--clip-high", "-0.2"], "--clip-high must be a finite number >= 0"),
+    (["--beta", "nan"], "--beta must be a finite number >= 0"),
+    (["--entropy-coef", "inf"], "--entropy-coef must be a finite number"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--eval-temperature", "-1"], "--eval-temperature must be a finite number >= 0"),
+    (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["--rho", "nan"], "--rho must be in [0, 1]"),
+    (["--tau-d", "3"], "--tau-d must be in [0, 2]"),
+    (["--filter-tau-d", "-0.1"], "--filter-tau-d must be in [0, 2]"),
+    (["--keep-easy", "2"], "--keep-easy must be in [0, 1]"),
+    (["--fixed-lambda", "nan"], "--fixed-lambda must be a finite number"),
+    (["--r-max", "0"], "--r-max must be a finite number > 0"),
+    (["--groups", "0"], "--groups must be at least 1"),
+    (["--wm-rollouts", "0"], "--wm-rollouts must be at least 1"),
+    (["--mesh-data", "0"], "--mesh-data must be at least 1"),
+    (["--loss-max-length", "0"], "--loss-max-length must be at least 1"),
+])
+def test_a_number_out_of_range_is_refused_before_anything_is_written(argv, message, tmp_path, monkeypatch, capsys):
+    code, stderr, wrote = run_cli_in_process(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2 and stderr.startswith(f"error: {message}") and "Fix: pass e.g. --" in stderr
+    assert "Traceback" not in stderr and not wrote
+
+
+def test_every_bad_number_gets_its_own_message(tmp_path, monkeypatch, capsys):
+    code, stderr, wrote = run_cli_in_process(["--alpha", "-1", "--beta", "-1", "--learning-rate", "0"], tmp_path,
+                                             monkeypatch, capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 3 and not wrote
+    assert [line.split()[0].removeprefix("error:") or line.split()[1] for line in lines] == ["--learning-rate",
+                                                                                               "--beta", "--alpha"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "grpo", "--group-size", "1"], "--group-size must be at least 2 for policy RL, not 1"),
+    (["--method", "paw", "--group-size", "1"], "--group-size must be at least 2 for policy RL, not 1"),
+    (["--method", "rwml", "--wm-group-size", "1"], "--wm-group-size must be at least 2 for RWML, not 1"),
+])
+def test_a_group_of_one_is_refused_for_a_group_relative_method(argv, message, tmp_path, monkeypatch, capsys):
+    code, stderr, wrote = run_cli_in_process(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2 and stderr.startswith(f"error: {message}") and "nothing is trained" in stderr and not wrote
+
+
+def test_group_size_one_is_fine_where_no_stage_compares_a_group():
+    args = train.settle(tyro.cli(train.Args, args=["--method", "wm-sft", "--group-size", "1"]))
+    assert train.number_problems(args) == []
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_before_anything_is_written(hf_checkpoint, tmp_path, monkeypatch,
+                                                                                   capsys):
+    folder, _ = hf_checkpoint("qwen2")
+    code, stderr, wrote = run_cli_in_process(["--model", str(folder)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "no usable tokenizer" in stderr and "Traceback" not in stderr and not wrote
+
+
+def test_too_few_world_model_transitions_end_with_one_message_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    """Found only after the run folder is written, so it is not a UsageError, but still no traceback."""
+    import types
+
+    monkeypatch.setattr(train, "self_play", lambda *args, **kwargs: [])  # 0 valid transitions
+    args = train.settle(tyro.cli(train.Args, args=["--method", "wm-sft", "--out", str(tmp_path / "run")]))
+    stub = types.SimpleNamespace(args=args, out=tmp_path)
+    monkeypatch.setattr(train, "main", lambda args: train.world_model_data(stub, 0, "wm-sft", None, None))
+    code, stderr, _ = run_cli_in_process([], tmp_path, monkeypatch, capsys)
+    assert code == 2 and stderr.startswith("error: only 0 valid transitions") and "Fix: raise --wm-tasks" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "main", interrupted)
+    code, stderr, _ = run_cli_in_process(["--method", "grpo"], tmp_path, monkeypatch, capsys)
+    assert code == 130 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert f"--resume --out {tmp_path / 'run'}" in stderr
