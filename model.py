@@ -416,19 +416,52 @@ def blockwise_attention(q, k, v, kv_mask, query_offset=0, block: int = ATTENTION
     return _blockwise(q, k, v, kv_mask, jnp.asarray(query_offset, jnp.int32), block)
 
 
+def fused_attention(q, k, v, kv_mask, implementation: str | None = "cudnn"):
+    """plain_attention's result from jax.nn.dot_product_attention (implementation "cudnn": cuDNN's fused flash
+    attention on an NVIDIA GPU; "xla" anywhere, for tests), for a call without a cache (t = s, query_offset 0) whose
+    rows hold their real tokens contiguously: left or right padded, or both, as every batch this project builds is.
+
+    cuDNN masks by sequence lengths counted from the start of a row, and these rows may be left padded: each row is
+    rotated so that its real tokens start at 0, attended causally over its length, and rotated back. A row of padding
+    only gets length 1 (finite garbage, like plain_attention's, where NaN would poison the gradient).
+    """
+    batch, time, kv_heads, groups, head_dim = q.shape
+    start = jnp.argmax(kv_mask, axis=1)  # each row's first real token
+    length = jnp.maximum(kv_mask.sum(1), 1).astype(jnp.int32)
+    rotate = lambda x, shift: jnp.take_along_axis(
+        x, ((jnp.arange(time)[None] + shift[:, None]) % time).reshape(batch, time, *[1] * (x.ndim - 2)), axis=1)
+    out = jax.nn.dot_product_attention(
+        rotate(q.reshape(batch, time, kv_heads * groups, head_dim), start), rotate(k.astype(q.dtype), start),
+        rotate(v.astype(q.dtype), start), is_causal=True, query_seq_lengths=length, key_value_seq_lengths=length,
+        implementation=implementation)  # query head h reads kv head h // groups, as here
+    return rotate(out, -start).reshape(q.shape)
+
+
+def _fused_applies(q, k, query_offset) -> bool:
+    """cuDNN's flash attention: on a GPU, 16-bit compute, head_dim a multiple of 8 up to 128, no cache."""
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 128 and isinstance(query_offset, int) and query_offset == 0 and q.shape[1] == k.shape[1])
+
+
 def attention(q, k, v, kv_mask, query_offset=0, implementation: str = "auto", block: int = ATTENTION_BLOCK):
     """Grouped-query causal attention over padded rows (shapes as plain_attention).
 
-    implementation: "plain", "blockwise", or "auto": blockwise once the queries span more than one block (long
-    prompts and training rows), plain for short rows and the one-token decode steps, where it is faster.
+    implementation: "plain", "blockwise", "fused" (fused_attention: cuDNN) or "auto": on a GPU in bfloat16 or
+    float16 without a cache, fused; else blockwise once the queries span more than one block (long prompts and
+    training rows), plain for short rows and the one-token decode steps, where it is faster.
     """
     if implementation == "auto":
-        implementation = "blockwise" if q.shape[1] > block else "plain"
+        if _fused_applies(q, k, query_offset):
+            implementation = "fused"
+        else:
+            implementation = "blockwise" if q.shape[1] > block else "plain"
     if implementation == "plain":
         return plain_attention(q, k, v, kv_mask, query_offset)
     if implementation == "blockwise":
         return blockwise_attention(q, k, v, kv_mask, query_offset, block)
-    raise ValueError(f"attention implementation '{implementation}' is not auto, plain or blockwise")
+    if implementation == "fused":
+        return fused_attention(q, k, v, kv_mask, "cudnn" if jax.default_backend() == "gpu" else "xla")
+    raise ValueError(f"attention implementation '{implementation}' is not auto, plain, blockwise or fused")
 
 
 class Attention(nn.Module):

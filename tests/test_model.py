@@ -133,19 +133,21 @@ def left_padded_rows(lengths, width, seed):
     return M.left_pad(rows, width, pad_id=0)
 
 
+@pytest.mark.parametrize("attention", ["blockwise", "fused"])  # fused: jax.nn.dot_product_attention (XLA on a CPU)
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
-def test_blockwise_attention_gives_the_plain_logits(hf_checkpoint, architecture):
+def test_blockwise_attention_gives_the_plain_logits(hf_checkpoint, architecture, attention):
     config, params = M.load_checkpoint(hf_checkpoint(architecture)[0])
     tokens, mask = left_padded_rows([37, 21, 5], 37, seed=10)  # 37 = 4 blocks and 5 positions
     plain = np.asarray(M.logits(params, config, tokens, mask, attention="plain"))
-    hidden, _ = M.forward(params, config, tokens, mask, attention="blockwise", attention_block=BLOCK)
+    hidden, _ = M.forward(params, config, tokens, mask, attention=attention, attention_block=BLOCK)
     blockwise = np.asarray(M.unembed(params, config, hidden))
     np.testing.assert_allclose(blockwise[mask], plain[mask], atol=1e-5, rtol=0)
     assert np.isfinite(blockwise).all()  # pad positions too: their garbage must not become NaN in a gradient
 
 
+@pytest.mark.parametrize("attention", ["blockwise", "fused"])
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
-def test_blockwise_attention_gives_the_plain_gradients(hf_checkpoint, architecture):
+def test_blockwise_attention_gives_the_plain_gradients(hf_checkpoint, architecture, attention):
     """The custom VJP (probabilities recomputed block by block) against autodiff through the plain softmax."""
     config, params = M.load_checkpoint(hf_checkpoint(architecture)[0])
     tokens, mask = left_padded_rows([29, 12], 29, seed=20)
@@ -157,7 +159,7 @@ def test_blockwise_attention_gives_the_plain_gradients(hf_checkpoint, architectu
         logprobs, _ = M.logprobs_from_hidden(p, config, hidden[:, :-1], tokens[:, 1:])
         return (logprobs * weights).sum()
 
-    plain, blockwise = jax.grad(loss)(params, "plain"), jax.grad(loss)(params, "blockwise")
+    plain, blockwise = jax.grad(loss)(params, "plain"), jax.grad(loss)(params, attention)
     for name, a, b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(plain), jax.tree.leaves(blockwise)):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(name[0]))
 
