@@ -519,8 +519,8 @@ def default_update_tokens(config: lm.Config, parameters: int, args: Args, device
     per_token = lm.activation_bytes_per_token(config)
     fit = max(1, (available // 2 - state - vocabulary) // per_token)
     tokens = min(MAX_UPDATE_TOKENS, 1 << (int(fit).bit_length() - 1))
-    why = (f"{tokens:,} tokens per device per micro-batch: ~{per_token / 2**20:.2f} MiB of activations a token, half of "
-           f"{available / 2**30:.1f} GiB ({source}) less {state / 2**30:.1f} GiB of training state")
+    why = (f"{tokens:,} tokens per device (~{per_token / 2**20:.2f} MiB of activations a token; half of "
+           f"{available / 2**30:.1f} GiB of {source}, less {state / 2**30:.1f} GiB of training state)")
     return tokens, why
 
 
@@ -1044,7 +1044,7 @@ def main(args: Args) -> dict:
     if args.update_tokens is None:
         tokens, why = default_update_tokens(config, lm.count_params(params), args, mesh.size)
         args = dataclasses.replace(args, update_tokens=tokens)
-        print(f"updates in micro-batches of {why} (--update-tokens to change)")
+        print(f"updates in micro-batches of at most {why}; --update-tokens to change")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")

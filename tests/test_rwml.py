@@ -158,6 +158,27 @@ def test_sft_loss_is_the_mean_label_cross_entropy(frozenlake_world_model):
     np.testing.assert_allclose(metrics["loss"], -(chosen * mask).sum() / mask.sum(), rtol=1e-5)
 
 
+def test_sft_update_in_micro_batches_of_a_token_budget_is_the_one_batch_update(frozenlake_world_model):
+    """WM SFT's (and SPA's) update as train.py runs it, against one sft_step on the whole batch (SGD, lr 1)."""
+    import optax
+
+    train, _, tokenizer, config = frozenlake_world_model
+    params = lm.init_params(config, jax.random.key(1))
+    prompts, labels = rwml.wm_sft_examples(tokenizer, train[:12])
+    prompts = [p[:len(p) - 5 * (i % 4)] for i, p in enumerate(prompts)]  # rows of several lengths
+    batch = rwml.sft_batch(prompts, labels, tokenizer.pad_token_id)
+    optimizer = optax.sgd(1.0)
+    whole, expected = jax.jit(functools.partial(rwml.sft_step, model_config=config, optimizer=optimizer))(
+        grpo.init_state(params, optimizer), batch)
+    update = grpo.LengthSortedUpdate(rwml.sft_objective(config), optimizer, token_budget=2 * batch.tokens.shape[1])
+    assert len(update.micro_batches(batch)) >= 4
+    pieces, metrics = update(grpo.init_state(params, optimizer), batch)
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(pieces.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    for name in expected:
+        np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5, err_msg=name)
+
+
 def test_rwml_config_holds_only_what_the_update_reads():
     """tau_d belongs to the scorer and H to the triplets: fields here that rwml_update ignores would mislead."""
     assert [f.name for f in dataclasses.fields(rwml.RWMLConfig)] == ["group_size", "sampling", "filter_zero_variance"]
