@@ -607,7 +607,7 @@ def logits(params: Params, config: Config, tokens, token_mask, attention: str = 
     return unembed(params, config, hidden)
 
 
-def token_logprobs(params: Params, config: Config, tokens, token_mask, temperature: float = 1.0, chunk_size: int = 128,
+def token_logprobs(params: Params, config: Config, tokens, token_mask, temperature: float = 1.0, chunk_size: int = 256,
                    dtype=None, remat=False, attention: str = "auto"):
     """Teacher-forced log pi(tokens[t] | tokens[<t]) and the full-distribution entropy at t, both [b, t] float32.
 
@@ -619,7 +619,7 @@ def token_logprobs(params: Params, config: Config, tokens, token_mask, temperatu
     return jnp.concatenate([first, logprobs], 1), jnp.concatenate([first, entropies], 1)
 
 
-def logprobs_from_hidden(params: Params, config: Config, hidden, targets, temperature: float = 1.0, chunk_size: int = 128):
+def logprobs_from_hidden(params: Params, config: Config, hidden, targets, temperature: float = 1.0, chunk_size: int = 256):
     """log softmax(hidden @ W_out / temperature)[targets] and the entropy, both [b, t] float32.
 
     The vocabulary projection runs over `chunk_size` tokens at a time (the batch's rows and positions flattened)

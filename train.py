@@ -619,23 +619,22 @@ class Evaluator:
 # --------------------------------------------------------------------------------------------
 
 
-def peak_memory_gib() -> float:
-    """The peak memory since the last call, in GiB: the accelerator's peak in use where the backend counts it (since
-    the process started: JAX cannot reset it), else this process's peak resident memory (Linux's VmHWM, reset after
-    each read so that each iteration reports its own; elsewhere the peak since the start)."""
+def memory_gib() -> dict[str, float]:
+    """Memory in GiB: the accelerator's in use now and at its peak since the process started, where the backend
+    counts them; else this process's resident memory now and at its peak (Linux's VmRSS and VmHWM; elsewhere the
+    peak alone, from getrusage)."""
     device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "peak_bytes_in_use" in stats:
-        return stats["peak_bytes_in_use"] / 2**30
+        return {"memory_gib": stats.get("bytes_in_use", 0) / 2**30, "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30}
     try:
         status = Path("/proc/self/status").read_text()
-        peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
-        Path("/proc/self/clear_refs").write_text("5")
-        return peak / 2**30
+        field = lambda name: int(status.split(name + ":")[1].split()[0]) * 1024 / 2**30  # reported in kB
+        return {"memory_gib": field("VmRSS"), "peak_memory_gib": field("VmHWM")}
     except (OSError, IndexError, ValueError):
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # KiB on Linux
+        return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
 class Logger:
@@ -786,9 +785,9 @@ class Run:
         return metrics
 
     def finish_step(self, stage_index: int, stage: str, step: int, state: grpo.TrainState, reference, metrics: dict):
-        """Log a step's metrics (and the step's peak memory); evaluate and checkpoint on schedule."""
+        """Log a step's metrics (and the memory in use and at its peak); evaluate and checkpoint on schedule."""
         self.global_step += 1
-        self.logger.log(self.global_step, stage, dict(metrics, peak_memory_gib=peak_memory_gib()))
+        self.logger.log(self.global_step, stage, dict(metrics, **memory_gib()))
         self.logger.advance()
         last = step + 1 == self.stage_lengths[stage_index]
         every = self.args.eval_every if stage in ("grpo", "paw") else self.args.wm_eval_every

@@ -91,6 +91,10 @@ def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache
         assert "train/reward" in next(r for r in records if r["stage"] == "rwml")
     if "paw" in method:
         assert "train/wm_loss" in next(r for r in records if r["stage"] == "paw")
+    # every step records the memory in use and its peak so far (this process's resident memory on a CPU)
+    trained = [r for r in records if "train/loss" in r]
+    assert all(0 < r["train/memory_gib"] <= r["train/peak_memory_gib"] for r in trained)
+    assert [r["train/peak_memory_gib"] for r in trained] == sorted(r["train/peak_memory_gib"] for r in trained)
     # TensorBoard events carry the same scalars as the JSONL
     event_files = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert event_files
