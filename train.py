@@ -271,8 +271,9 @@ class Args:
     """environment worker processes (ALFWorld 2; grid games 0: in process)"""
 
     # ---- the embedded default (pretrain.py) ----
-    pretrain_steps: int = pretrain.PretrainConfig.steps
-    """cross-entropy steps on random-play transcripts"""
+    pretrain_steps: int | None = None
+    """cross-entropy steps on random-play transcripts (grid games 300; ALFWorld 60: its 128 transcripts a step of
+    ~500-900 tokens take ~7 s on 2 CPU cores)"""
     pretrain_episodes: int | None = None
     """random-play episodes recorded for pretraining (grid games 3000; ALFWorld 100, whose games step ~30 times a
     second: there the embedded default is a check of the plumbing, too small to learn to act from text)"""
@@ -292,6 +293,7 @@ def settle(args: Args) -> Args:
     by_env = dict(max_turns=50 if alfworld else 10, history=2 if alfworld else 0, r_max=SUCCESS_REWARD[args.env],
                   tau_d=0.2 if alfworld else 0.01, eval_episodes=140 if alfworld else 128, workers=2 if alfworld else 0,
                   pretrain_episodes=100 if alfworld else pretrain.PretrainConfig.episodes,
+                  pretrain_steps=60 if alfworld else pretrain.PretrainConfig.steps,
                   out=f"runs/{args.method}-{args.env}-seed{args.seed}")
     if args.method == "spa":  # the response holds two rendered states
         recipe = {**recipe, "max_new_tokens": max(recipe["max_new_tokens"], 256)}
