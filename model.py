@@ -15,6 +15,11 @@ so converting a Hugging Face tensor is a transpose plus a reshape, spelled out i
 config.json, in both layouts that exist (transformers 4.x: top-level rope_theta / rope_scaling;
 5.x: rope_parameters).
 
+Attention comes in three forms behind one `attention` function: the plain softmax(q k^T / sqrt(d)) v,
+the readable reference; a blockwise form (FlashAttention's online softmax over 512 x 512 blocks, with
+a custom VJP that recomputes each block's probabilities in the backward pass), so the memory of long
+rows grows linearly with their length; and cuDNN's fused attention on a GPU in 16-bit compute.
+
 Sampling lives in `sampler.py`; `token_logprobs` here recomputes, by teacher forcing, exactly the
 log-probs and entropies the sampler returns.
 """
