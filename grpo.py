@@ -363,14 +363,28 @@ def apply_update(state: TrainState, grads, optimizer: optax.GradientTransformati
     return TrainState(state.step + 1, params, opt_state), optax.global_norm(grads)
 
 
+def skip_if_not_finite(updated: TrainState, state: TrainState, loss, grad_norm) -> tuple[TrainState, jax.Array]:
+    """(updated, 0.0) when the loss and the gradient's norm are finite; else (state, 1.0): the update is skipped.
+
+    One NaN or infinity in a gradient (e.g. an overflow in bfloat16, a log of 0) would otherwise pass through AdamW's
+    moments into every parameter for good; skipped, it costs one step, and the caller counts skips to stop a run that
+    keeps producing them."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    return kept, jnp.where(finite, 0.0, 1.0)
+
+
 def objective_step(objective: Objective, state: TrainState, batch, optimizer: optax.GradientTransformation,
                    micro_batches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update of an objective: its gradient summed over equal micro-batches (one scan), clipped AdamW."""
+    """One update of an objective: its gradient summed over equal micro-batches (one scan), clipped AdamW; skipped
+    (the state returned unchanged, metric skipped = 1) when the loss or the gradient is not finite."""
     totals = objective.totals(batch)
     grads, sums = accumulate(lambda params, micro: objective.loss(params, micro, totals), state.params, batch,
                              micro_batches)
-    state, grad_norm = apply_update(state, grads, optimizer)
-    return state, dict(objective.metrics(sums, totals), grad_norm=grad_norm)
+    updated, grad_norm = apply_update(state, grads, optimizer)
+    metrics = objective.metrics(sums, totals)
+    state, skipped = skip_if_not_finite(updated, state, metrics["loss"], grad_norm)
+    return state, dict(metrics, grad_norm=grad_norm, skipped=skipped)
 
 
 def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimizer: optax.GradientTransformation,
@@ -388,6 +402,7 @@ def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimize
       ratio           mean pi_theta / pi_old (1 on-policy)
       grad_norm       global norm of the gradient before clipping
       tokens          number of loss tokens in the batch
+      skipped         1 when the loss or the gradient is not finite and the update was skipped (state unchanged)
     """
     return objective_step(grpo_objective(model_config, step), state, batch, optimizer, step.micro_batches)
 
@@ -447,7 +462,7 @@ class LengthSortedUpdate:
     objective_step's to float rounding (the sum runs in another order). Sorting by length also saves the padding:
     a multi-turn rollout's turns vary in length several-fold. shard(micro_batch) places each micro-batch (e.g. over
     a mesh's data axes; rows come in multiples of row_multiple, the device count), and state_shardings, when given,
-    keeps the state where it is.
+    keeps the state where it is. As in objective_step, an update whose loss or gradient is not finite is skipped.
     """
 
     def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, token_budget: int,
@@ -459,8 +474,10 @@ class LengthSortedUpdate:
         self.add = jax.jit(lambda total, more: jax.tree.map(jnp.add, total, more), donate_argnums=0)
 
         def finish(state, grads, sums, totals):
-            state, grad_norm = apply_update(state, grads, optimizer)
-            return state, dict(objective.metrics(sums, totals), grad_norm=grad_norm)
+            updated, grad_norm = apply_update(state, grads, optimizer)
+            metrics = objective.metrics(sums, totals)
+            state, skipped = skip_if_not_finite(updated, state, metrics["loss"], grad_norm)
+            return state, dict(metrics, grad_norm=grad_norm, skipped=skipped)
 
         shardings = {} if state_shardings is None else dict(in_shardings=(state_shardings, None, None, None),
                                                               out_shardings=(state_shardings, None))

@@ -415,3 +415,28 @@ def test_rows_mapped_over_micro_batches_come_back_in_row_order():
     real = np.asarray(batch.token_mask)
     np.testing.assert_allclose(mapped[real], whole[real], atol=1e-5, rtol=0)  # float32 rounding of other shapes
     assert not mapped[~real.any(1)].any()  # rows of padding only are in no micro-batch
+
+
+@pytest.mark.parametrize("field", ["advantages", "old_logprobs"])
+def test_an_update_with_a_non_finite_loss_is_skipped_and_leaves_the_state_unchanged(field):
+    """One NaN on a loss token makes the loss and the gradient NaN: the state comes back as it went in (parameters,
+    AdamW's moments, the step count), and skipped = 1; the same batch without the NaN updates (skipped = 0)."""
+    params = lm.init_params(TINY, jax.random.key(7))
+    batch = ragged_batch(seed=4)
+    row, column = map(int, np.argwhere(np.asarray(batch.loss_mask) > 0)[0])
+    poisoned = batch._replace(**{field: getattr(batch, field).at[row, column].set(jnp.nan)})
+    optimizer = optax.adamw(1e-2)
+    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, grpo.StepConfig()), optimizer, token_budget=128)
+    before = jax.device_get(grpo.init_state(params, optimizer))  # a host copy: the update donates its state
+    state, metrics = update(grpo.init_state(params, optimizer), poisoned)
+    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    whole, whole_metrics = jax.jit(functools.partial(grpo.grpo_step, model_config=TINY, optimizer=optimizer))(
+        grpo.init_state(params, optimizer), poisoned)  # the one-batch step skips it too
+    assert float(whole_metrics["skipped"]) == 1.0 and int(whole.step) == 0
+    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(whole.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state, metrics = update(grpo.init_state(params, optimizer), batch)
+    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(state.params)))
