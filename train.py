@@ -718,6 +718,29 @@ def plot_curves(metrics_file: Path, path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+MAX_SKIPPED_IN_A_ROW = 3  # one non-finite update is skipped (grpo.skip_if_not_finite); this many in a row stop the run
+
+
+@jax.jit
+def _leaves_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def all_finite(tree) -> bool:
+    """Whether every floating-point number in tree (parameters, optimizer state, ...) is finite: one device pass."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    return not leaves or bool(_leaves_finite(leaves))
+
+
+def export_model(folder: Path, config: lm.Config, params, tokenizer) -> None:
+    """The model in Hugging Face format; refused (DataError) if a parameter is NaN or infinite, nothing written."""
+    if not all_finite(params):
+        raise DataError(f"the model to export to {folder} has a parameter that is not finite (NaN or infinity); "
+                        "nothing was exported. Fix: start again in another --out with a lower learning rate, or with "
+                        "--compute-dtype float32.")
+    lm.save_checkpoint(folder, config, jax.device_get(params), tokenizer)
+
+
 class Checkpoints:
     """Orbax checkpoints named by the global step: the arrays ({state, reference (when the KL term needs it),
     key}) and, as JSON, the position (stage index and step within it, which fixes the data position)."""
@@ -733,6 +756,11 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, global_step: int, arrays: dict, position: dict) -> None:
+        """Write a checkpoint; refused (DataError) if any number in it is NaN or infinite, which no resume could use."""
+        if not all_finite(arrays):
+            raise DataError(f"the checkpoint of step {global_step} holds a number that is not finite (NaN or "
+                            "infinity) and was not written; the last one written is finite. Fix: start again in "
+                            "another --out with a lower learning rate, or with --compute-dtype float32.")
         self.manager.save(global_step, args=self.ocp.args.Composite(
             arrays=self.ocp.args.StandardSave(arrays), position=self.ocp.args.JsonSave(position)))
 
@@ -773,6 +801,8 @@ class Run:
     checkpoints: Checkpoints | None = None
     global_step: int = 0
     stage_lengths: dict = dataclasses.field(default_factory=dict)
+    skipped_in_a_row: int = 0
+    """updates skipped in a row for a loss or gradient that was not finite (metric skipped)"""
 
     def stage_index(self, name: str) -> int:
         return STAGES[self.args.method].index(name)
@@ -787,10 +817,20 @@ class Run:
         return metrics
 
     def finish_step(self, stage_index: int, stage: str, step: int, state: grpo.TrainState, reference, metrics: dict):
-        """Log a step's metrics (and the memory in use and at its peak); evaluate and checkpoint on schedule."""
+        """Log a step's metrics (and the memory in use and at its peak); evaluate and checkpoint on schedule. Stop
+        the run (DataError) after MAX_SKIPPED_IN_A_ROW updates in a row were skipped as not finite."""
         self.global_step += 1
         self.logger.log(self.global_step, stage, dict(metrics, **memory_gib()))
         self.logger.advance()
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if metrics.get("skipped") else 0
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            flag = {"rwml": "--wm-learning-rate", "wm-sft": "--sft-learning-rate",
+                    "spa-sft": "--spa-learning-rate"}.get(stage, "--learning-rate")
+            raise DataError(f"{stage}: the updates of the last {self.skipped_in_a_row} steps (to step "
+                            f"{self.global_step}) had a loss or gradient that is not finite (NaN or infinity) and "
+                            f"were skipped (train/skipped in metrics.jsonl); the run stops, its checkpoints hold the "
+                            f"finite parameters from before. Fix: start again in another --out with a lower {flag}, "
+                            "or with --compute-dtype float32.")
         last = step + 1 == self.stage_lengths[stage_index]
         every = self.args.eval_every if stage in ("grpo", "paw") else self.args.wm_eval_every
         if (step + 1) % every == 0 or last:
@@ -1096,9 +1136,9 @@ def main(args: Args) -> dict:
                     params = world_model_stage(run, index, name, params, start, restored, data)
             restored = None
             if index < len(stages) - 1:  # what the next stage starts from (e.g. the RWML model before policy RL)
-                lm.save_checkpoint(out / f"model-stage{index}-{name}", config, jax.device_get(params), tokenizer)
+                export_model(out / f"model-stage{index}-{name}", config, params, tokenizer)
         run.checkpoints.close()
-        lm.save_checkpoint(out / "model", config, jax.device_get(params), tokenizer)
+        export_model(out / "model", config, params, tokenizer)
     finally:
         run.evaluator.close()
         run.logger.close()

@@ -401,3 +401,53 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, monkeypatch, capsys
     code, stderr, _ = run_cli_in_process(["--method", "grpo"], tmp_path, monkeypatch, capsys)
     assert code == 130 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert f"--resume --out {tmp_path / 'run'}" in stderr
+
+
+def test_three_non_finite_updates_in_a_row_stop_the_run_and_nothing_non_finite_is_saved(cache, tmp_path, monkeypatch):
+    """Every update's loss made NaN: each is skipped (train/skipped 1, the parameters kept), the third stops the
+    run with a DataError, its checkpoints hold the base model's finite parameters, and nothing is exported."""
+    import jax.numpy as jnp
+
+    def poisoned(objective, *args, **kwargs):
+        loss = lambda params, micro, totals: jax.tree.map(lambda x: x * jnp.nan, objective.loss(params, micro, totals))
+        return sized_update(objective._replace(loss=loss), *args, **kwargs)
+
+    sized_update = train.sized_update
+    monkeypatch.setattr(train, "sized_update", poisoned)
+    out = tmp_path / "run"
+    argv = ["--method", "grpo", "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, "--iterations", "5",
+            "--eval-every", "5"]
+    with pytest.raises(train.DataError, match=r"grpo: the updates of the last 3 steps \(to step 3\).*Fix: start "
+                                              r"again in another --out with a lower --learning-rate"):
+        run_in_process(argv, cache, monkeypatch)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped"] for r in records if "train/loss" in r] == [1.0, 1.0, 1.0]
+    assert not (out / "model").exists()
+    import orbax.checkpoint as ocp
+
+    args = train.settle(tyro.cli(train.Args, args=argv))
+    base = train.load_model(args, train.make_game(args), log=lambda *_: None)[2]
+    with ocp.CheckpointManager((out / "checkpoints").absolute()) as manager:
+        assert manager.all_steps() == [1, 2]
+        for step in manager.all_steps():
+            saved = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
+            for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(saved["state"]["params"])):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_or_export_holding_a_nan_is_refused_and_nothing_is_written(tmp_path):
+    config = lm.Config(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=8)
+    params = lm.init_params(config, jax.random.key(0))
+    assert train.all_finite(params)
+    params["layers_0"]["mlp"]["up"]["kernel"] = params["layers_0"]["mlp"]["up"]["kernel"].at[0, 0].set(np.nan)
+    assert not train.all_finite(params) and not train.all_finite({"moment": np.array([1.0, np.inf])})
+    with pytest.raises(train.DataError, match="not finite.*nothing was exported. Fix: "):
+        train.export_model(tmp_path / "model", config, params, tokenizer=None)
+    assert not (tmp_path / "model").exists()
+    checkpoints = train.Checkpoints(tmp_path / "checkpoints")
+    with pytest.raises(train.DataError, match="checkpoint of step 1 holds a number that is not finite.*Fix: "):
+        checkpoints.save(1, {"params": params, "key": jax.random.key_data(jax.random.key(0))}, {"stage": 0, "step": 1})
+    checkpoints.close()
+    assert checkpoints.latest() is None and not any((tmp_path / "checkpoints").iterdir())
+
