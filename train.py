@@ -308,6 +308,12 @@ def settle(args: Args) -> Args:
     return args
 
 
+def checkpoint_steps(folder: Path) -> list[int]:
+    """The steps of the checkpoints written to folder (Orbax writes each under a temporary name and renames it
+    to its step once complete, so a start that failed before its first checkpoint leaves none)."""
+    return sorted(int(path.name) for path in folder.glob("*") if path.name.isdigit()) if folder.is_dir() else []
+
+
 # Every number on the command line: (field, what it must be, the test, an example for the fix). Checked after
 # settle(), so fields the recipe fills hold numbers; one that is still None (e.g. --loss-max-length) is skipped.
 AT_LEAST_ONE = ("at least 1", lambda v: v >= 1)
@@ -405,7 +411,7 @@ def check(args: Args) -> None:
         raise UsageError(f"--wm-batch {args.wm_batch} (x --wm-group-size {args.wm_group_size} for RWML) must split "
                          f"evenly over the {devices} devices. Fix: make it a multiple of {devices}.")
     out = Path(args.out)
-    if not args.resume and (out / "checkpoints").exists():
+    if not args.resume and checkpoint_steps(out / "checkpoints"):
         raise UsageError(f"{out} already holds a run. Fix: add --resume to continue it, or choose another --out.")
 
 
@@ -1093,6 +1099,9 @@ def main(args: Args) -> dict:
     run.checkpoints = Checkpoints(out / "checkpoints")
     stages = STAGES[args.method]
     latest = run.checkpoints.latest() if args.resume else None
+    if not args.resume:  # a start that failed before its first checkpoint may have left a stage's data: not reused
+        for stale in [*out.glob("stage*-triplets.json"), *out.glob("stage*-spa-examples.json")]:
+            stale.unlink()
     position, restored = {"stage": 0, "step": 0}, None
     if latest is not None:
         position, run.global_step = run.checkpoints.position(latest), latest

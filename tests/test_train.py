@@ -451,3 +451,26 @@ def test_a_checkpoint_or_export_holding_a_nan_is_refused_and_nothing_is_written(
     checkpoints.close()
     assert checkpoints.latest() is None and not any((tmp_path / "checkpoints").iterdir())
 
+
+def test_a_start_that_fails_before_its_first_checkpoint_does_not_block_the_same_command(cache, tmp_path, monkeypatch):
+    """The run folder gets checkpoints/ (Orbax's manager) before anything trains; a failure then must not make
+    the same command answer 'already holds a run'."""
+    class Failure(Exception):
+        pass
+
+    def failing_logger(*args, **kwargs):
+        raise Failure
+
+    out = tmp_path / "run"
+    argv = ["--method", "grpo", "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, "--iterations", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "Logger", failing_logger)
+        with pytest.raises(Failure):
+            run_in_process(argv, cache, monkeypatch)
+    assert (out / "checkpoints").is_dir() and train.checkpoint_steps(out / "checkpoints") == []
+    stale = out / "stage0-spa-examples.json"  # a stage's data from the failed start, made with its settings
+    stale.write_text("{}")
+    run_in_process(argv, cache, monkeypatch)
+    assert (out / "model" / "config.json").exists() and train.checkpoint_steps(out / "checkpoints") == [1]
+    assert not stale.exists()  # a fresh start makes its own
+
