@@ -467,7 +467,7 @@ def test_a_start_that_fails_before_its_first_checkpoint_does_not_block_the_same_
         patch.setattr(train, "Logger", failing_logger)
         with pytest.raises(Failure):
             run_in_process(argv, cache, monkeypatch)
-    assert (out / "checkpoints").is_dir() and train.checkpoint_steps(out / "checkpoints") == []
+    assert (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir())
     stale = out / "stage0-spa-examples.json"  # a stage's data from the failed start, made with its settings
     stale.write_text("{}")
     run_in_process(argv, cache, monkeypatch)
