@@ -199,8 +199,9 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
             "curve": [(r["iteration"], r["eval/success"]) for r in evals if r["iteration"] is not None]}
 
 
-# settings that do not change what a run computes (a resumed run continues bit for bit; a moved folder is the same run)
-NEUTRAL_SETTINGS = ("checkpoint_every", "resume", "out")
+# settings that do not change what a run computes or records (train.py's list: a resumed run continues bit for bit,
+# a moved folder is the same run, and args.json's update_tokens, filled by train.main, matches a command left unset)
+NEUTRAL_SETTINGS = train.OUTPUT_SETTINGS
 
 
 def same_settings(a: dict, b: dict) -> bool:

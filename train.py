@@ -308,6 +308,25 @@ def settle(args: Args) -> Args:
     return args
 
 
+# Settings that change neither the parameters a run trains nor what it records: where and when it writes, how it
+# shows progress, how it runs its environments and devices. update_tokens only changes how an update is cut into
+# micro-batches, which moves results at float rounding (grpo.LengthSortedUpdate); main() fills it after loading the
+# model, so a run's args.json holds a number where the command line may not.
+OUTPUT_SETTINGS = ("out", "resume", "checkpoint_every", "tensorboard", "progress", "cache", "workers", "distributed",
+                   "update_tokens")
+# ... and those a resumed run may change too: how often it evaluates (every evaluation has its own fixed key, so it
+# never moves the training's random numbers)
+RESUME_NEUTRAL = (*OUTPUT_SETTINGS, "eval_every", "wm_eval_every")
+
+
+def setting_changes(saved: dict, args: Args, neutral: tuple[str, ...] = RESUME_NEUTRAL) -> list[tuple[str, object, object]]:
+    """(flag, value in saved, value in args) for each setting of args that differs from saved (a run's args.json),
+    those in neutral aside. A setting saved lacks (a run from before the flag existed) is not compared."""
+    return [("--" + field.name.replace("_", "-"), saved[field.name], getattr(args, field.name))
+            for field in dataclasses.fields(args)
+            if field.name not in neutral and field.name in saved and saved[field.name] != getattr(args, field.name)]
+
+
 def checkpoint_steps(folder: Path) -> list[int]:
     """The steps of the checkpoints written to folder (Orbax writes each under a temporary name and renames it
     to its step once complete, so a start that failed before its first checkpoint leaves none)."""
@@ -413,6 +432,13 @@ def check(args: Args) -> None:
     out = Path(args.out)
     if not args.resume and checkpoint_steps(out / "checkpoints"):
         raise UsageError(f"{out} already holds a run. Fix: add --resume to continue it, or choose another --out.")
+    if args.resume and (out / "args.json").exists():
+        changes = setting_changes(json.loads((out / "args.json").read_text()), args)
+        if changes:
+            listed = "".join(f"\n  {flag}: {old} -> {new}" for flag, old, new in changes)
+            raise UsageError(f"--resume: {out} was run with other settings (flag: then -> now):{listed}\nA resumed "
+                             f"run continues the same training. Fix: resume with the settings in {out / 'args.json'}, "
+                             "or choose another --out for the new ones.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,3 +134,13 @@ def test_a_run_whose_data_cannot_train_it_ends_with_one_message_and_exit_status_
         experiment.cli()
     stderr = capsys.readouterr().err
     assert exit_.value.code == 2 and stderr.startswith("error: only 0 valid transitions") and "Traceback" not in stderr
+
+
+def test_a_runs_args_json_matches_its_settings_though_train_filled_update_tokens(tmp_path):
+    """train.main writes args.json with --update-tokens filled from the memory free; the settings experiment.py
+    compares it with leave it unset. The same run must still count as the same (and resume), not start again."""
+    settings = dataclasses.asdict(train.settle(experiment.run_args(experiment.ExperimentArgs(quick=True), "GRPO", 0,
+                                                                   tmp_path)))
+    assert settings["update_tokens"] is None
+    assert experiment.same_settings(dict(settings, update_tokens=32768, progress=True), settings)
+    assert not experiment.same_settings(dict(settings, learning_rate=0.5), settings)

@@ -474,3 +474,32 @@ def test_a_start_that_fails_before_its_first_checkpoint_does_not_block_the_same_
     assert (out / "model" / "config.json").exists() and train.checkpoint_steps(out / "checkpoints") == [1]
     assert not stale.exists()  # a fresh start makes its own
 
+
+def test_resume_with_other_settings_is_refused_listing_each_change_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    """A paw run's args.json (update_tokens filled, as main writes it), resumed as grpo at another learning rate:
+    both changes listed, flag by flag; the neutral ones (--eval-every, --no-progress) are not; args.json is kept."""
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = train.settle(tyro.cli(train.Args, args=["--method", "paw", "--out", str(out)]))
+    (out / "args.json").write_text(json.dumps(dict(vars(saved), update_tokens=4096)))
+    before = (out / "args.json").read_bytes()
+    code, stderr, _ = run_cli_in_process(["--resume", "--method", "grpo", "--learning-rate", "0.01", "--eval-every", "3",
+                                          "--no-progress"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and stderr.startswith(f"error: --resume: {out} was run with other settings")
+    assert "\n  --method: paw -> grpo\n  --learning-rate: 0.001 -> 0.01\n" in stderr and "Fix: " in stderr
+    assert "--eval-every" not in stderr and "--progress" not in stderr and "--update-tokens" not in stderr
+    assert [p.name for p in out.iterdir()] == ["args.json"] and (out / "args.json").read_bytes() == before
+    assert not (tmp_path / "cache").exists()
+
+
+def test_resume_may_change_only_how_often_a_run_evaluates_checkpoints_and_where_it_writes():
+    saved = train.settle(train.Args(method="grpo"))
+    neutral = dict(out="elsewhere", resume=True, checkpoint_every=3, tensorboard=False, progress=False, cache="/c",
+                   workers=4, distributed=True, update_tokens=512, eval_every=7, wm_eval_every=2)
+    assert train.setting_changes(vars(saved), dataclasses_replace(saved, **neutral)) == []
+    changed = dataclasses_replace(saved, seed=1, beta=0.5, mesh_data=2)
+    assert train.setting_changes(vars(saved), changed) == [("--seed", 0, 1), ("--beta", 0.0, 0.5),
+                                                           ("--mesh-data", 1, 2)]
+    # a setting the saved run predates is not compared
+    assert train.setting_changes({k: v for k, v in vars(saved).items() if k != "seed"}, changed)[0][0] == "--beta"
+
