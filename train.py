@@ -308,6 +308,26 @@ def settle(args: Args) -> Args:
     return args
 
 
+def settings_block(args: Args) -> str:
+    """The settings that differ from Args' defaults (what the command line and settle() chose, e.g. the papers'
+    recipe that --model switches on), as flags that reproduce them, wrapped to a compact block."""
+    import shlex
+    import textwrap
+
+    flags = []
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if value == field.default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.append(f"{flag} {shlex.quote(str(value))}")
+    return "\n".join(textwrap.wrap(" ".join(flags), 110, initial_indent="  ", subsequent_indent="  ",
+                                   break_on_hyphens=False, break_long_words=False))
+
+
 # Settings that change neither the parameters a run trains nor what it records: where and when it writes, how it
 # shows progress, how it runs its environments and devices. update_tokens only changes how an update is cut into
 # micro-batches, which moves results at float rounding (grpo.LengthSortedUpdate); main() fills it after loading the
@@ -1109,6 +1129,7 @@ def main(args: Args) -> dict:
         jax.distributed.initialize()
     args = settle(args)
     check(args)
+    print(f"settings (those not at their defaults; all in {Path(args.out) / 'args.json'}):\n{settings_block(args)}")
     game = make_game(args)
     folder, config, params, tokenizer = load_model(args, game)
     mesh = make_mesh(args.mesh_data, args.mesh_fsdp)

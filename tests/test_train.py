@@ -503,3 +503,27 @@ def test_resume_may_change_only_how_often_a_run_evaluates_checkpoints_and_where_
     # a setting the saved run predates is not compared
     assert train.setting_changes({k: v for k, v in vars(saved).items() if k != "seed"}, changed)[0][0] == "--beta"
 
+
+def test_every_run_prints_the_settings_settle_chose_as_flags_that_reproduce_them(hf_checkpoint, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """--model switches on the papers' recipe (lr 1e-6, beta 0.01, 512 new tokens): the run says so, first thing."""
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    folder, _ = hf_checkpoint("qwen2")
+    monkeypatch.setattr(train, "load_model", stop)  # the block comes before the model is loaded
+    argv = ["--method", "grpo", "--model", str(folder), "--out", str(tmp_path / "run"), "--no-progress"]
+    with pytest.raises(Stop):
+        train.main(tyro.cli(train.Args, args=argv))
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"settings (those not at their defaults; all in {tmp_path / 'run' / 'args.json'}):\n  ")
+    block = printed.split(":\n", 1)[1]
+    for flag in ("--learning-rate 1e-06", "--beta 0.01", "--max-new-tokens 512", "--no-progress"):
+        assert flag in block
+    assert "--group-size" not in block  # at its default
+    import shlex
+
+    assert tyro.cli(train.Args, args=shlex.split(block)) == train.settle(tyro.cli(train.Args, args=argv))
