@@ -276,7 +276,7 @@ def test_dr_grpo_constant_is_the_stage_generation_budget_unless_set():
     args = train.settle(tyro.cli(train.Args, args=["--aggregation", "seq-mean-token-sum-norm", "--max-new-tokens", "24",
                                                    "--wm-max-new-tokens", "40"]))
     assert train.step_config(args).loss.max_length == 24
-    assert train.step_config(args, 8, budget=args.wm_max_new_tokens).loss.max_length == 40  # RWML's predictions
+    assert train.step_config(args, budget=args.wm_max_new_tokens).loss.max_length == 40  # RWML's predictions
     assert train.step_config(dataclasses_replace(args, loss_max_length=100)).loss.max_length == 100
 
 
