@@ -691,19 +691,34 @@ def memory_gib() -> dict[str, float]:
         return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line, or None for one cut short (a kill -9 in the middle of writing it)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 class Logger:
     def __init__(self, out: Path, total_steps: int, start_step: int, args: Args):
         self.path = out / "metrics.jsonl"
         kept = []  # a run from step 0 (also one stopped before its first checkpoint) starts the file again
         if start_step > 0 and self.path.exists():  # a resumed run drops what was logged after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in map(_record, self.path.read_text().splitlines())
+                    if record is not None and record["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         self.file = self.path.open("a")
         self.writer = None
-        if args.tensorboard:
+        if args.tensorboard:  # rewritten from the JSONL kept: every step exactly once, whatever stopped the last run
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if start_step else None)
+            for stale in (out / "tensorboard").glob("events.out.tfevents.*"):
+                stale.unlink()
+            self.writer = SummaryWriter(str(out / "tensorboard"), flush_secs=10)
+            for record in kept:
+                for name, value in record.items():
+                    if "/" in name:
+                        self.writer.add_scalar(name, value, record["step"], walltime=record["time"])
         self.bar = None
         if args.progress:
             from tqdm import tqdm

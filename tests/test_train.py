@@ -3,6 +3,7 @@ clear refusals of bad input. Runs use tiny settings and an embedded default pret
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,9 +165,45 @@ def test_kill_9_then_resume_gives_the_parameters_of_an_uninterrupted_run(cache, 
     _, resumed = lm.load_checkpoint(interrupted / "model")
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
-    assert steps == [1, 2, 3, 4, 5, 6]  # the log has each step once, as if never interrupted
+    records = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once, as if never
+    assert _tensorboard_scalars(interrupted) == _jsonl_scalars(records)  # interrupted; TensorBoard holds the same
+
+
+def _tensorboard_scalars(out: Path) -> list:
+    """(tag, step, value) of every scalar in every event file of a run, sorted."""
+    return sorted((value.tag, event.step, round(value.simple_value, 4))
+                  for path in (out / "tensorboard").glob("events.out.tfevents.*")
+                  for event in _read_events(path) for value in event.summary.value)
+
+
+def _jsonl_scalars(records: list) -> list:
+    """The same from metrics.jsonl, each name as TensorBoard writes its tag (pass@1 -> pass_1)."""
+    return sorted((re.sub(r"[^-/\w.]", "_", name), r["step"], round(value, 4))
+                  for r in records for name, value in r.items() if "/" in name)
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["ctrl-c", "kill-9"])
+def test_after_an_interruption_and_resume_tensorboard_holds_every_step_once(closed, tmp_path):
+    """The first run logs steps 1-5 and stops (closing its writer as Ctrl-C does, or not at all as a kill -9 does);
+    its last checkpoint was step 4. The resumed run logs 5 and 6: TensorBoard and the JSONL hold 1-6 once each."""
+    args = train.Args(progress=False)
+    first = train.Logger(tmp_path, 6, 0, args)
+    for step in range(1, 6):
+        first.log(step, "grpo", {"loss": step / 10})
+    first.file.close()
+    if closed:
+        first.writer.close()
+    with (tmp_path / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 6, "stage": "gr')  # a line the kill cut short
+    resumed = train.Logger(tmp_path, 6, 4, args)
+    for step in (5, 6):
+        resumed.log(step, "grpo", {"loss": step / 10 + 1})
+    resumed.close()
+    expected = [("train/loss", s, round(s / 10 + (s > 4), 4)) for s in range(1, 7)]
+    assert _tensorboard_scalars(tmp_path) == expected
+    assert _jsonl_scalars([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]) \
+        == expected
 
 
 SHARDING_SCRIPT = r"""
