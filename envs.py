@@ -312,7 +312,8 @@ class Sudoku:
     name = "sudoku"
     rules = ("Sudoku: fill the empty cells (.) so that every row, column and 2x2 box contains 1, 2, 3 and 4 once. "
              "Action: place V at (R, C), with zero-indexed row R and column C.")
-    ACTION = re.compile(r"(?:place\s*)?(\d+)\s*at\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)", re.IGNORECASE)
+    # ASCII digits, at most 9 after leading zeros (int() refuses over 4,300; other scripts' digits are not actions)
+    ACTION = re.compile(r"(?:place\s*)?0*([0-9]{1,9})\s*at\s*\(\s*0*([0-9]{1,9})\s*,\s*0*([0-9]{1,9})\s*\)", re.IGNORECASE)
 
     def __init__(self, size: int = 4, empty_cells: int = 6, max_steps: int = 10, invalid_penalty: float = -0.1):
         self.size, self.box = size, int(round(size**0.5))
