@@ -156,9 +156,9 @@ SUMMARY_VERSION = 2  # bump when summarise() changes: summaries are recomputed f
 
 def world_model_reward_accuracy(run: train.Args, game, models: dict, tokenizer, scorer) -> dict[str, float]:
     """RWML's world-model accuracy (greedy; reward 1 when 1 - cos < tau_d) on the run's held-out transitions
-    (train.Evaluator's), in RWML's prompt and in WM SFT's direct prompt, for each {name: (config, params)}."""
+    (train.make_evaluator's), in RWML's prompt and in WM SFT's direct prompt, for each {name: (config, params)}."""
     config = next(iter(models.values()))[0]
-    evaluator = train.Evaluator(run, game, tokenizer, config)
+    evaluator = train.make_evaluator(run, game, tokenizer, config)
     evaluator.close()
     return {f"{name}/{metric}": rwml.world_model_accuracy(params, config, tokenizer, evaluator.triplets, scorer,
                                                           jax.random.key(0), max_new_tokens=run.wm_max_new_tokens,

@@ -20,16 +20,13 @@ transcripts of random play in the chosen environment, built once and cached. Hyp
 unset take the papers' values for a Hugging Face model, and the embedded default's recipe for the
 tiny model (its learning rate is 1e-3, not 1e-6: it has 0.1M parameters and minutes to learn).
 
-Evaluation (before training, every --eval-every steps, at the end): task success (Pass@1, and
-Pass@k with --eval-samples) on held-out seeds or ALFWorld's validation games, and world-model
-accuracy on held-out transitions of random play: the share whose true next state the model
-predicts exactly under greedy decoding (teacher-forced argmax), in the RWML prompt (`wm_accuracy`),
-WM SFT's direct prompt (`wm_accuracy_direct`) and PaW's inline layout [h ; a ; o'] (`wm_accuracy_inline`).
-Metrics go to metrics.jsonl, TensorBoard event files and the progress bar; curves.png at the end.
-Orbax checkpoints (parameters, optimizer state, reference, RNG, stage and step, which fixes the
-data position) every --checkpoint-every steps; --resume continues bit for bit; the final model is
-exported in Hugging Face format to <out>/model, and a two-stage method's first-stage model to
-<out>/model-stage0-<stage> (e.g. the RWML model that policy RL starts from).
+Evaluation (`evaluate.py`) runs before training, every --eval-every steps and at the end: task success (Pass@1,
+and Pass@k with --eval-samples) on held-out tasks, and world-model accuracy on held-out transitions of random play.
+Metrics go to metrics.jsonl, TensorBoard event files and the progress bar, curves.png at the end (`logs.py`).
+Orbax checkpoints (`checkpoints.py`: parameters, optimizer state, reference, RNG, stage and step, which fixes the
+data position) every --checkpoint-every steps; --resume continues bit for bit; the final model is exported in
+Hugging Face format to <out>/model, and a two-stage method's first-stage model to <out>/model-stage0-<stage> (e.g.
+the RWML model that policy RL starts from). The device mesh and the memory-sized updates are `sharding.py`'s.
 """
 
 from __future__ import annotations
@@ -46,16 +43,20 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+import checkpoints
 import envs
+import evaluate
 import grpo
+import logs
 import model as lm
 import paw
 import pretrain
 import reward
 import rwml
 import sampler
+import sharding
 import spa
 
 STAGES = {"grpo": ("grpo",), "paw": ("paw",), "wm-sft": ("wm-sft",), "rwml": ("rwml",),
@@ -347,12 +348,6 @@ def setting_changes(saved: dict, args: Args, neutral: tuple[str, ...] = RESUME_N
             if field.name not in neutral and field.name in saved and saved[field.name] != getattr(args, field.name)]
 
 
-def checkpoint_steps(folder: Path) -> list[int]:
-    """The steps of the checkpoints written to folder (Orbax writes each under a temporary name and renames it
-    to its step once complete, so a start that failed before its first checkpoint leaves none)."""
-    return sorted(int(path.name) for path in folder.glob("*") if path.name.isdigit()) if folder.is_dir() else []
-
-
 # Every number on the command line: (field, what it must be, the test, an example for the fix). Checked after
 # settle(), so fields the recipe fills hold numbers; one that is still None (e.g. --loss-max-length) is skipped.
 AT_LEAST_ONE = ("at least 1", lambda v: v >= 1)
@@ -450,7 +445,7 @@ def check(args: Args) -> None:
         raise UsageError(f"--wm-batch {args.wm_batch} (x --wm-group-size {args.wm_group_size} for RWML) must split "
                          f"evenly over the {devices} devices. Fix: make it a multiple of {devices}.")
     out = Path(args.out)
-    if not args.resume and checkpoint_steps(out / "checkpoints"):
+    if not args.resume and checkpoints.checkpoint_steps(out / "checkpoints"):
         raise UsageError(f"{out} already holds a run. Fix: add --resume to continue it, or choose another --out.")
     if args.resume and (out / "args.json").exists():
         changes = setting_changes(json.loads((out / "args.json").read_text()), args)
@@ -497,90 +492,18 @@ def eval_env(args: Args):
     return envs.GRID_ENVS[args.env]
 
 
+def make_evaluator(args: Args, game: pretrain.Game, tokenizer, config: lm.Config) -> evaluate.Evaluator:
+    """The run's evaluation: the game's held-out tasks (ALFWorld: the evaluation split), parsed as in training."""
+    settings = evaluate.EvalConfig(args.eval_episodes, args.eval_samples, args.eval_temperature, args.eval_max_turns,
+                                   args.max_new_tokens, args.wm_eval_transitions, args.method == "spa", args.seed,
+                                   args.workers)
+    held_out = dataclasses.replace(game, make_env=eval_env(args))
+    return evaluate.Evaluator(settings, held_out, parser_for(args), tokenizer, config)
+
+
 def train_task(args: Args, stage: int, step: int, group: int) -> int:
     """The task (reset seed) of a group: a function of the position, so a resumed run replays the same data."""
     return 1_000_000 * (args.seed + 1) + 100_000 * stage + step * args.groups + group
-
-
-EVAL_SEED = 1_000_000_000  # grid games' held-out seeds start here; ALFWorld evaluates games 0..N-1 of its split
-
-
-# --------------------------------------------------------------------------------------------
-# Sharding: a (data x fsdp) mesh; parameters and optimizer state split over fsdp, the batch over both
-# --------------------------------------------------------------------------------------------
-
-
-def make_mesh(data: int = 1, fsdp: int = -1) -> Mesh:
-    devices = np.array(jax.devices())
-    fsdp = len(devices) // data if fsdp == -1 else fsdp
-    return Mesh(devices.reshape(data, fsdp), ("data", "fsdp"))
-
-
-def fsdp_spec(shape: tuple[int, ...], size: int) -> PartitionSpec:
-    """Shard an array's largest axis that the fsdp size divides; replicate it if none does (norms, scalars)."""
-    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
-        if shape[axis] >= size and shape[axis] % size == 0:
-            return PartitionSpec(*[("fsdp" if a == axis else None) for a in range(len(shape))])
-    return PartitionSpec()
-
-
-def state_sharding(tree, mesh: Mesh):
-    """A NamedSharding for every leaf of a pytree of arrays (parameters, optimizer state, ...)."""
-    size = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size)), tree)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over every device; a batch's row count is padded to a multiple of the device count."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-
-def sized_update(objective: grpo.Objective, optimizer, state: grpo.TrainState, mesh: Mesh, token_budget: int):
-    """An update(state, batch) whose gradient is summed over micro-batches of at most token_budget tokens per device
-    (grpo.LengthSortedUpdate: rows sorted by length, each micro-batch cut to its longest row), each split over every
-    device, with the state kept sharded."""
-    shard = functools.partial(jax.device_put, device=batch_sharding(mesh))
-    return grpo.LengthSortedUpdate(objective, optimizer, token_budget, shard, state_sharding(state, mesh), mesh.size)
-
-
-def memory_available() -> tuple[int, str]:
-    """Bytes one device can hold, and where the number comes from: the accelerator's own statistics, or on a CPU
-    the host memory not in use (MemAvailable) shared by its devices."""
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.device_kind} memory"
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        import os
-
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return available // jax.local_device_count(), "host memory available"
-
-
-MAX_UPDATE_TOKENS = 2**15  # past this a micro-batch buys no speed on a CPU, only memory
-
-
-def default_update_tokens(config: lm.Config, parameters: int, args: Args, devices: int) -> tuple[int, str]:
-    """The largest power of two of tokens per device whose activations (model.activation_bytes_per_token) fit in half
-    of a device's free memory, after the training state (parameters, gradients and their running sum, AdamW's two
-    moments, the reference) sharded over the devices and the vocabulary chunks of the log-probs."""
-    available, source = memory_available()
-    state = parameters * 4 * (6 if args.beta > 0 else 5) // devices
-    vocabulary = 4 * 4 * grpo.StepConfig.chunk_size * config.vocab_size
-    per_token = lm.activation_bytes_per_token(config)
-    fit = max(1, (available // 2 - state - vocabulary) // per_token)
-    tokens = min(MAX_UPDATE_TOKENS, 1 << (int(fit).bit_length() - 1))
-    why = (f"{tokens:,} tokens per device (~{per_token / 2**20:.2f} MiB of activations a token; half of "
-           f"{available / 2**30:.1f} GiB of {source}, less {state / 2**30:.1f} GiB of training state)")
-    return tokens, why
-
-
-def place(tree, mesh: Mesh):
-    """A sharded copy of tree (never an alias: updates donate their state, which must not free the caller's arrays)."""
-    return jax.device_put(tree, state_sharding(tree, mesh), may_alias=False)
 
 
 def step_config(args: Args, budget: int | None = None) -> grpo.StepConfig:
@@ -599,252 +522,7 @@ def paw_config(args: Args) -> paw.PaWConfig:
                          args.r_max, args.clip_lambda)
 
 
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-def pass_at_k(samples: int, correct: int, k: int) -> float:
-    """Unbiased Pass@k from `samples` attempts of which `correct` succeeded: 1 - C(n - c, k) / C(n, k)."""
-    if k > samples:
-        raise ValueError(f"Pass@{k} needs at least {k} samples, not {samples}")
-    if samples - correct < k:
-        return 1.0
-    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
-
-
-class Evaluator:
-    """Held-out task success and world-model accuracy, with fixed tasks and transitions for the whole run."""
-
-    def __init__(self, args: Args, game: pretrain.Game, tokenizer, config: lm.Config):
-        self.args, self.game, self.tokenizer, self.config = args, game, tokenizer, config
-        held_out = dataclasses.replace(game, make_env=eval_env(args))  # ALFWorld: the evaluation split's games
-        episodes = max(2, math.ceil(2 * args.wm_eval_transitions / args.max_turns))
-        play, play_prompts = pretrain.random_play(held_out, episodes, seed=EVAL_SEED + args.seed)
-        triplets = rwml.triplets_from_rollouts(play, args.history)
-        rng = np.random.default_rng(args.seed)
-        self.triplets = [triplets[i] for i in rng.permutation(len(triplets))[:args.wm_eval_transitions]]
-        encode = functools.partial(tokenizer.encode, add_special_tokens=False)
-        eos = [tokenizer.eos_token_id]
-        self.wm_rows = {}
-        for name, direct in (("wm_accuracy", False), ("wm_accuracy_direct", True)):
-            self.wm_rows[name] = [(envs.encode_prompt(tokenizer, rwml.world_model_prompt(t, direct)),
-                                   encode(rwml.sft_label(t)) + eos) for t in self.triplets]
-        # PaW's layout: the policy's prompt and response, then o_{t+1}
-        prompts = [play_prompts[t.trajectory][t.turn] for t in self.triplets]
-        self.wm_rows["wm_accuracy_inline"] = [
-            (envs.encode_prompt(tokenizer, prompt) + encode(game.respond(t.action)) + eos, encode(t.next_state))
-            for prompt, t in zip(prompts, self.triplets)]
-        if args.method == "spa":  # SPA's <prediction>: the true s_{t+1} (with coordinates) after the true s_t
-            states = {i: spa.true_states(held_out.make_env, play[i]) for i in {t.trajectory for t in self.triplets}}
-            self.wm_rows["spa_prediction_accuracy"] = [spa.prediction_row(spa.make_example(
-                tokenizer, envs.encode_prompt(tokenizer, prompt), *states[t.trajectory][t.turn], "", [t.action]))
-                for prompt, t in zip(prompts, self.triplets)]
-        self.environments = envs.EnvBatch(eval_env(args), args.eval_episodes * args.eval_samples,
-                                          min(args.workers, args.eval_episodes))
-
-    def __call__(self, params, key) -> dict[str, float]:
-        args = self.args
-        seeds = [EVAL_SEED + i if args.env != "alfworld" else i for i in range(args.eval_episodes)]
-        sampling = sampler.SamplingParams(args.eval_temperature, max_new_tokens=args.max_new_tokens)
-        trajectories = envs.rollout(params, self.config, self.tokenizer, self.environments, seeds, args.eval_samples,
-                                    key, self.game.prompt, parser_for(args), args.eval_max_turns, sampling, args.history)
-        stats = envs.episode_stats(trajectories)
-        wins = np.array([t.won for t in trajectories]).reshape(args.eval_episodes, args.eval_samples).sum(1)
-        metrics = {"success": stats["success"], "return": stats["return"], "invalid": stats["invalid"],
-                   "turns": stats["turns"]}
-        k = 1
-        while k <= args.eval_samples:
-            metrics[f"pass@{k}"] = float(np.mean([pass_at_k(args.eval_samples, int(c), k) for c in wins]))
-            k *= 2
-        for name, rows in self.wm_rows.items():
-            fractions = sampler.greedy_match_fractions(params, self.config, rows, self.tokenizer.pad_token_id)
-            metrics[name] = float(np.mean(fractions == 1.0))
-            if name == "spa_prediction_accuracy":  # exact matches are rare early on: also the share of tokens
-                metrics["spa_prediction_token_accuracy"] = float(np.mean(fractions))
-        return metrics
-
-    def close(self):
-        self.environments.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics: JSONL, TensorBoard, progress bar, plot
-# --------------------------------------------------------------------------------------------
-
-
-def memory_gib() -> dict[str, float]:
-    """Memory in GiB: the accelerator's in use now and at its peak since the process started, where the backend
-    counts them; else this process's resident memory now and at its peak (Linux's VmRSS and VmHWM; elsewhere the
-    peak alone, from getrusage)."""
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "peak_bytes_in_use" in stats:
-        return {"memory_gib": stats.get("bytes_in_use", 0) / 2**30, "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30}
-    try:
-        status = Path("/proc/self/status").read_text()
-        field = lambda name: int(status.split(name + ":")[1].split()[0]) * 1024 / 2**30  # reported in kB
-        return {"memory_gib": field("VmRSS"), "peak_memory_gib": field("VmHWM")}
-    except (OSError, IndexError, ValueError):
-        import resource
-
-        return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
-
-
-def _record(line: str) -> dict | None:
-    """A metrics.jsonl line, or None for one cut short (a kill -9 in the middle of writing it)."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
-class Logger:
-    def __init__(self, out: Path, total_steps: int, start_step: int, args: Args):
-        self.path = out / "metrics.jsonl"
-        kept = []  # a run from step 0 (also one stopped before its first checkpoint) starts the file again
-        if start_step > 0 and self.path.exists():  # a resumed run drops what was logged after its checkpoint
-            kept = [record for record in map(_record, self.path.read_text().splitlines())
-                    if record is not None and record["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        self.file = self.path.open("a")
-        self.writer = None
-        if args.tensorboard:  # rewritten from the JSONL kept: every step exactly once, whatever stopped the last run
-            from tensorboardX import SummaryWriter
-
-            for stale in (out / "tensorboard").glob("events.out.tfevents.*"):
-                stale.unlink()
-            self.writer = SummaryWriter(str(out / "tensorboard"), flush_secs=10)
-            for record in kept:
-                for name, value in record.items():
-                    if "/" in name:
-                        self.writer.add_scalar(name, value, record["step"], walltime=record["time"])
-        self.bar = None
-        if args.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=args.method, dynamic_ncols=True)
-        self.shown: dict[str, object] = {}
-
-    def log(self, step: int, stage: str, metrics: dict, prefix: str = "train") -> None:
-        values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": step, "stage": stage, "time": time.time(), **values}) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
-        for name in ("eval/success", "eval/wm_accuracy_inline", "eval/wm_accuracy", "train/return", "train/reward",
-                     "train/loss", "train/wm_loss"):
-            if name in values:
-                self.shown[name.split("/")[1]] = round(values[name], 3)
-        if "train/peak_memory_gib" in values:
-            self.shown["memory"] = f"{values['train/peak_memory_gib']:.1f}G"
-        if self.bar is not None:
-            self.bar.set_postfix(self.shown, refresh=True)
-
-    def advance(self):
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def write(self, text: str):
-        (self.bar.write if self.bar is not None else print)(text)
-
-    def close(self):
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-        if self.bar is not None:
-            self.bar.close()
-
-
-def plot_curves(metrics_file: Path, path: Path) -> Path:
-    """Evaluation success and world-model accuracy, and the training return/reward, against the step."""
-    from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone, nothing opens a window
-
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    figure = Figure(figsize=(14, 3.8), layout="tight")
-    axes = figure.subplots(1, 3)
-    panels = [("task success (held out)", ["eval/success"]),
-              ("world-model accuracy (held out)", ["eval/wm_accuracy", "eval/wm_accuracy_direct", "eval/wm_accuracy_inline"]),
-              ("training signal", ["train/return", "train/reward", "train/wm_loss"])]
-    for axis, (title, names) in zip(axes, panels):
-        for name in names:
-            points = [(r["step"], r[name]) for r in records if name in r]
-            if points:
-                axis.plot(*zip(*points), marker="o" if name.startswith("eval") else None, label=name.split("/")[1])
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        if axis.lines:
-            axis.legend(fontsize=8)
-    figure.savefig(path, dpi=110)
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-
 MAX_SKIPPED_IN_A_ROW = 3  # one non-finite update is skipped (grpo.skip_if_not_finite); this many in a row stop the run
-
-
-@jax.jit
-def _leaves_finite(leaves: list) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
-
-
-def all_finite(tree) -> bool:
-    """Whether every floating-point number in tree (parameters, optimizer state, ...) is finite: one device pass."""
-    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-    return not leaves or bool(_leaves_finite(leaves))
-
-
-def export_model(folder: Path, config: lm.Config, params, tokenizer) -> None:
-    """The model in Hugging Face format; refused (DataError) if a parameter is NaN or infinite, nothing written."""
-    if not all_finite(params):
-        raise DataError(f"the model to export to {folder} has a parameter that is not finite (NaN or infinity); "
-                        "nothing was exported. Fix: start again in another --out with a lower learning rate, or with "
-                        "--compute-dtype float32.")
-    lm.save_checkpoint(folder, config, jax.device_get(params), tokenizer)
-
-
-class Checkpoints:
-    """Orbax checkpoints named by the global step: the arrays ({state, reference (when the KL term needs it),
-    key}) and, as JSON, the position (stage index and step within it, which fixes the data position)."""
-
-    def __init__(self, folder: Path):
-        import orbax.checkpoint as ocp
-
-        self.ocp = ocp
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-        self.manager = ocp.CheckpointManager(folder.absolute(), options=options)
-
-    def latest(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, global_step: int, arrays: dict, position: dict) -> None:
-        """Write a checkpoint; refused (DataError) if any number in it is NaN or infinite, which no resume could use."""
-        if not all_finite(arrays):
-            raise DataError(f"the checkpoint of step {global_step} holds a number that is not finite (NaN or "
-                            "infinity) and was not written; the last one written is finite. Fix: start again in "
-                            "another --out with a lower learning rate, or with --compute-dtype float32.")
-        self.manager.save(global_step, args=self.ocp.args.Composite(
-            arrays=self.ocp.args.StandardSave(arrays), position=self.ocp.args.JsonSave(position)))
-
-    def position(self, global_step: int) -> dict:
-        restored = self.manager.restore(global_step, args=self.ocp.args.Composite(position=self.ocp.args.JsonRestore()))
-        return dict(restored["position"])
-
-    def restore(self, global_step: int, like: dict) -> dict:
-        """The arrays, with the shapes, dtypes and shardings of `like`."""
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-        restored = self.manager.restore(global_step, args=self.ocp.args.Composite(
-            arrays=self.ocp.args.StandardRestore(abstract)))
-        return restored["arrays"]
-
-    def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -863,9 +541,9 @@ class Run:
     mesh: Mesh
     out: Path
     key: jax.Array
-    evaluator: Evaluator
-    logger: Logger | None = None
-    checkpoints: Checkpoints | None = None
+    evaluator: evaluate.Evaluator
+    logger: logs.Logger | None = None
+    checkpoints: checkpoints.Checkpoints | None = None
     global_step: int = 0
     stage_lengths: dict = dataclasses.field(default_factory=dict)
     skipped_in_a_row: int = 0
@@ -879,7 +557,7 @@ class Run:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     def evaluate(self, params, stage: str) -> dict:
-        metrics = self.evaluator(params, jax.random.key(EVAL_SEED))  # one key for every evaluation: less noise between them
+        metrics = self.evaluator(params, jax.random.key(evaluate.EVAL_SEED))  # one key for every evaluation: less noise between them
         self.logger.log(self.global_step, stage, metrics, prefix="eval")
         return metrics
 
@@ -887,7 +565,7 @@ class Run:
         """Log a step's metrics (and the memory in use and at its peak); evaluate and checkpoint on schedule. Stop
         the run (DataError) after MAX_SKIPPED_IN_A_ROW updates in a row were skipped as not finite."""
         self.global_step += 1
-        self.logger.log(self.global_step, stage, dict(metrics, **memory_gib()))
+        self.logger.log(self.global_step, stage, dict(metrics, **logs.memory_gib()))
         self.logger.advance()
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if metrics.get("skipped") else 0
         if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
@@ -919,15 +597,15 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     """GRPO or PaW: each step plays `groups` tasks x G, scores whole trajectories, and updates on every turn."""
     args = run.args
     optimizer = _optimizer(run, name)
-    state = place(grpo.init_state(params, optimizer), run.mesh)
-    reference = place(params, run.mesh) if _uses_reference(args, name) else None
+    state = sharding.place(grpo.init_state(params, optimizer), run.mesh)
+    reference = sharding.place(params, run.mesh) if _uses_reference(args, name) else None
     if restored is not None:
         state, reference = restored["state"], restored.get("reference")
     cfg = paw_config(args)
     step_cfg = step_config(args)
     objective = (paw.paw_objective(run.config, step_cfg, cfg) if name == "paw"
                  else grpo.grpo_objective(run.config, step_cfg))
-    update = sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
+    update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
     reference_fn = reference_logprobs_fn(run) if reference is not None else None
     sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
     with envs.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
@@ -1045,8 +723,8 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
     args = run.args
     train = data["train"]
     optimizer = _optimizer(run, name)
-    state = place(grpo.init_state(params, optimizer), run.mesh)
-    reference = place(params, run.mesh) if _uses_reference(args, name) else None
+    state = sharding.place(grpo.init_state(params, optimizer), run.mesh)
+    reference = sharding.place(params, run.mesh) if _uses_reference(args, name) else None
     if restored is not None:
         state, reference = restored["state"], restored.get("reference")
     if name == "rwml":
@@ -1057,7 +735,7 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
     else:
         objective = rwml.sft_objective(run.config, dataclasses.replace(step_config(args), temperature=1.0))
         prompts, labels = rwml.wm_sft_examples(run.tokenizer, train, direct=True)
-    update = sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
+    update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
     reference_of = None
     if name == "rwml" and reference is not None:  # in the update's micro-batches, so it fits where the update does
         reference_of = functools.partial(update.map_rows, functools.partial(reference_logprobs_fn(run), reference))
@@ -1096,11 +774,11 @@ def spa_stage(run: Run, index: int, params, start: int, restored: dict | None, d
     args = run.args
     examples = data["examples"]
     optimizer = _optimizer(run, "spa-sft")
-    state = place(grpo.init_state(params, optimizer), run.mesh)
+    state = sharding.place(grpo.init_state(params, optimizer), run.mesh)
     if restored is not None:
         state = restored["state"]
     objective = rwml.sft_objective(run.config, dataclasses.replace(step_config(args), temperature=1.0))
-    update = sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
+    update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
     for step in range(start, run.stage_lengths[index]):
         rows = epoch_rows(args.seed, index, step, len(examples), args.spa_batch)
         batch = spa.sft_batch([examples[i] for i in rows], run.pad_id, args.spa_mask_world_model)
@@ -1147,18 +825,19 @@ def main(args: Args) -> dict:
     print(f"settings (those not at their defaults; all in {Path(args.out) / 'args.json'}):\n{settings_block(args)}")
     game = make_game(args)
     folder, config, params, tokenizer = load_model(args, game)
-    mesh = make_mesh(args.mesh_data, args.mesh_fsdp)
+    mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp)
     print(f"{args.method} on {args.env}: {config.model_type} from {folder} ({lm.count_params(params):,} parameters), "
           f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), out {args.out}")
     if args.update_tokens is None:
-        tokens, why = default_update_tokens(config, lm.count_params(params), args, mesh.size)
+        tokens, why = sharding.default_update_tokens(config, lm.count_params(params), args.beta > 0, mesh.size)
         args = dataclasses.replace(args, update_tokens=tokens)
         print(f"updates in micro-batches of at most {why}; --update-tokens to change")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
-    run = Run(args, game, config, tokenizer, mesh, out, jax.random.key(args.seed), Evaluator(args, game, tokenizer, config))
-    run.checkpoints = Checkpoints(out / "checkpoints")
+    run = Run(args, game, config, tokenizer, mesh, out, jax.random.key(args.seed),
+              make_evaluator(args, game, tokenizer, config))
+    run.checkpoints = checkpoints.Checkpoints(out / "checkpoints")
     stages = STAGES[args.method]
     latest = run.checkpoints.latest() if args.resume else None
     if not args.resume:  # a start that failed before its first checkpoint may have left a stage's data: not reused
@@ -1171,11 +850,12 @@ def main(args: Args) -> dict:
     for index, name in enumerate(stages):
         if name in ("grpo", "paw"):
             run.stage_lengths[index] = args.iterations
-    run.logger = Logger(out, sum(run.stage_lengths.values()), run.global_step, args)
+    run.logger = logs.Logger(out, sum(run.stage_lengths.values()), run.global_step, args.tensorboard, args.progress,
+                             args.method)
     try:
         if run.global_step == 0:
             run.evaluate(jax.device_put(params), "base")
-        params = place(params, mesh)
+        params = sharding.place(params, mesh)
         for index, name in enumerate(stages):
             if index < position["stage"]:
                 continue
@@ -1207,15 +887,15 @@ def main(args: Args) -> dict:
                     params = world_model_stage(run, index, name, params, start, restored, data)
             restored = None
             if index < len(stages) - 1:  # what the next stage starts from (e.g. the RWML model before policy RL)
-                export_model(out / f"model-stage{index}-{name}", config, params, tokenizer)
+                checkpoints.export_model(out / f"model-stage{index}-{name}", config, params, tokenizer)
         run.checkpoints.close()
-        export_model(out / "model", config, params, tokenizer)
+        checkpoints.export_model(out / "model", config, params, tokenizer)
     finally:
         run.evaluator.close()
         run.logger.close()
     evaluations = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                    if "eval/success" in line]
-    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    logs.plot_curves(out / "metrics.jsonl", out / "curves.png")
     before, after = evaluations[0], evaluations[-1]
     print(f"task success before {before['eval/success']:.3f} -> after {after['eval/success']:.3f}; world-model "
           f"accuracy (inline) {before['eval/wm_accuracy_inline']:.3f} -> {after['eval/wm_accuracy_inline']:.3f}, "
@@ -1230,7 +910,7 @@ def _uses_reference(args: Args, name: str) -> bool:
 
 def _fresh_state(run: Run, name: str, params) -> grpo.TrainState:
     """The shape of a stage's training state (what a checkpoint is restored into)."""
-    return place(grpo.init_state(params, _optimizer(run, name)), run.mesh)
+    return sharding.place(grpo.init_state(params, _optimizer(run, name)), run.mesh)
 
 
 def cli() -> None:
@@ -1239,7 +919,7 @@ def cli() -> None:
     args = tyro.cli(Args)
     try:
         main(args)
-    except (UsageError, DataError) as error:
+    except (UsageError, DataError, checkpoints.NotFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # 130 = 128 + SIGINT, as a shell reports an interrupted command

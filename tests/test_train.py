@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 import tyro
 
+import checkpoints
+import evaluate
+import logs
 import model as lm
 import pretrain
 import sampler
+import sharding
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,18 +58,18 @@ def run_in_process(argv, cache, monkeypatch):
 def test_pass_at_k_matches_a_hand_worked_example():
     # 5 attempts, 2 correct. Pass@1 = 2/5. Pass@2 = 1 - C(3,2)/C(5,2) = 1 - 3/10. Pass@3 = 1 - C(3,3)/C(5,3) = 1 - 1/10.
     # Pass@4: any 4 of 5 must include a correct one (only 3 are wrong) = 1.
-    assert train.pass_at_k(5, 2, 1) == pytest.approx(0.4)
-    assert train.pass_at_k(5, 2, 2) == pytest.approx(0.7)
-    assert train.pass_at_k(5, 2, 3) == pytest.approx(0.9)
-    assert train.pass_at_k(5, 2, 4) == 1.0
-    assert train.pass_at_k(5, 0, 3) == 0.0
+    assert evaluate.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert evaluate.pass_at_k(5, 2, 3) == pytest.approx(0.9)
+    assert evaluate.pass_at_k(5, 2, 4) == 1.0
+    assert evaluate.pass_at_k(5, 0, 3) == 0.0
     # against enumeration of every k-subset of the attempts
     import itertools
 
     attempts = [1, 0, 0, 1, 0, 0]
     for k in range(1, 7):
         subsets = list(itertools.combinations(attempts, k))
-        assert train.pass_at_k(6, 2, k) == pytest.approx(np.mean([any(s) for s in subsets]))
+        assert evaluate.pass_at_k(6, 2, k) == pytest.approx(np.mean([any(s) for s in subsets]))
 
 
 # The two-stage methods run the world-model stages exactly as wm-sft and rwml do alone (same functions, same data),
@@ -187,8 +191,7 @@ def _jsonl_scalars(records: list) -> list:
 def test_after_an_interruption_and_resume_tensorboard_holds_every_step_once(closed, tmp_path):
     """The first run logs steps 1-5 and stops (closing its writer as Ctrl-C does, or not at all as a kill -9 does);
     its last checkpoint was step 4. The resumed run logs 5 and 6: TensorBoard and the JSONL hold 1-6 once each."""
-    args = train.Args(progress=False)
-    first = train.Logger(tmp_path, 6, 0, args)
+    first = logs.Logger(tmp_path, 6, 0, progress=False)
     for step in range(1, 6):
         first.log(step, "grpo", {"loss": step / 10})
     first.file.close()
@@ -196,7 +199,7 @@ def test_after_an_interruption_and_resume_tensorboard_holds_every_step_once(clos
         first.writer.close()
     with (tmp_path / "metrics.jsonl").open("a") as log:
         log.write('{"step": 6, "stage": "gr')  # a line the kill cut short
-    resumed = train.Logger(tmp_path, 6, 4, args)
+    resumed = logs.Logger(tmp_path, 6, 4, progress=False)
     for step in (5, 6):
         resumed.log(step, "grpo", {"loss": step / 10 + 1})
     resumed.close()
@@ -209,7 +212,7 @@ def test_after_an_interruption_and_resume_tensorboard_holds_every_step_once(clos
 SHARDING_SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-import grpo, model as lm, paw, train
+import grpo, model as lm, paw, sharding
 assert jax.device_count() == 8
 config = lm.Config(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, qkv_bias=True)
@@ -229,14 +232,14 @@ step = lambda s, b: paw.paw_step(s, b, config, optimizer, grpo.StepConfig(grpo.L
 results = {}
 objective = paw.paw_objective(config, grpo.StepConfig(grpo.LossConfig(beta=0.0)))
 for name, mesh in (("one", jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))),
-                   ("eight", train.make_mesh(2, 4)), ("eight, length-sorted", train.make_mesh(2, 4))):
-    state = train.place(grpo.init_state(params, optimizer), mesh)
+                   ("eight", sharding.make_mesh(2, 4)), ("eight, length-sorted", sharding.make_mesh(2, 4))):
+    state = sharding.place(grpo.init_state(params, optimizer), mesh)
     if name == "eight, length-sorted":  # 32 tokens a device: two micro-batches of 8 rows of 32, one row per device
-        update = train.sized_update(objective, optimizer, state, mesh, token_budget=32)
+        update = sharding.sized_update(objective, optimizer, state, mesh, token_budget=32)
         assert len(update.micro_batches(batch)) == 2
     else:
-        shardings = train.state_sharding(state, mesh)
-        update = jax.jit(step, in_shardings=(shardings, train.batch_sharding(mesh)), out_shardings=(shardings, None),
+        shardings = sharding.state_sharding(state, mesh)
+        update = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None),
                          donate_argnums=0)
     for _ in range(2):
         state, metrics = update(state, batch)
@@ -271,10 +274,10 @@ def test_a_step_on_8_devices_equals_one_device_and_the_parameters_are_sharded():
 def test_fsdp_spec_shards_the_largest_divisible_axis_and_replicates_the_rest():
     from jax.sharding import PartitionSpec
 
-    assert train.fsdp_spec((896, 4864), 4) == PartitionSpec(None, "fsdp")
-    assert train.fsdp_spec((151936, 896), 8) == PartitionSpec("fsdp", None)
-    assert train.fsdp_spec((7, 12), 8) == PartitionSpec()  # nothing divisible: replicated
-    assert train.fsdp_spec((), 8) == PartitionSpec()
+    assert sharding.fsdp_spec((896, 4864), 4) == PartitionSpec(None, "fsdp")
+    assert sharding.fsdp_spec((151936, 896), 8) == PartitionSpec("fsdp", None)
+    assert sharding.fsdp_spec((7, 12), 8) == PartitionSpec()  # nothing divisible: replicated
+    assert sharding.fsdp_spec((), 8) == PartitionSpec()
 
 
 def test_world_model_exact_match_equals_greedy_generation(cache, tmp_path):
@@ -285,7 +288,7 @@ def test_world_model_exact_match_equals_greedy_generation(cache, tmp_path):
     folder = pretrain.embedded_default(game, pretrain.PretrainConfig(episodes=300, steps=100), cache, log=lambda *_: None)
     config, params = lm.load_checkpoint(folder)
     tokenizer = lm.load_tokenizer(folder)
-    evaluator = train.Evaluator(dataclasses_replace(args, wm_eval_transitions=24), game, tokenizer, config)
+    evaluator = train.make_evaluator(dataclasses_replace(args, wm_eval_transitions=24), game, tokenizer, config)
     try:
         row_sets = list(evaluator.wm_rows.values())
     finally:
@@ -449,8 +452,8 @@ def test_three_non_finite_updates_in_a_row_stop_the_run_and_nothing_non_finite_i
         loss = lambda params, micro, totals: jax.tree.map(lambda x: x * jnp.nan, objective.loss(params, micro, totals))
         return sized_update(objective._replace(loss=loss), *args, **kwargs)
 
-    sized_update = train.sized_update
-    monkeypatch.setattr(train, "sized_update", poisoned)
+    sized_update = sharding.sized_update
+    monkeypatch.setattr(sharding, "sized_update", poisoned)
     out = tmp_path / "run"
     argv = ["--method", "grpo", "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, "--iterations", "5",
             "--eval-every", "5"]
@@ -476,17 +479,17 @@ def test_a_checkpoint_or_export_holding_a_nan_is_refused_and_nothing_is_written(
     config = lm.Config(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
                        num_heads=4, num_kv_heads=2, head_dim=8)
     params = lm.init_params(config, jax.random.key(0))
-    assert train.all_finite(params)
+    assert checkpoints.all_finite(params)
     params["layers_0"]["mlp"]["up"]["kernel"] = params["layers_0"]["mlp"]["up"]["kernel"].at[0, 0].set(np.nan)
-    assert not train.all_finite(params) and not train.all_finite({"moment": np.array([1.0, np.inf])})
-    with pytest.raises(train.DataError, match="not finite.*nothing was exported. Fix: "):
-        train.export_model(tmp_path / "model", config, params, tokenizer=None)
+    assert not checkpoints.all_finite(params) and not checkpoints.all_finite({"moment": np.array([1.0, np.inf])})
+    with pytest.raises(checkpoints.NotFiniteError, match="not finite.*nothing was exported. Fix: "):
+        checkpoints.export_model(tmp_path / "model", config, params, tokenizer=None)
     assert not (tmp_path / "model").exists()
-    checkpoints = train.Checkpoints(tmp_path / "checkpoints")
-    with pytest.raises(train.DataError, match="checkpoint of step 1 holds a number that is not finite.*Fix: "):
-        checkpoints.save(1, {"params": params, "key": jax.random.key_data(jax.random.key(0))}, {"stage": 0, "step": 1})
-    checkpoints.close()
-    assert checkpoints.latest() is None and not any((tmp_path / "checkpoints").iterdir())
+    saved = checkpoints.Checkpoints(tmp_path / "checkpoints")
+    with pytest.raises(checkpoints.NotFiniteError, match="checkpoint of step 1 holds a number that is not finite.*Fix: "):
+        saved.save(1, {"params": params, "key": jax.random.key_data(jax.random.key(0))}, {"stage": 0, "step": 1})
+    saved.close()
+    assert saved.latest() is None and not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_a_start_that_fails_before_its_first_checkpoint_does_not_block_the_same_command(cache, tmp_path, monkeypatch):
@@ -501,14 +504,14 @@ def test_a_start_that_fails_before_its_first_checkpoint_does_not_block_the_same_
     out = tmp_path / "run"
     argv = ["--method", "grpo", "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, "--iterations", "1"]
     with monkeypatch.context() as patch:
-        patch.setattr(train, "Logger", failing_logger)
+        patch.setattr(logs, "Logger", failing_logger)
         with pytest.raises(Failure):
             run_in_process(argv, cache, monkeypatch)
     assert (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir())
     stale = out / "stage0-spa-examples.json"  # a stage's data from the failed start, made with its settings
     stale.write_text("{}")
     run_in_process(argv, cache, monkeypatch)
-    assert (out / "model" / "config.json").exists() and train.checkpoint_steps(out / "checkpoints") == [1]
+    assert (out / "model" / "config.json").exists() and checkpoints.checkpoint_steps(out / "checkpoints") == [1]
     assert not stale.exists()  # a fresh start makes its own
 
 

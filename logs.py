@@ -1,0 +1,128 @@
+"""logs.py: what a run records as it goes: metrics.jsonl, TensorBoard, a progress bar, and a plot at the end.
+
+Every record is {"step", "stage", "time", "<prefix>/<name>": value, ...}: train/... for an update's metrics
+(including the memory in use and at its peak), eval/... for an evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+
+
+def memory_gib() -> dict[str, float]:
+    """Memory in GiB: the accelerator's in use now and at its peak since the process started, where the backend
+    counts them; else this process's resident memory now and at its peak (Linux's VmRSS and VmHWM; elsewhere the
+    peak alone, from getrusage)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        return {"memory_gib": stats.get("bytes_in_use", 0) / 2**30, "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30}
+    try:
+        status = Path("/proc/self/status").read_text()
+        field = lambda name: int(status.split(name + ":")[1].split()[0]) * 1024 / 2**30  # reported in kB
+        return {"memory_gib": field("VmRSS"), "peak_memory_gib": field("VmHWM")}
+    except (OSError, IndexError, ValueError):
+        import resource
+
+        return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line, or None for one cut short (a kill -9 in the middle of writing it)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+class Logger:
+    """A run's metrics: one JSON line per step in <out>/metrics.jsonl, the same scalars in TensorBoard event files
+    under <out>/tensorboard, and a progress bar showing the latest few.
+
+    A run that starts at step start_step > 0 (a resumed run) keeps the lines up to its checkpoint's step and drops
+    the rest; TensorBoard's files are written again from the lines kept, so both hold every step exactly once
+    whatever stopped the run before (Ctrl-C, kill -9, an error)."""
+
+    def __init__(self, out: Path, total_steps: int, start_step: int, tensorboard: bool = True, progress: bool = True,
+                 name: str = ""):
+        self.path = out / "metrics.jsonl"
+        kept = []  # a run from step 0 (also one stopped before its first checkpoint) starts the file again
+        if start_step > 0 and self.path.exists():  # a resumed run drops what was logged after its checkpoint
+            kept = [record for record in map(_record, self.path.read_text().splitlines())
+                    if record is not None and record["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        self.file = self.path.open("a")
+        self.writer = None
+        if tensorboard:  # rewritten from the JSONL kept: every step exactly once, whatever stopped the last run
+            from tensorboardX import SummaryWriter
+
+            for stale in (out / "tensorboard").glob("events.out.tfevents.*"):
+                stale.unlink()
+            self.writer = SummaryWriter(str(out / "tensorboard"), flush_secs=10)
+            for record in kept:
+                for name, value in record.items():
+                    if "/" in name:
+                        self.writer.add_scalar(name, value, record["step"], walltime=record["time"])
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True)
+        self.shown: dict[str, object] = {}
+
+    def log(self, step: int, stage: str, metrics: dict, prefix: str = "train") -> None:
+        values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, "stage": stage, "time": time.time(), **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+        for name in ("eval/success", "eval/wm_accuracy_inline", "eval/wm_accuracy", "train/return", "train/reward",
+                     "train/loss", "train/wm_loss"):
+            if name in values:
+                self.shown[name.split("/")[1]] = round(values[name], 3)
+        if "train/peak_memory_gib" in values:
+            self.shown["memory"] = f"{values['train/peak_memory_gib']:.1f}G"
+        if self.bar is not None:
+            self.bar.set_postfix(self.shown, refresh=True)
+
+    def advance(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, text: str):
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self):
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_curves(metrics_file: Path, path: Path) -> Path:
+    """Evaluation success and world-model accuracy, and the training return/reward, against the step."""
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone, nothing opens a window
+
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    figure = Figure(figsize=(14, 3.8), layout="tight")
+    axes = figure.subplots(1, 3)
+    panels = [("task success (held out)", ["eval/success"]),
+              ("world-model accuracy (held out)", ["eval/wm_accuracy", "eval/wm_accuracy_direct", "eval/wm_accuracy_inline"]),
+              ("training signal", ["train/return", "train/reward", "train/wm_loss"])]
+    for axis, (title, names) in zip(axes, panels):
+        for name in names:
+            points = [(r["step"], r[name]) for r in records if name in r]
+            if points:
+                axis.plot(*zip(*points), marker="o" if name.startswith("eval") else None, label=name.split("/")[1])
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        if axis.lines:
+            axis.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+    return path
