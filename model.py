@@ -494,11 +494,13 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 
 
 class WeightSpec(NamedTuple):
+    """One stored tensor: its Hugging Face name and shape, where it lives in our params, the conversions."""
+
     hf_name: str
     path: tuple[str, ...]  # where it lives in our params
     hf_shape: tuple[int, ...]
     to_flax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray] | None = None  # None: read, never written (reward.py's BERT)
 
 
 def _weight_specs(config: Config) -> list[WeightSpec]:
@@ -619,48 +621,74 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     )
 
 
-def load_checkpoint(model: str | Path, dtype=jnp.float32) -> tuple[Config, Params]:
-    """Config and parameters (in `dtype`) from a Hugging Face checkpoint folder or Hub id."""
-    folder = resolve_checkpoint(model)
+def read_config(folder: Path) -> tuple[dict, str]:
+    """The parsed config.json of a checkpoint folder, and its path for error messages."""
     config_file = folder / "config.json"
     if not config_file.exists():
         raise CheckpointError(
             f"No config.json in {folder}: this is not a Hugging Face model folder. "
             "Fix: point at the folder that save_pretrained wrote (config.json + *.safetensors)."
         )
-    config = Config.from_hf(_read_json(config_file), str(config_file))
-    files = _tensor_files(folder)
-    specs = _weight_specs(config)
-    missing = [s.hf_name for s in specs if s.hf_name not in files]
+    return _read_json(config_file), str(config_file)
+
+
+def load_weights(folder: Path, specs: Sequence[WeightSpec], canonical_name: Callable[[str], str] = lambda name: name,
+                 ignored: Callable[[str], bool] = lambda name: False, dtype=jnp.float32) -> Params:
+    """The parameters `specs` describe, read from the safetensors in `folder` (one file, or shards with an index):
+    every tensor present and of its shape, and every stored tensor read unless `ignored`.
+
+    canonical_name maps a stored name onto the specs' names (checkpoints differ by a prefix); ignored(name) is True
+    for tensors that exist but are not used (buffers, a tied lm_head, an encoder's pooler).
+    """
+    stored = {canonical_name(name): (name, file) for name, file in _tensor_files(folder).items()}
+    missing = [s.hf_name for s in specs if s.hf_name not in stored]
     if missing:
         raise CheckpointError(
             f"{folder} lacks {len(missing)} weight(s) that its config.json implies, e.g. {missing[:3]}. "
             "Fix: check that config.json belongs to these weights (a tied or untied lm_head, Qwen2 biases, Qwen3 q/k norms)."
         )
-    expected = {s.hf_name for s in specs} | ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    unexpected = [n for n in files if n not in expected and not n.endswith("rotary_emb.inv_freq")]
+    expected = {s.hf_name for s in specs}
+    unexpected = [name for name in stored if name not in expected and not ignored(name)]
     if unexpected:
         raise CheckpointError(
-            f"{folder} has weights model.py would ignore, e.g. {unexpected[:3]}, so its outputs would be wrong. "
+            f"{folder} has weights that loading would ignore, e.g. {unexpected[:3]}, so its outputs would be wrong. "
             "Fix: use a checkpoint of a supported architecture whose config.json matches its weights."
         )
     params: Params = {}
     handles = {}
     for spec in specs:
-        file = files[spec.hf_name]
+        name, file = stored[spec.hf_name]
         if file not in handles:
             handles[file] = _open_safetensors(file)
-        tensor = handles[file].get_tensor(spec.hf_name)
+        tensor = handles[file].get_tensor(name)
         if tuple(tensor.shape) != spec.hf_shape:
             raise CheckpointError(
-                f"Weight {spec.hf_name} in {file.name} has shape {tuple(tensor.shape)}, but config.json implies "
+                f"Weight {name} in {file.name} has shape {tuple(tensor.shape)}, but config.json implies "
                 f"{spec.hf_shape}. Fix: the weights and config.json come from different models; use a matching pair."
             )
         node = params
         for key in spec.path[:-1]:
             node = node.setdefault(key, {})
         node[spec.path[-1]] = jnp.asarray(spec.to_flax(tensor).astype(dtype))
-    return config, params
+    return params
+
+
+def load_checkpoint(model: str | Path, dtype=jnp.float32, backbone: bool = False) -> tuple[Config, Params]:
+    """Config and parameters (in `dtype`) from a Hugging Face checkpoint folder or Hub id.
+
+    backbone=True: the decoder without its LM head, for an embedder, which never unembeds. It reads CausalLM
+    checkpoints (`model.layers.0...`) and bare backbones (`layers.0...`, no `lm_head` even where config.json says
+    untied), as Qwen/Qwen3-Embedding-* and transformers' Qwen3Model.save_pretrained store them; the config returned
+    says tied, so the parameters hold no lm_head.
+    """
+    folder = resolve_checkpoint(model)
+    config = Config.from_hf(*read_config(folder))
+    if backbone:
+        config = dataclasses.replace(config, tie_word_embeddings=True)
+    prefixed = lambda name: name if not backbone or name.startswith(("model.", "lm_head.")) else f"model.{name}"
+    # a tied checkpoint may still store lm_head (a copy of the embedding); rotary_emb.inv_freq is a buffer
+    unused = lambda name: (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq")
+    return config, load_weights(folder, _weight_specs(config), prefixed, unused, dtype)
 
 
 def load_tokenizer(model: str | Path):
