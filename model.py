@@ -9,16 +9,12 @@ attention, RMSNorm, SwiGLU and rotary position embeddings:
     for each layer:  x = x + attention(rms_norm(x));  x = x + down(silu(gate(h)) * up(h)), h = rms_norm(x)
     logits = rms_norm(x) @ W_out                  (W_out = embed^T when the embeddings are tied)
 
-The weights are einsum-shaped ([hidden, heads, head_dim] for q, [heads, head_dim, hidden] for o),
-so converting a Hugging Face tensor is a transpose plus a reshape, spelled out in
-`_weight_specs`, with every shape checked. Everything architectural is read from the checkpoint's
-config.json, in both layouts that exist (transformers 4.x: top-level rope_theta / rope_scaling;
-5.x: rope_parameters).
+Everything architectural is read from the checkpoint's config.json into a `Config`, and every tensor's
+Hugging Face name, shape and layout is spelled out in `weight_specs`: both live in `hf_format.py`. Loading
+and saving, with every shape checked, are here.
 
-Attention comes in three forms behind one `attention` function: the plain softmax(q k^T / sqrt(d)) v,
-the readable reference; a blockwise form (FlashAttention's online softmax over 512 x 512 blocks, with
-a custom VJP that recomputes each block's probabilities in the backward pass), so the memory of long
-rows grows linearly with their length; and cuDNN's fused attention on a GPU in 16-bit compute.
+The attention itself (the plain reference, the blockwise FlashAttention form whose memory grows linearly
+with the row's length, cuDNN's fused kernel) lives in `attention.py`.
 
 Sampling lives in `sampler.py`; `token_logprobs` here recomputes, by teacher forcing, exactly the
 log-probs and entropies the sampler returns.
@@ -39,162 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention import ATTENTION_BLOCK, attention
+from hf_format import CheckpointError, Config, WeightSpec, weight_specs
+
 Params = dict[str, Any]  # the Flax parameter pytree, variables["params"]
-
-# model_type in config.json -> the architecture name transformers writes beside it.
-SUPPORTED_ARCHITECTURES = {
-    "qwen2": "Qwen2ForCausalLM",  # Qwen2, Qwen2.5
-    "qwen3": "Qwen3ForCausalLM",
-    "llama": "LlamaForCausalLM",  # Llama 3.x
-}
-MASKED_SCORE = -1e30  # finite: a fully masked (pad) query must give a uniform row, not NaN
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the problem and the fix."""
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """The architecture, as read from a Hugging Face config.json. Frozen and hashable: a static jit argument."""
-
-    model_type: str  # "qwen2" | "qwen3" | "llama"
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_type: str = "default"  # "default" | "linear" | "llama3"
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0  # llama3 only
-    rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_positions: int = 8192  # llama3 only
-    qkv_bias: bool = False
-    o_bias: bool = False
-    qk_norm: bool = False
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-
-    @classmethod
-    def from_hf(cls, hf: dict, where: str = "config.json") -> Config:
-        """Read a transformers config dict (either layout); unsupported features raise CheckpointError."""
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{where} holds a {type(hf).__name__}, not a JSON object. "
-                                  "Fix: use the config.json that save_pretrained wrote with the weights.")
-        model_type = hf.get("model_type")
-        architectures = hf.get("architectures") or []
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            names = ", ".join(f"{arch} (model_type '{t}')" for t, arch in SUPPORTED_ARCHITECTURES.items())
-            raise CheckpointError(
-                f"{where} describes {'/'.join(architectures) or 'a model'} (model_type '{model_type}'), "
-                f"which model.py does not implement. Supported: {names}. "
-                "Fix: use a Qwen2/Qwen2.5, Qwen3 or Llama 3 checkpoint."
-            )
-        unsupported = {
-            "hidden_act": hf.get("hidden_act", "silu") != "silu",
-            "use_sliding_window": bool(hf.get("use_sliding_window", False)),
-            "mlp_bias": bool(hf.get("mlp_bias", False)),
-        }
-        for key, bad in unsupported.items():
-            if bad:
-                raise CheckpointError(
-                    f"{where} sets {key}={hf[key]!r}, which model.py does not implement. "
-                    "Fix: use a checkpoint with the standard setting (silu, no sliding window, no MLP bias)."
-                )
-        # transformers 5 writes rope_parameters (theta included); 4.x writes rope_theta + rope_scaling.
-        rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise CheckpointError(
-                f"{where} asks for rope_type '{rope_type}'; model.py implements default, linear and llama3. "
-                "Fix: remove the rope scaling from config.json if you do not need long contexts."
-            )
-        missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads") if key not in hf]
-        if missing:
-            raise CheckpointError(
-                f"{where} lacks {', '.join(missing)}, which the architecture needs. "
-                "Fix: use the config.json that save_pretrained wrote with the weights (download it again if it was cut)."
-            )
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        bias = bool(hf.get("attention_bias", False))
-        num_heads = hf["num_attention_heads"]
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            rope_type=rope_type,
-            rope_factor=float(rope.get("factor", 1.0)),
-            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
-            qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v bias, never o bias
-            o_bias=bias and model_type != "qwen2",
-            qk_norm=model_type == "qwen3",
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            pad_token_id=hf.get("pad_token_id"),
-        )
-
-    def to_hf(self, dtype: str = "float32") -> dict:
-        """The config.json transformers and vLLM read: the 4.x layout that Hub checkpoints carry."""
-        rope_scaling = None
-        if self.rope_type == "linear":
-            rope_scaling = {"rope_type": "linear", "factor": self.rope_factor}
-        elif self.rope_type == "llama3":
-            rope_scaling = {
-                "rope_type": "llama3",
-                "factor": self.rope_factor,
-                "low_freq_factor": self.rope_low_freq_factor,
-                "high_freq_factor": self.rope_high_freq_factor,
-                "original_max_position_embeddings": self.rope_original_max_positions,
-            }
-        hf = {
-            "architectures": [SUPPORTED_ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": rope_scaling,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids) or None,
-            "pad_token_id": self.pad_token_id,
-            "torch_dtype": dtype,
-        }
-        if self.model_type != "qwen2":
-            hf["attention_bias"] = self.o_bias
-        return hf
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,213 +104,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale * normed.astype(x.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Attention: the plain reference and the blockwise form that never holds a [T, T] matrix
-# --------------------------------------------------------------------------------------------
-
-ATTENTION_BLOCK = 512  # query and key positions per block of the blockwise attention
-
-
-def attention_mask(kv_mask: jax.Array, query_offset, queries: int) -> jax.Array:
-    """[b, t, s] bool: query i (at slot query_offset + i) sees key slot j iff j is real and j <= its slot."""
-    query_slots = query_offset + jnp.arange(queries)
-    key_slots = jnp.arange(kv_mask.shape[1])
-    return kv_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
-
-
-def plain_attention(q, k, v, kv_mask, query_offset=0):
-    """softmax(q k^T / sqrt(d)) v with the causal and padding mask, written out: the readable reference.
-
-    q [b, t, kv_heads, groups, d] (query head h = kv head h // groups, grouped-query attention);
-    k, v [b, s, kv_heads, d]; kv_mask [b, s] bool. Returns [b, t, kv_heads, groups, d].
-    Holds the [b, heads, t, s] scores (and, under autodiff, keeps them for the backward pass).
-    """
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    attend = attention_mask(kv_mask, query_offset, q.shape[1])
-    scores = jnp.where(attend[:, None, None], scores / math.sqrt(q.shape[-1]), MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
-
-
-def _blocks(x, size: int, axis: int = 1, fill=0):
-    """Pad x along `axis` to a multiple of size."""
-    extra = -x.shape[axis] % size
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=fill)
-
-
-def _block_scores(q_block, k_block, kv_mask_block, query_start, key_start):
-    """Masked, scaled scores [b, kv_heads, groups, bq, bk] float32 of one query block against one key block."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_block, k_block.astype(q_block.dtype), preferred_element_type=jnp.float32)
-    query_slots = query_start + jnp.arange(q_block.shape[1])
-    key_slots = key_start + jnp.arange(k_block.shape[1])
-    attend = kv_mask_block[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
-    return jnp.where(attend[:, None, None], scores / math.sqrt(q_block.shape[-1]), MASKED_SCORE), attend
-
-
-def _key_blocks_seen(query_block, query_offset, block: int, key_blocks: int):
-    """How many key blocks (from the first) query block `query_block` can see: the causal mask skips the rest."""
-    last_slot = query_offset + (query_block + 1) * block - 1
-    return jnp.minimum(key_blocks, last_slot // block + 1)
-
-
-def _blockwise_forward(q, k, v, kv_mask, query_offset, block):
-    """(output, logsumexp) by an online softmax over key blocks, one query block at a time."""
-    queries = q.shape[1]
-    q, k, v, kv_mask = _blocks(q, block), _blocks(k, block), _blocks(v, block), _blocks(kv_mask, block, fill=False)
-    key_blocks = k.shape[1] // block
-    batch, _, kv_heads, groups, head_dim = q.shape
-
-    def one_query_block(i):
-        q_block = jax.lax.dynamic_slice_in_dim(q, i * block, block, 1)
-
-        def add_key_block(j, carry):
-            out, running_max, total = carry
-            k_block, v_block, mask_block = (jax.lax.dynamic_slice_in_dim(x, j * block, block, 1) for x in (k, v, kv_mask))
-            scores, _ = _block_scores(q_block, k_block, mask_block, query_offset + i * block, j * block)
-            new_max = jnp.maximum(running_max, scores.max(-1))
-            probs = jnp.exp(scores - new_max[..., None])
-            rescale = jnp.exp(running_max - new_max)
-            total = total * rescale + probs.sum(-1)
-            update = jnp.einsum("bkgts,bskd->bkgtd", probs.astype(q.dtype), v_block.astype(q.dtype),
-                                preferred_element_type=jnp.float32)
-            return out * rescale[..., None] + update, new_max, total
-
-        stats = (batch, kv_heads, groups, block)
-        init = (jnp.zeros((*stats, head_dim), jnp.float32), jnp.full(stats, MASKED_SCORE, jnp.float32),
-                jnp.zeros(stats, jnp.float32))
-        out, running_max, total = jax.lax.fori_loop(
-            0, _key_blocks_seen(i, query_offset, block, key_blocks), add_key_block, init)
-        return out / total[..., None], running_max + jnp.log(total)
-
-    out, logsumexp = jax.lax.map(one_query_block, jnp.arange(q.shape[1] // block))  # [nq, b, k, g, bq, (d)]
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, -1, kv_heads, groups, head_dim)  # [b, nq * bq, k, g, d]
-    logsumexp = logsumexp.transpose(1, 2, 3, 0, 4).reshape(batch, kv_heads, groups, -1)  # [b, k, g, nq * bq]
-    return out[:, :queries].astype(q.dtype), logsumexp[..., :queries]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _blockwise(q, k, v, kv_mask, query_offset, block):
-    return _blockwise_forward(q, k, v, kv_mask, query_offset, block)[0]
-
-
-def _blockwise_fwd(q, k, v, kv_mask, query_offset, block):
-    out, logsumexp = _blockwise_forward(q, k, v, kv_mask, query_offset, block)
-    return out, (q, k, v, kv_mask, query_offset, out, logsumexp)
-
-
-def _blockwise_bwd(block, residuals, d_out):
-    """FlashAttention-2's backward: each block's probabilities recomputed from the saved logsumexp, dQ accumulated
-    across key blocks, dK and dV of a key block summed over the query blocks that see it."""
-    q, k, v, kv_mask, query_offset, out, logsumexp = residuals
-    queries, keys = q.shape[1], k.shape[1]
-    # D_i = sum_d dO_i O_i: the softmax's Jacobian term, one number per query and head
-    delta = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    q_pad, d_out_pad = _blocks(q, block), _blocks(d_out, block)
-    logsumexp, delta = _blocks(logsumexp, block, axis=3), _blocks(delta, block, axis=3)
-    k_pad, v_pad, mask_pad = _blocks(k, block), _blocks(v, block), _blocks(kv_mask, block, fill=False)
-    query_blocks, key_blocks = q_pad.shape[1] // block, k_pad.shape[1] // block
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    compute = q.dtype
-
-    def one_key_block(j, carry):
-        d_q, d_k, d_v = carry
-        k_block, v_block, mask_block = (jax.lax.dynamic_slice_in_dim(x, j * block, block, 1) for x in (k_pad, v_pad, mask_pad))
-
-        def add_query_block(i, inner):
-            d_q, d_k_block, d_v_block = inner
-            q_block, d_out_block = (jax.lax.dynamic_slice_in_dim(x, i * block, block, 1) for x in (q_pad, d_out_pad))
-            lse_block, delta_block = (jax.lax.dynamic_slice_in_dim(x, i * block, block, 3) for x in (logsumexp, delta))
-            scores, attend = _block_scores(q_block, k_block, mask_block, query_offset + i * block, j * block)
-            probs = jnp.exp(scores - lse_block[..., None])  # [b, k, g, bq, bk]
-            d_v_block += jnp.einsum("bkgts,btkgd->bskd", probs.astype(compute), d_out_block.astype(compute),
-                                    preferred_element_type=jnp.float32)
-            d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_block.astype(compute), v_block.astype(compute),
-                                 preferred_element_type=jnp.float32)
-            # masked scores are constants in the forward pass (jnp.where): no gradient reaches q or k through them
-            d_scores = jnp.where(attend[:, None, None], probs * (d_probs - delta_block[..., None]), 0.0) * scale
-            d_q_block = jnp.einsum("bkgts,bskd->btkgd", d_scores.astype(compute), k_block.astype(compute),
-                                   preferred_element_type=jnp.float32)
-            d_q = jax.lax.dynamic_update_slice_in_dim(
-                d_q, jax.lax.dynamic_slice_in_dim(d_q, i * block, block, 1) + d_q_block, i * block, 1)
-            d_k_block += jnp.einsum("bkgts,btkgd->bskd", d_scores.astype(compute), q_block.astype(compute),
-                                    preferred_element_type=jnp.float32)
-            return d_q, d_k_block, d_v_block
-
-        # the first query block whose last query slot reaches this key block's first slot
-        first = jnp.clip((j * block - query_offset) // block, 0, query_blocks)
-        zeros = jnp.zeros(k_block.shape, jnp.float32)
-        d_q, d_k_block, d_v_block = jax.lax.fori_loop(first, query_blocks, add_query_block, (d_q, zeros, zeros))
-        d_k = jax.lax.dynamic_update_slice_in_dim(d_k, d_k_block, j * block, 1)
-        d_v = jax.lax.dynamic_update_slice_in_dim(d_v, d_v_block, j * block, 1)
-        return d_q, d_k, d_v
-
-    init = (jnp.zeros(q_pad.shape, jnp.float32), jnp.zeros(k_pad.shape, jnp.float32), jnp.zeros(v_pad.shape, jnp.float32))
-    d_q, d_k, d_v = jax.lax.fori_loop(0, key_blocks, one_key_block, init)
-    return (d_q[:, :queries].astype(q.dtype), d_k[:, :keys].astype(k.dtype), d_v[:, :keys].astype(v.dtype), None, None)
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
-
-
-def blockwise_attention(q, k, v, kv_mask, query_offset=0, block: int = ATTENTION_BLOCK):
-    """plain_attention's result computed `block` queries x `block` keys at a time (FlashAttention's online softmax),
-    so memory grows linearly with length: no [t, s] matrix exists in the forward pass or in the backward pass (a
-    custom VJP recomputes each block's probabilities from the saved logsumexp). Key blocks wholly in a query
-    block's future are skipped. Same shapes and mask as plain_attention; the lengths need not be multiples of block.
-    """
-    return _blockwise(q, k, v, kv_mask, jnp.asarray(query_offset, jnp.int32), block)
-
-
-def fused_attention(q, k, v, kv_mask, implementation: str | None = "cudnn"):
-    """plain_attention's result from jax.nn.dot_product_attention (implementation "cudnn": cuDNN's fused flash
-    attention on an NVIDIA GPU; "xla" anywhere, for tests), for a call without a cache (t = s, query_offset 0) whose
-    rows hold their real tokens contiguously: left or right padded, or both, as every batch this project builds is.
-
-    cuDNN masks by sequence lengths counted from the start of a row, and these rows may be left padded: each row is
-    rotated so that its real tokens start at 0, attended causally over its length, and rotated back. A row of padding
-    only gets length 1 (finite garbage, like plain_attention's, where NaN would poison the gradient).
-    """
-    batch, time, kv_heads, groups, head_dim = q.shape
-    start = jnp.argmax(kv_mask, axis=1)  # each row's first real token
-    length = jnp.maximum(kv_mask.sum(1), 1).astype(jnp.int32)
-    rotate = lambda x, shift: jnp.take_along_axis(
-        x, ((jnp.arange(time)[None] + shift[:, None]) % time).reshape(batch, time, *[1] * (x.ndim - 2)), axis=1)
-    out = jax.nn.dot_product_attention(
-        rotate(q.reshape(batch, time, kv_heads * groups, head_dim), start), rotate(k.astype(q.dtype), start),
-        rotate(v.astype(q.dtype), start), is_causal=True, query_seq_lengths=length, key_value_seq_lengths=length,
-        implementation=implementation)  # query head h reads kv head h // groups, as here
-    return rotate(out, -start).reshape(q.shape)
-
-
-def _fused_applies(q, k, query_offset) -> bool:
-    """cuDNN's flash attention: on a GPU, 16-bit compute, head_dim a multiple of 8 up to 128, no cache."""
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 128 and isinstance(query_offset, int) and query_offset == 0 and q.shape[1] == k.shape[1])
-
-
-def attention(q, k, v, kv_mask, query_offset=0, implementation: str = "auto", block: int = ATTENTION_BLOCK):
-    """Grouped-query causal attention over padded rows (shapes as plain_attention).
-
-    implementation: "plain", "blockwise", "fused" (fused_attention: cuDNN) or "auto": on a GPU in bfloat16 or
-    float16 without a cache, fused; else blockwise once the queries span more than one block (long prompts and
-    training rows), plain for short rows and the one-token decode steps, where it is faster.
-    """
-    if implementation == "auto":
-        if _fused_applies(q, k, query_offset):
-            implementation = "fused"
-        else:
-            implementation = "blockwise" if q.shape[1] > block else "plain"
-    if implementation == "plain":
-        return plain_attention(q, k, v, kv_mask, query_offset)
-    if implementation == "blockwise":
-        return blockwise_attention(q, k, v, kv_mask, query_offset, block)
-    if implementation == "fused":
-        return fused_attention(q, k, v, kv_mask, "cudnn" if jax.default_backend() == "gpu" else "xla")
-    raise ValueError(f"attention implementation '{implementation}' is not auto, plain, blockwise or fused")
 
 
 class Attention(nn.Module):
@@ -697,57 +334,8 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 
 
 # --------------------------------------------------------------------------------------------
-# Hugging Face checkpoints: the name map, loading and saving
+# Hugging Face checkpoints: loading and saving
 # --------------------------------------------------------------------------------------------
-
-
-class WeightSpec(NamedTuple):
-    hf_name: str
-    path: tuple[str, ...]  # where it lives in our params
-    hf_shape: tuple[int, ...]
-    to_flax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-def _weight_specs(config: Config) -> list[WeightSpec]:
-    """Every tensor the config implies, with the conversion both ways. HF Linear weights are [out, in]."""
-    c = config
-    hidden, ffn, head = c.hidden_size, c.intermediate_size, c.head_dim
-    same = lambda w: w
-    transpose = lambda w: w.T
-
-    def heads_in(n):  # [n*head, hidden] -> [hidden, n, head]
-        return lambda w: w.T.reshape(hidden, n, head), lambda w: w.reshape(hidden, n * head).T
-
-    def heads_bias(n):  # [n*head] -> [n, head]
-        return lambda b: b.reshape(n, head), lambda b: b.reshape(n * head)
-
-    heads_out = (lambda w: w.T.reshape(c.num_heads, head, hidden), lambda w: w.reshape(c.num_heads * head, hidden).T)
-    specs = [WeightSpec("model.embed_tokens.weight", ("embed", "embedding"), (c.vocab_size, hidden), same, same)]
-    for i in range(c.num_layers):
-        hf, ours = f"model.layers.{i}.", f"layers_{i}"
-        attention = [("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)]
-        for name, n in attention:
-            specs.append(WeightSpec(f"{hf}self_attn.{name}_proj.weight", (ours, "attn", name, "kernel"), (n * head, hidden), *heads_in(n)))
-            if c.qkv_bias:
-                specs.append(WeightSpec(f"{hf}self_attn.{name}_proj.bias", (ours, "attn", name, "bias"), (n * head,), *heads_bias(n)))
-        specs.append(WeightSpec(f"{hf}self_attn.o_proj.weight", (ours, "attn", "o", "kernel"), (hidden, c.num_heads * head), *heads_out))
-        if c.o_bias:
-            specs.append(WeightSpec(f"{hf}self_attn.o_proj.bias", (ours, "attn", "o", "bias"), (hidden,), same, same))
-        if c.qk_norm:
-            for name in ("q_norm", "k_norm"):
-                specs.append(WeightSpec(f"{hf}self_attn.{name}.weight", (ours, "attn", name, "scale"), (head,), same, same))
-        specs += [
-            WeightSpec(f"{hf}mlp.gate_proj.weight", (ours, "mlp", "gate", "kernel"), (ffn, hidden), transpose, transpose),
-            WeightSpec(f"{hf}mlp.up_proj.weight", (ours, "mlp", "up", "kernel"), (ffn, hidden), transpose, transpose),
-            WeightSpec(f"{hf}mlp.down_proj.weight", (ours, "mlp", "down", "kernel"), (hidden, ffn), transpose, transpose),
-            WeightSpec(f"{hf}input_layernorm.weight", (ours, "attn_norm", "scale"), (hidden,), same, same),
-            WeightSpec(f"{hf}post_attention_layernorm.weight", (ours, "mlp_norm", "scale"), (hidden,), same, same),
-        ]
-    specs.append(WeightSpec("model.norm.weight", ("final_norm", "scale"), (hidden,), same, same))
-    if not c.tie_word_embeddings:
-        specs.append(WeightSpec("lm_head.weight", ("lm_head",), (c.vocab_size, hidden), transpose, transpose))
-    return specs
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -827,48 +415,74 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     )
 
 
-def load_checkpoint(model: str | Path, dtype=jnp.float32) -> tuple[Config, Params]:
-    """Config and parameters (in `dtype`) from a Hugging Face checkpoint folder or Hub id."""
-    folder = resolve_checkpoint(model)
+def read_config(folder: Path) -> tuple[dict, str]:
+    """The parsed config.json of a checkpoint folder, and its path for error messages."""
     config_file = folder / "config.json"
     if not config_file.exists():
         raise CheckpointError(
             f"No config.json in {folder}: this is not a Hugging Face model folder. "
             "Fix: point at the folder that save_pretrained wrote (config.json + *.safetensors)."
         )
-    config = Config.from_hf(_read_json(config_file), str(config_file))
-    files = _tensor_files(folder)
-    specs = _weight_specs(config)
-    missing = [s.hf_name for s in specs if s.hf_name not in files]
+    return _read_json(config_file), str(config_file)
+
+
+def load_weights(folder: Path, specs: Sequence[WeightSpec], canonical_name: Callable[[str], str] = lambda name: name,
+                 ignored: Callable[[str], bool] = lambda name: False, dtype=jnp.float32) -> Params:
+    """The parameters `specs` describe, read from the safetensors in `folder` (one file, or shards with an index):
+    every tensor present and of its shape, and every stored tensor read unless `ignored`.
+
+    canonical_name maps a stored name onto the specs' names (checkpoints differ by a prefix); ignored(name) is True
+    for tensors that exist but are not used (buffers, a tied lm_head, an encoder's pooler).
+    """
+    stored = {canonical_name(name): (name, file) for name, file in _tensor_files(folder).items()}
+    missing = [s.hf_name for s in specs if s.hf_name not in stored]
     if missing:
         raise CheckpointError(
             f"{folder} lacks {len(missing)} weight(s) that its config.json implies, e.g. {missing[:3]}. "
             "Fix: check that config.json belongs to these weights (a tied or untied lm_head, Qwen2 biases, Qwen3 q/k norms)."
         )
-    expected = {s.hf_name for s in specs} | ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    unexpected = [n for n in files if n not in expected and not n.endswith("rotary_emb.inv_freq")]
+    expected = {s.hf_name for s in specs}
+    unexpected = [name for name in stored if name not in expected and not ignored(name)]
     if unexpected:
         raise CheckpointError(
-            f"{folder} has weights model.py would ignore, e.g. {unexpected[:3]}, so its outputs would be wrong. "
+            f"{folder} has weights that loading would ignore, e.g. {unexpected[:3]}, so its outputs would be wrong. "
             "Fix: use a checkpoint of a supported architecture whose config.json matches its weights."
         )
     params: Params = {}
     handles = {}
     for spec in specs:
-        file = files[spec.hf_name]
+        name, file = stored[spec.hf_name]
         if file not in handles:
             handles[file] = _open_safetensors(file)
-        tensor = handles[file].get_tensor(spec.hf_name)
+        tensor = handles[file].get_tensor(name)
         if tuple(tensor.shape) != spec.hf_shape:
             raise CheckpointError(
-                f"Weight {spec.hf_name} in {file.name} has shape {tuple(tensor.shape)}, but config.json implies "
+                f"Weight {name} in {file.name} has shape {tuple(tensor.shape)}, but config.json implies "
                 f"{spec.hf_shape}. Fix: the weights and config.json come from different models; use a matching pair."
             )
         node = params
         for key in spec.path[:-1]:
             node = node.setdefault(key, {})
         node[spec.path[-1]] = jnp.asarray(spec.to_flax(tensor).astype(dtype))
-    return config, params
+    return params
+
+
+def load_checkpoint(model: str | Path, dtype=jnp.float32, backbone: bool = False) -> tuple[Config, Params]:
+    """Config and parameters (in `dtype`) from a Hugging Face checkpoint folder or Hub id.
+
+    backbone=True: the decoder without its LM head, for an embedder, which never unembeds. It reads CausalLM
+    checkpoints (`model.layers.0...`) and bare backbones (`layers.0...`, no `lm_head` even where config.json says
+    untied), as Qwen/Qwen3-Embedding-* and transformers' Qwen3Model.save_pretrained store them; the config returned
+    says tied, so the parameters hold no lm_head.
+    """
+    folder = resolve_checkpoint(model)
+    config = Config.from_hf(*read_config(folder))
+    if backbone:
+        config = dataclasses.replace(config, tie_word_embeddings=True)
+    prefixed = lambda name: name if not backbone or name.startswith(("model.", "lm_head.")) else f"model.{name}"
+    # a tied checkpoint may still store lm_head (a copy of the embedding); rotary_emb.inv_freq is a buffer
+    unused = lambda name: (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq")
+    return config, load_weights(folder, weight_specs(config), prefixed, unused, dtype)
 
 
 def load_tokenizer(model: str | Path):
@@ -901,7 +515,7 @@ def save_checkpoint(folder: str | Path, config: Config, params: Params, tokenize
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for spec in _weight_specs(config):
+    for spec in weight_specs(config):
         value = params
         for key in spec.path:
             value = value[key]

