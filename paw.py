@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import envs
 import grpo
 import model as lm
+import rollout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,7 @@ class PaWBatch(NamedTuple):
     selected: jax.Array
 
 
-def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np.ndarray,
+def paw_batch(trajectories: Sequence[rollout.Trajectory], trajectory_advantages: np.ndarray,
               trajectory_lambdas: np.ndarray, cfg: PaWConfig = PaWConfig(), pad_id: int = 0,
               min_bucket: int = 16, min_rows: int = 1, with_observation: bool = True,
               trajectory_keep: np.ndarray | None = None) -> tuple[PaWBatch, dict]:

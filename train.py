@@ -54,6 +54,7 @@ import model as lm
 import paw
 import pretrain
 import reward
+import rollout
 import rwml
 import sampler
 import spa
@@ -628,28 +629,29 @@ class Evaluator:
         eos = [tokenizer.eos_token_id]
         self.wm_rows = {}
         for name, direct in (("wm_accuracy", False), ("wm_accuracy_direct", True)):
-            self.wm_rows[name] = [(envs.encode_prompt(tokenizer, rwml.world_model_prompt(t, direct)),
+            self.wm_rows[name] = [(rollout.encode_prompt(tokenizer, rwml.world_model_prompt(t, direct)),
                                    encode(rwml.sft_label(t)) + eos) for t in self.triplets]
         # PaW's layout: the policy's prompt and response, then o_{t+1}
         prompts = [play_prompts[t.trajectory][t.turn] for t in self.triplets]
         self.wm_rows["wm_accuracy_inline"] = [
-            (envs.encode_prompt(tokenizer, prompt) + encode(game.respond(t.action)) + eos, encode(t.next_state))
+            (rollout.encode_prompt(tokenizer, prompt) + encode(game.respond(t.action)) + eos, encode(t.next_state))
             for prompt, t in zip(prompts, self.triplets)]
         if args.method == "spa":  # SPA's <prediction>: the true s_{t+1} (with coordinates) after the true s_t
             states = {i: spa.true_states(held_out.make_env, play[i]) for i in {t.trajectory for t in self.triplets}}
             self.wm_rows["spa_prediction_accuracy"] = [spa.prediction_row(spa.make_example(
-                tokenizer, envs.encode_prompt(tokenizer, prompt), *states[t.trajectory][t.turn], "", [t.action]))
+                tokenizer, rollout.encode_prompt(tokenizer, prompt), *states[t.trajectory][t.turn], "", [t.action]))
                 for prompt, t in zip(prompts, self.triplets)]
-        self.environments = envs.EnvBatch(eval_env(args), args.eval_episodes * args.eval_samples,
-                                          min(args.workers, args.eval_episodes))
+        self.environments = rollout.EnvBatch(eval_env(args), args.eval_episodes * args.eval_samples,
+                                             min(args.workers, args.eval_episodes))
 
     def __call__(self, params, key) -> dict[str, float]:
         args = self.args
         seeds = [EVAL_SEED + i if args.env != "alfworld" else i for i in range(args.eval_episodes)]
         sampling = sampler.SamplingParams(args.eval_temperature, max_new_tokens=args.max_new_tokens)
-        trajectories = envs.rollout(params, self.config, self.tokenizer, self.environments, seeds, args.eval_samples,
-                                    key, self.game.prompt, parser_for(args), args.eval_max_turns, sampling, args.history)
-        stats = envs.episode_stats(trajectories)
+        trajectories = rollout.rollout(params, self.config, self.tokenizer, self.environments, seeds, args.eval_samples,
+                                       key, prompt=self.game.prompt, parse=parser_for(args),
+                                       max_turns=args.eval_max_turns, sampling=sampling, history=args.history)
+        stats = rollout.episode_stats(trajectories)
         wins = np.array([t.won for t in trajectories]).reshape(args.eval_episodes, args.eval_samples).sum(1)
         metrics = {"success": stats["success"], "return": stats["return"], "invalid": stats["invalid"],
                    "turns": stats["turns"]}
@@ -930,14 +932,15 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     update = sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
     reference_fn = reference_logprobs_fn(run) if reference is not None else None
     sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
-    with envs.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
+    with rollout.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
         for step in range(start, args.iterations):
             timings = {}
             seeds = [train_task(args, index, step, group) for group in range(args.groups)]
             key = jax.random.fold_in(jax.random.fold_in(run.key, index), step)
-            trajectories = envs.rollout(state.params, run.config, run.tokenizer, environments, seeds, args.group_size,
-                                        key, run.game.prompt, parser_for(args), args.max_turns, sampling, args.history,
-                                        timings)
+            trajectories = rollout.rollout(state.params, run.config, run.tokenizer, environments, seeds,
+                                           args.group_size, key, prompt=run.game.prompt, parse=parser_for(args),
+                                           max_turns=args.max_turns, sampling=sampling, history=args.history,
+                                           timings=timings)
             returns = jnp.asarray([t.total_reward for t in trajectories], jnp.float32)
             group_ids = jnp.asarray([t.group for t in trajectories])
             advantages, keep, stats = grpo.advantages(returns, group_ids, args.estimator,
@@ -955,7 +958,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
             started = time.perf_counter()
             state, metrics = update(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}
-            metrics.update(envs.episode_stats(trajectories), seconds_update=time.perf_counter() - started,
+            metrics.update(rollout.episode_stats(trajectories), seconds_update=time.perf_counter() - started,
                            seconds_sampling=timings.get("model", 0.0), seconds_env=timings.get("env", 0.0),
                            rows=float(batch.tokens.shape[0]), zero_variance_groups=float(np.mean(stats.zero_variance)))
             run.finish_step(index, name, step, state, reference, metrics)
@@ -966,8 +969,8 @@ def triplets_to_json(triplets) -> list[dict]:
     return [t._asdict() for t in triplets]
 
 
-def triplets_from_json(rows) -> list[envs.Transition]:
-    return [envs.Transition(**{**row, "history": tuple(tuple(pair) for pair in row["history"])}) for row in rows]
+def triplets_from_json(rows) -> list[rollout.Transition]:
+    return [rollout.Transition(**{**row, "history": tuple(tuple(pair) for pair in row["history"])}) for row in rows]
 
 
 @functools.cache
@@ -981,14 +984,15 @@ def make_embedder(name: str):
     return reward.LastTokenEmbedder(folder)
 
 
-def self_play(run: Run, index: int, params, tasks: int, rollouts: int, max_turns: int) -> list[envs.Trajectory]:
+def self_play(run: Run, index: int, params, tasks: int, rollouts: int, max_turns: int) -> list[rollout.Trajectory]:
     """A stage's data rollouts: `tasks` training tasks x `rollouts` at temperature 1, with a key apart from the step keys."""
     args = run.args
     seeds = [train_task(args, index, 0, task) for task in range(tasks)]
     sampling = sampler.SamplingParams(1.0, max_new_tokens=args.max_new_tokens)
-    with envs.EnvBatch(run.game.make_env, tasks * rollouts, args.workers) as environments:
-        return envs.rollout(params, run.config, run.tokenizer, environments, seeds, rollouts, data_key(run, index),
-                            run.game.prompt, parser_for(args), max_turns, sampling, args.history)
+    with rollout.EnvBatch(run.game.make_env, tasks * rollouts, args.workers) as environments:
+        return rollout.rollout(params, run.config, run.tokenizer, environments, seeds, rollouts, data_key(run, index),
+                               prompt=run.game.prompt, parse=parser_for(args), max_turns=max_turns, sampling=sampling,
+                               history=args.history)
 
 
 def data_key(run: Run, index: int) -> jax.Array:
@@ -1020,7 +1024,7 @@ def world_model_data(run: Run, index: int, name: str, params, scorer) -> dict:
     if args.wm_invalid_steps == "drop":
         triplets = rwml.triplets_from_rollouts(trajectories, args.history)
     else:
-        triplets = envs.transitions(trajectories, args.history)
+        triplets = rollout.transitions(trajectories, args.history)
     if len(triplets) < 2:
         raise DataError(f"only {len(triplets)} valid transitions from {len(trajectories)} rollouts: too few to "
                            "train a world model on. Fix: raise --wm-tasks, or --wm-invalid-steps keep.")
