@@ -941,20 +941,16 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
                                            args.group_size, key, prompt=run.game.prompt, parse=parser_for(args),
                                            max_turns=args.max_turns, sampling=sampling, history=args.history,
                                            timings=timings)
-            returns = jnp.asarray([t.total_reward for t in trajectories], jnp.float32)
-            group_ids = jnp.asarray([t.group for t in trajectories])
-            advantages, keep, stats = grpo.advantages(returns, group_ids, args.estimator,
-                                                      filter_zero_variance=args.filter_zero_variance)
-            lambdas = paw.world_model_weights(returns, group_ids, cfg) if name == "paw" else jnp.zeros_like(returns)
-            batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, run.pad_id,
-                                     min_rows=run.mesh.size, with_observation=name == "paw",
-                                     trajectory_keep=np.asarray(keep))
+            advantages, keep, stats = grpo.trajectory_advantages(trajectories, args.estimator,
+                                                                 args.filter_zero_variance)
+            if name == "paw":
+                batch, _ = paw.paw_batch(trajectories, advantages, paw.world_model_weights(stats.mean, cfg), cfg,
+                                         run.pad_id, min_rows=run.mesh.size, trajectory_keep=keep)
+            else:
+                batch = grpo.turn_batch(trajectories, advantages, keep, pad_id=run.pad_id, min_rows=run.mesh.size)
             if reference_fn is not None:  # in the update's micro-batches, so it fits where the update does
                 batch = batch._replace(ref_logprobs=update.map_rows(functools.partial(reference_fn, reference),
                                                                     batch.tokens, batch.token_mask))
-            if name != "paw":
-                batch = grpo.Batch(batch.tokens, batch.token_mask, batch.action_mask, batch.old_logprobs,
-                                   batch.ref_logprobs, batch.advantages)
             started = time.perf_counter()
             state, metrics = update(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}

@@ -66,10 +66,11 @@ def test_world_model_loss_matches_numpy(form):
 def test_lambda_is_one_minus_group_mean_return_over_r_max(clip):
     returns = jnp.array([10.0, 10.0, 0.0, 10.0, -0.4, -0.2, 12.0, 14.0])
     groups = jnp.array([0, 0, 0, 0, 1, 1, 2, 2])
-    weights = paw.world_model_weights(returns, groups, paw.PaWConfig(r_max=10.0, clip_lambda=clip))
+    means = grpo.group_stats(returns, groups).mean
+    weights = paw.world_model_weights(means, paw.PaWConfig(r_max=10.0, clip_lambda=clip))
     expected = np.array([1 - 7.5 / 10] * 4 + [1 + 0.03] * 2 + [1 - 1.3] * 2)
     np.testing.assert_allclose(weights, np.clip(expected, 0, 1) if clip else expected, rtol=1e-6)
-    fixed = paw.world_model_weights(returns, groups, paw.PaWConfig(lambda_mode="fixed", fixed_lambda=1.0))
+    fixed = paw.world_model_weights(means, paw.PaWConfig(lambda_mode="fixed", fixed_lambda=1.0))
     np.testing.assert_array_equal(fixed, 1.0)
 
 
@@ -254,11 +255,9 @@ def paw_iteration(state, step_fn, config, tokenizer, environments, seeds, group,
     trajectories = rollout.rollout(state.params, config, tokenizer, environments, seeds, group, key, prompt=prompt,
                                    parse=parse, max_turns=max_turns,
                                    sampling=sampler.SamplingParams(1.0, max_new_tokens=8))
-    returns = jnp.asarray([t.total_reward for t in trajectories])
-    group_ids = jnp.asarray([t.group for t in trajectories])
-    advantages, _, _ = grpo.advantages(returns, group_ids)
-    lambdas = paw.world_model_weights(returns, group_ids, cfg)
-    batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, tokenizer.pad_token_id)
+    advantages, _, stats = grpo.trajectory_advantages(trajectories)
+    batch, _ = paw.paw_batch(trajectories, advantages, paw.world_model_weights(stats.mean, cfg), cfg,
+                             tokenizer.pad_token_id)
     return step_fn(state, batch)
 
 
