@@ -16,9 +16,9 @@ from typing import Callable
 
 import numpy as np
 
-import envs
 import model as lm
 import pretrain
+import rollout
 import rwml
 import sampler
 import spa
@@ -73,28 +73,29 @@ class Evaluator:
         eos = [tokenizer.eos_token_id]
         self.wm_rows = {}
         for name, direct in (("wm_accuracy", False), ("wm_accuracy_direct", True)):
-            self.wm_rows[name] = [(envs.encode_prompt(tokenizer, rwml.world_model_prompt(t, direct)),
+            self.wm_rows[name] = [(rollout.encode_prompt(tokenizer, rwml.world_model_prompt(t, direct)),
                                    encode(rwml.sft_label(t)) + eos) for t in self.triplets]
         # PaW's layout: the policy's prompt and response, then o_{t+1}
         prompts = [play_prompts[t.trajectory][t.turn] for t in self.triplets]
         self.wm_rows["wm_accuracy_inline"] = [
-            (envs.encode_prompt(tokenizer, prompt) + encode(game.respond(t.action)) + eos, encode(t.next_state))
+            (rollout.encode_prompt(tokenizer, prompt) + encode(game.respond(t.action)) + eos, encode(t.next_state))
             for prompt, t in zip(prompts, self.triplets)]
         if settings.spa_prediction:  # SPA's <prediction>: the true s_{t+1} (with coordinates) after the true s_t
             states = {i: spa.true_states(game.make_env, play[i]) for i in {t.trajectory for t in self.triplets}}
             self.wm_rows["spa_prediction_accuracy"] = [spa.prediction_row(spa.make_example(
-                tokenizer, envs.encode_prompt(tokenizer, prompt), *states[t.trajectory][t.turn], "", [t.action]))
+                tokenizer, rollout.encode_prompt(tokenizer, prompt), *states[t.trajectory][t.turn], "", [t.action]))
                 for prompt, t in zip(prompts, self.triplets)]
-        self.environments = envs.EnvBatch(game.make_env, settings.episodes * settings.samples,
+        self.environments = rollout.EnvBatch(game.make_env, settings.episodes * settings.samples,
                                           min(settings.workers, settings.episodes))
 
     def __call__(self, params, key) -> dict[str, float]:
         settings = self.settings
         seeds = [EVAL_SEED + i if self.game.name != "alfworld" else i for i in range(settings.episodes)]
         sampling = sampler.SamplingParams(settings.temperature, max_new_tokens=settings.max_new_tokens)
-        trajectories = envs.rollout(params, self.config, self.tokenizer, self.environments, seeds, settings.samples,
-                                    key, self.game.prompt, self.parse, settings.max_turns, sampling, self.game.history)
-        stats = envs.episode_stats(trajectories)
+        trajectories = rollout.rollout(params, self.config, self.tokenizer, self.environments, seeds, settings.samples,
+                                       key, prompt=self.game.prompt, parse=self.parse, max_turns=settings.max_turns,
+                                       sampling=sampling, history=self.game.history)
+        stats = rollout.episode_stats(trajectories)
         wins = np.array([t.won for t in trajectories]).reshape(settings.episodes, settings.samples).sum(1)
         metrics = {"success": stats["success"], "return": stats["return"], "invalid": stats["invalid"],
                    "turns": stats["turns"]}

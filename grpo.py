@@ -2,7 +2,8 @@
 
 The RL core under every method here (RWML trains its world model with it, policy RL and PaW use it
 for actions); `../shared/docs/methods.md` section 1. For each task, sample a group of G rollouts,
-score each with a scalar reward R_i, and give every token of rollout i the advantage
+score each with a scalar reward R_i, and give every token of rollout i the advantage (in a multi-turn
+rollout, every action token of every turn: `turn_batch` lays out each turn as a row [prompt ; response])
 
     A_i = (R_i - mean(R_group)) / (std(R_group) + eps)                         GRPO
     A_i =  R_i - mean(R_group)                                                 Dr.GRPO (no std scaling)
@@ -32,7 +33,7 @@ gradient accumulation does not change the update.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ import numpy as np
 import optax
 
 import model as lm
+import rollout
 import sampler
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -102,6 +104,15 @@ def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo"
     adv = jnp.where((stats.size > 1) & ~stats.zero_variance, adv, 0.0)
     keep = ~stats.zero_variance if filter_zero_variance else jnp.ones_like(rewards, bool)
     return adv, keep, stats
+
+
+def trajectory_advantages(trajectories: Sequence[rollout.Trajectory], estimator: str = "grpo",
+                          filter_zero_variance: bool = False) -> tuple[np.ndarray, np.ndarray, GroupStats]:
+    """`advantages` of the trajectories' returns (Trajectory.total_reward) within their groups, as numpy arrays:
+    one advantage and one keep per trajectory, and the group statistics (PaW's lambda reads their mean)."""
+    returns = np.asarray([t.total_reward for t in trajectories], np.float32)
+    group_ids = np.asarray([t.group for t in trajectories])
+    return jax.device_get(advantages(returns, group_ids, estimator, filter_zero_variance=filter_zero_variance))
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +232,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: 
 
 
 class Batch(NamedTuple):
-    """One policy update's data, every array [batch, time]: prompt and completion side by side.
+    """One policy update's data, every array [batch, time] (numpy or on the device): prompt and completion side by side.
 
     tokens:        int32 ids exactly as sampled (never re-tokenized)
     token_mask:    bool, real tokens (the model attends to them)
@@ -250,6 +261,34 @@ def completion_batch(completion: sampler.Completion, sequence_advantages, keep=N
     ref = jnp.zeros_like(old) if ref_logprobs is None else ref_logprobs
     adv = jnp.broadcast_to(jnp.asarray(sequence_advantages, jnp.float32)[:, None], tokens.shape)
     return Batch(tokens, token_mask, loss_mask, old, ref, adv)
+
+
+def turn_batch(trajectories: Sequence[rollout.Trajectory], trajectory_advantages: np.ndarray,
+               trajectory_keep: np.ndarray | None = None, *, with_observation: bool = False, pad_id: int = 0,
+               min_bucket: int = 16, min_rows: int = 1) -> Batch:
+    """Every turn of every trajectory as a row [prompt ; response], from the exact rollout ids, in numpy arrays (they
+    go to the device in the update). The response's tokens are the loss tokens and carry the trajectory's advantage
+    and the sampler's log-probs; a trajectory that trajectory_keep [trajectories] (advantages' keep) marks False has
+    no loss tokens. with_observation appends each turn's next observation after the response, outside the loss mask
+    (PaW's rows [prompt ; response ; o_{t+1}]). Rows are padded (all masks 0) to a power of two, at least min_rows,
+    and to a power-of-two length, at least min_bucket, so jit sees a handful of shapes.
+    """
+    turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
+    appended = [turn.next_observation_ids if with_observation else np.zeros(0, np.int32) for _, turn in turns]
+    longest = max(len(turn.prompt_ids) + len(turn.response_ids) + len(o) for (_, turn), o in zip(turns, appended))
+    length = lm.bucket_length(longest, min_bucket)
+    shape = (lm.bucket_length(len(turns), min_rows), length)
+    tokens, token_mask, loss_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, bool), np.zeros(shape, np.float32)
+    old_logprobs, advantages = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for row, ((index, turn), observation) in enumerate(zip(turns, appended)):
+        start, end = len(turn.prompt_ids), len(turn.prompt_ids) + len(turn.response_ids)
+        tokens[row, :end + len(observation)] = np.concatenate([turn.prompt_ids, turn.response_ids, observation])
+        token_mask[row, :end + len(observation)] = True
+        loss_mask[row, start:end] = 1.0 if trajectory_keep is None else float(trajectory_keep[index])
+        old_logprobs[row, start:end] = turn.response_logprobs
+        advantages[row, start:end] = trajectory_advantages[index]
+    return Batch(tokens=tokens, token_mask=token_mask, loss_mask=loss_mask, old_logprobs=old_logprobs,
+                 ref_logprobs=np.zeros(shape, np.float32), advantages=advantages)
 
 
 class TrainState(NamedTuple):

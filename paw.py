@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import envs
 import grpo
 import model as lm
+import rollout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +86,16 @@ def select_by_entropy(entropies: np.ndarray, alpha: float) -> np.ndarray:
     return selected
 
 
-def world_model_weights(returns: jax.Array, group_ids: jax.Array, cfg: PaWConfig = PaWConfig()) -> jax.Array:
-    """lambda per transition [n], from its group: 1 - mean_return_g / R_max (or the fixed value)."""
+def world_model_weights(group_mean_returns: np.ndarray, cfg: PaWConfig = PaWConfig()) -> np.ndarray:
+    """lambda per trajectory [n], from the mean return of its group (grpo.GroupStats.mean, as the advantages computed
+    it): 1 - mean_return_g / R_max (or the fixed value)."""
+    means = jnp.asarray(group_mean_returns, jnp.float32)  # XLA's float32 division: numpy's can differ in the last bit
     if cfg.lambda_mode == "fixed":
-        return jnp.full(returns.shape, cfg.fixed_lambda, jnp.float32)
+        return np.full(means.shape, cfg.fixed_lambda, np.float32)
     if cfg.lambda_mode != "adaptive":
         raise ValueError(f"lambda_mode '{cfg.lambda_mode}' is not adaptive or fixed")
-    weights = 1.0 - grpo.group_stats(returns.astype(jnp.float32), group_ids).mean / cfg.r_max
-    return jnp.clip(weights, 0.0, 1.0) if cfg.clip_lambda else weights
+    weights = 1.0 - means / cfg.r_max
+    return np.asarray(jnp.clip(weights, 0.0, 1.0) if cfg.clip_lambda else weights)
 
 
 def world_model_loss(observation_logprobs: jax.Array, observation_mask: jax.Array, rho: float = 0.2,
@@ -123,7 +125,8 @@ def world_model_loss(observation_logprobs: jax.Array, observation_mask: jax.Arra
 
 
 class PaWBatch(NamedTuple):
-    """One PaW update. [batch, time] arrays hold [h_t ; a_t ; o_{t+1}] per row (one row a transition), right padded.
+    """One PaW update. [batch, time] arrays hold [h_t ; a_t ; o_{t+1}] per row (one row a transition), right padded;
+    numpy arrays or on the device, like grpo.Batch's.
 
     tokens, token_mask, old_logprobs, ref_logprobs, advantages: as in grpo.Batch
     action_mask:       float, 1 on the action's sampled tokens (the GRPO loss mask)
@@ -143,46 +146,32 @@ class PaWBatch(NamedTuple):
     selected: jax.Array
 
 
-def paw_batch(trajectories: Sequence[envs.Trajectory], trajectory_advantages: np.ndarray,
+def paw_batch(trajectories: Sequence[rollout.Trajectory], trajectory_advantages: np.ndarray,
               trajectory_lambdas: np.ndarray, cfg: PaWConfig = PaWConfig(), pad_id: int = 0,
-              min_bucket: int = 16, min_rows: int = 1, with_observation: bool = True,
+              min_bucket: int = 16, min_rows: int = 1,
               trajectory_keep: np.ndarray | None = None) -> tuple[PaWBatch, dict]:
-    """Every turn of every trajectory as a row [prompt ; response ; next observation], from the exact
-    rollout ids. A turn gets its trajectory's advantage and lambda; the entropy selection ranks all turns.
+    """GRPO's turn rows (grpo.turn_batch) with each turn's next observation appended, [prompt ; response ; o_{t+1}],
+    extended with the observation mask, the trajectory's lambda and the entropy selection, which ranks all turns.
 
-    Rows are padded (all masks 0) to a power of two, at least min_rows, so jit sees a handful of
-    shapes. with_observation=False leaves o_{t+1} out: plain GRPO rows, without the extra tokens.
-    trajectory_keep [trajectories] bool (grpo.advantages' keep): the turns of a trajectory it marks False
-    get no action tokens, so they leave the RL loss; their world-model loss stays.
+    A trajectory that trajectory_keep (grpo.advantages' keep) marks False has no action tokens: its turns leave the
+    RL loss, and their world-model loss stays. All arrays are numpy: they go to the device in the update.
     """
+    rows = grpo.turn_batch(trajectories, trajectory_advantages, trajectory_keep, with_observation=True, pad_id=pad_id,
+                           min_bucket=min_bucket, min_rows=min_rows)
     turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
-    if not with_observation:
-        empty = np.zeros(0, np.int32)
-        turns = [(index, dataclasses.replace(turn, next_observation_ids=empty)) for index, turn in turns]
     entropies = action_entropy([t.response_entropies for _, t in turns], [t.response_logprobs for _, t in turns],
                                cfg.entropy)
     selected = select_by_entropy(entropies, cfg.alpha)
-    length = lm.bucket_length(max(len(t.prompt_ids) + len(t.response_ids) + len(t.next_observation_ids)
-                                  for _, t in turns), min_bucket)
-    shape = (lm.bucket_length(len(turns), min_rows), length)
-    tokens, token_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, bool)
-    action_mask, observation_mask = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    old_logprobs, advantages = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    wm_lambda, chosen = np.zeros(shape[0], np.float32), np.zeros(shape[0], np.float32)
+    observation_mask = np.zeros(rows.tokens.shape, np.float32)
+    wm_lambda, chosen = np.zeros(rows.tokens.shape[0], np.float32), np.zeros(rows.tokens.shape[0], np.float32)
     chosen[:len(turns)] = selected
     for row, (index, turn) in enumerate(turns):
-        a = len(turn.prompt_ids)
-        o = a + len(turn.response_ids)
-        end = o + len(turn.next_observation_ids)
-        tokens[row, :end] = np.concatenate([turn.prompt_ids, turn.response_ids, turn.next_observation_ids])
-        token_mask[row, :end] = True
-        action_mask[row, a:o] = 1.0 if trajectory_keep is None else float(trajectory_keep[index])
-        observation_mask[row, o:end] = 1.0
-        old_logprobs[row, a:o] = turn.response_logprobs
-        advantages[row, a:o] = trajectory_advantages[index]
+        start = len(turn.prompt_ids) + len(turn.response_ids)
+        observation_mask[row, start:start + len(turn.next_observation_ids)] = 1.0
         wm_lambda[row] = trajectory_lambdas[index]
-    batch = PaWBatch(*map(jnp.asarray, (tokens, token_mask, action_mask, observation_mask, old_logprobs,
-                                        np.zeros(shape, np.float32), advantages, wm_lambda, chosen)))
+    batch = PaWBatch(tokens=rows.tokens, token_mask=rows.token_mask, action_mask=rows.loss_mask,
+                     observation_mask=observation_mask, old_logprobs=rows.old_logprobs, ref_logprobs=rows.ref_logprobs,
+                     advantages=rows.advantages, wm_lambda=wm_lambda, selected=chosen)
     return batch, {"selected": selected, "action_entropy": entropies}
 
 

@@ -38,6 +38,7 @@ from filelock import FileLock
 import envs
 import grpo
 import model as lm
+import rollout
 import rwml
 
 RECIPE_VERSION = 1  # bump when the transcripts or the training change, so stale caches are rebuilt
@@ -83,7 +84,7 @@ class Game:
     max_turns: int
 
 
-def random_play(game: Game, episodes: int, seed: int) -> tuple[list[envs.Trajectory], list[list[str]]]:
+def random_play(game: Game, episodes: int, seed: int) -> tuple[list[rollout.Trajectory], list[list[str]]]:
     """Uniformly random admissible actions, recorded as Trajectories (text only: no token ids), and the
     policy prompt of every turn (prompts[episode][turn])."""
     rng = np.random.default_rng(seed)
@@ -92,19 +93,21 @@ def random_play(game: Game, episodes: int, seed: int) -> tuple[list[envs.Traject
     for episode in range(episodes):
         reset_seed = seed * 1_000_003 + episode
         observation, info = env.reset(reset_seed)
-        trajectory = envs.Trajectory(reset_seed, episode, info.get("task", ""), info, [])
+        trajectory = rollout.Trajectory(seed=reset_seed, group=episode, task=info.get("task", ""), initial_info=info,
+                                        turns=[])
         prompts.append([])
         for step in range(game.max_turns):
             choices = info.get("admissible_actions") or ["(none)"]
             action = str(choices[rng.integers(len(choices))])
-            window = trajectory.turns[max(0, step - game.history):step] if game.history else []
-            past = [(t.observation, " || ".join(t.actions)) for t in window]
+            past = rollout.history_window(trajectory.turns, step, game.history)
             prompts[-1].append(game.prompt(trajectory.task, past, step, observation, info))
-            following, reward, done, info = envs.play_turn(env, [action])
+            following, reward, done, info = rollout.play_turn(env, [action])
             empty = np.zeros(0, np.int32)
-            trajectory.turns.append(envs.Turn(step, observation, empty, empty, empty, empty, game.respond(action), [action],
-                                              following, empty, reward, done, bool(info.get("won")),
-                                              bool(info.get("invalid_action"))))
+            trajectory.turns.append(rollout.Turn(
+                step=step, observation=observation, prompt_ids=empty, response_ids=empty, response_logprobs=empty,
+                response_entropies=empty, response_text=game.respond(action), actions=[action],
+                next_observation=following, next_observation_ids=empty, reward=reward, done=done,
+                won=bool(info.get("won")), invalid=bool(info.get("invalid_action"))))
             observation = following
             if done:
                 break
@@ -112,7 +115,7 @@ def random_play(game: Game, episodes: int, seed: int) -> tuple[list[envs.Traject
     return trajectories, prompts
 
 
-def transcripts(game: Game, trajectories: Sequence[envs.Trajectory], prompts: Sequence[Sequence[str]], tokenizer,
+def transcripts(game: Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequence[Sequence[str]], tokenizer,
                 seed: int) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
     """(context ids, target ids) pairs: every play turn, and a world-model example of every valid triplet
     (its prompt form, RWML's or WM SFT's direct one, drawn at random).
@@ -123,16 +126,16 @@ def transcripts(game: Game, trajectories: Sequence[envs.Trajectory], prompts: Se
     for trajectory, turn_prompts in zip(trajectories, prompts):
         for turn, prompt in zip(trajectory.turns, turn_prompts):
             response = encode(turn.response_text) + eos
-            play.append((envs.encode_prompt(tokenizer, prompt), response + encode(turn.next_observation)))
+            play.append((rollout.encode_prompt(tokenizer, prompt), response + encode(turn.next_observation)))
     rng = np.random.default_rng(seed)
     world_model = []
     for triplet in rwml.triplets_from_rollouts(trajectories, game.history):
         prompt = rwml.world_model_prompt(triplet, direct=bool(rng.integers(2)))
-        world_model.append((envs.encode_prompt(tokenizer, prompt), encode(rwml.sft_label(triplet)) + eos))
+        world_model.append((rollout.encode_prompt(tokenizer, prompt), encode(rwml.sft_label(triplet)) + eos))
     return play, world_model
 
 
-def corpus(game: Game, trajectories: Sequence[envs.Trajectory], prompts: Sequence[Sequence[str]], size: int = 3000,
+def corpus(game: Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequence[Sequence[str]], size: int = 3000,
            seed: int = 0) -> list[str]:
     """Texts to train the tokenizer on: a sample of play turns (prompt, response, next observation) and
     of world-model examples (both prompts and the label), half each."""

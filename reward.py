@@ -10,7 +10,7 @@ frozen sentence-embedding space E:
     r = round_to(ROUGE-L F1(s_hat, s_{t+1}), 0.2)        structured tool responses (tau2-bench)
 
 Policy RL afterwards uses the environment's own return, the sum of its step rewards
-(`envs.Trajectory.total_reward`: the success reward when the episode is won, plus the game's invalid-action
+(`rollout.Trajectory.total_reward`: the success reward when the episode is won, plus the game's invalid-action
 and step penalties); the two are never mixed. Every reward here is a pure function of texts (and a frozen
 embedder) to floats.
 

@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import envs
 import grpo
 import model as lm
 import reward
+import rollout
 import sampler
 
-Triplet = envs.Transition  # <s_<=t, a_t, s_{t+1}> with the task and the H turns before t
+Triplet = rollout.Transition  # <s_<=t, a_t, s_{t+1}> with the task and the H turns before t
 Scorer = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]  # (responses, targets) -> (rewards, distances)
 
 
@@ -48,9 +48,9 @@ Scorer = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]
 # --------------------------------------------------------------------------------------------
 
 
-def triplets_from_rollouts(trajectories: Sequence[envs.Trajectory], history: int = 2) -> list[Triplet]:
+def triplets_from_rollouts(trajectories: Sequence[rollout.Trajectory], history: int = 2) -> list[Triplet]:
     """Every step of every trajectory as a triplet, steps with invalid actions dropped (methods.md 2.1)."""
-    return [t for t in envs.transitions(trajectories, history) if not t.invalid]
+    return [t for t in rollout.transitions(trajectories, history) if not t.invalid]
 
 
 def split_triplets(triplets: Sequence[Triplet], validation_fraction: float = 0.1, seed: int = 0):
@@ -111,7 +111,7 @@ def sft_batch(prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
 
 def wm_sft_examples(tokenizer, triplets: Sequence[Triplet], direct: bool = True):
     """(prompt ids, label ids) of each triplet; the label ends with the tokenizer's EOS."""
-    prompts = [envs.encode_prompt(tokenizer, world_model_prompt(t, direct)) for t in triplets]
+    prompts = [rollout.encode_prompt(tokenizer, world_model_prompt(t, direct)) for t in triplets]
     labels = [tokenizer.encode(sft_label(t), add_special_tokens=False) + [tokenizer.eos_token_id] for t in triplets]
     return prompts, labels
 
@@ -172,7 +172,7 @@ def cosine_scorer(embedder, tau_d: float) -> Scorer:
 def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], key, samples: int = 1,
             sampling: sampler.SamplingParams = sampler.SamplingParams(max_new_tokens=128), direct: bool = False):
     """`samples` predictions per triplet (rows grouped by triplet): the Completion and each decoded text."""
-    prompts = [envs.encode_prompt(tokenizer, world_model_prompt(t, direct)) for t in triplets for _ in range(samples)]
+    prompts = [rollout.encode_prompt(tokenizer, world_model_prompt(t, direct)) for t in triplets for _ in range(samples)]
     stop_ids = sampler.stop_token_ids(tokenizer, model_config)
     completion = sampler.generate(params, model_config, prompts, key, sampling, stop_token_ids=stop_ids,
                              pad_token_id=tokenizer.pad_token_id)

@@ -34,6 +34,7 @@ import re
 from typing import Callable, NamedTuple, Sequence
 
 import envs
+import rollout
 import rwml
 
 WORLD_MODEL_SPANS = re.compile(r"<(observation|prediction)>.*?</\1>", re.DOTALL)
@@ -53,14 +54,14 @@ def render_state(observation: str, info: dict) -> str:
     return f"{observation}\n{info['state_estimation']}"
 
 
-def true_states(make_env: Callable[[], envs.Env], trajectory: envs.Trajectory) -> list[tuple[str, str]]:
+def true_states(make_env: Callable[[], envs.Env], trajectory: rollout.Trajectory) -> list[tuple[str, str]]:
     """(s_t, s_{t+1}) of every turn, rendered with state estimation, by replaying the turn actions from the reset seed."""
     env = make_env()
     observation, info = env.reset(trajectory.seed)
     states = []
     for turn in trajectory.turns:
         before = render_state(observation, info)
-        observation, _, _, info = envs.play_turn(env, turn.actions)
+        observation, _, _, info = rollout.play_turn(env, turn.actions)
         states.append((before, render_state(observation, info)))
     return states
 
@@ -105,7 +106,7 @@ def make_example(tokenizer, prompt_ids: Sequence[int], state: str, next_state: s
                    "".join(t for t, _ in pieces))
 
 
-def self_play_examples(trajectories: Sequence[envs.Trajectory], make_env: Callable[[], envs.Env], tokenizer,
+def self_play_examples(trajectories: Sequence[rollout.Trajectory], make_env: Callable[[], envs.Env], tokenizer,
                        cfg: SPAConfig = SPAConfig()) -> tuple[list[Example], dict]:
     """SFT examples from every turn of the model's own play, with the true states substituted."""
     examples, seen, dropped = [], set(), {"format": 0, "duplicate": 0}

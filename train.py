@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -54,6 +53,7 @@ import model as lm
 import paw
 import pretrain
 import reward
+import rollout
 import rwml
 import sampler
 import sharding
@@ -608,32 +608,29 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
     reference_fn = reference_logprobs_fn(run) if reference is not None else None
     sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
-    with envs.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
+    with rollout.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
         for step in range(start, args.iterations):
             timings = {}
             seeds = [train_task(args, index, step, group) for group in range(args.groups)]
             key = jax.random.fold_in(jax.random.fold_in(run.key, index), step)
-            trajectories = envs.rollout(state.params, run.config, run.tokenizer, environments, seeds, args.group_size,
-                                        key, run.game.prompt, parser_for(args), args.max_turns, sampling, args.history,
-                                        timings)
-            returns = jnp.asarray([t.total_reward for t in trajectories], jnp.float32)
-            group_ids = jnp.asarray([t.group for t in trajectories])
-            advantages, keep, stats = grpo.advantages(returns, group_ids, args.estimator,
-                                                      filter_zero_variance=args.filter_zero_variance)
-            lambdas = paw.world_model_weights(returns, group_ids, cfg) if name == "paw" else jnp.zeros_like(returns)
-            batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, run.pad_id,
-                                     min_rows=run.mesh.size, with_observation=name == "paw",
-                                     trajectory_keep=np.asarray(keep))
+            trajectories = rollout.rollout(state.params, run.config, run.tokenizer, environments, seeds,
+                                           args.group_size, key, prompt=run.game.prompt, parse=parser_for(args),
+                                           max_turns=args.max_turns, sampling=sampling, history=args.history,
+                                           timings=timings)
+            advantages, keep, stats = grpo.trajectory_advantages(trajectories, args.estimator,
+                                                                 args.filter_zero_variance)
+            if name == "paw":
+                batch, _ = paw.paw_batch(trajectories, advantages, paw.world_model_weights(stats.mean, cfg), cfg,
+                                         run.pad_id, min_rows=run.mesh.size, trajectory_keep=keep)
+            else:
+                batch = grpo.turn_batch(trajectories, advantages, keep, pad_id=run.pad_id, min_rows=run.mesh.size)
             if reference_fn is not None:  # in the update's micro-batches, so it fits where the update does
                 batch = batch._replace(ref_logprobs=update.map_rows(functools.partial(reference_fn, reference),
                                                                     batch.tokens, batch.token_mask))
-            if name != "paw":
-                batch = grpo.Batch(batch.tokens, batch.token_mask, batch.action_mask, batch.old_logprobs,
-                                   batch.ref_logprobs, batch.advantages)
             started = time.perf_counter()
             state, metrics = update(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}
-            metrics.update(envs.episode_stats(trajectories), seconds_update=time.perf_counter() - started,
+            metrics.update(rollout.episode_stats(trajectories), seconds_update=time.perf_counter() - started,
                            seconds_sampling=timings.get("model", 0.0), seconds_env=timings.get("env", 0.0),
                            rows=float(batch.tokens.shape[0]), zero_variance_groups=float(np.mean(stats.zero_variance)))
             run.finish_step(index, name, step, state, reference, metrics)
@@ -644,8 +641,8 @@ def triplets_to_json(triplets) -> list[dict]:
     return [t._asdict() for t in triplets]
 
 
-def triplets_from_json(rows) -> list[envs.Transition]:
-    return [envs.Transition(**{**row, "history": tuple(tuple(pair) for pair in row["history"])}) for row in rows]
+def triplets_from_json(rows) -> list[rollout.Transition]:
+    return [rollout.Transition(**{**row, "history": tuple(tuple(pair) for pair in row["history"])}) for row in rows]
 
 
 @functools.cache
@@ -659,14 +656,15 @@ def make_embedder(name: str):
     return reward.LastTokenEmbedder(folder)
 
 
-def self_play(run: Run, index: int, params, tasks: int, rollouts: int, max_turns: int) -> list[envs.Trajectory]:
+def self_play(run: Run, index: int, params, tasks: int, rollouts: int, max_turns: int) -> list[rollout.Trajectory]:
     """A stage's data rollouts: `tasks` training tasks x `rollouts` at temperature 1, with a key apart from the step keys."""
     args = run.args
     seeds = [train_task(args, index, 0, task) for task in range(tasks)]
     sampling = sampler.SamplingParams(1.0, max_new_tokens=args.max_new_tokens)
-    with envs.EnvBatch(run.game.make_env, tasks * rollouts, args.workers) as environments:
-        return envs.rollout(params, run.config, run.tokenizer, environments, seeds, rollouts, data_key(run, index),
-                            run.game.prompt, parser_for(args), max_turns, sampling, args.history)
+    with rollout.EnvBatch(run.game.make_env, tasks * rollouts, args.workers) as environments:
+        return rollout.rollout(params, run.config, run.tokenizer, environments, seeds, rollouts, data_key(run, index),
+                               prompt=run.game.prompt, parse=parser_for(args), max_turns=max_turns, sampling=sampling,
+                               history=args.history)
 
 
 def data_key(run: Run, index: int) -> jax.Array:
@@ -698,7 +696,7 @@ def world_model_data(run: Run, index: int, name: str, params, scorer) -> dict:
     if args.wm_invalid_steps == "drop":
         triplets = rwml.triplets_from_rollouts(trajectories, args.history)
     else:
-        triplets = envs.transitions(trajectories, args.history)
+        triplets = rollout.transitions(trajectories, args.history)
     if len(triplets) < 2:
         raise DataError(f"only {len(triplets)} valid transitions from {len(trajectories)} rollouts: too few to "
                            "train a world model on. Fix: raise --wm-tasks, or --wm-invalid-steps keep.")

@@ -12,6 +12,7 @@ import functools
 import time
 
 import envs
+import rollout
 
 
 def replay(split: str, workers: int) -> None:
@@ -19,7 +20,7 @@ def replay(split: str, workers: int) -> None:
     plans = [envs.alfworld_walkthrough(game) for game in games]
     start = time.perf_counter()
     failures = []
-    with envs.EnvBatch(functools.partial(envs.AlfWorld, split), len(games), workers) as batch:
+    with rollout.EnvBatch(functools.partial(envs.AlfWorld, split), len(games), workers) as batch:
         batch.reset(list(range(len(games))))
         finished = {}
         for step in range(max(len(plan) for plan in plans)):

@@ -4,7 +4,7 @@
 
 1. Each built-in grid game: random actions, resetting when an episode ends, in one process.
 2. ALFWorld: 8 valid_seen games stepped together with random admissible actions, in this process
-   and in a pool of worker processes (envs.EnvBatch); game loading and resets timed apart.
+   and in a pool of worker processes (rollout.EnvBatch); game loading and resets timed apart.
 3. A rollout of 16 ALFWorld games (4 groups of 4, 5 turns, 48 new tokens a turn) with a random
    model and a byte-level BPE tokenizer trained on ALFWorld text: the share of wall time spent
    sampling against stepping the games, for a tiny model and a larger one.
@@ -19,6 +19,7 @@ import numpy as np
 
 import envs
 import model as lm
+import rollout
 import sampler
 
 
@@ -37,7 +38,7 @@ def grid_steps_per_second(name, steps=20_000):
 def alfworld_steps_per_second(workers, games=8, steps=20):
     rng = np.random.default_rng(0)
     start = time.perf_counter()
-    with envs.EnvBatch(functools.partial(envs.AlfWorld, "valid_seen"), games, workers) as batch:
+    with rollout.EnvBatch(functools.partial(envs.AlfWorld, "valid_seen"), games, workers) as batch:
         starts = batch.reset(list(range(games)))
         loaded = time.perf_counter() - start
         admissible = {i: info["admissible_actions"] for i, (_, info) in enumerate(starts)}
@@ -58,11 +59,11 @@ def rollout_shares(hidden, layers, tokenizer, workers):
                        qkv_bias=True, tie_word_embeddings=True, eos_token_ids=(tokenizer.eos_token_id,))
     params = lm.init_params(config, jax.random.key(0))
     timings = {}
-    with envs.EnvBatch(functools.partial(envs.AlfWorld, "valid_seen"), 16, workers) as batch:
+    with rollout.EnvBatch(functools.partial(envs.AlfWorld, "valid_seen"), 16, workers) as batch:
         start = time.perf_counter()
-        trajectories = envs.rollout(params, config, tokenizer, batch, [0, 1, 2, 3], 4, jax.random.key(0),
-                                    envs.alfworld_prompt, envs.parse_action, max_turns=5,
-                                    sampling=sampler.SamplingParams(1.0, max_new_tokens=48), timings=timings)
+        trajectories = rollout.rollout(params, config, tokenizer, batch, [0, 1, 2, 3], 4, jax.random.key(0),
+                                       prompt=envs.alfworld_prompt, parse=envs.parse_action, max_turns=5,
+                                       sampling=sampler.SamplingParams(1.0, max_new_tokens=48), timings=timings)
         total = time.perf_counter() - start
     prompt_tokens = np.mean([len(t.prompt_ids) for trajectory in trajectories for t in trajectory.turns])
     print(f"  {lm.count_params(params) / 1e6:6.1f}M-parameter model ({layers} layers, hidden {hidden}; prompts ~{prompt_tokens:.0f} tokens): "

@@ -18,6 +18,7 @@ import envs
 import grpo
 import model as lm
 import reward
+import rollout
 import rwml
 import sampler
 
@@ -29,7 +30,9 @@ def walkthrough_triplets(games=12):
         observation, info = env.reset(seed)
         for step, action in enumerate(envs.alfworld_walkthrough(env.game)):
             following, _, _, _ = env.step(action)
-            out.append(envs.Transition(info["task"], (), observation, action, following, 0.0, False, seed, step, 0))
+            out.append(rollout.Transition(task=info["task"], history=(), state=observation, action=action,
+                                          next_state=following, reward=0.0, invalid=False, trajectory=seed, turn=step,
+                                          group=0))
             observation = following
     return out
 
@@ -57,7 +60,7 @@ if __name__ == "__main__":
                 times[name].append(metrics[f"seconds_{name}"])
     medians = {name: statistics.median(values) for name, values in times.items()}
     total = sum(medians.values())
-    prompt = np.mean([len(envs.encode_prompt(tokenizer, rwml.world_model_prompt(t))) for t in triplets])
+    prompt = np.mean([len(rollout.encode_prompt(tokenizer, rwml.world_model_prompt(t))) for t in triplets])
     print(f"RWML step: {len(triplets)} walkthrough triplets, 8 x G=8 predictions, prompts ~{prompt:.0f} tokens, "
           f"{lm.count_params(state.params) / 1e6:.1f}M-parameter model")
     for name, seconds in medians.items():

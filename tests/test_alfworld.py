@@ -9,6 +9,7 @@ from conftest import tiny_command_policy, recording
 
 import envs
 import model as lm
+import rollout
 import sampler
 
 # CI replays a stated sample: the first game of each task type in each evaluation split (12 games).
@@ -29,7 +30,7 @@ def test_walkthroughs_win_a_sample_of_each_task_type(alfworld_data, split):
     chosen = sample(split, alfworld_data)
     seeds = [games.index(game) for game in chosen]
     make = functools.partial(envs.AlfWorld, split, alfworld_data)
-    with envs.EnvBatch(make, len(seeds), workers=2) as batch:  # worker processes, as in training
+    with rollout.EnvBatch(make, len(seeds), workers=2) as batch:  # worker processes, as in training
         starts = batch.reset(seeds)
         plans = [envs.alfworld_walkthrough(game) for game in chosen]
         for (observation, info), game in zip(starts, chosen):
@@ -81,9 +82,10 @@ def test_rollout_with_a_tiny_random_model_records_what_the_games_received(alfwor
     texts = [envs.AlfWorld("valid_seen", alfworld_data).reset(i)[0] for i in range(2)]
     config, tokenizer = tiny_command_policy(texts, COMMANDS, num_layers=1, vocab_size=400)
     params = lm.init_params(config, jax.random.key(1))
-    batch = envs.EnvBatch(functools.partial(RecordingAlfWorld, "valid_seen", alfworld_data), 4)
-    trajectories = envs.rollout(params, config, tokenizer, batch, [0, 1], 2, jax.random.key(0), envs.alfworld_prompt,
-                                envs.parse_action, max_turns=3, sampling=sampler.SamplingParams(1.0, max_new_tokens=24))
+    batch = rollout.EnvBatch(functools.partial(RecordingAlfWorld, "valid_seen", alfworld_data), 4)
+    trajectories = rollout.rollout(params, config, tokenizer, batch, [0, 1], 2, jax.random.key(0),
+                                   prompt=envs.alfworld_prompt, parse=envs.parse_action, max_turns=3,
+                                   sampling=sampler.SamplingParams(1.0, max_new_tokens=24))
     teacher_forced = jax.jit(lm.token_logprobs, static_argnames=("config", "chunk_size"))
     for trajectory, env in zip(trajectories, batch.environments):
         assert env.game == str(games[trajectory.seed])

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import envs
 import reward
+import rollout
 import sampler
 import spa
 
@@ -152,7 +153,7 @@ def test_a_turn_of_inadmissible_actions_costs_each_its_penalty_and_no_action_is_
     before, info = env.reset(0)
     admissible = {canonical(a, game) for a in info["admissible_actions"]}
     actions = [a for a in envs.parse_answer(text) if canonical(a, game) not in admissible]
-    observation, total, _, info = envs.play_turn(env, actions)
+    observation, total, _, info = rollout.play_turn(env, actions)
     assert info["invalid_action"] and total == pytest.approx(-0.1 * max(1, len(actions)))
     assert observation == before
 
@@ -218,10 +219,10 @@ def test_the_rollout_loop_plays_any_output_and_scores_what_it_could_not_parse_in
     stop_ids = [tokenizer.eos_token_id]
     monkeypatch.setattr(sampler, "generate", scripted(scripts, stop_ids))
     config = type("Config", (), {"eos_token_ids": tuple(stop_ids)})()
-    batch = envs.EnvBatch(lambda: envs.FrozenLake(max_steps=100), 4)  # 3 turns of up to 10 actions never run out
-    trajectories = envs.rollout(None, config, tokenizer, batch, [0, 1], 2, jax.random.key(0),
-                                envs.grid_prompt(envs.FrozenLake.rules), envs.parse_answer, max_turns=3,
-                                sampling=sampler.SamplingParams(1.0, max_new_tokens=64))
+    batch = rollout.EnvBatch(lambda: envs.FrozenLake(max_steps=100), 4)  # 3 turns of up to 10 actions never run out
+    trajectories = rollout.rollout(None, config, tokenizer, batch, [0, 1], 2, jax.random.key(0),
+                                   prompt=envs.grid_prompt(envs.FrozenLake.rules), parse=envs.parse_answer, max_turns=3,
+                                   sampling=sampler.SamplingParams(1.0, max_new_tokens=64))
     for trajectory in trajectories:
         assert 1 <= len(trajectory.turns) <= 3
         for turn in trajectory.turns:

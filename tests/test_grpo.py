@@ -11,6 +11,7 @@ import pytest
 
 import grpo
 import model as lm
+import rollout
 import sampler
 
 # ---- numpy reference ----
@@ -120,6 +121,63 @@ def test_seven_rewards_of_0_7_and_four_of_3_with_eps_0_get_zero_advantage():
     np.testing.assert_array_equal(adv, 0.0)  # was 0.056 each
     adv, _, _ = grpo.advantages(jnp.full(4, 3.0), jnp.zeros(4, jnp.int32), eps=0.0)
     np.testing.assert_array_equal(adv, 0.0)  # was NaN
+
+
+# ---- the turn rows of a multi-turn rollout ----
+
+
+def played(rewards_per_trajectory, groups, seed=0):
+    """Trajectories of random ids (prompts of 3-6 tokens, responses of 1-4, observations of 2-3), one turn a reward."""
+    rng = np.random.default_rng(seed)
+    ids = lambda low, high: rng.integers(1, 20, rng.integers(low, high + 1)).astype(np.int32)
+    out = []
+    for index, (rewards, group) in enumerate(zip(rewards_per_trajectory, groups)):
+        turns = []
+        for step, reward in enumerate(rewards):
+            response = ids(1, 4)
+            turns.append(rollout.Turn(
+                step=step, observation="s", prompt_ids=ids(3, 6), response_ids=response,
+                response_logprobs=-rng.uniform(0.1, 2, len(response)).astype(np.float32),
+                response_entropies=rng.uniform(0, 2, len(response)), response_text="", actions=["a"],
+                next_observation="s2", next_observation_ids=ids(2, 3), reward=reward, done=False, won=False,
+                invalid=False))
+        out.append(rollout.Trajectory(seed=index, group=group, task="task", initial_info={}, turns=turns))
+    return out
+
+
+def test_trajectory_advantages_are_the_advantages_of_the_returns_within_groups():
+    trajectories = played([[1.0, 0.5], [0.0], [2.0, -1.0, 0.0], [0.0, 0.0], [3.0]], [0, 0, 1, 1, 1])
+    returns, groups = jnp.array([1.5, 0.0, 1.0, 0.0, 3.0]), jnp.array([0, 0, 1, 1, 1])
+    for estimator in grpo.ESTIMATORS:
+        adv, keep, stats = grpo.trajectory_advantages(trajectories, estimator, filter_zero_variance=True)
+        expected = grpo.advantages(returns, groups, estimator, filter_zero_variance=True)
+        assert all(isinstance(x, np.ndarray) for x in (adv, keep, *stats))
+        for ours, theirs in zip((adv, keep, *stats), (expected[0], expected[1], *expected[2])):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("with_observation", [False, True])
+def test_turn_rows_train_exactly_each_response_with_its_trajectory_advantage(with_observation):
+    trajectories = played([[0.0, 1.0], [0.0], [1.0, 0.0, 0.0]], [0, 0, 1])
+    advantages, keep = np.array([0.5, -0.5, 2.0]), np.array([True, True, False])
+    batch = grpo.turn_batch(trajectories, advantages, keep, with_observation=with_observation, pad_id=99,
+                            min_rows=8)
+    assert all(isinstance(x, np.ndarray) for x in batch)
+    assert batch.tokens.shape == (8, 16)  # 6 turns padded to 8 rows; at most 6 + 4 + 3 tokens, bucketed to 16
+    turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
+    for row, (index, turn) in enumerate(turns):
+        observation = turn.next_observation_ids if with_observation else np.zeros(0, np.int32)
+        start, end = len(turn.prompt_ids), len(turn.prompt_ids) + len(turn.response_ids)
+        ids = np.concatenate([turn.prompt_ids, turn.response_ids, observation])
+        np.testing.assert_array_equal(batch.tokens[row], np.concatenate([ids, np.full(16 - len(ids), 99)]))
+        np.testing.assert_array_equal(batch.token_mask[row], np.arange(16) < len(ids))
+        on = (np.arange(16) >= start) & (np.arange(16) < end)
+        np.testing.assert_array_equal(batch.loss_mask[row], on * float(keep[index]))
+        np.testing.assert_array_equal(batch.advantages[row], on * advantages[index])
+        np.testing.assert_array_equal(batch.old_logprobs[row][on], turn.response_logprobs)
+        np.testing.assert_array_equal(batch.old_logprobs[row][~on], 0.0)
+    assert not batch.token_mask[len(turns):].any() and not batch.loss_mask[len(turns):].any()
+    np.testing.assert_array_equal(batch.ref_logprobs, 0.0)
 
 
 # ---- the loss ----

@@ -13,6 +13,7 @@ import envs
 import grpo
 import model as lm
 import paw
+import rollout
 import sampler
 
 # ---- the three parts against numpy ----
@@ -65,10 +66,11 @@ def test_world_model_loss_matches_numpy(form):
 def test_lambda_is_one_minus_group_mean_return_over_r_max(clip):
     returns = jnp.array([10.0, 10.0, 0.0, 10.0, -0.4, -0.2, 12.0, 14.0])
     groups = jnp.array([0, 0, 0, 0, 1, 1, 2, 2])
-    weights = paw.world_model_weights(returns, groups, paw.PaWConfig(r_max=10.0, clip_lambda=clip))
+    means = grpo.group_stats(returns, groups).mean
+    weights = paw.world_model_weights(means, paw.PaWConfig(r_max=10.0, clip_lambda=clip))
     expected = np.array([1 - 7.5 / 10] * 4 + [1 + 0.03] * 2 + [1 - 1.3] * 2)
     np.testing.assert_allclose(weights, np.clip(expected, 0, 1) if clip else expected, rtol=1e-6)
-    fixed = paw.world_model_weights(returns, groups, paw.PaWConfig(lambda_mode="fixed", fixed_lambda=1.0))
+    fixed = paw.world_model_weights(means, paw.PaWConfig(lambda_mode="fixed", fixed_lambda=1.0))
     np.testing.assert_array_equal(fixed, 1.0)
 
 
@@ -81,10 +83,12 @@ def synthetic_trajectories(turns_per_trajectory, seed=0):
         turns = []
         for step in range(count):
             response = ids(1, 4)
-            turns.append(envs.Turn(step, "s", ids(3, 6), response, -rng.uniform(0.1, 2, len(response)),
-                                   rng.uniform(0, 2, len(response)), "", ["a"], "s2", ids(2, 3), 0.0, False, False,
-                                   False))
-        out.append(envs.Trajectory(index, index // 2, "task", {}, turns))
+            turns.append(rollout.Turn(
+                step=step, observation="s", prompt_ids=ids(3, 6), response_ids=response,
+                response_logprobs=-rng.uniform(0.1, 2, len(response)),
+                response_entropies=rng.uniform(0, 2, len(response)), response_text="", actions=["a"],
+                next_observation="s2", next_observation_ids=ids(2, 3), reward=0.0, done=False, won=False, invalid=False))
+        out.append(rollout.Trajectory(seed=index, group=index // 2, task="task", initial_info={}, turns=turns))
     return out
 
 
@@ -248,13 +252,12 @@ def frozenlake_policy():
 
 
 def paw_iteration(state, step_fn, config, tokenizer, environments, seeds, group, key, prompt, parse, max_turns, cfg):
-    trajectories = envs.rollout(state.params, config, tokenizer, environments, seeds, group, key, prompt, parse,
-                                max_turns, sampler.SamplingParams(1.0, max_new_tokens=8))
-    returns = jnp.asarray([t.total_reward for t in trajectories])
-    group_ids = jnp.asarray([t.group for t in trajectories])
-    advantages, _, _ = grpo.advantages(returns, group_ids)
-    lambdas = paw.world_model_weights(returns, group_ids, cfg)
-    batch, _ = paw.paw_batch(trajectories, np.asarray(advantages), np.asarray(lambdas), cfg, tokenizer.pad_token_id)
+    trajectories = rollout.rollout(state.params, config, tokenizer, environments, seeds, group, key, prompt=prompt,
+                                   parse=parse, max_turns=max_turns,
+                                   sampling=sampler.SamplingParams(1.0, max_new_tokens=8))
+    advantages, _, stats = grpo.trajectory_advantages(trajectories)
+    batch, _ = paw.paw_batch(trajectories, advantages, paw.world_model_weights(stats.mean, cfg), cfg,
+                             tokenizer.pad_token_id)
     return step_fn(state, batch)
 
 
@@ -266,7 +269,7 @@ def test_paw_on_frozenlake_runs_and_its_world_model_loss_falls(frozenlake_policy
                                         step=grpo.StepConfig(grpo.LossConfig(beta=0.0)), cfg=cfg))
     state = grpo.init_state(lm.init_params(config, jax.random.key(0)), optimizer)
     losses = []
-    with envs.EnvBatch(envs.FrozenLake, 8) as environments:
+    with rollout.EnvBatch(envs.FrozenLake, 8) as environments:
         for iteration in range(12):
             state, metrics = paw_iteration(state, step_fn, config, tokenizer, environments, [iteration, iteration + 100], 4,
                                            jax.random.key(iteration), envs.grid_prompt(envs.FrozenLake.rules),
@@ -289,7 +292,7 @@ def test_paw_on_alfworld_runs_end_to_end(alfworld_data):
     step_fn = jax.jit(functools.partial(paw.paw_step, model_config=config, optimizer=optimizer,
                                         step=grpo.StepConfig(grpo.LossConfig(beta=0.0)), cfg=cfg))
     state = grpo.init_state(lm.init_params(config, jax.random.key(0)), optimizer)
-    with envs.EnvBatch(make, 4) as environments:
+    with rollout.EnvBatch(make, 4) as environments:
         state, metrics = paw_iteration(state, step_fn, config, tokenizer, environments, [0, 1], 2, jax.random.key(0),
                                        envs.alfworld_prompt, envs.parse_action, 2, cfg)
     assert int(state.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())

@@ -12,6 +12,7 @@ from conftest import tiny_command_policy
 import envs
 import grpo
 import model as lm
+import rollout
 import rwml
 import sampler
 
@@ -27,8 +28,9 @@ def frozenlake_triplets(episodes=120, seed=0, history=1):
         for turn in range(4):
             action = ["Up", "Down", "Left", "Right"][rng.integers(4)]
             following, reward, done, info = env.step(action)
-            out.append(envs.Transition(info["task"], tuple(past[-history:]) if history else (), observation, action,
-                                       following, reward, False, episode, turn, 0))
+            out.append(rollout.Transition(task=info["task"], history=tuple(past[-history:]) if history else (),
+                                          state=observation, action=action, next_state=following, reward=reward,
+                                          invalid=False, trajectory=episode, turn=turn, group=0))
             past.append((observation, action))
             observation = following
             if done:
@@ -40,10 +42,13 @@ def frozenlake_triplets(episodes=120, seed=0, history=1):
 
 
 def test_triplets_drop_invalid_steps_and_split_90_10_with_a_seed():
-    trajectory = envs.Trajectory(0, 0, "task", {}, [])
+    trajectory = rollout.Trajectory(seed=0, group=0, task="task", initial_info={}, turns=[])
     for step, invalid in enumerate([False, True, False, False]):
-        trajectory.turns.append(envs.Turn(step, f"s{step}", np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1), "",
-                                          ["a"], f"s{step + 1}", np.zeros(1), 0.0, False, False, invalid))
+        trajectory.turns.append(rollout.Turn(
+            step=step, observation=f"s{step}", prompt_ids=np.zeros(1), response_ids=np.zeros(1),
+            response_logprobs=np.zeros(1), response_entropies=np.zeros(1), response_text="", actions=["a"],
+            next_observation=f"s{step + 1}", next_observation_ids=np.zeros(1), reward=0.0, done=False, won=False,
+            invalid=invalid))
     triplets = rwml.triplets_from_rollouts([trajectory] * 5, history=2)
     assert len(triplets) == 15 and not any(t.invalid for t in triplets)
     assert triplets[1].history == (("s0", "a"), ("s1", "a"))  # the dropped step still counts as history
@@ -74,7 +79,8 @@ def test_easy_means_mean_reward_strictly_above_tau_easy():
 def test_subsampling_keeps_every_hard_triplet_and_about_p_of_the_easy_ones():
     n = 4000
     easy = np.arange(n) % 2 == 0
-    triplets = [envs.Transition("t", (), str(i), "a", "b", 0.0, False, i, 0, 0) for i in range(n)]
+    triplets = [rollout.Transition(task="t", history=(), state=str(i), action="a", next_state="b", reward=0.0,
+                                   invalid=False, trajectory=i, turn=0, group=0) for i in range(n)]
     kept = rwml.subsample_easy(triplets, easy, keep_easy=0.1, seed=0)
     kept_ids = {int(t.state) for t in kept}
     assert all(i in kept_ids for i in range(1, n, 2))  # every hard one
@@ -245,10 +251,10 @@ def test_rwml_pipeline_runs_end_to_end_on_alfworld(alfworld_data, minilm):
     make = functools.partial(envs.AlfWorld, "valid_seen", alfworld_data)
     config, tokenizer = tiny_command_policy([make().reset(i)[0] for i in range(3)], COMMANDS, num_layers=1)
     params = lm.init_params(config, jax.random.key(0))
-    with envs.EnvBatch(make, 8) as batch:
-        trajectories = envs.rollout(params, config, tokenizer, batch, [0, 1, 2, 3], 2, jax.random.key(0),
-                                    envs.alfworld_prompt, envs.parse_action, max_turns=4,
-                                    sampling=sampler.SamplingParams(1.0, max_new_tokens=24))
+    with rollout.EnvBatch(make, 8) as batch:
+        trajectories = rollout.rollout(params, config, tokenizer, batch, [0, 1, 2, 3], 2, jax.random.key(0),
+                                       prompt=envs.alfworld_prompt, parse=envs.parse_action, max_turns=4,
+                                       sampling=sampler.SamplingParams(1.0, max_new_tokens=24))
     triplets = rwml.triplets_from_rollouts(trajectories, history=1)
     assert len(triplets) >= 3 and all(t.action in ("look", "inventory") for t in triplets)
     train, validation = rwml.split_triplets(triplets, 0.3, seed=0)

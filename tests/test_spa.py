@@ -9,6 +9,7 @@ import pytest
 import tyro
 
 import envs
+import rollout
 import model as lm
 import spa
 import train
@@ -25,7 +26,7 @@ def scripted_trajectories(env_class, seeds, turns=3):
         env = env_class()
         observation, info = env.reset(reset_seed)
         rng = np.random.default_rng(reset_seed)
-        trajectory = envs.Trajectory(reset_seed, index, info["task"], info, [])
+        trajectory = rollout.Trajectory(seed=reset_seed, group=index, task=info["task"], initial_info=info, turns=[])
         for t in range(turns):
             choices = info["admissible_actions"]
             actions = [str(choices[i]) for i in rng.integers(len(choices), size=1 + t % 2)]
@@ -33,11 +34,13 @@ def scripted_trajectories(env_class, seeds, turns=3):
                 actions = ["Jump"]  # not an action of any grid game: an invalid turn
             text = (f"<think>I see <observation>wrong</observation> so I move "
                     f"<prediction>junk</prediction></think><answer>{' || '.join(actions)}</answer>")
-            following, reward, done, info = envs.play_turn(env, actions)
+            following, reward, done, info = rollout.play_turn(env, actions)
             prompt_ids = np.array([1000 + index, t], np.int32)  # one prompt per (episode, turn)
-            trajectory.turns.append(envs.Turn(t, observation, prompt_ids, np.zeros(0, np.int32), np.zeros(0),
-                                              np.zeros(0), text, actions, following, np.zeros(0, np.int32), reward,
-                                              done, bool(info["won"]), bool(info["invalid_action"])))
+            trajectory.turns.append(rollout.Turn(
+                step=t, observation=observation, prompt_ids=prompt_ids, response_ids=np.zeros(0, np.int32),
+                response_logprobs=np.zeros(0), response_entropies=np.zeros(0), response_text=text, actions=actions,
+                next_observation=following, next_observation_ids=np.zeros(0, np.int32), reward=reward, done=done,
+                won=bool(info["won"]), invalid=bool(info["invalid_action"])))
             observation = following
             if done:
                 break
