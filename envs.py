@@ -3,7 +3,7 @@
 An environment speaks text: `reset(seed)` gives the first observation and an info dict (the task,
 the admissible actions where the game has them); `step(action)` gives the next observation, a
 reward, done, and info (won, invalid_action). Built in, in pure Python and numpy and deterministic
-for a seed, are the grid games of the SPA / RAGEN line (`../shared/docs/methods.md` section 4):
+for a seed, are the grid games of the SPA / RAGEN line (`docs/methods.md` section 4.4):
 FrozenLake, Sokoban (reverse-play generated, so always solvable) and 4x4 Sudoku (unique solution),
 each with an oracle solver and SPA's "state estimation" rendering (the grid plus the coordinates
 of its objects). ALFWorld runs the real `alfworld` games.

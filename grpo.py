@@ -1,7 +1,7 @@
 """GRPO as pure functions: group-relative advantages, the clipped surrogate with a KL term, and one update step.
 
 The RL core under every method here (RWML trains its world model with it, policy RL and PaW use it
-for actions); `../shared/docs/methods.md` section 1. For each task, sample a group of G rollouts,
+for actions); `docs/methods.md` section 1 (eqs. 2-13). For each task, sample a group of G rollouts,
 score each with a scalar reward R_i, and give every token of rollout i the advantage (in a multi-turn
 rollout, every action token of every turn: `turn_batch` lays out each turn as a row [prompt ; response])
 

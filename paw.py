@@ -1,6 +1,6 @@
 """PaW: co-training the policy and the world model in one forward pass (arXiv 2606.02388).
 
-One model, one forward pass over [h_t ; a_t ; o_{t+1}], two losses (`../shared/docs/methods.md`
+One model, one forward pass over [h_t ; a_t ; o_{t+1}], two losses (`docs/methods.md`
 section 3): the GRPO loss on the action tokens, and an auxiliary world-model loss on the
 next-observation tokens appended after the action. Causal attention keeps o_{t+1} from changing
 the action's log-probs.

@@ -1,6 +1,6 @@
 """Rewards: RWML's next-state reward in an embedding space, its ROUGE variant, and task success.
 
-RWML (Yu et al., arXiv 2602.05842; ../shared/docs/methods.md section 2) trains the agent model to
+RWML (Yu et al., arXiv 2602.05842; docs/methods.md section 2.3) trains the agent model to
 predict the next observation, and rewards a prediction by how close it lands to the real one in a
 frozen sentence-embedding space E:
 

@@ -1,7 +1,7 @@
 """RWML: Reinforcement World Model Learning (Yu et al., arXiv 2602.05842), and its WM SFT baseline.
 
 The agent model itself learns to predict the next state, rewarded by how close its prediction is
-to the real next state in a pretrained embedding space (`../shared/docs/methods.md` section 2):
+to the real next state in a pretrained embedding space (`docs/methods.md` section 2):
 
     triplets <s_<=t, a_t, s_{t+1}> from the model's own rollouts (invalid steps dropped; 90/10 split)
     for each triplet, sample G predictions s_hat inside <next_state> ... </next_state>
