@@ -506,6 +506,11 @@ def train_task(args: Args, stage: int, step: int, group: int) -> int:
     return 1_000_000 * (args.seed + 1) + 100_000 * stage + step * args.groups + group
 
 
+# --------------------------------------------------------------------------------------------
+# The updates' settings, from the command line
+# --------------------------------------------------------------------------------------------
+
+
 def step_config(args: Args, budget: int | None = None) -> grpo.StepConfig:
     """How the update's loss is computed (its micro-batches are sized_update's). budget: the stage's most new tokens
     per response (default --max-new-tokens), Dr.GRPO's constant."""
@@ -522,12 +527,12 @@ def paw_config(args: Args) -> paw.PaWConfig:
                          args.r_max, args.clip_lambda)
 
 
-MAX_SKIPPED_IN_A_ROW = 3  # one non-finite update is skipped (grpo.skip_if_not_finite); this many in a row stop the run
-
-
 # --------------------------------------------------------------------------------------------
 # The stages
 # --------------------------------------------------------------------------------------------
+
+
+MAX_SKIPPED_IN_A_ROW = 3  # one non-finite update is skipped (grpo.skip_if_not_finite); this many in a row stop the run
 
 
 @dataclasses.dataclass
