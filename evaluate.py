@@ -36,16 +36,8 @@ class EvalConfig:
     """sampling temperature (PaW's validation setting)"""
     max_turns: int = 10
     """turns per episode"""
-    max_new_tokens: int = 16
-    """response tokens per turn"""
     wm_transitions: int = 128
     """held-out random-play transitions for world-model accuracy"""
-    spa_prediction: bool = False
-    """also measure SPA's <prediction> of the true next state"""
-    seed: int = 0
-    """picks the held-out transitions"""
-    workers: int = 0
-    """environment worker processes"""
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -61,13 +53,17 @@ class Evaluator:
     """Held-out task success and world-model accuracy, with fixed tasks and transitions for the whole run."""
 
     def __init__(self, settings: EvalConfig, game: pretrain.Game, parse: Callable[[str], list[str]], tokenizer,
-                 config: lm.Config):
-        """game: the held-out game (its make_env gives ALFWorld's evaluation split); parse: the policy's parser."""
+                 config: lm.Config, *, max_new_tokens: int, spa_prediction: bool = False, seed: int = 0,
+                 workers: int = 0):
+        """game: the held-out game (its make_env gives ALFWorld's evaluation split); parse: the policy's parser;
+        max_new_tokens: response tokens per turn (the policy's); spa_prediction: also measure SPA's <prediction> of
+        the true next state; seed: picks the held-out transitions; workers: environment worker processes."""
         self.settings, self.game, self.parse, self.tokenizer, self.config = settings, game, parse, tokenizer, config
+        self.max_new_tokens = max_new_tokens
         episodes = max(2, math.ceil(2 * settings.wm_transitions / game.max_turns))
-        play, play_prompts = pretrain.random_play(game, episodes, seed=EVAL_SEED + settings.seed)
+        play, play_prompts = pretrain.random_play(game, episodes, seed=EVAL_SEED + seed)
         triplets = rwml.triplets_from_rollouts(play, game.history)
-        rng = np.random.default_rng(settings.seed)
+        rng = np.random.default_rng(seed)
         self.triplets = [triplets[i] for i in rng.permutation(len(triplets))[:settings.wm_transitions]]
         encode = functools.partial(tokenizer.encode, add_special_tokens=False)
         eos = [tokenizer.eos_token_id]
@@ -80,18 +76,18 @@ class Evaluator:
         self.wm_rows["wm_accuracy_inline"] = [
             (rollout.encode_prompt(tokenizer, prompt) + encode(game.respond(t.action)) + eos, encode(t.next_state))
             for prompt, t in zip(prompts, self.triplets)]
-        if settings.spa_prediction:  # SPA's <prediction>: the true s_{t+1} (with coordinates) after the true s_t
+        if spa_prediction:  # SPA's <prediction>: the true s_{t+1} (with coordinates) after the true s_t
             states = {i: spa.true_states(game.make_env, play[i]) for i in {t.trajectory for t in self.triplets}}
             self.wm_rows["spa_prediction_accuracy"] = [spa.prediction_row(spa.make_example(
                 tokenizer, rollout.encode_prompt(tokenizer, prompt), *states[t.trajectory][t.turn], "", [t.action]))
                 for prompt, t in zip(prompts, self.triplets)]
         self.environments = rollout.EnvBatch(game.make_env, settings.episodes * settings.samples,
-                                          min(settings.workers, settings.episodes))
+                                          min(workers, settings.episodes))
 
     def __call__(self, params, key) -> dict[str, float]:
         settings = self.settings
         seeds = [EVAL_SEED + i if self.game.name != "alfworld" else i for i in range(settings.episodes)]
-        sampling = sampler.SamplingParams(settings.temperature, max_new_tokens=settings.max_new_tokens)
+        sampling = sampler.SamplingParams(settings.temperature, max_new_tokens=self.max_new_tokens)
         trajectories = rollout.rollout(params, self.config, self.tokenizer, self.environments, seeds, settings.samples,
                                        key, prompt=self.game.prompt, parse=self.parse, max_turns=settings.max_turns,
                                        sampling=sampling, history=self.game.history)

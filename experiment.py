@@ -49,14 +49,16 @@ import numpy as np
 
 import model as lm
 import rwml
+import settings
 import train
 
-# name -> train.py flags. Only the method's own switches: everything else is train.py's default for all.
+# name -> train.py settings by dotted name (settings.override). Only the method's own switches: everything else is
+# train.py's default for all.
 METHODS = {
     "GRPO": dict(method="grpo"),
     "PaW": dict(method="paw"),
-    "PaW, cross-entropy": dict(method="paw", wm_loss="ce"),
-    "PaW, fixed lambda=1": dict(method="paw", lambda_mode="fixed", fixed_lambda=1.0),
+    "PaW, cross-entropy": {"method": "paw", "paw.wm_loss": "ce"},
+    "PaW, fixed lambda=1": {"method": "paw", "paw.lambda_mode": "fixed", "paw.fixed_lambda": 1.0},
     "WM SFT -> GRPO": dict(method="wm-sft-grpo"),
     "RWML -> GRPO": dict(method="rwml-grpo"),
     "SPA -> GRPO": dict(method="spa"),
@@ -73,10 +75,10 @@ ROWS = ("GRPO", "PaW", "PaW, cross-entropy", "PaW, fixed lambda=1", "WM SFT", "R
 POLICY_STAGES = ("grpo", "paw")
 
 # --quick: every size cut down, so the whole pipeline runs in minutes (the numbers mean nothing)
-QUICK = dict(iterations=2, groups=2, group_size=4, eval_episodes=4, wm_eval_transitions=8, wm_tasks=3,
-             wm_rollouts=2, wm_max_turns=3, wm_epochs=1, wm_batch=4, wm_group_size=2, filter_samples=2,
-             wm_max_new_tokens=24, spa_tasks=3, spa_rollouts=2, spa_max_turns=2, spa_epochs=1, spa_batch=4,
-             spa_format_filter=False, pretrain_steps=100, pretrain_episodes=300)
+QUICK = {"iterations": 2, "groups": 2, "group_size": 4, "eval.episodes": 4, "eval.wm_transitions": 8, "wm_tasks": 3,
+         "wm_rollouts": 2, "wm_max_turns": 3, "wm_epochs": 1, "wm_batch": 4, "wm_group_size": 2, "filter.samples": 2,
+         "wm_max_new_tokens": 24, "spa.tasks": 3, "spa.rollouts": 2, "spa.max_turns": 2, "spa.epochs": 1,
+         "spa.batch": 4, "spa.format_filter": False, "pretrain_steps": 100, "pretrain_episodes": 300}
 
 
 @dataclasses.dataclass
@@ -110,12 +112,12 @@ def slug(name: str) -> str:
 
 def run_args(args: ExperimentArgs, name: str, seed: int, out: Path) -> train.Args:
     """train.py's arguments for one run: the method's switches, the seed, and the shared evaluation flags."""
-    shared = dict(env=args.env, seed=seed, out=str(out), eval_samples=args.eval_samples, eval_every=args.eval_every,
-                  wm_eval_every=1_000_000, checkpoint_every=args.eval_every, tensorboard=False, progress=False,
-                  cache=args.cache)
+    shared = {"env": args.env, "seed": seed, "out": str(out), "eval.samples": args.eval_samples,
+              "eval.every": args.eval_every, "eval.wm_every": 1_000_000, "checkpoint_every": args.eval_every,
+              "tensorboard": False, "progress": False, "cache": args.cache}
     if args.quick:
         shared.update(QUICK)
-    return train.Args(**METHODS[name], **shared)
+    return settings.override(train.Args(), {**METHODS[name], **shared})
 
 
 def evaluations(metrics_file: Path) -> list[dict]:
@@ -201,7 +203,7 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
 
 # settings that do not change what a run computes or records (train.py's list: a resumed run continues bit for bit,
 # a moved folder is the same run, and args.json's update_tokens, filled by train.main, matches a command left unset)
-NEUTRAL_SETTINGS = train.OUTPUT_SETTINGS
+NEUTRAL_SETTINGS = settings.OUTPUT_SETTINGS
 
 
 def same_settings(a: dict, b: dict) -> bool:
@@ -216,19 +218,19 @@ def run_one(args: ExperimentArgs, name: str, seed: int, out: Path, scorer) -> di
     source = FIRST_STAGE_OF.get(name, name)
     folder = out / slug(source) / f"seed{seed}"
     run = train.settle(run_args(args, source, seed, folder))
-    settings = dataclasses.asdict(run)
+    chosen = dataclasses.asdict(run)
     trained_file = folder / "trained.json"
     trained = json.loads(trained_file.read_text()) if trained_file.exists() else {}
-    if not same_settings(trained.get("settings", {}), settings):
+    if not same_settings(trained.get("settings", {}), chosen):
         saved = folder / "args.json"
         resume = ((folder / "checkpoints").exists() and saved.exists()
-                  and same_settings(json.loads(saved.read_text()), settings))
+                  and same_settings(json.loads(saved.read_text()), chosen))
         if not resume:  # a run with other settings starts again: every summary comes from one clean run
             shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
         train.main(dataclasses.replace(run, resume=resume))
         # a resumed run's seconds are its last attempt's
-        trained = {"settings": settings, "seconds": time.perf_counter() - started, "resumed": resume}
+        trained = {"settings": chosen, "seconds": time.perf_counter() - started, "resumed": resume}
         trained_file.write_text(json.dumps(trained, indent=1) + "\n")
     summary_file = folder / ("summary.json" if source == name else f"summary-{slug(name)}.json")
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
@@ -323,7 +325,7 @@ def run_experiment(args: ExperimentArgs) -> dict:
     """Every (method, seed) run, then the table and the plots; returns {"table", "data", "seconds"}."""
     unknown = [name for name in args.methods if name not in ROWS]
     if unknown:
-        raise train.UsageError(f"unknown method(s) {unknown}. Fix: choose from {list(ROWS)}.")
+        raise settings.UsageError(f"unknown method(s) {unknown}. Fix: choose from {list(ROWS)}.")
     out = Path(args.out or f"runs/experiment-{args.env}{'-quick' if args.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
     scorer = rwml.cosine_scorer(train.make_embedder("minilm"), train.settle(run_args(args, "GRPO", 0, out)).tau_d)
@@ -353,7 +355,7 @@ def cli() -> None:
 
     try:
         run_experiment(tyro.cli(ExperimentArgs))
-    except (train.UsageError, train.DataError) as error:
+    except (settings.UsageError, train.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

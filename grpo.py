@@ -33,7 +33,7 @@ gradient accumulation does not change the update.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -130,13 +130,13 @@ class LossConfig:
     """eps_high: clipped above at 1 + clip_high; larger than clip_low is DAPO's clip-higher"""
     beta: float = 0.01
     """KL-to-reference coefficient (verl-agent's kl_loss_coef); 0 needs no reference log-probs"""
-    kl_estimator: str = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """k1 (log ratio: zero expected gradient as a loss), k2 (half squared log ratio) or k3 (low-variance, verl's low_var_kl)"""
     kl_clamp: float = 20.0
     """|log pi - log pi_ref| and |log pi - log pi_old| are clamped to this before exponentiating"""
     entropy_coef: float = 0.0
     """entropy bonus: subtracts entropy_coef * H from each token's loss"""
-    aggregation: str = "token-mean"
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)"""
     max_length: int = 0
     """the constant of seq-mean-token-sum-norm: the generation budget (max new tokens); 0 uses the batch's padded

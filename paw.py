@@ -30,7 +30,7 @@ own distribution), whatever the sampling temperature.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +47,14 @@ class PaWConfig:
     """fraction of the update's transitions (highest action entropy) that get the world-model loss"""
     rho: float = 0.2
     """observation tokens with p > rho are already predicted: masked out of the clipped MAE"""
-    wm_loss: str = "cmae"
+    wm_loss: Literal["cmae", "ce"] = "cmae"
     """cmae (clipped MAE) | ce (cross-entropy, the paper's ablation)"""
-    entropy: str = "full"
+    entropy_form: Literal["full", "sampled"] = "full"
     """full (the policy's full-distribution entropy) | sampled (the paper's literal -q log q of the sampled token)"""
-    lambda_mode: str = "adaptive"
+    lambda_mode: Literal["adaptive", "fixed"] = "adaptive"
     """adaptive (1 - mean group return / r_max) | fixed (fixed_lambda; the paper's ablation uses 1)"""
     fixed_lambda: float = 1.0
+    """lambda under lambda_mode fixed"""
     r_max: float = 10.0
     """the maximum return (ALFWorld and WebShop 10, search QA 1)"""
     clip_lambda: bool = False
@@ -160,7 +161,7 @@ def paw_batch(trajectories: Sequence[rollout.Trajectory], trajectory_advantages:
                            min_bucket=min_bucket, min_rows=min_rows)
     turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
     entropies = action_entropy([t.response_entropies for _, t in turns], [t.response_logprobs for _, t in turns],
-                               cfg.entropy)
+                               cfg.entropy_form)
     selected = select_by_entropy(entropies, cfg.alpha)
     observation_mask = np.zeros(rows.tokens.shape, np.float32)
     wm_lambda, chosen = np.zeros(rows.tokens.shape[0], np.float32), np.zeros(rows.tokens.shape[0], np.float32)

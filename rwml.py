@@ -312,8 +312,11 @@ class FilterConfig:
     tau_d: float = 0.1
     """the filter's distance threshold when not calibrated (ALFWorld 0.1)"""
     sft_epochs: int = 2
+    """passes of the filter model's SFT over the validation triplets"""
     sft_batch_size: int = 32
+    """triplets per SFT step of the filter model"""
     max_new_tokens: int = 128
+    """length of the filter model's predictions"""
 
 
 def too_easy_subsample(params, model_config: lm.Config, tokenizer, train: Sequence[Triplet],

@@ -1,6 +1,7 @@
 """train.py: every method from the command line, kill -9 and --resume, sharding over 8 devices, and
 clear refusals of bad input. Runs use tiny settings and an embedded default pretrained for seconds."""
 
+import dataclasses
 import json
 import os
 import re
@@ -21,20 +22,21 @@ import logs
 import model as lm
 import pretrain
 import sampler
+import settings
 import sharding
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PRETRAIN = ["--pretrain-steps", "100", "--pretrain-episodes", "300"]
-TINY_POLICY = ["--iterations", "2", "--groups", "2", "--group-size", "4", "--eval-episodes", "4",
-               "--wm-eval-transitions", "8", "--eval-every", "1", "--checkpoint-every", "1", "--no-progress"]
+TINY_POLICY = ["--iterations", "2", "--groups", "2", "--group-size", "4", "--eval.episodes", "4",
+               "--eval.wm-transitions", "8", "--eval.every", "1", "--checkpoint-every", "1", "--no-progress"]
 TINY_WORLD_MODEL = ["--wm-tasks", "3", "--wm-rollouts", "2", "--wm-max-turns", "3", "--wm-epochs", "1",
-                    "--wm-batch", "4", "--wm-group-size", "2", "--filter-samples", "2", "--wm-max-new-tokens", "24"]
+                    "--wm-batch", "4", "--wm-group-size", "2", "--filter.samples", "2", "--wm-max-new-tokens", "24"]
 # the tiny ALFWorld model rarely names an admissible command, so its invalid steps are kept as world-model data
-TINY_ALFWORLD = ["--wm-invalid-steps", "keep", "--groups", "1", "--group-size", "2", "--eval-every", "100",
+TINY_ALFWORLD = ["--wm-invalid-steps", "keep", "--groups", "1", "--group-size", "2", "--eval.every", "100",
                  "--iterations", "1", "--wm-tasks", "2", "--max-turns", "2", "--max-new-tokens", "8",
-                 "--eval-episodes", "1", "--workers", "0", "--pretrain-episodes", "4", "--pretrain-steps", "4",
-                 "--wm-eval-transitions", "2"]
+                 "--eval.episodes", "1", "--workers", "0", "--pretrain-episodes", "4", "--pretrain-steps", "4",
+                 "--eval.wm-transitions", "2"]
 
 
 @pytest.fixture
@@ -152,7 +154,7 @@ def _wait_for_checkpoint(folder: Path, process, timeout=600):
 
 def test_kill_9_then_resume_gives_the_parameters_of_an_uninterrupted_run(cache, tmp_path):
     argv = ["--method", "paw", *TINY_PRETRAIN, *TINY_POLICY, "--iterations", "6", "--checkpoint-every", "2",
-            "--eval-every", "3"]
+            "--eval.every", "3"]
     code, _, stderr = run_cli([*argv, "--out", str(tmp_path / "whole")], cache)
     assert code == 0, stderr
     environment = {**os.environ, "RWML_JAX_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
@@ -288,7 +290,7 @@ def test_world_model_exact_match_equals_greedy_generation(cache, tmp_path):
     folder = pretrain.embedded_default(game, pretrain.PretrainConfig(episodes=300, steps=100), cache, log=lambda *_: None)
     config, params = lm.load_checkpoint(folder)
     tokenizer = lm.load_tokenizer(folder)
-    evaluator = train.make_evaluator(dataclasses_replace(args, wm_eval_transitions=24), game, tokenizer, config)
+    evaluator = train.make_evaluator(settings.override(args, {"eval.wm_transitions": 24}), game, tokenizer, config)
     try:
         row_sets = list(evaluator.wm_rows.values())
     finally:
@@ -317,20 +319,14 @@ def test_dr_grpo_constant_is_the_stage_generation_budget_unless_set():
                                                    "--wm-max-new-tokens", "40"]))
     assert train.step_config(args).loss.max_length == 24
     assert train.step_config(args, budget=args.wm_max_new_tokens).loss.max_length == 40  # RWML's predictions
-    assert train.step_config(dataclasses_replace(args, loss_max_length=100)).loss.max_length == 100
+    assert train.step_config(settings.override(args, {"loss.max_length": 100})).loss.max_length == 100
 
 
 def test_paw_config_carries_the_paw_flags():
     args = train.settle(tyro.cli(train.Args, args=["--alpha", "0.5", "--rho", "0.3", "--lambda-mode", "fixed",
                                                    "--fixed-lambda", "0.25"]))
-    cfg = train.paw_config(args)
+    cfg = args.paw
     assert (cfg.alpha, cfg.rho, cfg.lambda_mode, cfg.fixed_lambda, cfg.r_max) == (0.5, 0.3, "fixed", 0.25, 1.0)
-
-
-def dataclasses_replace(args, **changes):
-    import dataclasses
-
-    return dataclasses.replace(args, **changes)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -370,18 +366,18 @@ def run_cli_in_process(argv, tmp_path, monkeypatch, capsys):
     (["--beta", "nan"], "--beta must be a finite number >= 0"),
     (["--entropy-coef", "inf"], "--entropy-coef must be a finite number"),
     (["--temperature", "0"], "--temperature must be a finite number > 0"),
-    (["--eval-temperature", "-1"], "--eval-temperature must be a finite number >= 0"),
+    (["--eval.temperature", "-1"], "--eval.temperature must be a finite number >= 0"),
     (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
     (["--rho", "nan"], "--rho must be in [0, 1]"),
     (["--tau-d", "3"], "--tau-d must be in [0, 2]"),
-    (["--filter-tau-d", "-0.1"], "--filter-tau-d must be in [0, 2]"),
-    (["--keep-easy", "2"], "--keep-easy must be in [0, 1]"),
+    (["--filter.tau-d", "-0.1"], "--filter.tau-d must be in [0, 2]"),
+    (["--filter.keep-easy", "2"], "--filter.keep-easy must be in [0, 1]"),
     (["--fixed-lambda", "nan"], "--fixed-lambda must be a finite number"),
     (["--r-max", "0"], "--r-max must be a finite number > 0"),
     (["--groups", "0"], "--groups must be at least 1"),
     (["--wm-rollouts", "0"], "--wm-rollouts must be at least 1"),
     (["--mesh-data", "0"], "--mesh-data must be at least 1"),
-    (["--loss-max-length", "0"], "--loss-max-length must be at least 1"),
+    (["--max-length", "0"], "--max-length must be at least 1"),
 ])
 def test_a_number_out_of_range_is_refused_before_anything_is_written(argv, message, tmp_path, monkeypatch, capsys):
     code, stderr, wrote = run_cli_in_process(argv, tmp_path, monkeypatch, capsys)
@@ -410,7 +406,7 @@ def test_a_group_of_one_is_refused_for_a_group_relative_method(argv, message, tm
 
 def test_group_size_one_is_fine_where_no_stage_compares_a_group():
     args = train.settle(tyro.cli(train.Args, args=["--method", "wm-sft", "--group-size", "1"]))
-    assert train.number_problems(args) == []
+    assert settings.number_problems(args) == []
 
 
 def test_a_model_folder_without_a_tokenizer_is_refused_before_anything_is_written(hf_checkpoint, tmp_path, monkeypatch,
@@ -456,7 +452,7 @@ def test_three_non_finite_updates_in_a_row_stop_the_run_and_nothing_non_finite_i
     monkeypatch.setattr(sharding, "sized_update", poisoned)
     out = tmp_path / "run"
     argv = ["--method", "grpo", "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, "--iterations", "5",
-            "--eval-every", "5"]
+            "--eval.every", "5"]
     with pytest.raises(train.DataError, match=r"grpo: the updates of the last 3 steps \(to step 3\).*Fix: start "
                                               r"again in another --out with a lower --learning-rate"):
         run_in_process(argv, cache, monkeypatch)
@@ -517,17 +513,17 @@ def test_a_start_that_fails_before_its_first_checkpoint_does_not_block_the_same_
 
 def test_resume_with_other_settings_is_refused_listing_each_change_and_nothing_is_written(tmp_path, monkeypatch, capsys):
     """A paw run's args.json (update_tokens filled, as main writes it), resumed as grpo at another learning rate:
-    both changes listed, flag by flag; the neutral ones (--eval-every, --no-progress) are not; args.json is kept."""
+    both changes listed, flag by flag; the neutral ones (--eval.every, --no-progress) are not; args.json is kept."""
     out = tmp_path / "run"
     out.mkdir()
     saved = train.settle(tyro.cli(train.Args, args=["--method", "paw", "--out", str(out)]))
-    (out / "args.json").write_text(json.dumps(dict(vars(saved), update_tokens=4096)))
+    (out / "args.json").write_text(json.dumps(dict(dataclasses.asdict(saved), update_tokens=4096)))
     before = (out / "args.json").read_bytes()
-    code, stderr, _ = run_cli_in_process(["--resume", "--method", "grpo", "--learning-rate", "0.01", "--eval-every", "3",
+    code, stderr, _ = run_cli_in_process(["--resume", "--method", "grpo", "--learning-rate", "0.01", "--eval.every", "3",
                                           "--no-progress"], tmp_path, monkeypatch, capsys)
     assert code == 2 and stderr.startswith(f"error: --resume: {out} was run with other settings")
     assert "\n  --method: paw -> grpo\n  --learning-rate: 0.001 -> 0.01\n" in stderr and "Fix: " in stderr
-    assert "--eval-every" not in stderr and "--progress" not in stderr and "--update-tokens" not in stderr
+    assert "--eval.every" not in stderr and "--progress" not in stderr and "--update-tokens" not in stderr
     assert [p.name for p in out.iterdir()] == ["args.json"] and (out / "args.json").read_bytes() == before
     assert not (tmp_path / "cache").exists()
 
@@ -535,13 +531,15 @@ def test_resume_with_other_settings_is_refused_listing_each_change_and_nothing_i
 def test_resume_may_change_only_how_often_a_run_evaluates_checkpoints_and_where_it_writes():
     saved = train.settle(train.Args(method="grpo"))
     neutral = dict(out="elsewhere", resume=True, checkpoint_every=3, tensorboard=False, progress=False, cache="/c",
-                   workers=4, distributed=True, update_tokens=512, eval_every=7, wm_eval_every=2)
-    assert train.setting_changes(vars(saved), dataclasses_replace(saved, **neutral)) == []
-    changed = dataclasses_replace(saved, seed=1, beta=0.5, mesh_data=2)
-    assert train.setting_changes(vars(saved), changed) == [("--seed", 0, 1), ("--beta", 0.0, 0.5),
-                                                           ("--mesh-data", 1, 2)]
-    # a setting the saved run predates is not compared
-    assert train.setting_changes({k: v for k, v in vars(saved).items() if k != "seed"}, changed)[0][0] == "--beta"
+                   workers=4, distributed=True, update_tokens=512, **{"eval.every": 7, "eval.wm_every": 2})
+    saved_json = dataclasses.asdict(saved)
+    assert settings.setting_changes(saved_json, settings.override(saved, neutral)) == []
+    changed = settings.override(saved, {"seed": 1, "loss.beta": 0.5, "mesh_data": 2, "eval.episodes": 3})
+    assert settings.setting_changes(saved_json, changed) == [("--seed", 0, 1), ("--beta", 0.0, 0.5),
+                                                             ("--eval.episodes", 128, 3), ("--mesh-data", 1, 2)]
+    # a setting the saved run predates is not compared; one saved before --beta moved into loss still is
+    older = {k: v for k, v in saved_json.items() if k not in ("seed", "loss")} | saved_json["loss"]
+    assert settings.setting_changes(older, changed)[0] == ("--beta", 0.0, 0.5)
 
 
 def test_every_run_prints_the_settings_settle_chose_as_flags_that_reproduce_them(hf_checkpoint, tmp_path, monkeypatch,

