@@ -2,9 +2,9 @@
 
 An environment speaks text: `reset(seed)` gives the first observation and an info dict (the task,
 the admissible actions where the game has them); `step(action)` gives the next observation, a
-reward, done, and info (won, invalid_action). Built in, in pure Python and numpy and deterministic
-for a seed, are the grid games of the SPA / RAGEN line (`docs/methods.md` section 4.4):
-FrozenLake, Sokoban (reverse-play generated, so always solvable) and 4x4 Sudoku (unique solution),
+reward (a step's r_t, summed into the return of `docs/methods.md` eq. 1), done, and info (won, invalid_action).
+Built in, in pure Python and numpy and deterministic for a seed, are the grid games of the SPA / RAGEN line
+(section 4.4): FrozenLake, Sokoban (reverse-play generated, so always solvable) and 4x4 Sudoku (unique solution),
 each with an oracle solver and SPA's "state estimation" rendering (the grid plus the coordinates
 of its objects). ALFWorld runs the real `alfworld` games.
 
@@ -534,7 +534,7 @@ def parse_answer(text: str, max_actions: int = 10) -> list[str]:
 
 
 def alfworld_prompt(task: str, history: Sequence[tuple[str, str]], step: int, observation: str, info: dict) -> str:
-    """The verl-agent ALFWorld prompt (methods.md section 3): task, steps so far, the last H observations
+    """The verl-agent ALFWorld prompt (methods.md section 3.6): task, steps so far, the last H observations
     and actions, the current observation, the admissible actions, then <think> and <action>."""
     lines = [f"You are an expert agent operating in the ALFRED embodied environment. Your task is to: {task}"]
     if history:
@@ -552,7 +552,7 @@ def alfworld_prompt(task: str, history: Sequence[tuple[str, str]], step: int, ob
 
 
 def grid_prompt(rules: str, state_estimation: bool = True, max_actions_per_turn: int = 2):
-    """The RAGEN / SPA grid prompt: the rules, the last H turns, the current state (with SPA's
+    """The RAGEN / SPA grid prompt (methods.md section 4.4): the rules, the last H turns, the current state (with SPA's
     coordinates when state_estimation), the actions left, then <think> and <answer>a1 || a2</answer>."""
 
     def prompt(task: str, history: Sequence[tuple[str, str]], step: int, observation: str, info: dict) -> str:

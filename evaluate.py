@@ -1,9 +1,9 @@
 """evaluate.py: how well a model acts and how well it predicts, on held-out tasks and transitions.
 
-Task success is Pass@1 (and Pass@k with several samples a task) on held-out seeds of a grid game or ALFWorld's
-validation games. World-model accuracy is the share of held-out transitions of random play whose true next state
-the model predicts exactly under greedy decoding (teacher-forced argmax), in three layouts: RWML's prompt
-(`wm_accuracy`), WM SFT's direct prompt (`wm_accuracy_direct`) and PaW's inline layout [h ; a ; o']
+Task success is Pass@1 (and Pass@k with several samples a task, docs/methods.md eq. 29) on held-out seeds of a grid
+game or ALFWorld's validation games. World-model accuracy is the share of held-out transitions of random play whose
+true next state the model predicts exactly under greedy decoding (teacher-forced argmax, eq. 30), in three layouts:
+RWML's prompt (`wm_accuracy`), WM SFT's direct prompt (`wm_accuracy_direct`) and PaW's inline layout [h ; a ; o']
 (`wm_accuracy_inline`); under SPA also its <prediction> of the true next state (`spa_prediction_accuracy`).
 """
 
@@ -41,7 +41,8 @@ class EvalConfig:
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
-    """Unbiased Pass@k from `samples` attempts of which `correct` succeeded: 1 - C(n - c, k) / C(n, k)."""
+    """Unbiased Pass@k from `samples` attempts of which `correct` succeeded: 1 - C(n - c, k) / C(n, k), methods.md
+    eq. 29."""
     if k > samples:
         raise ValueError(f"Pass@{k} needs at least {k} samples, not {samples}")
     if samples - correct < k:
@@ -50,7 +51,8 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
 
 
 class Evaluator:
-    """Held-out task success and world-model accuracy, with fixed tasks and transitions for the whole run."""
+    """Held-out task success (Pass@k, methods.md eq. 29) and exact world-model accuracy (eq. 30), with fixed tasks and
+    transitions for the whole run."""
 
     def __init__(self, settings: EvalConfig, game: pretrain.Game, parse: Callable[[str], list[str]], tokenizer,
                  config: lm.Config, *, max_new_tokens: int, spa_prediction: bool = False, seed: int = 0,
@@ -97,11 +99,11 @@ class Evaluator:
                    "turns": stats["turns"]}
         k = 1
         while k <= settings.samples:
-            metrics[f"pass@{k}"] = float(np.mean([pass_at_k(settings.samples, int(c), k) for c in wins]))
+            metrics[f"pass@{k}"] = float(np.mean([pass_at_k(settings.samples, int(c), k) for c in wins]))  # eq. 29
             k *= 2
         for name, rows in self.wm_rows.items():
             fractions = sampler.greedy_match_fractions(params, self.config, rows, self.tokenizer.pad_token_id)
-            metrics[name] = float(np.mean(fractions == 1.0))
+            metrics[name] = float(np.mean(fractions == 1.0))  # eq. 30
             if name == "spa_prediction_accuracy":  # exact matches are rare early on: also the share of tokens
                 metrics["spa_prediction_token_accuracy"] = float(np.mean(fractions))
         return metrics

@@ -144,7 +144,8 @@ def iterations_to(evals: list[dict], level: float) -> int | None:
 
 
 def weights_changed(before: lm.Params, after: lm.Params, eta: float = 1e-3) -> tuple[float, dict]:
-    """RWML's weight-change measure: the overall share of changed kernel weights, and rwml.weight_change's per-module detail."""
+    """RWML's weight-change measure (methods.md eq. 21): the overall share of changed kernel weights, and
+    rwml.weight_change's per-module detail."""
     detail = rwml.weight_change(before, after, eta)
     layer = next(k for k in before if k.startswith("layers_"))
     sizes = {name: np.size(before[layer][block][module]["kernel"]) for (block, module), name in rwml.MODULES.items()}
@@ -157,8 +158,9 @@ SUMMARY_VERSION = 2  # bump when summarise() changes: summaries are recomputed f
 
 
 def world_model_reward_accuracy(run: train.Args, game, models: dict, tokenizer, scorer) -> dict[str, float]:
-    """RWML's world-model accuracy (greedy; reward 1 when 1 - cos < tau_d) on the run's held-out transitions
-    (train.make_evaluator's), in RWML's prompt and in WM SFT's direct prompt, for each {name: (config, params)}."""
+    """RWML's world-model accuracy (methods.md eq. 31: greedy; reward 1 when 1 - cos < tau_d, eq. 18) on the run's
+    held-out transitions (train.make_evaluator's), in RWML's prompt and in WM SFT's direct prompt, for each
+    {name: (config, params)}."""
     config = next(iter(models.values()))[0]
     evaluator = train.make_evaluator(run, game, tokenizer, config)
     evaluator.close()

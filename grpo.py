@@ -1,33 +1,36 @@
 """GRPO as pure functions: group-relative advantages, the clipped surrogate with a KL term, and one update step.
 
 The RL core under every method here (RWML trains its world model with it, policy RL and PaW use it
-for actions); `docs/methods.md` section 1 (eqs. 2-13). For each task, sample a group of G rollouts,
+for actions); `docs/methods.md` section 1 (eqs. 2-13; the return R_i of eq. 1 is
+`rollout.Trajectory.total_reward`). For each task, sample a group of G rollouts,
 score each with a scalar reward R_i, and give every token of rollout i the advantage (in a multi-turn
 rollout, every action token of every turn: `turn_batch` lays out each turn as a row [prompt ; response])
 
-    A_i = (R_i - mean(R_group)) / (std(R_group) + eps)                         GRPO
-    A_i =  R_i - mean(R_group)                                                 Dr.GRPO (no std scaling)
-    A_i =  R_i - mean(R_group without i)                                       RLOO (leave-one-out baseline)
+    A_i = (R_i - mean(R_group)) / (std(R_group) + eps)                         GRPO       (eq. 2)
+    A_i =  R_i - mean(R_group)                                                 Dr.GRPO    (eq. 3: no std scaling)
+    A_i =  R_i - mean(R_group without i)                                       RLOO       (eq. 4: leave-one-out)
 
-Per loss token, with rho = pi_theta / pi_old and x = log pi_theta - log pi_ref (clamped):
+Per loss token, with ratio = pi_theta / pi_old (eq. 5; the usual notation's rho, a name left to PaW's threshold)
+and x = log pi_theta - log pi_ref (clamped):
 
-    loss_t = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t - entropy_coef * H_t
-    KL_t = x (k1) | x^2 / 2 (k2) | exp(-x) - 1 + x (k3)
+    loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t - entropy_coef * H_t  (eq. 6)
+    KL_t = x (k1) | x^2 / 2 (k2) | exp(-x) - 1 + x (k3)                                                   (eq. 7)
 
 Aggregation, the source of the field's best-known GRPO bugs, is explicit. The loss is always a sum
 over loss tokens divided by a denominator fixed by the whole batch:
 
-    token-mean                sum_i sum_t loss_it / (number of loss tokens in the batch)
-    seq-mean-token-mean       sum_i (sum_t loss_it / n_i) / (number of sequences with loss tokens)
-    seq-mean-token-sum-norm   sum_i (sum_t loss_it / max_length) / (number of sequences)   (Dr.GRPO)
+    token-mean                sum_i sum_t loss_it / (number of loss tokens in the batch)                  (eq. 10)
+    seq-mean-token-mean       sum_i (sum_t loss_it / n_i) / (number of sequences with loss tokens)       (eq. 11)
+    seq-mean-token-sum-norm   sum_i (sum_t loss_it / max_length) / (number of sequences)   (Dr.GRPO)     (eq. 12)
 
 Dr.GRPO's max_length is one constant, the generation budget (train.py sets it), so that a token's weight does not
 depend on how long the other responses were, and its number of sequences is every sequence of the batch (rows of
 padding only, added to round the batch up, are not sequences).
 
 `grpo_loss` returns the numerator and the denominator separately, so summing numerators over
-micro-batches and dividing once by the batch's denominator is exactly the large-batch loss:
-gradient accumulation does not change the update.
+micro-batches and dividing once by the batch's denominator is exactly the large-batch loss (eq. 13):
+gradient accumulation does not change the update. It also sums, for the logs, approx_kl_old (eq. 8) and
+clip_fraction (eq. 9).
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class GroupStats(NamedTuple):
 
 
 def group_stats(rewards: jax.Array, group_ids: jax.Array, std_ddof: int = 1) -> GroupStats:
-    """Mean, std and size of each sample's group. std_ddof=1 is the unbiased std, as verl computes it.
+    """Mean, std and size of each sample's group: mean_g and std_g of methods.md eqs. 2-4. std_ddof=1 is the
+    unbiased std, as verl computes it.
 
     A group whose rewards are all equal gets exactly that value as its mean and exactly 0 as its std: the
     mean's matmul rounds (seven rewards of 0.7 average to 0.7 - 6e-8), and GRPO would amplify that residue
@@ -81,7 +85,8 @@ def group_stats(rewards: jax.Array, group_ids: jax.Array, std_ddof: int = 1) -> 
 
 def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo", eps: float = 1e-6,
                std_ddof: int = 1, filter_zero_variance: bool = False) -> tuple[jax.Array, jax.Array, GroupStats]:
-    """Group-relative advantages [n] for scalar rewards [n] and integer group ids [n].
+    """Group-relative advantages [n] for scalar rewards [n] and integer group ids [n]: methods.md eqs. 2-4
+    (estimator grpo: eq. 2, drgrpo: eq. 3, rloo: eq. 4).
 
     Returns (advantages, keep, stats). keep [n] bool is False for samples of zero-variance groups
     when filter_zero_variance is set (their advantage is 0 anyway; dropping them also removes
@@ -95,11 +100,11 @@ def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo"
     rewards = rewards.astype(jnp.float32)
     stats = group_stats(rewards, group_ids, std_ddof)
     centred = rewards - stats.mean
-    if estimator == "grpo":
+    if estimator == "grpo":  # eq. 2
         adv = centred / (stats.std + eps)
-    elif estimator == "drgrpo":
+    elif estimator == "drgrpo":  # eq. 3
         adv = centred
-    else:  # RLOO: R_i - (sum_group - R_i) / (G - 1) = G / (G - 1) * (R_i - mean)
+    else:  # RLOO, eq. 4: R_i - (sum_group - R_i) / (G - 1) = G / (G - 1) * (R_i - mean)
         adv = centred * stats.size / jnp.maximum(stats.size - 1, 1)
     adv = jnp.where((stats.size > 1) & ~stats.zero_variance, adv, 0.0)
     keep = ~stats.zero_variance if filter_zero_variance else jnp.ones_like(rewards, bool)
@@ -108,8 +113,9 @@ def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo"
 
 def trajectory_advantages(trajectories: Sequence[rollout.Trajectory], estimator: str = "grpo",
                           filter_zero_variance: bool = False) -> tuple[np.ndarray, np.ndarray, GroupStats]:
-    """`advantages` of the trajectories' returns (Trajectory.total_reward) within their groups, as numpy arrays:
-    one advantage and one keep per trajectory, and the group statistics (PaW's lambda reads their mean)."""
+    """`advantages` (methods.md eqs. 2-4) of the trajectories' returns R_i (Trajectory.total_reward, eq. 1) within
+    their groups, as numpy arrays: one advantage and one keep per trajectory, and the group statistics (PaW's lambda,
+    eq. 28, reads their mean)."""
     returns = np.asarray([t.total_reward for t in trajectories], np.float32)
     group_ids = np.asarray([t.group for t in trajectories])
     return jax.device_get(advantages(returns, group_ids, estimator, filter_zero_variance=filter_zero_variance))
@@ -122,25 +128,26 @@ def trajectory_advantages(trajectories: Sequence[rollout.Trajectory], estimator:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The policy loss. Defaults follow verl / verl-agent (methods.md section 1)."""
+    """The policy loss of methods.md eqs. 5-7 and 10-12. Defaults follow verl / verl-agent (methods.md section 1.5)."""
 
     clip_low: float = 0.2
-    """eps_low: the ratio is clipped below at 1 - clip_low"""
+    """eps_low: the ratio is clipped below at 1 - clip_low (eq. 6)"""
     clip_high: float = 0.2
-    """eps_high: clipped above at 1 + clip_high; larger than clip_low is DAPO's clip-higher"""
+    """eps_high: clipped above at 1 + clip_high (eq. 6); larger than clip_low is DAPO's clip-higher"""
     beta: float = 0.01
-    """KL-to-reference coefficient (verl-agent's kl_loss_coef); 0 needs no reference log-probs"""
+    """KL-to-reference coefficient (eq. 6; verl-agent's kl_loss_coef); 0 needs no reference log-probs"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """k1 (log ratio: zero expected gradient as a loss), k2 (half squared log ratio) or k3 (low-variance, verl's low_var_kl)"""
+    """eq. 7: k1 (log ratio: zero expected gradient as a loss), k2 (half squared log ratio) or k3 (low-variance,
+    verl's low_var_kl)"""
     kl_clamp: float = 20.0
-    """|log pi - log pi_ref| and |log pi - log pi_old| are clamped to this before exponentiating"""
+    """|log pi - log pi_ref| (eq. 7) and |log pi - log pi_old| (eq. 5) are clamped to this before exponentiating"""
     entropy_coef: float = 0.0
-    """entropy bonus: subtracts entropy_coef * H from each token's loss"""
+    """entropy bonus: subtracts entropy_coef * H from each token's loss (eq. 6)"""
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)"""
+    """token-mean (eq. 10) | seq-mean-token-mean (eq. 11) | seq-mean-token-sum-norm (eq. 12, Dr.GRPO)"""
     max_length: int = 0
-    """the constant of seq-mean-token-sum-norm: the generation budget (max new tokens); 0 uses the batch's padded
-    width, which changes from batch to batch and is not Dr.GRPO's constant"""
+    """L_max, the constant of seq-mean-token-sum-norm (eq. 12): the generation budget (max new tokens); 0 uses the
+    batch's padded width, which changes from batch to batch and is not Dr.GRPO's constant"""
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -150,17 +157,19 @@ class LossConfig:
 
 
 def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str, clamp: float) -> jax.Array:
-    """Per-token estimate of KL(pi_theta || pi_ref) from the sampled tokens' log-probs."""
+    """Per-token estimate of KL(pi_theta || pi_ref) from the sampled tokens' log-probs: k1, k2 or k3 of methods.md
+    eq. 7."""
     log_ratio = jnp.clip(logprobs - ref_logprobs, -clamp, clamp)
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio**2
-    return jnp.exp(-log_ratio) - 1.0 + log_ratio  # k3: r - 1 - log r with r = pi_ref / pi_theta
+    return jnp.exp(-log_ratio) - 1.0 + log_ratio  # k3: u - 1 - log u with u = pi_ref / pi_theta
 
 
 def loss_denominator(loss_mask: jax.Array, aggregation: str, token_mask: jax.Array | None = None) -> jax.Array:
-    """What the summed token losses of the whole batch are divided by.
+    """What the summed token losses of the whole batch are divided by: the denominator of methods.md eq. 10, 11 or
+    12, the D of eq. 13.
 
     token_mask [batch, time] tells sequences from rows of padding only (no real token), which Dr.GRPO's count of
     sequences leaves out; without it every row is a sequence.
@@ -184,6 +193,10 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: 
               entropies=None, length=None, token_mask=None) -> LossTerms:
     """The GRPO loss of per-token arrays, all [batch, time]. loss_mask: 1 on the tokens the policy is trained on.
 
+    Per token, the ratio of methods.md eq. 5 and the loss of eq. 6 (KL_t from kl_penalty, eq. 7); summed as
+    cfg.aggregation says, eq. 10, 11 or 12, with the numerator and the denominator returned apart (eq. 13).
+    token_sums also hold the logged approx_kl_old (eq. 8) and clip_fraction (eq. 9).
+
     Tokens with mask 0 contribute nothing, to the loss or its gradient, whatever their values.
     length: the sequence length of seq-mean-token-sum-norm when cfg.max_length is 0 (default: these arrays'),
     so a micro-batch cut shorter than its batch keeps the batch's constant. token_mask: the real tokens, so the
@@ -192,11 +205,11 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: 
     mask = loss_mask.astype(jnp.float32)
     on = mask > 0
     log_ratio = jnp.where(on, jnp.clip(logprobs - old_logprobs, -cfg.kl_clamp, cfg.kl_clamp), 0.0)
-    ratio = jnp.exp(log_ratio)
+    ratio = jnp.exp(log_ratio)  # eq. 5
     advantages = jnp.where(on, advantages, 0.0)
     unclipped = ratio * advantages
     clipped = jnp.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * advantages
-    token_loss = -jnp.minimum(unclipped, clipped)
+    token_loss = -jnp.minimum(unclipped, clipped)  # eq. 6, then its KL and entropy terms
     kl = jnp.zeros_like(token_loss)
     if cfg.beta != 0.0:
         kl = kl_penalty(logprobs, jnp.where(on, ref_logprobs, logprobs), cfg.kl_estimator, cfg.kl_clamp)
@@ -206,19 +219,20 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: 
         token_loss = token_loss - cfg.entropy_coef * entropy
     token_loss = jnp.where(on, token_loss, 0.0) * mask
 
-    if cfg.aggregation == "token-mean":
+    if cfg.aggregation == "token-mean":  # eq. 10
         numerator = token_loss.sum()
-    elif cfg.aggregation == "seq-mean-token-mean":
+    elif cfg.aggregation == "seq-mean-token-mean":  # eq. 11
         numerator = (token_loss.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)).sum()
-    else:
+    else:  # eq. 12
         numerator = token_loss.sum() / (cfg.max_length or (loss_mask.shape[-1] if length is None else length))
 
+    # eq. 9
     clip_active = ((ratio < 1.0 - cfg.clip_low) & (advantages < 0)) | ((ratio > 1.0 + cfg.clip_high) & (advantages > 0))
     token_sums = {
         "clip_fraction": (clip_active * mask).sum(),
         "kl_ref": (kl * mask).sum(),
         "entropy": (entropy * mask).sum(),
-        # k3 of KL(pi_old || pi_theta) from pi_old's samples: r - 1 - log r with r = pi_theta / pi_old
+        # eq. 8, k3 of KL(pi_old || pi_theta) from pi_old's samples: ratio - 1 - log ratio, ratio = pi_theta / pi_old
         "approx_kl_old": ((jnp.exp(log_ratio) - 1.0 - log_ratio) * mask).sum(),
         "ratio": (ratio * mask).sum(),
         "tokens": mask.sum(),
@@ -303,7 +317,7 @@ class StepConfig:
 
     loss: LossConfig = LossConfig()
     temperature: float = 1.0
-    """the sampling temperature: log-probs are recomputed at it, or the on-policy ratio is not 1"""
+    """the sampling temperature: log-probs are recomputed at it, or the on-policy ratio (eq. 5) is not 1"""
     micro_batches: int = 1
     """the batch is split into this many micro-batches whose gradients are summed (same update)"""
     chunk_size: int = 256
@@ -317,7 +331,8 @@ class StepConfig:
 def make_optimizer(learning_rate: float = 1e-6, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
                    warmup_steps: int = 0, total_steps: int = 0, schedule: str = "constant",
                    b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
-    """AdamW after global-norm clipping; constant (verl's default) or cosine decay to 0, with linear warmup."""
+    """AdamW after global-norm clipping (methods.md section 1.5); constant (verl's default) or cosine decay to 0, with
+    linear warmup."""
     if schedule == "constant":
         rate = optax.constant_schedule(learning_rate)
         if warmup_steps:
@@ -334,14 +349,15 @@ def init_state(params: lm.Params, optimizer: optax.GradientTransformation) -> Tr
 
 
 def policy_logprobs(params, model_config: lm.Config, tokens, token_mask, step: StepConfig):
-    """log pi and entropy of every token, at the sampling temperature (the forward pass of the step)."""
+    """log pi and entropy of every token, at the sampling temperature (the forward pass of the step): log pi_theta of
+    methods.md eq. 5 and H_t of eq. 6."""
     dtype = None if step.compute_dtype is None else jnp.dtype(step.compute_dtype)
     return lm.token_logprobs(params, model_config, tokens, token_mask, temperature=step.temperature,
                              chunk_size=step.chunk_size, dtype=dtype, remat=step.remat)
 
 
 class Objective(NamedTuple):
-    """An update's loss, split so that any partition of the batch's rows sums to it.
+    """An update's loss, split so that any partition of the batch's rows sums to it (methods.md eq. 13).
 
     totals(batch) -> the batch-wide scalars the loss is normalised by (denominators, the padded length)
     loss(params, micro_batch, totals) -> (this micro-batch's share of the batch loss, dict of sums for metrics)
@@ -354,7 +370,8 @@ class Objective(NamedTuple):
 
 
 def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
-    """The GRPO loss of a Batch, token means of the metrics over the batch's loss tokens."""
+    """The GRPO loss of a Batch (grpo_loss), each micro-batch's numerator divided by the whole batch's denominator
+    (methods.md eq. 13); token means of the metrics over the batch's loss tokens."""
     cfg = step.loss
 
     def totals(batch: Batch) -> dict:
@@ -378,7 +395,8 @@ def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
 def accumulate(loss_fn: Callable, params, batch, micro_batches: int):
     """Sum of gradients and auxiliary sums of `loss_fn(params, micro_batch) -> (loss, aux)` over micro-batches.
 
-    loss_fn must already divide by the whole batch's denominator, so the sum is the batch gradient.
+    loss_fn must already divide by the whole batch's denominator, so the sum is the batch gradient (methods.md
+    eq. 13).
     """
     size = jax.tree.leaves(batch)[0].shape[0]
     if size % micro_batches:
@@ -403,7 +421,8 @@ def apply_update(state: TrainState, grads, optimizer: optax.GradientTransformati
 
 
 def skip_if_not_finite(updated: TrainState, state: TrainState, loss, grad_norm) -> tuple[TrainState, jax.Array]:
-    """(updated, 0.0) when the loss and the gradient's norm are finite; else (state, 1.0): the update is skipped.
+    """(updated, 0.0) when the loss and the gradient's norm are finite; else (state, 1.0): the update is skipped
+    (methods.md section 1.5).
 
     One NaN or infinity in a gradient (e.g. an overflow in bfloat16, a log of 0) would otherwise pass through AdamW's
     moments into every parameter for good; skipped, it costs one step, and the caller counts skips to stop a run that
@@ -428,16 +447,16 @@ def objective_step(objective: Objective, state: TrainState, batch, optimizer: op
 
 def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimizer: optax.GradientTransformation,
               step: StepConfig = StepConfig()) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One GRPO update: forward, loss, gradients (over micro-batches), clipped AdamW. Pure; jit it with
-    model_config, optimizer and step bound (functools.partial).
+    """One GRPO update (methods.md section 1): forward, loss (eqs. 5-12), gradients (over micro-batches, eq. 13),
+    clipped AdamW. Pure; jit it with model_config, optimizer and step bound (functools.partial).
 
     Metrics (token means are over the batch's loss tokens):
-      loss            the aggregated GRPO loss (numerator / denominator)
-      clip_fraction   share of loss tokens whose ratio is clipped (gradient zeroed by the clip)
-      kl_ref          mean per-token KL(pi_theta || pi_ref) by the chosen estimator (0 when beta = 0)
+      loss            the aggregated GRPO loss (numerator / denominator; eqs. 10-13)
+      clip_fraction   share of loss tokens whose ratio is clipped (gradient zeroed by the clip; eq. 9)
+      kl_ref          mean per-token KL(pi_theta || pi_ref) by the chosen estimator (eq. 7; 0 when beta = 0)
       entropy         mean full-distribution entropy of pi_theta on loss tokens
-      approx_kl_old   mean k3 estimate of KL(pi_old || pi_theta), unbiased under the tokens' sampling policy pi_old:
-                      r - 1 - log r, r = pi_theta / pi_old; how far this update's policy moved
+      approx_kl_old   mean k3 estimate of KL(pi_old || pi_theta), unbiased under the tokens' sampling policy pi_old
+                      (eq. 8): ratio - 1 - log ratio, ratio = pi_theta / pi_old; how far this update's policy moved
       ratio           mean pi_theta / pi_old (1 on-policy)
       grad_norm       global norm of the gradient before clipping
       tokens          number of loss tokens in the batch
@@ -497,11 +516,12 @@ class LengthSortedUpdate:
     most token_budget tokens per device (plan_micro_batches): one jitted gradient per micro-batch shape.
 
     A causal model's log-probs of the real tokens do not depend on the padding after them, and every micro-batch's
-    loss is divided by the whole batch's totals, so the summed gradient is the whole batch's: the result equals
-    objective_step's to float rounding (the sum runs in another order). Sorting by length also saves the padding:
-    a multi-turn rollout's turns vary in length several-fold. shard(micro_batch) places each micro-batch (e.g. over
-    a mesh's data axes; rows come in multiples of row_multiple, the device count), and state_shardings, when given,
-    keeps the state where it is. As in objective_step, an update whose loss or gradient is not finite is skipped.
+    loss is divided by the whole batch's totals (methods.md eq. 13), so the summed gradient is the whole batch's: the
+    result equals objective_step's to float rounding (the sum runs in another order). Sorting by length also saves
+    the padding: a multi-turn rollout's turns vary in length several-fold. shard(micro_batch) places each
+    micro-batch (e.g. over a mesh's data axes; rows come in multiples of row_multiple, the device count), and
+    state_shardings, when given, keeps the state where it is. As in objective_step, an update whose loss or gradient
+    is not finite is skipped.
     """
 
     def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, token_budget: int,

@@ -251,7 +251,8 @@ def logits(params: Params, config: Config, tokens, token_mask, attention: str = 
 
 def token_logprobs(params: Params, config: Config, tokens, token_mask, temperature: float = 1.0, chunk_size: int = 256,
                    dtype=None, remat=False, attention: str = "auto"):
-    """Teacher-forced log pi(tokens[t] | tokens[<t]) and the full-distribution entropy at t, both [b, t] float32.
+    """Teacher-forced log pi(tokens[t] | tokens[<t]) and the full-distribution entropy at t, both [b, t] float32: the
+    log pi_theta of docs/methods.md eq. 5 and the H_t of eq. 6.
 
     Column 0 has no prediction and is 0. Logits are divided by `temperature`, as when sampling.
     """

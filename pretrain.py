@@ -6,7 +6,7 @@ it already does. Offline, on 2 CPU cores, the project builds that starting point
     1. play the environment at random (uniform over its actions), recording every turn
     2. train a byte-level BPE tokenizer on the texts the model will meet (saved in Hugging Face
        format, so `model.load_tokenizer` reads it back like any Hub tokenizer)
-    3. "pretrain" a tiny Qwen2 with cross-entropy on two kinds of transcript:
+    3. "pretrain" a tiny Qwen2 with cross-entropy (rwml.sft_step: docs/methods.md eq. 20) on two kinds of transcript:
          play:         [policy prompt ; response <|im_end|> ; next observation]
                        (the layout PaW trains on: the model learns the format, a uniform policy,
                        and a world model of the game inline)

@@ -1,16 +1,16 @@
 """Rewards: RWML's next-state reward in an embedding space, its ROUGE variant, and task success.
 
-RWML (Yu et al., arXiv 2602.05842; docs/methods.md section 2.3) trains the agent model to
+RWML (Yu et al., arXiv 2602.05842; docs/methods.md section 2.3, eqs. 18-19) trains the agent model to
 predict the next observation, and rewards a prediction by how close it lands to the real one in a
 frozen sentence-embedding space E:
 
     s_hat = the text inside <next_state> ... </next_state>                      (missing: r = 0)
     d = 1 - cos(E(s_hat), E(s_{t+1}))
-    r = 1.0 if d < tau_d else 0.0          RWML eq.: binary, more robust and less hackable than cos
-    r = round_to(ROUGE-L F1(s_hat, s_{t+1}), 0.2)        structured tool responses (tau2-bench)
+    r = 1.0 if d < tau_d else 0.0          methods.md eq. 18: binary, more robust and less hackable than cos
+    r = round_to(ROUGE-L F1(s_hat, s_{t+1}), 0.2)        eq. 19: structured tool responses (tau2-bench)
 
-Policy RL afterwards uses the environment's own return, the sum of its step rewards
-(`rollout.Trajectory.total_reward`: the success reward when the episode is won, plus the game's invalid-action
+Policy RL afterwards uses the environment's own return, the sum of its step rewards (eq. 1,
+`rollout.Trajectory.total_reward`: the success reward when the episode is won, plus the game's invalid-action
 and step penalties); the two are never mixed. Every reward here is a pure function of texts (and a frozen
 embedder) to floats.
 
@@ -69,7 +69,7 @@ def extract_tag(text: str, tag: str = "next_state") -> str | None:
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """1 - cos(a, b) along the last axis, in float64 (vectors need not be normalised)."""
+    """1 - cos(a, b) along the last axis, in float64 (vectors need not be normalised): d of methods.md eq. 18."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     norms = np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
     return 1.0 - np.sum(a * b, axis=-1) / norms
@@ -83,7 +83,7 @@ class Embedder(Protocol):
 
 def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedder: Embedder, tau_d: float,
                        tag: str = "next_state") -> tuple[np.ndarray, np.ndarray]:
-    """RWML eq. (binary cosine reward) for a batch: (rewards [n], distances [n]), both float32.
+    """RWML's binary cosine reward, methods.md eq. 18, for a batch: (rewards [n], distances [n]), both float32.
 
     responses: the world model's full outputs; the prediction is `extract_tag(response, tag)`.
     targets: the true next observations. r = 1.0 if 1 - cos(E(prediction), E(target)) < tau_d
@@ -101,12 +101,13 @@ def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedde
         if prediction is not None:
             distances[i] = cosine_distance(vectors[prediction], vectors[target])
     has_prediction = np.array([p is not None for p in predictions], bool)
-    rewards = np.where(has_prediction & (distances < tau_d), 1.0, 0.0).astype(np.float32)  # RWML eq.: strict d < tau_d
+    rewards = np.where(has_prediction & (distances < tau_d), 1.0, 0.0).astype(np.float32)  # eq. 18: strict d < tau_d
     return rewards, distances.astype(np.float32)
 
 
 def rouge_l_f1(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lowercased whitespace tokens: LCS length l, P = l / |pred|, R = l / |ref|, 2PR / (P + R)."""
+    """ROUGE-L F1 over lowercased whitespace tokens: LCS length l, P = l / |pred|, R = l / |ref|, 2PR / (P + R); the
+    P, Rc and F of methods.md eq. 19."""
     predicted, wanted = prediction.lower().split(), reference.lower().split()
     if not predicted or not wanted:
         return 0.0
@@ -122,7 +123,8 @@ def rouge_l_f1(prediction: str, reference: str) -> float:
 
 
 def rouge_reward(prediction: str, reference: str, step: float = 0.2) -> float:
-    """RWML's reward for structured tool responses: ROUGE-L F1 rounded to the nearest multiple of `step`.
+    """RWML's reward for structured tool responses, methods.md eq. 19: ROUGE-L F1 rounded to the nearest multiple of
+    `step`.
 
     The paper says "ROUGE rounded to a multiple of 0.2"; the variant (ROUGE-L F1) and the tie rule
     are ours: exact halves round up (F1 0.5 -> 0.6), with 1e-9 of slack so that a tie like 0.3,
@@ -134,7 +136,8 @@ def rouge_reward(prediction: str, reference: str, step: float = 0.2) -> float:
 
 def rouge_rewards(responses: Sequence[str], targets: Sequence[str], step: float = 0.2,
                   tag: str = "next_state") -> np.ndarray:
-    """`rouge_reward` of each response's <tag> prediction against its target; a missing tag scores 0. [n] float32."""
+    """`rouge_reward` (methods.md eq. 19) of each response's <tag> prediction against its target; a missing tag
+    scores 0. [n] float32."""
     if len(responses) != len(targets):
         raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
     predictions = [extract_tag(response, tag) for response in responses]

@@ -4,9 +4,9 @@
 (GRPO's groups), turn by turn: build each prompt from the last H turns, sample from the model, parse
 the action, step, until done or the turn limit. It records the exact token ids the model saw and
 sampled, with their log-probs and entropies: text is never re-tokenized to rebuild what the policy
-did. `transitions` turns the record into the <s_<=t, a_t, s_{t+1}> triplets that RWML, PaW and SPA
-consume. `EnvBatch` holds the environments, in this process or in worker processes, and steps them
-a turn at a time.
+did. A trajectory's return is `Trajectory.total_reward` (docs/methods.md eq. 1). `transitions` turns the record
+into the <s_<=t, a_t, s_{t+1}> triplets (eq. 14) that RWML, PaW and SPA consume. `EnvBatch` holds the
+environments, in this process or in worker processes, and steps them a turn at a time.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class Turn:
 
     prompt_ids          the token ids fed to the model (chat template applied), unpadded
     response_ids        the sampled ids, through the stop token inclusive
-    response_logprobs   log pi_old of each response token at the sampling temperature (float32)
-    response_entropies  the policy's full-distribution entropy at each response token
+    response_logprobs   log pi_old of each response token at the sampling temperature (float32; eq. 5's pi_old)
+    response_entropies  the policy's full-distribution entropy at each response token (PaW's eq. 23 averages it)
     response_text       the response decoded (special tokens dropped): what was parsed
     actions             the actions sent to the environment, parsed from response_text ([] if none)
     observation         s_t, the observation this turn acted on
@@ -54,7 +54,7 @@ class Turn:
     actions: list[str]
     next_observation: str
     next_observation_ids: np.ndarray
-    reward: float
+    reward: float  # the turn's steps' rewards, summed; methods.md eq. 1 sums these over the turns
     done: bool
     won: bool
     invalid: bool
@@ -70,6 +70,7 @@ class Trajectory:
 
     @property
     def total_reward(self) -> float:
+        """R_i of methods.md eq. 1: the undiscounted sum of the turns' rewards (each the sum of its steps')."""
         return float(sum(t.reward for t in self.turns))
 
     @property
@@ -78,7 +79,7 @@ class Trajectory:
 
 
 class Transition(NamedTuple):
-    """<s_<=t, a_t, s_{t+1}>: what RWML predicts, PaW appends and SPA writes into its reasoning.
+    """<s_<=t, a_t, s_{t+1}> (methods.md eq. 14): what RWML predicts, PaW appends and SPA writes into its reasoning.
 
     history: the (observation, action) pairs of the H turns before t, oldest first.
     action: the actions sent at t, joined with " || ". (trajectory, turn) index the exact token ids.
@@ -190,6 +191,8 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
 
 
 def transitions(trajectories: Sequence[Trajectory], history: int = 2) -> list[Transition]:
+    """Every turn of every trajectory as a Transition, the x_t of methods.md eq. 14 with H = history (invalid steps
+    included: rwml.triplets_from_rollouts drops them)."""
     out = []
     for index, trajectory in enumerate(trajectories):
         for t, turn in enumerate(trajectory.turns):
@@ -219,7 +222,8 @@ def episode_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
 def play_turn(env: envs.Env, actions: Sequence[str]) -> tuple[str, float, bool, dict]:
     """Step a turn's actions in order until done; no action at all is one invalid step.
 
-    The reward is summed over the turn's steps, and the turn is invalid if any of its steps was.
+    The reward is summed over the turn's steps (their r_t, summed again over turns in eq. 1's return), and the turn is
+    invalid if any of its steps was.
     """
     total, invalid = 0.0, False
     for action in list(actions) or [""]:

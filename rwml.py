@@ -1,25 +1,25 @@
 """RWML: Reinforcement World Model Learning (Yu et al., arXiv 2602.05842), and its WM SFT baseline.
 
 The agent model itself learns to predict the next state, rewarded by how close its prediction is
-to the real next state in a pretrained embedding space (`docs/methods.md` section 2):
+to the real next state in a pretrained embedding space (`docs/methods.md` section 2, eqs. 14-21):
 
-    triplets <s_<=t, a_t, s_{t+1}> from the model's own rollouts (invalid steps dropped; 90/10 split)
+    triplets <s_<=t, a_t, s_{t+1}> from the model's own rollouts (invalid steps dropped; 90/10 split)   (eq. 14)
     for each triplet, sample G predictions s_hat inside <next_state> ... </next_state>
-    RWML eq. (reward):  d = 1 - cos(E(s_hat), E(s_{t+1})),   r = 1 if d < tau_d else 0
+    reward:  d = 1 - cos(E(s_hat), E(s_{t+1})),   r = 1 if d < tau_d else 0                              (eq. 18)
     optimise with GRPO (grpo.grpo_step), groups = the G predictions of one triplet
 
 "Too easy" subsampling, which the paper shows is essential: an SFT copy of the model trained on
 the 10% validation triplets (the filter model) samples K = 10 predictions per training triplet;
 the triplet is easy when its mean reward is > tau_easy (the paper prints ">= 0.0", which would
 make every triplet easy; read as "> 0": at least one hit); easy triplets are kept with
-probability p = 0.1, all others kept. `calibrate_tau_d` picks the filter's tau_d so that about 30%
-of the triplets are easy.
+probability p = 0.1, all others kept (eqs. 15-16). `calibrate_tau_d` picks the filter's tau_d so that about 30%
+of the triplets are easy (eq. 17).
 
 WM SFT, the baseline: the same prompt asking to "directly present" the prediction, and
-cross-entropy on the label "<think> </think>\\n<next_state> {s_{t+1}} </next_state>".
+cross-entropy on the label "<think> </think>\\n<next_state> {s_{t+1}} </next_state>" (eq. 20).
 
 `weight_change` is the paper's evidence that RWML forgets less: per layer and module, the
-fraction of weights with |w' - w| > eta * max(|w|, |w'|), eta = 1e-3.
+fraction of weights with |w' - w| > eta * max(|w|, |w'|), eta = 1e-3 (eq. 21).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import reward
 import rollout
 import sampler
 
-Triplet = rollout.Transition  # <s_<=t, a_t, s_{t+1}> with the task and the H turns before t
+Triplet = rollout.Transition  # <s_<=t, a_t, s_{t+1}> of methods.md eq. 14, with the task and the H turns before t
 Scorer = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]  # (responses, targets) -> (rewards, distances)
 
 
@@ -49,19 +49,20 @@ Scorer = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 
 def triplets_from_rollouts(trajectories: Sequence[rollout.Trajectory], history: int = 2) -> list[Triplet]:
-    """Every step of every trajectory as a triplet, steps with invalid actions dropped (methods.md 2.1)."""
+    """Every step of every trajectory as a triplet (methods.md eq. 14), steps with invalid actions dropped."""
     return [t for t in rollout.transitions(trajectories, history) if not t.invalid]
 
 
 def split_triplets(triplets: Sequence[Triplet], validation_fraction: float = 0.1, seed: int = 0):
-    """A seeded random (train, validation) split; validation gets round(fraction * n), at least 1."""
+    """A seeded random (train, validation) split (methods.md section 2.1); validation gets round(fraction * n), at
+    least 1."""
     order = np.random.default_rng(seed).permutation(len(triplets))
     size = max(1, int(round(validation_fraction * len(triplets))))
     return [triplets[i] for i in order[size:]], [triplets[i] for i in order[:size]]
 
 
 def world_model_prompt(triplet: Triplet, direct: bool = False) -> str:
-    """The world-model prompt of methods.md section 2 (direct=True: WM SFT's "directly present" form)."""
+    """The world-model prompt of methods.md section 2.5 (direct=True: WM SFT's "directly present" form)."""
     lines = [f"You are the world model of an interactive environment. The agent's task is to: {triplet.task}"]
     for i, (seen, action) in enumerate(triplet.history):
         lines.append(f"Earlier observation {i + 1}: {seen}\nEarlier action {i + 1}: {action}")
@@ -86,7 +87,8 @@ def sft_label(triplet: Triplet) -> str:
 
 
 class SFTBatch(NamedTuple):
-    """[batch, time] arrays: prompt then label then EOS, right padded. loss_mask covers label and EOS."""
+    """[batch, time] arrays: prompt then label then EOS, right padded. loss_mask, the m_{i,t} of methods.md eq. 20,
+    covers label and EOS."""
 
     tokens: jax.Array
     token_mask: jax.Array
@@ -117,8 +119,9 @@ def wm_sft_examples(tokenizer, triplets: Sequence[Triplet], direct: bool = True)
 
 
 def sft_objective(model_config: lm.Config, step: grpo.StepConfig = grpo.StepConfig()) -> grpo.Objective:
-    """Cross-entropy on the label tokens, token mean over the whole batch's label tokens (any split of the rows into
-    micro-batches sums to it)."""
+    """Cross-entropy on the label tokens, token mean over the whole batch's label tokens: methods.md eq. 20 (any split
+    of the rows into micro-batches sums to it, eq. 13). Log-probs are at step.temperature; eq. 20's temperature 1
+    is what train.py passes."""
 
     def totals(batch: SFTBatch) -> dict:
         return {"denominator": jnp.maximum(batch.loss_mask.sum(), 1.0)}
@@ -136,14 +139,15 @@ def sft_objective(model_config: lm.Config, step: grpo.StepConfig = grpo.StepConf
 
 def sft_step(state: grpo.TrainState, batch: SFTBatch, model_config: lm.Config, optimizer,
              step: grpo.StepConfig = grpo.StepConfig()) -> tuple[grpo.TrainState, dict]:
-    """One cross-entropy update (sft_objective), over step.micro_batches equal micro-batches."""
+    """One cross-entropy update (sft_objective, methods.md eq. 20), over step.micro_batches equal micro-batches."""
     return grpo.objective_step(sft_objective(model_config, step), state, batch, optimizer, step.micro_batches)
 
 
 def train_wm_sft(state: grpo.TrainState, tokenizer, model_config: lm.Config, triplets: Sequence[Triplet], optimizer,
                  epochs: int = 2, batch_size: int = 32, seed: int = 0, step: grpo.StepConfig = grpo.StepConfig(),
                  direct: bool = True, on_step: Callable | None = None) -> grpo.TrainState:
-    """WM SFT for `epochs` passes over the triplets in seeded shuffled batches (the last partial batch kept)."""
+    """WM SFT (methods.md eq. 20, section 2.5) for `epochs` passes over the triplets in seeded shuffled batches (the
+    last partial batch kept)."""
     update = jax.jit(functools.partial(sft_step, model_config=model_config, optimizer=optimizer, step=step))
     prompts, labels = wm_sft_examples(tokenizer, triplets, direct)
     rng = np.random.default_rng(seed)
@@ -164,8 +168,8 @@ def train_wm_sft(state: grpo.TrainState, tokenizer, model_config: lm.Config, tri
 
 
 def cosine_scorer(embedder, tau_d: float) -> Scorer:
-    """RWML eq. (reward): binary [1 - cos(E(s_hat), E(s)) < tau_d], s_hat from the response's <next_state>
-    tag; a missing prediction scores 0."""
+    """The reward of methods.md eq. 18: binary [1 - cos(E(s_hat), E(s)) < tau_d], s_hat from the response's
+    <next_state> tag; a missing prediction scores 0."""
     return functools.partial(reward.next_state_rewards, embedder=embedder, tau_d=tau_d)
 
 
@@ -189,7 +193,7 @@ def score_texts(texts: Sequence[str], triplets: Sequence[Triplet], samples: int,
 
 @dataclasses.dataclass(frozen=True)
 class RWMLConfig:
-    """The RWML update (ALFWorld defaults of methods.md section 2). The reward's threshold tau_d lives in the
+    """The RWML update (ALFWorld defaults of methods.md section 2.4). The reward's threshold tau_d lives in the
     scorer (cosine_scorer), the history H in the triplets (triplets_from_rollouts)."""
 
     group_size: int = 8
@@ -202,7 +206,9 @@ class RWMLConfig:
 def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_config: lm.Config,
                 triplets: Sequence[Triplet], scorer: Scorer, key, cfg: RWMLConfig = RWMLConfig(),
                 ref_logprobs_fn: Callable | None = None) -> tuple[grpo.TrainState, dict]:
-    """One RWML step: G predictions per triplet, binary rewards, group advantages, one grpo_step.
+    """One RWML step (methods.md section 2.4): G predictions per triplet, binary rewards (eq. 18), group advantages
+    (eq. 2: grpo.advantages' default estimator, whatever the policy stages use), one grpo_step (eq. 6 aggregated by
+    eq. 10, 11 or 12).
 
     step_fn is grpo.grpo_step with its configuration bound (jitted by the caller). ref_logprobs_fn
     (tokens, token_mask) -> log pi_ref is needed when the loss has a KL term. Metrics add the
@@ -237,7 +243,8 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
 def world_model_accuracy(params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], scorer: Scorer, key,
                          greedy: bool = True, samples: int = 1, max_new_tokens: int = 128, direct: bool = False,
                          batch_size: int = 64) -> float:
-    """Mean binary reward of predictions on (validation) triplets: greedy, or `samples` at temperature 1."""
+    """Mean binary reward of predictions on (validation) triplets: greedy, methods.md eq. 31 (RWML's world-model
+    accuracy), or `samples` at temperature 1."""
     sampling = sampler.SamplingParams(0.0 if greedy else 1.0, max_new_tokens=max_new_tokens)
     samples = 1 if greedy else samples
     total = []
@@ -256,8 +263,9 @@ def world_model_accuracy(params, model_config: lm.Config, tokenizer, triplets: S
 
 def filter_distances(filter_params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], embedder_scorer,
                      key, samples: int = 10, max_new_tokens: int = 128, batch_size: int = 16) -> np.ndarray:
-    """[n, K] distances of the filter model's K sampled predictions to each triplet's true next state
-    (1.0 where a prediction has no <next_state> tag). embedder_scorer is a Scorer; only distances are kept."""
+    """[n, K] distances d_k (methods.md eq. 18, read by eqs. 15 and 17) of the filter model's K sampled predictions to
+    each triplet's true next state (1.0 where a prediction has no <next_state> tag). embedder_scorer is a Scorer;
+    only distances are kept."""
     sampling = sampler.SamplingParams(1.0, max_new_tokens=max_new_tokens)
     rows = []
     for start in range(0, len(triplets), batch_size):
@@ -269,12 +277,12 @@ def filter_distances(filter_params, model_config: lm.Config, tokenizer, triplets
 
 
 def easy_triplets(distances: np.ndarray, tau_d: float, tau_easy: float = 0.0) -> np.ndarray:
-    """[n] bool: a triplet is too easy when the mean of its K binary rewards is > tau_easy."""
+    """[n] bool, methods.md eq. 15: a triplet is too easy when the mean of its K binary rewards is > tau_easy."""
     return (distances < tau_d).mean(axis=1) > tau_easy
 
 
 def calibrate_tau_d(distances: np.ndarray, target_easy_fraction: float = 0.3, tau_easy: float = 0.0) -> float:
-    """The tau_d that makes the easy fraction closest to the target (the paper aims at ~30%).
+    """The tau_d that makes the easy fraction closest to the target (the paper aims at ~30%): methods.md eq. 17.
 
     A triplet is easy when more than tau_easy * K of its K distances are < tau_d, that is when its
     k-th smallest distance is < tau_d, k = floor(tau_easy * K) + 1. So the easy fraction at tau_d
@@ -292,23 +300,23 @@ def calibrate_tau_d(distances: np.ndarray, target_easy_fraction: float = 0.3, ta
 
 
 def subsample_easy(triplets: Sequence[Triplet], easy: np.ndarray, keep_easy: float = 0.1, seed: int = 0) -> list[Triplet]:
-    """All hard triplets, and each easy one with probability keep_easy (seeded)."""
+    """All hard triplets, and each easy one with probability keep_easy (seeded): methods.md eq. 16."""
     draws = np.random.default_rng(seed).random(len(triplets))
     return [t for t, is_easy, u in zip(triplets, easy, draws) if not is_easy or u < keep_easy]
 
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-    """"Too easy" subsampling (methods.md section 2.2)."""
+    """"Too easy" subsampling (methods.md section 2.2, eqs. 15-17)."""
 
     samples: int = 10
     """K predictions per training triplet from the filter model"""
     tau_easy: float = 0.0
-    """easy when the mean of the K binary rewards is > tau_easy ("> 0": at least one hit)"""
+    """easy when the mean of the K binary rewards is > tau_easy ("> 0": at least one hit; eq. 15)"""
     keep_easy: float = 0.1
-    """p: probability of keeping an easy triplet (hard ones are all kept)"""
+    """p: probability of keeping an easy triplet (hard ones are all kept; eq. 16)"""
     target_easy_fraction: float = 0.3
-    """calibrate the filter's tau_d so about this fraction is easy; <= 0 keeps tau_d as given"""
+    """calibrate the filter's tau_d so about this fraction is easy (eq. 17); <= 0 keeps tau_d as given"""
     tau_d: float = 0.1
     """the filter's distance threshold when not calibrated (ALFWorld 0.1)"""
     sft_epochs: int = 2
@@ -322,8 +330,9 @@ class FilterConfig:
 def too_easy_subsample(params, model_config: lm.Config, tokenizer, train: Sequence[Triplet],
                        validation: Sequence[Triplet], scorer: Scorer, optimizer, key, cfg: FilterConfig = FilterConfig(),
                        seed: int = 0) -> tuple[list[Triplet], dict]:
-    """The filter model (an SFT copy of params trained on the validation triplets) judges each training
-    triplet; easy ones are kept with probability keep_easy. Returns the kept triplets and a summary.
+    """"Too easy" subsampling, methods.md section 2.2: the filter model (an SFT copy of params trained on the
+    validation triplets, eq. 20) judges each training triplet (eq. 15, its threshold from eq. 17); easy ones are
+    kept with probability keep_easy (eq. 16). Returns the kept triplets and a summary.
 
     scorer provides the distances (its own threshold is not used here).
     """
@@ -347,7 +356,7 @@ MODULES = {("attn", "q"): "q", ("attn", "k"): "k", ("attn", "v"): "v", ("attn", 
 
 def weight_change(before: lm.Params, after: lm.Params, eta: float = 1e-3) -> dict[str, np.ndarray]:
     """Per module (q, k, v, o, gate, up, down): [layers] fraction of kernel weights with
-    |w' - w| > eta * max(|w|, |w'|)."""
+    |w' - w| > eta * max(|w|, |w'|), methods.md eq. 21."""
     layers = sorted((k for k in before if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
     changed = {name: np.zeros(len(layers)) for name in MODULES.values()}
     for index, layer in enumerate(layers):

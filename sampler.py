@@ -8,7 +8,8 @@ of the policy's full distribution at the sampling temperature,
     logprob_t = log softmax(logits_t / T)[token_t],   entropy_t = -sum_v p_v log p_v,
 
 exactly what `model.token_logprobs` recomputes by teacher forcing: that is what keeps the GRPO
-ratio pi_theta / pi_old at 1 on-policy. Top-k and top-p only restrict which token is drawn.
+ratio pi_theta / pi_old (docs/methods.md eq. 5) at 1 on-policy. The entropy is the H_t of eq. 6 and the full form
+of PaW's eq. 23. Top-k and top-p only restrict which token is drawn.
 
 Run `python sampler.py` for a small generation demo on a random tiny checkpoint (offline), or
 `python sampler.py --model Qwen/Qwen2.5-0.5B-Instruct` with a real one.
@@ -157,7 +158,8 @@ def generate(params: lm.Params, config: lm.Config, prompts: Sequence[Sequence[in
 
 def greedy_match_fractions(params, config: lm.Config, rows: list[tuple[list[int], list[int]]], pad_id: int,
                            batch_size: int = 16) -> np.ndarray:
-    """[n] float: the share of each target's tokens that are the argmax after their prefix (teacher forced).
+    """[n] float: the share of each target's tokens that are the argmax after their prefix (teacher forced); a row
+    counts in methods.md eq. 30 when its share is 1.
 
     A fraction of 1 means greedy decoding after the context reproduces the target exactly: greedy
     output equals the target if and only if each target token is the argmax after its prefix. Rows
@@ -176,7 +178,7 @@ def greedy_match_fractions(params, config: lm.Config, rows: list[tuple[list[int]
 
 
 def greedy_matches(params, config: lm.Config, rows: list[tuple[list[int], list[int]]], pad_id: int) -> np.ndarray:
-    """[n] bool: greedy decoding after each context reproduces its target exactly."""
+    """[n] bool: greedy decoding after each context reproduces its target exactly (the terms of methods.md eq. 30)."""
     return greedy_match_fractions(params, config, rows, pad_id) == 1.0
 
 

@@ -13,9 +13,9 @@ model; then run RL.
                 any observation or prediction it wrote removed) and a1 || a2 the actions it took.
                 A response that had the two spans gets their contents replaced; one that did not
                 gets them inserted (a tiny model never writes them before SFT).
-    SFT         cross-entropy on the response (the think and answer spans, observation and
-                prediction included, and the closing EOS); the prompt, which holds the
-                environment's tokens, is masked out. mask_world_model=True also masks the
+    SFT         cross-entropy (methods.md eq. 20, section 4.3) on the response (the think and answer
+                spans, observation and prediction included, and the closing EOS); the prompt, which
+                holds the environment's tokens, is masked out. mask_world_model=True also masks the
                 observation and prediction contents: the paper's "no improvement" ablation, and what
                 its released code does.
     RL          train.py's policy stage (grpo_step) with the same prompt, state estimation kept on.
@@ -50,7 +50,7 @@ class SPAConfig:
 
 
 def render_state(observation: str, info: dict) -> str:
-    """SPA's state estimation: the grid, then the coordinates of its objects."""
+    """SPA's state estimation (methods.md section 4.1): the grid, then the coordinates of its objects."""
     return f"{observation}\n{info['state_estimation']}"
 
 
@@ -129,15 +129,15 @@ def self_play_examples(trajectories: Sequence[rollout.Trajectory], make_env: Cal
 
 def sft_batch(examples: Sequence[Example], pad_id: int, mask_world_model: bool = False,
               min_bucket: int = 16) -> rwml.SFTBatch:
-    """[prompt ; response] rows, right padded to a power of two; the loss covers the response (EOS included),
-    less its observation and prediction contents under mask_world_model."""
+    """[prompt ; response] rows, right padded to a power of two; the loss mask (m_{i,t} of methods.md eq. 20) covers
+    the response (EOS included), less its observation and prediction contents under mask_world_model."""
     keep = [[not wm for wm in e.world_model] for e in examples] if mask_world_model else None
     return rwml.sft_batch([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id, min_bucket, keep)
 
 
 def prediction_row(example: Example) -> tuple[list[int], list[int]]:
-    """(context, target) for the accuracy of the <prediction>: the prompt and the response up to <prediction>
-    (the true observation given), then the true next state's tokens."""
+    """(context, target) for the accuracy of the <prediction> (methods.md eq. 30): the prompt and the response up to
+    <prediction> (the true observation given), then the true next state's tokens."""
     first = example.world_model.index(True)
     second = example.world_model.index(True, first + example.world_model[first:].index(False))
     end = second + example.world_model[second:].index(False)

@@ -1,4 +1,5 @@
-"""grpo.py against a numpy re-derivation of methods.md section 1, and the properties a GRPO step must have."""
+"""grpo.py against a numpy re-derivation of methods.md section 1 (eqs. 2-13), and the properties a GRPO step must
+have."""
 
 import functools
 import time
@@ -70,7 +71,7 @@ def random_loss_inputs(seed=0, batch=6, time_=9):
     return logp, old, ref, adv, mask, entropies
 
 
-# ---- advantages ----
+# ---- advantages (methods.md eqs. 2-4) ----
 
 
 @pytest.mark.parametrize("estimator", grpo.ESTIMATORS)
@@ -180,7 +181,7 @@ def test_turn_rows_train_exactly_each_response_with_its_trajectory_advantage(wit
     np.testing.assert_array_equal(batch.ref_logprobs, 0.0)
 
 
-# ---- the loss ----
+# ---- the loss (methods.md eqs. 5-12) ----
 
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
@@ -195,9 +196,10 @@ def test_loss_matches_numpy(aggregation, kl):
 
 
 def test_dr_grpo_divides_each_sequence_by_the_budget_and_averages_over_every_sequence_but_padding():
-    """seq-mean-token-sum-norm against numpy: the sum of each sequence's token losses / max_length, averaged over the
-    batch's sequences (a row without loss tokens counts, rows of padding only do not); padding the batch wider or
-    with more padding rows changes nothing, and grpo_objective's denominator is the same count."""
+    """seq-mean-token-sum-norm (methods.md eq. 12) against numpy: the sum of each sequence's token losses /
+    max_length, averaged over the batch's sequences (a row without loss tokens counts, rows of padding only do not);
+    padding the batch wider or with more padding rows changes nothing, and grpo_objective's denominator is the same
+    count."""
     logp, old, ref, adv, mask, entropies = random_loss_inputs(3, batch=8)
     token_mask = np.ones(mask.shape, bool)
     token_mask[-2:] = False  # rows of padding (a batch rounded up to a device multiple)
@@ -220,6 +222,7 @@ def test_dr_grpo_divides_each_sequence_by_the_budget_and_averages_over_every_seq
 
 
 def test_kl_estimators_match_their_definitions():
+    """k1, k2 and k3 of methods.md eq. 7."""
     logp, ref = jnp.array([-1.0, -2.0, -0.5]), jnp.array([-1.5, -1.0, -0.5])
     x = np.array([0.5, -1.0, 0.0])
     np.testing.assert_allclose(grpo.kl_penalty(logp, ref, "k1", 20.0), x, atol=1e-6)
@@ -229,8 +232,9 @@ def test_kl_estimators_match_their_definitions():
 
 
 def test_approx_kl_old_estimates_kl_of_pi_old_from_pi_theta_under_pi_old_samples():
-    """Tokens are sampled from pi_old. Over a categorical distribution, the metric's expectation under pi_old (each
-    outcome a token whose mask is its pi_old probability) is exactly KL(pi_old || pi_theta); a large sample agrees."""
+    """methods.md eq. 8. Tokens are sampled from pi_old. Over a categorical distribution, the metric's expectation
+    under pi_old (each outcome a token whose mask is its pi_old probability) is exactly KL(pi_old || pi_theta); a
+    large sample agrees."""
     rng = np.random.default_rng(4)
     pi_old, pi_theta = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
     exact = float(np.sum(pi_old * np.log(pi_old / pi_theta)))
@@ -249,6 +253,7 @@ def test_approx_kl_old_estimates_kl_of_pi_old_from_pi_theta_under_pi_old_samples
 
 
 def test_clip_fraction_counts_tokens_whose_gradient_the_clip_removes():
+    """methods.md eq. 9."""
     logp = jnp.log(jnp.array([[1.5, 0.5, 1.1, 0.7]]))  # ratios against old = 0
     adv = jnp.array([[1.0, -1.0, 1.0, 1.0]])  # clipped: 1.5 with A>0, 0.5 with A<0; not 1.1, not 0.7 with A>0
     terms = grpo.grpo_loss(logp, jnp.zeros_like(logp), logp, adv, jnp.ones_like(logp), grpo.LossConfig(beta=0.0))
@@ -323,6 +328,7 @@ def test_zero_advantages_without_kl_give_a_zero_gradient():
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
 def test_four_micro_batches_of_two_give_the_update_of_one_batch_of_eight(aggregation):
+    """methods.md eq. 13: micro-batch numerators over the whole batch's denominator sum to the batch loss."""
     params = lm.init_params(TINY, jax.random.key(3))
     _, batch = sampled_batch(params, seed=3)
     old_policy = jax.tree.map(lambda x: x * 1.05, params)  # off-policy, so clipping is active on some tokens
@@ -444,8 +450,9 @@ def test_micro_batches_come_in_multiples_of_the_device_count():
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
 def test_length_sorted_update_is_the_whole_batch_update(aggregation):
-    """LengthSortedUpdate against grpo_step on the uncut batch: the same gradient (SGD with lr 1: the update is the
-    gradient; Adam's first step, about lr * sign(g), would hide a wrongly scaled one) and the same metrics."""
+    """LengthSortedUpdate against grpo_step on the uncut batch (methods.md eq. 13): the same gradient (SGD with lr 1:
+    the update is the gradient; Adam's first step, about lr * sign(g), would hide a wrongly scaled one) and the same
+    metrics."""
     params = lm.init_params(TINY, jax.random.key(5))
     batch = ragged_batch(seed=2)
     optimizer = optax.sgd(1.0)

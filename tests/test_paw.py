@@ -1,4 +1,5 @@
-"""paw.py against a numpy re-derivation of methods.md section 3, its gradient argument, its masks, and grpo_step."""
+"""paw.py against a numpy re-derivation of methods.md section 3 (eqs. 22-28), its gradient argument (eq. 26), its
+masks, and grpo_step."""
 
 import functools
 
@@ -16,7 +17,7 @@ import paw
 import rollout
 import sampler
 
-# ---- the three parts against numpy ----
+# ---- the three parts against numpy: selection (eqs. 23-24), world-model loss (eqs. 25, 27), lambda (eq. 28) ----
 
 
 def test_selection_keeps_the_top_alpha_by_action_entropy_ranked_globally():
@@ -115,7 +116,7 @@ def test_turns_of_dropped_trajectories_leave_the_rl_loss_and_keep_the_world_mode
     np.testing.assert_allclose(loss(batch), loss(kept), rtol=1e-6)
 
 
-# ---- the noise-tolerance argument ----
+# ---- the noise-tolerance argument (methods.md eq. 26) ----
 
 
 def test_gradient_on_the_target_logit_is_p_one_minus_p_for_mae_and_one_minus_p_for_ce():

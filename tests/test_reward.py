@@ -96,7 +96,7 @@ def test_empty_tag_gives_none(response):
 
 
 # --------------------------------------------------------------------------------------------
-# RWML's binary cosine reward, with a fake embedder whose distances are exact
+# RWML's binary cosine reward (methods.md eq. 18), with a fake embedder whose distances are exact
 # --------------------------------------------------------------------------------------------
 
 
@@ -148,7 +148,7 @@ def test_all_texts_are_embedded_in_one_call_each_distinct_text_once():
 
 
 # --------------------------------------------------------------------------------------------
-# ROUGE-L for structured responses, and task success
+# ROUGE-L for structured responses (methods.md eq. 19), and task success
 # --------------------------------------------------------------------------------------------
 
 

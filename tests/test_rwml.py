@@ -1,4 +1,5 @@
-"""rwml.py: the triplet dataset, too-easy subsampling, WM SFT, the RWML update, and the weight-change analysis."""
+"""rwml.py: the triplet dataset, too-easy subsampling, WM SFT, the RWML update, and the weight-change analysis
+(methods.md section 2, eqs. 14-21)."""
 
 import dataclasses
 import functools
@@ -38,7 +39,7 @@ def frozenlake_triplets(episodes=120, seed=0, history=1):
     return out
 
 
-# ---- the dataset ----
+# ---- the dataset (methods.md eq. 14) ----
 
 
 def test_triplets_drop_invalid_steps_and_split_90_10_with_a_seed():
@@ -66,7 +67,7 @@ def test_sft_batch_loss_mask_covers_exactly_the_label_and_eos():
     assert batch.tokens.shape[1] == 16
 
 
-# ---- too-easy subsampling ----
+# ---- too-easy subsampling (methods.md eqs. 15-17) ----
 
 
 def test_easy_means_mean_reward_strictly_above_tau_easy():
@@ -96,7 +97,7 @@ def test_calibrated_tau_d_gives_the_target_easy_fraction(tau_easy):
     assert rwml.easy_triplets(distances, tau, tau_easy).mean() == pytest.approx(0.3, abs=1e-3)
 
 
-# ---- weight change ----
+# ---- weight change (methods.md eq. 21) ----
 
 
 def test_weight_change_of_a_model_against_itself_is_zero_and_finds_exactly_the_perturbed_entries():
@@ -150,6 +151,7 @@ def frozenlake_world_model():
 
 
 def test_sft_loss_is_the_mean_label_cross_entropy(frozenlake_world_model):
+    """methods.md eq. 20."""
     train, _, tokenizer, config = frozenlake_world_model
     params = lm.init_params(config, jax.random.key(0))
     prompts, labels = rwml.wm_sft_examples(tokenizer, train[:4])
