@@ -7,13 +7,13 @@ A method is a sequence of stages; each stage composes the pure pieces of the oth
 `jit`, with parameters and optimizer state sharded FSDP-style over a (data x fsdp) device mesh and
 the batch split over all devices:
 
-    grpo          policy RL: rollouts, group advantages, grpo.grpo_step          (methods.md 1)
-    paw           policy RL with PaW's world-model loss: paw.paw_step              (methods.md 3)
-    wm-sft        WM SFT on the model's own transitions: rwml.sft_step              (methods.md 2)
-    rwml          RWML: too-easy filter, G predictions a triplet, cosine reward, grpo_step
+    grpo          policy RL: rollouts, group advantages, grpo.grpo_step        (methods.md section 1, eqs. 1-13)
+    paw           policy RL with PaW's world-model loss: paw.paw_step            (methods.md section 3, eq. 22)
+    wm-sft        WM SFT on the model's own transitions: rwml.sft_step            (methods.md section 2.5, eq. 20)
+    rwml          RWML: too-easy filter, G predictions a triplet, cosine reward, grpo_step   (section 2, eqs. 14-18)
     rwml-grpo     RWML, then policy RL (GRPO) from its parameters, with a fresh optimizer
     wm-sft-grpo   WM SFT, then policy RL
-    spa           SPA: SFT on self-play with the true states in the reasoning, then policy RL   (methods.md 4)
+    spa           SPA: SFT on self-play with the true states in the reasoning, then policy RL   (section 4)
 
 Without --model, the model is the embedded default (`pretrain.py`): a tiny Qwen2 pretrained on
 transcripts of random play in the chosen environment, built once and cached. Every setting is in `settings.py`
@@ -194,10 +194,9 @@ class Run:
             self.checkpoints.save(self.global_step, arrays, {"stage": stage_index, "step": step + 1})
 
 
-def reference_logprobs_fn(run: Run):
-    """(reference params, tokens, mask) -> log pi_ref of every token, at the rollout temperature like the policy's."""
-    return jax.jit(lambda params, tokens, mask: lm.token_logprobs(params, run.config, tokens, mask,
-                                                                  run.args.temperature)[0])
+def reference_logprobs_fn(run: Run, temperature: float):
+    """(reference params, tokens, mask) -> log pi_ref of every token, at the temperature the policy's are taken at."""
+    return jax.jit(lambda params, tokens, mask: lm.token_logprobs(params, run.config, tokens, mask, temperature)[0])
 
 
 def policy_stage(run: Run, index: int, name: str, params, start: int, restored: dict | None):
@@ -213,7 +212,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     objective = (paw.paw_objective(run.config, step_cfg, cfg) if name == "paw"
                  else grpo.grpo_objective(run.config, step_cfg))
     update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
-    reference_fn = reference_logprobs_fn(run) if reference is not None else None
+    reference_fn = reference_logprobs_fn(run, args.temperature) if reference is not None else None
     sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
     with rollout.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
         for step in range(start, args.iterations):
@@ -332,7 +331,9 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
         state, reference = restored["state"], restored.get("reference")
     if name == "rwml":
         scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.tau_d)
-        objective = grpo.grpo_objective(run.config, step_config(args, args.wm_max_new_tokens))
+        # its predictions are sampled at temperature 1, so the ratio's log-probs (and the reference's) are too
+        objective = grpo.grpo_objective(run.config, dataclasses.replace(step_config(args, args.wm_max_new_tokens),
+                                                                        temperature=1.0))
         rwml_cfg = rwml.RWMLConfig(args.wm_group_size, sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens),
                                    args.filter_zero_variance)
     else:
@@ -341,7 +342,7 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
     update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
     reference_of = None
     if name == "rwml" and reference is not None:  # in the update's micro-batches, so it fits where the update does
-        reference_of = functools.partial(update.map_rows, functools.partial(reference_logprobs_fn(run), reference))
+        reference_of = functools.partial(update.map_rows, functools.partial(reference_logprobs_fn(run, 1.0), reference))
     for step in range(start, run.stage_lengths[index]):
         rows = epoch_rows(args.seed, index, step, len(train), args.wm_batch)
         key = jax.random.fold_in(jax.random.fold_in(run.key, index), step)

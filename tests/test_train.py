@@ -84,6 +84,8 @@ COVERING = ["paw", "wm-sft-grpo", "rwml-grpo"]
 def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--method", method, "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, *TINY_WORLD_MODEL]
+    if method == "rwml-grpo":  # RL at 0.7; RWML's predictions are sampled at temperature 1 whatever --temperature says
+        argv += ["--temperature", "0.7"]
     result = run_in_process(argv, cache, monkeypatch)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "eval/success" in r]
@@ -101,6 +103,9 @@ def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache
     # every step records the memory in use and its peak so far (this process's resident memory on a CPU)
     trained = [r for r in records if "train/loss" in r]
     assert all(0 < r["train/memory_gib"] <= r["train/peak_memory_gib"] for r in trained)
+    # every update is on-policy: its log-probs at the sampling temperature equal the sampler's, so the ratio is 1
+    on_policy = [r["train/approx_kl_old"] for r in trained if "train/approx_kl_old" in r]
+    assert on_policy and max(on_policy) < 1e-5, on_policy
     assert [r["train/peak_memory_gib"] for r in trained] == sorted(r["train/peak_memory_gib"] for r in trained)
     # TensorBoard events carry the same scalars as the JSONL
     event_files = list((out / "tensorboard").glob("events.out.tfevents.*"))
