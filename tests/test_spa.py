@@ -121,9 +121,9 @@ def test_spa_runs_end_to_end_and_its_sft_raises_next_state_prediction(tmp_path, 
     out = tmp_path / "run"
     argv = ["--method", "spa", "--env", "frozenlake", "--out", str(out), "--pretrain-steps", "100",
             "--pretrain-episodes", "300",
-            "--spa-tasks", "4", "--spa-rollouts", "4", "--spa-max-turns", "3", "--spa-epochs", "2", "--spa-batch", "8",
+            "--spa.tasks", "4", "--spa.rollouts", "4", "--spa.max-turns", "3", "--spa.epochs", "2", "--spa.batch", "8",
             "--iterations", "1", "--groups", "2", "--group-size", "2", "--max-new-tokens", "128",
-            "--eval-episodes", "2", "--eval-samples", "2", "--wm-eval-transitions", "16", "--eval-every", "100",
+            "--eval.episodes", "2", "--eval.samples", "2", "--eval.wm-transitions", "16", "--eval.every", "100",
             "--update-tokens", "256", "--no-progress"]  # several micro-batches in every update
     train.main(tyro.cli(train.Args, args=argv))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
