@@ -10,8 +10,8 @@ embedded default's for the tiny model of pretrain.py (its learning rate is 1e-3,
 and minutes to learn), and the environment's (ALFWorld's turn cap, history and success reward). On the command line
 they are filled before parsing, so `--help` prints the values a run will use (`--model X --help` the papers').
 
-Built in Python, a run changes settings by their flag names: `override(Args(method="paw"), {"iterations": 2,
-"eval.episodes": 8})`, or with the nested configs themselves.
+Built in Python, a run changes settings by their dotted names, the flags' without dashes: `override(Args(method=
+"paw"), {"iterations": 2, "eval.episodes": 8})`, or with the nested configs themselves.
 """
 
 from __future__ import annotations
