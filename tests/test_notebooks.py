@@ -1,5 +1,5 @@
-"""The classroom notebooks run top to bottom (at reduced sizes: RWML_NOTEBOOK_QUICK=1) and draw their figures, with
-every axis labelled."""
+"""The classroom notebooks run top to bottom (at reduced sizes: RWML_NOTEBOOK_QUICK=1), draw their figures with every
+axis labelled, and are committed with the outputs of such a run, so a reader sees the figures without running them."""
 
 import json
 from pathlib import Path
@@ -11,6 +11,7 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+MAX_BYTES = 1_500_000  # figures at modest resolution; a notebook file past this carries something it should not
 
 # Run first in the kernel: every pyplot figure is checked when the notebook shows it. A visible axes needs an x and a
 # y label, its own or one of the axes it shares that axis with (stacked panels label the bottom one), or the figure's
@@ -76,3 +77,17 @@ def test_notebook_runs_without_errors_and_draws_labelled_figures(notebook, tmp_p
     assert report["checked"] >= pyplot_figures > 0  # every pyplot figure went through the check, each with an axes
     assert report["unlabelled"] == []
 
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_committed_notebook_carries_the_outputs_of_one_run(notebook):
+    """A reader browsing the repository sees every figure: the file holds the outputs of one top-to-bottom run
+    (execution counts 1, 2, 3, ...), without errors, each cell with the images it shows, at a modest size."""
+    assert notebook.stat().st_size < MAX_BYTES
+    book = nbformat.read(notebook, as_version=4)
+    code = [cell for cell in book.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    for index, cell in enumerate(code):
+        assert [o for o in cell.outputs if o.output_type == "error"] == [], f"code cell {index + 1} holds an error"
+        images = sum("image/png" in o.get("data", {}) for o in cell.outputs)
+        assert images == shown_figures(cell), f"code cell {index + 1} shows {shown_figures(cell)} figures, holds {images}"
+    assert sum(map(shown_figures, code)) > 0
