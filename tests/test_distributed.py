@@ -15,12 +15,15 @@ import model as lm
 from test_train import TINY_PRETRAIN  # the embedded default the other tests build: one cache for the session
 
 ROOT = Path(__file__).resolve().parents[1]
-# two updates of 2 tasks x 4 rollouts, a checkpoint after each (Orbax's multi-process save), one evaluation before and
-# one after; the token budget is fixed because its default comes from each process's free memory
-ARGV = ["--method", "grpo", *TINY_PRETRAIN, "--iterations", "2", "--groups", "2", "--group-size", "4", "--max-turns",
-        "3", "--eval.episodes", "2", "--eval.wm-transitions", "2", "--eval.every", "100", "--checkpoint-every", "1",
-        "--update-tokens", "4096", "--no-progress"]
-TIMEOUT = 240  # seconds a run may take before it is killed (a process waiting on a dead peer would wait for minutes)
+# two updates of one task x 2 rollouts, a checkpoint after each (Orbax's multi-process save), a one-turn evaluation
+# before and after (at the rollouts' temperature: the sampler compiled for training serves it); the token budget is fixed (its default comes from each process's free memory) and large enough for
+# one micro-batch, so each update compiles once
+ARGV = ["--method", "grpo", *TINY_PRETRAIN, "--iterations", "2", "--groups", "1", "--group-size", "2",
+        "--eval.episodes", "1", "--eval.wm-transitions", "1", "--eval.max-turns", "1", "--eval.temperature", "1.0", "--eval.every", "100",
+        "--checkpoint-every", "1", "--update-tokens", "4096", "--no-progress"]
+# compiling is most of these runs' time: LLVM without optimisations halves it, the same in all three processes
+XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count="
+TIMEOUT = 300  # seconds a run may take before it is killed (a process waiting on a dead peer would wait for minutes)
 
 
 def free_port() -> int:
@@ -31,7 +34,7 @@ def free_port() -> int:
 
 def start(argv, cache, devices: int) -> subprocess.Popen:
     environment = {**os.environ, "RWML_JAX_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-                   "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+                   "XLA_FLAGS": f"{XLA_FLAGS}{devices}"}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -56,10 +59,11 @@ def records(out: Path) -> list[dict]:
 
 def test_two_processes_train_the_parameters_of_one_process_on_the_same_devices(embedded_cache, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    finish([start([*ARGV, "--out", str(one)], embedded_cache, devices=2)])  # first: it builds the cache if need be
     cluster = ["--distributed", "--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
-    outputs = finish([start([*ARGV, "--out", str(two), *cluster, "--process-id", str(i)], embedded_cache, devices=1)
-                      for i in range(2)])
+    # all three at once (pretrain.py's lock lets one of them build the embedded default if the cache lacks it)
+    outputs = finish([start([*ARGV, "--out", str(one)], embedded_cache, devices=2),
+                      *[start([*ARGV, "--out", str(two), *cluster, "--process-id", str(i)], embedded_cache, devices=1)
+                        for i in range(2)]])[1:]
     assert all("mesh {'data': 1, 'fsdp': 2} over 2 cpu device(s) in 2 process(es)" in o for o in outputs), outputs[0]
     # The same SPMD program on the same (data 1 x fsdp 2) mesh, its collectives over gloo instead of in process: a sum
     # of two shards is one addition either way, so nothing is reordered and the results agree exactly in practice;
