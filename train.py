@@ -26,7 +26,8 @@ Metrics go to metrics.jsonl, TensorBoard event files and the progress bar, curve
 Orbax checkpoints (`checkpoints.py`: parameters, optimizer state, reference, RNG, stage and step, which fixes the
 data position) every --checkpoint-every steps; --resume continues bit for bit; the final model is exported in
 Hugging Face format to <out>/model, and a two-stage method's first-stage model to <out>/model-stage0-<stage> (e.g.
-the RWML model that policy RL starts from). The device mesh and the memory-sized updates are `sharding.py`'s.
+the RWML model that policy RL starts from). The device mesh and the memory-sized updates are `sharding.py`'s; one run
+over several processes (--distributed; policy RL only) is `multihost.py`'s.
 """
 
 from __future__ import annotations
