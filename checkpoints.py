@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import model as lm
+import multihost
 
 
 class NotFiniteError(Exception):
@@ -29,17 +30,23 @@ def all_finite(tree) -> bool:
 
 
 def export_model(folder: Path, config: lm.Config, params, tokenizer) -> None:
-    """The model in Hugging Face format; refused (NotFiniteError) if a parameter is NaN or infinite, nothing written."""
+    """The model in Hugging Face format, written by process 0; refused (NotFiniteError) if a parameter is NaN or
+    infinite, nothing written."""
     if not all_finite(params):
         raise NotFiniteError(f"the model to export to {folder} has a parameter that is not finite (NaN or infinity); "
                         "nothing was exported. Fix: start again in another --out with a lower learning rate, or with "
                         "--compute-dtype float32.")
-    lm.save_checkpoint(folder, config, jax.device_get(params), tokenizer)
+    host = multihost.to_host(params)  # every process gathers (a collective); one writes
+    if multihost.is_primary():
+        lm.save_checkpoint(folder, config, host, tokenizer)
 
 
 class Checkpoints:
     """Orbax checkpoints named by the global step: the arrays ({state, reference (when the KL term needs it),
-    key}) and, as JSON, the position (stage index and step within it, which fixes the data position)."""
+    key}) and, as JSON, the position (stage index and step within it, which fixes the data position).
+
+    With several processes every one of them saves and restores (each writes its own shards, process 0 the rest), so
+    the arrays must be global ones: on the run's mesh, none on one process's device alone."""
 
     def __init__(self, folder: Path):
         import orbax.checkpoint as ocp

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 import model as lm
+import multihost
 import rollout
 import sampler
 
@@ -569,6 +570,6 @@ class LengthSortedUpdate:
         out = np.zeros(tokens.shape, np.float32)
         for indices, width in plans:
             piece = micro_batch((tokens, token_mask), indices, width, self._rows(indices))
-            values = np.asarray(fn(*self.shard(piece)))
+            values = multihost.to_host(fn(*self.shard(piece)))
             out[indices, :width] = values[:len(indices)]
         return out

@@ -45,18 +45,26 @@ class Logger:
 
     A run that starts at step start_step > 0 (a resumed run) keeps the lines up to its checkpoint's step and drops
     the rest; TensorBoard's files are written again from the lines kept, so both hold every step exactly once
-    whatever stopped the run before (Ctrl-C, kill -9, an error)."""
+    whatever stopped the run before (Ctrl-C, kill -9, an error).
+
+    record=False writes nothing and shows no bar (every process but the first of a multi-process run: one run, one
+    set of files); either way the evaluations logged (and those kept) are in .evaluations."""
 
     def __init__(self, out: Path, total_steps: int, start_step: int, tensorboard: bool = True, progress: bool = True,
-                 name: str = ""):
+                 name: str = "", record: bool = True):
         self.path = out / "metrics.jsonl"
+        self.file = self.writer = self.bar = None
+        self.evaluations: list[dict] = []
+        self.shown: dict[str, object] = {}
+        if not record:
+            return
         kept = []  # a run from step 0 (also one stopped before its first checkpoint) starts the file again
         if start_step > 0 and self.path.exists():  # a resumed run drops what was logged after its checkpoint
             kept = [record for record in map(_record, self.path.read_text().splitlines())
                     if record is not None and record["step"] <= start_step]
         self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         self.file = self.path.open("a")
-        self.writer = None
+        self.evaluations = [record for record in kept if "eval/success" in record]
         if tensorboard:  # rewritten from the JSONL kept: every step exactly once, whatever stopped the last run
             from tensorboardX import SummaryWriter
 
@@ -67,16 +75,19 @@ class Logger:
                 for name, value in record.items():
                     if "/" in name:
                         self.writer.add_scalar(name, value, record["step"], walltime=record["time"])
-        self.bar = None
         if progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True)
-        self.shown: dict[str, object] = {}
 
     def log(self, step: int, stage: str, metrics: dict, prefix: str = "train") -> None:
         values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": step, "stage": stage, "time": time.time(), **values}) + "\n")
+        record = {"step": step, "stage": stage, "time": time.time(), **values}
+        if "eval/success" in record:
+            self.evaluations.append(record)
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
             for name, value in values.items():
@@ -98,7 +109,8 @@ class Logger:
         (self.bar.write if self.bar is not None else print)(text)
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
         if self.bar is not None:

@@ -22,6 +22,7 @@ import numpy as np
 
 import envs
 import model as lm
+import multihost
 import sampler
 
 
@@ -157,7 +158,7 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
             prompts.append(encode_prompt(tokenizer, prompt(trajectories[i].task, past, turn, observation, info)))
         padded = prompts + [prompts[0]] * (lm.bucket_length(len(prompts), 1) - len(prompts))
         with _stopwatch(timings, "model"):
-            out = jax.device_get(sampler.generate(params, config, padded, jax.random.fold_in(key, turn), sampling,
+            out = multihost.to_host(sampler.generate(params, config, padded, jax.random.fold_in(key, turn), sampling,
                                                   stop_token_ids=stop_ids, pad_token_id=pad_id))
         responses = {}
         for row, i in enumerate(active):

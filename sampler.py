@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import model as lm
+import multihost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,7 @@ def greedy_match_fractions(params, config: lm.Config, rows: list[tuple[list[int]
         sequences = [list(context) + list(target) for context, target in chunk]
         tokens, mask = lm.left_pad(sequences, lm.bucket_length(max(map(len, sequences))), pad_id)
         width = min(lm.bucket_length(max(len(target) for _, target in chunk), 8), tokens.shape[1] - 1)
-        predicted = np.asarray(_argmax_of_last(params, config, tokens, mask, width))  # predicts the last `width` tokens
+        predicted = multihost.to_host(_argmax_of_last(params, config, tokens, mask, width))  # predicts the last `width` tokens
         fractions += [float(np.mean(predicted[row, width - len(target):] == np.asarray(target)))
                       for row, (_, target) in enumerate(chunk)]
     return np.array(fractions)

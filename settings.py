@@ -241,7 +241,15 @@ class Args:
     mesh_fsdp: int = -1
     """FSDP axis (parameters and optimizer state sharded over it); -1: all devices left"""
     distributed: bool = False
-    """call jax.distributed.initialize() first (multi-host; it reads the cluster from the environment)"""
+    """one run over several processes (hosts): every process runs the same command and joins the cluster first
+    (jax.distributed.initialize; gloo collectives on CPUs); process 0 writes the files, all save checkpoints"""
+    coordinator: Annotated[str | None, follows("$JAX_COORDINATOR_ADDRESS, or the cluster JAX detects")] = None
+    """--distributed: host:port of process 0, which the others connect to (JAX detects SLURM, Open MPI, Kubernetes
+    and TPU clusters; elsewhere, e.g. several processes on one machine, set the three of these)"""
+    num_processes: Annotated[int | None, follows("the cluster JAX detects")] = None
+    """--distributed: how many processes the run has"""
+    process_id: Annotated[int | None, follows("the cluster JAX detects")] = None
+    """--distributed: this process's index, 0 to --num-processes - 1 (0 writes the run's files)"""
     remat: bool = False
     """recompute each transformer block in the backward pass (less memory, ~1/3 more compute)"""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -366,7 +374,7 @@ def settings_block(args: Args) -> str:
 # micro-batches, which moves results at float rounding (grpo.LengthSortedUpdate); main() fills it after loading the
 # model, so a run's args.json holds a number where the command line may not.
 OUTPUT_SETTINGS = ("out", "resume", "checkpoint_every", "tensorboard", "progress", "cache", "workers", "distributed",
-                   "update_tokens")
+                   "coordinator", "num_processes", "process_id", "update_tokens")
 # ... and those a resumed run may change too: how often it evaluates (every evaluation has its own fixed key, so it
 # never moves the training's random numbers)
 RESUME_NEUTRAL = (*[f"--{name.replace('_', '-')}" for name in OUTPUT_SETTINGS], "--eval.every", "--eval.wm-every")
@@ -425,6 +433,7 @@ NUMBER_RULES = [
     ("--mesh-data", *AT_LEAST_ONE, "1"),
     ("--mesh-fsdp", "at least 1, or -1 (every device left)", lambda v: v >= 1 or v == -1, "-1"),
     ("--update-tokens", *AT_LEAST_ONE, "4096"), ("--workers", "at least 0 (0: in process)", lambda v: v >= 0, "0"),
+    ("--num-processes", *AT_LEAST_ONE, "2"), ("--process-id", "at least 0", lambda v: v >= 0, "0"),
     ("--pretrain-steps", *AT_LEAST_ONE, str(pretrain.PretrainConfig.steps)),
     ("--pretrain-episodes", *AT_LEAST_ONE, str(pretrain.PretrainConfig.episodes)),
 ]
@@ -474,6 +483,10 @@ def check(args: Args) -> None:
             reward.minilm_folder()
         except ModuleNotFoundError as error:
             raise UsageError(f"RWML's reward needs a sentence embedder. {error}") from error
+    if jax.process_count() > 1 and set(STAGES[args.method]) - {"grpo", "paw"}:
+        raise UsageError(f"--method {args.method}: over several processes (--distributed) only policy RL runs so far; "
+                         "the world-model and SFT stages gather their data in one process's files, which every "
+                         "process would write. Fix: --method grpo or paw, or one process on its devices.")
     devices = jax.device_count()
     fsdp = devices // args.mesh_data if args.mesh_fsdp == -1 else args.mesh_fsdp
     if args.mesh_data * fsdp != devices:

@@ -89,4 +89,8 @@ def default_update_tokens(config: lm.Config, parameters: int, reference: bool, d
 
 def place(tree, mesh: Mesh):
     """A sharded copy of tree (never an alias: updates donate their state, which must not free the caller's arrays)."""
-    return jax.device_put(tree, state_sharding(tree, mesh), may_alias=False)
+    shardings = state_sharding(tree, mesh)
+    if jax.process_count() > 1:  # a process-local jax.Array put on a mesh over several processes comes out broken (a
+        # replicated one has too many shards; JAX 0.10): those go from the host, as numpy, which every process holds
+        tree = jax.tree.map(lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", True) else x, tree)
+    return jax.device_put(tree, shardings, may_alias=False)

@@ -26,7 +26,8 @@ Metrics go to metrics.jsonl, TensorBoard event files and the progress bar, curve
 Orbax checkpoints (`checkpoints.py`: parameters, optimizer state, reference, RNG, stage and step, which fixes the
 data position) every --checkpoint-every steps; --resume continues bit for bit; the final model is exported in
 Hugging Face format to <out>/model, and a two-stage method's first-stage model to <out>/model-stage0-<stage> (e.g.
-the RWML model that policy RL starts from). The device mesh and the memory-sized updates are `sharding.py`'s.
+the RWML model that policy RL starts from). The device mesh and the memory-sized updates are `sharding.py`'s; one run
+over several processes (--distributed; policy RL only) is `multihost.py`'s.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import checkpoints
 import envs
@@ -49,6 +50,7 @@ import evaluate
 import grpo
 import logs
 import model as lm
+import multihost
 import paw
 import pretrain
 import reward
@@ -163,6 +165,11 @@ class Run:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
+    def key_data(self) -> jax.Array:
+        """The run's key as checkpointed: replicated over the mesh, a global array that every process saves (from
+        numpy: sharding.place says why)."""
+        return jax.device_put(np.asarray(jax.random.key_data(self.key)), NamedSharding(self.mesh, PartitionSpec()))
+
     def evaluate(self, params, stage: str) -> dict:
         metrics = self.evaluator(params, jax.random.key(evaluate.EVAL_SEED))  # one key for every evaluation: less noise between them
         self.logger.log(self.global_step, stage, metrics, prefix="eval")
@@ -188,7 +195,7 @@ class Run:
         if (step + 1) % every == 0 or last:
             self.evaluate(state.params, stage)
         if self.global_step % self.args.checkpoint_every == 0 or last:
-            arrays = {"state": state, "key": jax.random.key_data(self.key)}
+            arrays = {"state": state, "key": self.key_data()}
             if reference is not None:
                 arrays["reference"] = reference
             self.checkpoints.save(self.global_step, arrays, {"stage": stage_index, "step": step + 1})
@@ -420,91 +427,116 @@ def load_model(args: Args, game: pretrain.Game, log=print):
 
 
 def main(args: Args) -> dict:
-    """Run the method; returns the first and last evaluation."""
-    if args.distributed:
-        jax.distributed.initialize()
+    """Run the method; returns the first and last evaluation. With --distributed every process of the run calls it
+    with the same settings (multihost.py): the same program, one set of files."""
+    if args.distributed:  # before any other JAX call
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id)
     args = settle(args)
     settings.check(args)
+    multihost.barrier("settings checked")  # every process has read a resumed run's args.json before it is rewritten
     print(f"settings (those not at their defaults; all in {Path(args.out) / 'args.json'}):\n{settings.settings_block(args)}")
     game = make_game(args)
     folder, config, params, tokenizer = load_model(args, game)
     mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp)
     print(f"{args.method} on {args.env}: {config.model_type} from {folder} ({lm.count_params(params):,} parameters), "
-          f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), out {args.out}")
+          f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s) in "
+          f"{jax.process_count()} process(es), out {args.out}")
     if args.update_tokens is None:
         tokens, why = sharding.default_update_tokens(config, lm.count_params(params), args.loss.beta > 0, mesh.size)
+        agreed = multihost.smallest(tokens)  # every process must cut its updates alike: to the tightest memory's
+        if agreed < tokens:
+            tokens, why = agreed, f"{agreed:,} tokens per device (another process's memory)"
         args = dataclasses.replace(args, update_tokens=tokens)
         print(f"updates in micro-batches of at most {why}; --update-tokens to change")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
-    run = Run(args, game, config, tokenizer, mesh, out, jax.random.key(args.seed),
-              make_evaluator(args, game, tokenizer, config))
-    run.checkpoints = checkpoints.Checkpoints(out / "checkpoints")
-    stages = STAGES[args.method]
-    latest = run.checkpoints.latest() if args.resume else None
-    if not args.resume:  # a start that failed before its first checkpoint may have left a stage's data: not reused
-        for stale in [*out.glob("stage*-triplets.json"), *out.glob("stage*-spa-examples.json")]:
-            stale.unlink()
-    position, restored = {"stage": 0, "step": 0}, None
-    if latest is not None:
-        position, run.global_step = run.checkpoints.position(latest), latest
-    # stage lengths: policy stages are fixed; a world-model stage's depends on its data, known when it starts
-    for index, name in enumerate(stages):
-        if name in ("grpo", "paw"):
-            run.stage_lengths[index] = args.iterations
-    run.logger = logs.Logger(out, sum(run.stage_lengths.values()), run.global_step, args.tensorboard, args.progress,
-                             args.method)
+    run, latest, position = open_run(args, game, config, tokenizer, mesh)
     try:
-        if run.global_step == 0:
-            run.evaluate(jax.device_put(params), "base")
-        params = sharding.place(params, mesh)
-        for index, name in enumerate(stages):
-            if index < position["stage"]:
-                continue
-            start = position["step"] if index == position["stage"] else 0
-            data = None
-            if name in ("wm-sft", "rwml"):
-                scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.filter.tau_d) if name == "rwml" else None
-                data = world_model_data(run, index, name, params, scorer)
-                run.stage_lengths[index] = epoch_steps(args.wm_epochs, len(data["train"]), args.wm_batch)
-            elif name == "spa-sft":
-                data = spa_data(run, index, params)
-                run.stage_lengths[index] = epoch_steps(args.spa.epochs, len(data["examples"]), args.spa.batch)
-            if data is not None:  # a data stage's length is known once its data is
-                if run.logger.bar is not None:
-                    run.logger.bar.total = sum(run.stage_lengths.values())
-                run.logger.write(f"{name} data: {data['summary']}")
-            if index == position["stage"] and latest is not None:
-                like = {"state": _fresh_state(run, name, params), "key": jax.random.key_data(run.key)}
-                if _uses_reference(args, name):
-                    like["reference"] = like["state"].params
-                restored = run.checkpoints.restore(latest, like)
-                params = restored["state"].params
-            if start < run.stage_lengths[index]:
-                if name in ("grpo", "paw"):
-                    params = policy_stage(run, index, name, params, start, restored)
-                elif name == "spa-sft":
-                    params = spa_stage(run, index, params, start, restored, data)
-                else:
-                    params = world_model_stage(run, index, name, params, start, restored, data)
-            restored = None
-            if index < len(stages) - 1:  # what the next stage starts from (e.g. the RWML model before policy RL)
-                checkpoints.export_model(out / f"model-stage{index}-{name}", config, params, tokenizer)
+        params = run_stages(run, params, latest, position)
         run.checkpoints.close()
-        checkpoints.export_model(out / "model", config, params, tokenizer)
+        checkpoints.export_model(run.out / "model", config, params, tokenizer)
     finally:
         run.evaluator.close()
         run.logger.close()
-    evaluations = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-                   if "eval/success" in line]
-    logs.plot_curves(out / "metrics.jsonl", out / "curves.png")
-    before, after = evaluations[0], evaluations[-1]
+    before, after = run.logger.evaluations[0], run.logger.evaluations[-1]
+    if multihost.is_primary():
+        logs.plot_curves(run.out / "metrics.jsonl", run.out / "curves.png")
     print(f"task success before {before['eval/success']:.3f} -> after {after['eval/success']:.3f}; world-model "
           f"accuracy (inline) {before['eval/wm_accuracy_inline']:.3f} -> {after['eval/wm_accuracy_inline']:.3f}, "
           f"(RWML prompt) {before['eval/wm_accuracy']:.3f} -> {after['eval/wm_accuracy']:.3f}")
-    print(f"metrics {out / 'metrics.jsonl'}, plot {out / 'curves.png'}, model {out / 'model'}")
+    print(f"metrics {run.out / 'metrics.jsonl'}, plot {run.out / 'curves.png'}, model {run.out / 'model'}")
     return {"before": before, "after": after}
+
+
+def open_run(args: Args, game: pretrain.Game, config: lm.Config, tokenizer, mesh: Mesh) -> tuple[Run, int | None, dict]:
+    """The run folder (args.json; process 0 writes it), the checkpoints, the logger, and where training starts:
+    (run, the checkpoint resumed from or None, {"stage", "step"})."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # every process: Orbax's checkpoints go in it
+    if multihost.is_primary():
+        (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+        if not args.resume:  # a start that failed before its first checkpoint may have left a stage's data: not reused
+            for stale in [*out.glob("stage*-triplets.json"), *out.glob("stage*-spa-examples.json")]:
+                stale.unlink()
+    run = Run(args, game, config, tokenizer, mesh, out, jax.random.key(args.seed),
+              make_evaluator(args, game, tokenizer, config))
+    run.checkpoints = checkpoints.Checkpoints(out / "checkpoints")
+    latest = run.checkpoints.latest() if args.resume else None
+    position = {"stage": 0, "step": 0}
+    if latest is not None:
+        position, run.global_step = run.checkpoints.position(latest), latest
+    # stage lengths: policy stages are fixed; a world-model stage's depends on its data, known when it starts
+    for index, name in enumerate(STAGES[args.method]):
+        if name in ("grpo", "paw"):
+            run.stage_lengths[index] = args.iterations
+    run.logger = logs.Logger(out, sum(run.stage_lengths.values()), run.global_step, args.tensorboard, args.progress,
+                             args.method, record=multihost.is_primary())
+    return run, latest, position
+
+
+def run_stages(run: Run, params, latest: int | None, position: dict):
+    """Evaluate the base model (a fresh run), then run each stage from `position` on; returns the final parameters."""
+    args, stages = run.args, STAGES[run.args.method]
+    if run.global_step == 0:
+        run.evaluate(jax.device_put(params), "base")
+    params = sharding.place(params, run.mesh)
+    for index, name in enumerate(stages):
+        if index < position["stage"]:
+            continue
+        start = position["step"] if index == position["stage"] else 0
+        data = stage_data(run, index, name, params)
+        restored = None
+        if index == position["stage"] and latest is not None:
+            like = {"state": _fresh_state(run, name, params), "key": run.key_data()}
+            if _uses_reference(args, name):
+                like["reference"] = like["state"].params
+            restored = run.checkpoints.restore(latest, like)
+            params = restored["state"].params
+        if start < run.stage_lengths[index]:
+            if name in ("grpo", "paw"):
+                params = policy_stage(run, index, name, params, start, restored)
+            elif name == "spa-sft":
+                params = spa_stage(run, index, params, start, restored, data)
+            else:
+                params = world_model_stage(run, index, name, params, start, restored, data)
+        if index < len(stages) - 1:  # what the next stage starts from (e.g. the RWML model before policy RL)
+            checkpoints.export_model(run.out / f"model-stage{index}-{name}", run.config, params, run.tokenizer)
+    return params
+
+
+def stage_data(run: Run, index: int, name: str, params) -> dict | None:
+    """A world-model or SFT stage's data (None for policy RL, which plays as it goes), and with it the stage's length."""
+    args, data = run.args, None
+    if name in ("wm-sft", "rwml"):
+        scorer = rwml.cosine_scorer(make_embedder(args.embedder), args.filter.tau_d) if name == "rwml" else None
+        data = world_model_data(run, index, name, params, scorer)
+        run.stage_lengths[index] = epoch_steps(args.wm_epochs, len(data["train"]), args.wm_batch)
+    elif name == "spa-sft":
+        data = spa_data(run, index, params)
+        run.stage_lengths[index] = epoch_steps(args.spa.epochs, len(data["examples"]), args.spa.batch)
+    if data is not None:  # a data stage's length is known once its data is
+        if run.logger.bar is not None:
+            run.logger.bar.total = sum(run.stage_lengths.values())
+        run.logger.write(f"{name} data: {data['summary']}")
+    return data
 
 
 def _uses_reference(args: Args, name: str) -> bool:
