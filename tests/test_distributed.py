@@ -16,11 +16,12 @@ from test_train import TINY_PRETRAIN  # the embedded default the other tests bui
 
 ROOT = Path(__file__).resolve().parents[1]
 # two updates of one task x 2 rollouts, a checkpoint after each (Orbax's multi-process save), a one-turn evaluation
-# before and after (at the rollouts' temperature: the sampler compiled for training serves it); the token budget is fixed (its default comes from each process's free memory) and large enough for
-# one micro-batch, so each update compiles once
+# before and after (at the rollouts' temperature: the sampler compiled for training serves it); the token budget is
+# fixed (its default comes from each process's free memory) and large enough for one micro-batch, so each update
+# compiles once
 ARGV = ["--method", "grpo", *TINY_PRETRAIN, "--iterations", "2", "--groups", "1", "--group-size", "2",
-        "--eval.episodes", "1", "--eval.wm-transitions", "1", "--eval.max-turns", "1", "--eval.temperature", "1.0", "--eval.every", "100",
-        "--checkpoint-every", "1", "--update-tokens", "4096", "--no-progress"]
+        "--eval.episodes", "1", "--eval.wm-transitions", "1", "--eval.max-turns", "1", "--eval.temperature", "1.0",
+        "--eval.every", "100", "--checkpoint-every", "1", "--update-tokens", "4096", "--no-progress"]
 # compiling is most of these runs' time: LLVM without optimisations halves it, the same in all three processes
 XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count="
 TIMEOUT = 300  # seconds a run may take before it is killed (a process waiting on a dead peer would wait for minutes)
