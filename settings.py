@@ -291,6 +291,12 @@ def parse(argv: list[str] | None = None) -> Args:
 UNPREFIXED = ("loss", "paw")  # nested configs whose flags carry no prefix (tyro.conf.OmitArgPrefixes above)
 
 
+def flag_name(name: str) -> str:
+    """A setting's flag from its dotted name: "eval.wm_every" -> "--eval.wm-every" (loss and paw settings by their
+    own names: "beta" -> "--beta")."""
+    return "--" + name.replace("_", "-")
+
+
 def flags(args: Args | dict) -> dict[str, object]:
     """Every setting by its flag: {"--iterations": 30, "--beta": 0.0, "--eval.episodes": 128, ...}. args may be a
     run's args.json (nested dicts)."""
@@ -298,11 +304,20 @@ def flags(args: Args | dict) -> dict[str, object]:
     out = {}
     for name, value in values.items():
         if isinstance(value, dict):
-            prefix = "" if name in UNPREFIXED else name.replace("_", "-") + "."
-            out.update({f"--{prefix}{inner.replace('_', '-')}": v for inner, v in value.items()})
+            prefix = "" if name in UNPREFIXED else name + "."
+            out.update({flag_name(prefix + inner): v for inner, v in value.items()})
         else:
-            out["--" + name.replace("_", "-")] = value
+            out[flag_name(name)] = value
     return out
+
+
+def argument(flag: str, value) -> list[str]:
+    """The command-line words that set flag to value: a switch alone (--progress / --no-progress, --spa.dedupe /
+    --spa.no-dedupe), anything else with its value."""
+    if isinstance(value, bool):
+        group, _, name = flag[2:].rpartition(".")
+        return [flag if value else f"--{group + '.' if group else ''}no-{name}"]
+    return [flag, str(value)]
 
 
 def get(args: Args, name: str):
@@ -355,14 +370,10 @@ def settings_block(args: Args) -> str:
     """The settings that differ from Args' defaults (what the command line and settle() chose, e.g. the papers'
     recipe that --model switches on), as flags that reproduce them, wrapped to a compact block."""
     defaults, lines = flags(Args()), [""]
-    for flag, value in flags(args).items():
-        if value == defaults[flag]:
+    for name, value in flags(args).items():
+        if value == defaults[name]:
             continue
-        if isinstance(value, bool):
-            head, _, name = flag[2:].rpartition(".")
-            word = flag if value else f"--{head + '.' if head else ''}no-{name}"
-        else:
-            word = f"{flag} {shlex.quote(str(value))}"
+        word = shlex.join(argument(name, value))
         if len(lines[-1]) + len(word) > 108 and lines[-1]:  # a flag and its value stay on one line
             lines.append("")
         lines[-1] += f" {word}" if lines[-1] else word
@@ -377,7 +388,7 @@ OUTPUT_SETTINGS = ("out", "resume", "checkpoint_every", "tensorboard", "progress
                    "coordinator", "num_processes", "process_id", "update_tokens")
 # ... and those a resumed run may change too: how often it evaluates (every evaluation has its own fixed key, so it
 # never moves the training's random numbers)
-RESUME_NEUTRAL = (*[f"--{name.replace('_', '-')}" for name in OUTPUT_SETTINGS], "--eval.every", "--eval.wm-every")
+RESUME_NEUTRAL = tuple(map(flag_name, (*OUTPUT_SETTINGS, "eval.every", "eval.wm_every")))
 
 
 def setting_changes(saved: dict, args: Args, neutral: tuple[str, ...] = RESUME_NEUTRAL) -> list[tuple[str, object, object]]:

@@ -76,11 +76,8 @@ def test_every_flag_name_is_one_the_command_line_takes():
     args = settings.settle(settings.Args(model=HUB_ID))
     argv = []
     for flag, value in settings.flags(args).items():
-        if isinstance(value, bool):
-            head, _, name = flag[2:].rpartition(".")
-            argv.append(flag if value else f"--{head + '.' if head else ''}no-{name}")
-        elif value is not None:
-            argv += [flag, str(value)]
+        if value is not None:
+            argv += settings.argument(flag, value)
     assert tyro.cli(settings.Args, args=argv) == args
 
 
