@@ -47,16 +47,16 @@ class Logger:
     the rest; TensorBoard's files are written again from the lines kept, so both hold every step exactly once
     whatever stopped the run before (Ctrl-C, kill -9, an error).
 
-    record=False writes nothing and shows no bar (every process but the first of a multi-process run: one run, one
+    writes=False writes nothing and shows no bar (every process but the first of a multi-process run: one run, one
     set of files); either way the evaluations logged (and those kept) are in .evaluations."""
 
     def __init__(self, out: Path, total_steps: int, start_step: int, tensorboard: bool = True, progress: bool = True,
-                 name: str = "", record: bool = True):
+                 name: str = "", writes: bool = True):
         self.path = out / "metrics.jsonl"
         self.file = self.writer = self.bar = None
         self.evaluations: list[dict] = []
         self.shown: dict[str, object] = {}
-        if not record:
+        if not writes:
             return
         kept = []  # a run from step 0 (also one stopped before its first checkpoint) starts the file again
         if start_step > 0 and self.path.exists():  # a resumed run drops what was logged after its checkpoint

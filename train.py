@@ -488,7 +488,7 @@ def open_run(args: Args, game: pretrain.Game, config: lm.Config, tokenizer, mesh
         if name in ("grpo", "paw"):
             run.stage_lengths[index] = args.iterations
     run.logger = logs.Logger(out, sum(run.stage_lengths.values()), run.global_step, args.tensorboard, args.progress,
-                             args.method, record=multihost.is_primary())
+                             args.method, writes=multihost.is_primary())
     return run, latest, position
 
 
