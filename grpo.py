@@ -349,25 +349,29 @@ def init_state(params: lm.Params, optimizer: optax.GradientTransformation) -> Tr
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
-def policy_logprobs(params, model_config: lm.Config, tokens, token_mask, step: StepConfig):
-    """log pi and entropy of every token, at the sampling temperature (the forward pass of the step): log pi_theta of
-    methods.md eq. 5 and H_t of eq. 6."""
+def policy_logprobs(params, model_config: lm.Config, tokens, token_mask, step: StepConfig, positions=None):
+    """log pi and entropy of every token (of the columns `positions` only, when given: lm.scored_logprobs), at the
+    sampling temperature (the forward pass of the step): log pi_theta of methods.md eq. 5 and H_t of eq. 6."""
     dtype = None if step.compute_dtype is None else jnp.dtype(step.compute_dtype)
     return lm.token_logprobs(params, model_config, tokens, token_mask, temperature=step.temperature,
-                             chunk_size=step.chunk_size, dtype=dtype, remat=step.remat)
+                             chunk_size=step.chunk_size, dtype=dtype, remat=step.remat, positions=positions)
 
 
 class Objective(NamedTuple):
     """An update's loss, split so that any partition of the batch's rows sums to it (methods.md eq. 13).
 
     totals(batch) -> the batch-wide scalars the loss is normalised by (denominators, the padded length)
-    loss(params, micro_batch, totals) -> (this micro-batch's share of the batch loss, dict of sums for metrics)
+    loss(params, micro_batch, totals, positions=None) -> (this micro-batch's share of the batch loss, dict of sums
+        for metrics); positions (lm.scored_positions of `scored`) lets it unembed only the columns it reads
     metrics(sums, totals) -> the step's metrics from the sums over all micro-batches
+    scored(batch) -> [rows, time] mask of the tokens whose log-probs the loss reads (LengthSortedUpdate scores only
+        those)
     """
 
     totals: Callable
     loss: Callable
     metrics: Callable
+    scored: Callable
 
 
 def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
@@ -379,8 +383,8 @@ def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
         return {"denominator": jnp.maximum(loss_denominator(batch.loss_mask, cfg.aggregation, batch.token_mask), 1),
                 "length": jnp.float32(batch.tokens.shape[-1])}
 
-    def loss(params, micro: Batch, totals: dict):
-        logprobs, entropies = policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step)
+    def loss(params, micro: Batch, totals: dict, positions=None):
+        logprobs, entropies = policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step, positions)
         terms = grpo_loss(logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.loss_mask, cfg,
                           entropies, totals["length"])
         return terms.numerator / totals["denominator"], dict(terms.token_sums, numerator=terms.numerator)
@@ -390,7 +394,7 @@ def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
         means = {name: value / tokens for name, value in sums.items() if name not in ("tokens", "numerator")}
         return dict(means, loss=sums["numerator"] / totals["denominator"], tokens=sums["tokens"])
 
-    return Objective(totals, loss, metrics)
+    return Objective(totals, loss, metrics, scored=lambda batch: batch.loss_mask)
 
 
 def accumulate(loss_fn: Callable, params, batch, micro_batches: int):
@@ -518,7 +522,9 @@ class LengthSortedUpdate:
 
     A causal model's log-probs of the real tokens do not depend on the padding after them, and every micro-batch's
     loss is divided by the whole batch's totals (methods.md eq. 13), so the summed gradient is the whole batch's: the
-    result equals objective_step's to float rounding (the sum runs in another order). Sorting by length also saves
+    result equals objective_step's to float rounding (the sum runs in another order). Each micro-batch unembeds only
+    the columns its loss reads (objective.scored, lm.scored_positions): the vocabulary projection is a small
+    model's largest matmul, and a prompt's columns need none. Sorting by length also saves
     the padding: a multi-turn rollout's turns vary in length several-fold. shard(micro_batch) places each
     micro-batch (e.g. over a mesh's data axes; rows come in multiples of row_multiple, the device count), and
     state_shardings, when given, keeps the state where it is. As in objective_step, an update whose loss or gradient
@@ -529,6 +535,7 @@ class LengthSortedUpdate:
                  shard: Callable = lambda batch: batch, state_shardings=None, row_multiple: int = 1,
                  min_bucket: int = 16):
         self.token_budget, self.shard, self.row_multiple, self.min_bucket = token_budget, shard, row_multiple, min_bucket
+        self.scored = objective.scored
         self.totals = jax.jit(objective.totals)
         self.gradient = jax.jit(jax.grad(objective.loss, has_aux=True))
         self.add = jax.jit(lambda total, more: jax.tree.map(jnp.add, total, more), donate_argnums=0)
@@ -556,20 +563,25 @@ class LengthSortedUpdate:
         totals = self.totals(batch)
         total = None
         for micro in self.micro_batches(batch):
-            more = self.gradient(state.params, self.shard(micro), totals)
+            micro, positions = self.shard((micro, lm.scored_positions(self.scored(micro), self.min_bucket)))
+            more = self.gradient(state.params, micro, totals, positions)
             total = more if total is None else self.add(total, more)
         grads, sums = total
         return self.finish(state, grads, sums, totals)
 
-    def map_rows(self, fn: Callable, tokens, token_mask) -> np.ndarray:
+    def map_rows(self, fn: Callable, tokens, token_mask, scored=None) -> np.ndarray:
         """fn(tokens, token_mask) -> [rows, time] values, run over the same micro-batches and put back in row order
-        ([n, time], zeros past each micro-batch's cut): e.g. the reference log-probs of the KL term."""
+        ([n, time], zeros past each micro-batch's cut): e.g. the reference log-probs of the KL term. With a mask
+        `scored` [n, time], fn(tokens, token_mask, positions) needs only the columns of lm.scored_positions."""
         tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
         plans = plan_micro_batches(row_lengths(token_mask), tokens.shape[1], self.token_budget, self.row_multiple,
                                    self.min_bucket)
         out = np.zeros(tokens.shape, np.float32)
         for indices, width in plans:
             piece = micro_batch((tokens, token_mask), indices, width, self._rows(indices))
+            if scored is not None:
+                piece = (*piece, lm.scored_positions(micro_batch(np.asarray(scored), indices, width, len(piece[0])),
+                                                     self.min_bucket))
             values = multihost.to_host(fn(*self.shard(piece)))
             out[indices, :width] = values[:len(indices)]
         return out

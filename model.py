@@ -250,16 +250,48 @@ def logits(params: Params, config: Config, tokens, token_mask, attention: str = 
 
 
 def token_logprobs(params: Params, config: Config, tokens, token_mask, temperature: float = 1.0, chunk_size: int = 256,
-                   dtype=None, remat=False, attention: str = "auto"):
+                   dtype=None, remat=False, attention: str = "auto", positions=None):
     """Teacher-forced log pi(tokens[t] | tokens[<t]) and the full-distribution entropy at t, both [b, t] float32: the
     log pi_theta of docs/methods.md eq. 5 and the H_t of eq. 6.
 
-    Column 0 has no prediction and is 0. Logits are divided by `temperature`, as when sampling.
+    Column 0 has no prediction and is 0. Logits are divided by `temperature`, as when sampling. positions: only these
+    columns are scored (`scored_logprobs`), the others are 0.
     """
     hidden, _ = forward(params, config, tokens, token_mask, dtype=dtype, remat=remat, attention=attention)
-    logprobs, entropies = logprobs_from_hidden(params, config, hidden[:, :-1], tokens[:, 1:], temperature, chunk_size)
-    first = jnp.zeros((tokens.shape[0], 1), jnp.float32)
-    return jnp.concatenate([first, logprobs], 1), jnp.concatenate([first, entropies], 1)
+    return scored_logprobs(params, config, hidden, tokens, temperature, chunk_size, positions)
+
+
+def scored_logprobs(params: Params, config: Config, hidden, tokens, temperature: float = 1.0, chunk_size: int = 256,
+                    positions=None):
+    """token_logprobs from the forward pass's hidden states [b, t, hidden]: log-probs and entropies [b, t].
+
+    positions [b, k] int: score only these columns of each row (each in 1..t-1; the value t pads a row that has fewer
+    than k) and leave the others 0. The vocabulary projection, the largest matmul of a small model (Qwen2.5-0.5B's
+    151,936 x 896 is 136M of its 494M parameters), then runs over the k columns a loss reads (a response's tokens)
+    instead of all t: `scored_positions` finds them.
+    """
+    batch, time = tokens.shape
+    if positions is None:
+        logprobs, entropies = logprobs_from_hidden(params, config, hidden[:, :-1], tokens[:, 1:], temperature,
+                                                   chunk_size)
+        first = jnp.zeros((batch, 1), jnp.float32)
+        return jnp.concatenate([first, logprobs], 1), jnp.concatenate([first, entropies], 1)
+    rows, tokens = jnp.arange(batch)[:, None], jnp.asarray(tokens)
+    # token t is predicted from the hidden state at t - 1; a padding position t reads column t - 1, and is dropped below
+    chosen = logprobs_from_hidden(params, config, hidden[rows, positions - 1], tokens.at[rows, positions].get(
+        mode="fill", fill_value=0), temperature, chunk_size)
+    return tuple(jnp.zeros((batch, time), jnp.float32).at[rows, positions].set(x, mode="drop") for x in chosen)
+
+
+def scored_positions(mask, minimum: int = 16) -> np.ndarray:
+    """[rows, k] the columns where mask [rows, t] is nonzero, in order, each row padded with t (no column) to k: a
+    power of two (at least `minimum`, at most t) that holds the fullest row, so jit sees a handful of shapes. Numpy,
+    computed on the host from a batch's loss masks: the positions of `scored_logprobs`."""
+    mask = np.asarray(mask) > 0
+    width = mask.shape[1]
+    k = min(bucket_length(int(mask.sum(1).max(initial=0)), minimum), width)
+    columns = np.argsort(~mask, axis=1, kind="stable")[:, :k]  # a row's scored columns first, in order
+    return np.where(np.take_along_axis(mask, columns, 1), columns, width).astype(np.int32)
 
 
 def logprobs_from_hidden(params: Params, config: Config, hidden, targets, temperature: float = 1.0, chunk_size: int = 256):

@@ -202,17 +202,16 @@ def paw_objective(model_config: lm.Config, step: grpo.StepConfig, cfg: PaWConfig
                 "selected": batch.selected.sum(), "length": jnp.float32(batch.tokens.shape[-1]),
                 "lambda": (batch.wm_lambda * batch.selected).sum(), "rows": batch.token_mask.any(-1).sum()}
 
-    def loss(params, micro: PaWBatch, totals: dict):
+    def loss(params, micro: PaWBatch, totals: dict, positions=None):
         hidden, _ = lm.forward(params, model_config, micro.tokens, micro.token_mask, dtype=dtype, remat=step.remat)
-        first = jnp.zeros((micro.tokens.shape[0], 1), jnp.float32)
-        logprobs, entropies = (jnp.concatenate([first, x], 1) for x in lm.logprobs_from_hidden(
-            params, model_config, hidden[:, :-1], micro.tokens[:, 1:], step.temperature, step.chunk_size))
+        logprobs, entropies = lm.scored_logprobs(params, model_config, hidden, micro.tokens, step.temperature,
+                                                 step.chunk_size, positions)
         terms = grpo.grpo_loss(logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.action_mask,
                                loss_cfg, entropies, totals["length"])
         observation_logprobs = logprobs
         if step.temperature != 1.0:  # the world model is the model's own distribution
-            observation_logprobs = jnp.concatenate([first, lm.logprobs_from_hidden(
-                params, model_config, hidden[:, :-1], micro.tokens[:, 1:], 1.0, step.chunk_size)[0]], 1)
+            observation_logprobs = lm.scored_logprobs(params, model_config, hidden, micro.tokens, 1.0,
+                                                      step.chunk_size, positions)[0]
         wm, clipped = world_model_loss(observation_logprobs, micro.observation_mask, cfg.rho, cfg.wm_loss)
         wm_numerator = (micro.selected * micro.wm_lambda * wm).sum()
         # eq. 22, this micro-batch's share (eq. 13)
@@ -233,7 +232,9 @@ def paw_objective(model_config: lm.Config, step: grpo.StepConfig, cfg: PaWConfig
         )
         return out
 
-    return grpo.Objective(totals, loss, metrics)
+    # the tokens read: actions (the RL loss) and the selected rows' next observations (the world-model loss)
+    scored = lambda batch: (batch.action_mask > 0) | ((batch.observation_mask > 0) & (batch.selected[:, None] > 0))
+    return grpo.Objective(totals, loss, metrics, scored)
 
 
 def paw_step(state: grpo.TrainState, batch: PaWBatch, model_config: lm.Config, optimizer,

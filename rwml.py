@@ -126,15 +126,15 @@ def sft_objective(model_config: lm.Config, step: grpo.StepConfig = grpo.StepConf
     def totals(batch: SFTBatch) -> dict:
         return {"denominator": jnp.maximum(batch.loss_mask.sum(), 1.0)}
 
-    def loss(params, micro: SFTBatch, totals: dict):
-        logprobs, _ = grpo.policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step)
+    def loss(params, micro: SFTBatch, totals: dict, positions=None):
+        logprobs, _ = grpo.policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step, positions)
         nll = -(logprobs * micro.loss_mask).sum()
         return nll / totals["denominator"], {"nll": nll, "tokens": micro.loss_mask.sum()}
 
     def metrics(sums: dict, totals: dict) -> dict:
         return {"loss": sums["nll"] / totals["denominator"], "tokens": sums["tokens"]}
 
-    return grpo.Objective(totals, loss, metrics)
+    return grpo.Objective(totals, loss, metrics, scored=lambda batch: batch.loss_mask)
 
 
 def sft_step(state: grpo.TrainState, batch: SFTBatch, model_config: lm.Config, optimizer,
@@ -210,8 +210,9 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
     (eq. 2: grpo.advantages' default estimator, whatever the policy stages use), one grpo_step (eq. 6 aggregated by
     eq. 10, 11 or 12).
 
-    step_fn is grpo.grpo_step with its configuration bound (jitted by the caller). ref_logprobs_fn
-    (tokens, token_mask) -> log pi_ref is needed when the loss has a KL term. Metrics add the
+    step_fn is grpo.grpo_step with its configuration bound (jitted by the caller), or a grpo.LengthSortedUpdate.
+    ref_logprobs_fn (tokens, token_mask, loss_mask) -> log pi_ref, on the loss tokens at least, is needed when the
+    loss has a KL term. Metrics add the
     reward, distance and format rates, and the wall seconds of sampling, reward and update.
     """
     clock = time.perf_counter
@@ -225,7 +226,7 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
                                               filter_zero_variance=cfg.filter_zero_variance)
     batch = grpo.completion_batch(completion, advantages, keep)
     if ref_logprobs_fn is not None:
-        batch = batch._replace(ref_logprobs=ref_logprobs_fn(batch.tokens, batch.token_mask))
+        batch = batch._replace(ref_logprobs=ref_logprobs_fn(batch.tokens, batch.token_mask, batch.loss_mask))
     state, metrics = step_fn(state, batch)
     metrics = {k: float(v) for k, v in metrics.items()}  # float() waits for the update to finish
     metrics.update(

@@ -202,8 +202,10 @@ class Run:
 
 
 def reference_logprobs_fn(run: Run, temperature: float):
-    """(reference params, tokens, mask) -> log pi_ref of every token, at the temperature the policy's are taken at."""
-    return jax.jit(lambda params, tokens, mask: lm.token_logprobs(params, run.config, tokens, mask, temperature)[0])
+    """(reference params, tokens, mask, positions) -> log pi_ref of the tokens at positions (lm.scored_positions), at
+    the temperature the policy's are taken at."""
+    return jax.jit(lambda params, tokens, mask, positions: lm.token_logprobs(params, run.config, tokens, mask,
+                                                                             temperature, positions=positions)[0])
 
 
 def policy_stage(run: Run, index: int, name: str, params, start: int, restored: dict | None):
@@ -220,6 +222,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
                  else grpo.grpo_objective(run.config, step_cfg))
     update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
     reference_fn = reference_logprobs_fn(run, args.temperature) if reference is not None else None
+    scored = (lambda batch: batch.action_mask) if name == "paw" else (lambda batch: batch.loss_mask)  # the KL's tokens
     sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
     with rollout.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
         for step in range(start, args.iterations):
@@ -239,7 +242,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
                 batch = grpo.turn_batch(trajectories, advantages, keep, pad_id=run.pad_id, min_rows=run.mesh.size)
             if reference_fn is not None:  # in the update's micro-batches, so it fits where the update does
                 batch = batch._replace(ref_logprobs=update.map_rows(functools.partial(reference_fn, reference),
-                                                                    batch.tokens, batch.token_mask))
+                                                                    batch.tokens, batch.token_mask, scored(batch)))
             started = time.perf_counter()
             state, metrics = update(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}

@@ -408,13 +408,14 @@ def test_micro_batches_give_the_same_update_with_the_default_clipped_adamw():
 
 
 def ragged_batch(seed=0, rows=16, width=64):
-    """Right-padded rows of lengths 3..width (a quarter of them empty, as a batch padded to a power of two has)."""
+    """Right-padded rows of lengths 3..width, their second half the response (a quarter of the rows empty, as a batch
+    padded to a power of two has)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(3, width + 1, rows)
     lengths[rng.permutation(rows)[:rows // 4]] = 0
     positions = np.arange(width)
     token_mask = positions < lengths[:, None]
-    prompt = np.minimum(lengths, 2)[:, None]
+    prompt = (lengths // 2)[:, None]  # the loss reads half of each row: LengthSortedUpdate unembeds only that half
     loss_mask = (token_mask & (positions >= prompt)).astype(np.float32)
     tokens = np.where(token_mask, rng.integers(1, TINY.vocab_size, (rows, width)), 0).astype(np.int32)
     old = -rng.uniform(1, 4, (rows, width)).astype(np.float32) * loss_mask
@@ -470,7 +471,8 @@ def test_length_sorted_update_is_the_whole_batch_update(aggregation):
 
 
 def test_rows_mapped_over_micro_batches_come_back_in_row_order():
-    """The reference log-probs computed in the update's micro-batches equal one pass over the whole batch."""
+    """The reference log-probs computed in the update's micro-batches equal one pass over the whole batch (on the
+    loss tokens only, when those are given)."""
     params = lm.init_params(TINY, jax.random.key(6))
     batch = ragged_batch(seed=3)
     update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, grpo.StepConfig()), optax.sgd(1.0), token_budget=128)
@@ -480,6 +482,12 @@ def test_rows_mapped_over_micro_batches_come_back_in_row_order():
     real = np.asarray(batch.token_mask)
     np.testing.assert_allclose(mapped[real], whole[real], atol=1e-5, rtol=0)  # float32 rounding of other shapes
     assert not mapped[~real.any(1)].any()  # rows of padding only are in no micro-batch
+    # given the loss tokens, fn gets their positions and scores only those
+    at = jax.jit(lambda tokens, mask, positions: lm.token_logprobs(params, TINY, tokens, mask, positions=positions)[0])
+    loss = np.asarray(batch.loss_mask) > 0
+    scored = update.map_rows(at, batch.tokens, batch.token_mask, batch.loss_mask)
+    np.testing.assert_allclose(scored[loss], whole[loss], atol=1e-5, rtol=0)
+    assert not scored[~loss].any()
 
 
 @pytest.mark.parametrize("field", ["advantages", "old_logprobs"])

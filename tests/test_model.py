@@ -124,6 +124,42 @@ def test_chunked_logprobs_have_the_gradient_of_the_full_log_softmax(hf_checkpoin
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_scored_positions_list_each_rows_columns_in_order_padded_with_the_width():
+    mask = np.zeros((3, 40), bool)
+    mask[0, 30:37] = True
+    mask[1, [1, 5, 39]] = True
+    positions = M.scored_positions(mask, minimum=4)
+    assert positions.shape == (3, 8)  # the fullest row's 7 columns, to a power of two
+    np.testing.assert_array_equal(positions[0], [30, 31, 32, 33, 34, 35, 36, 40])
+    np.testing.assert_array_equal(positions[1], [1, 5, 39, 40, 40, 40, 40, 40])
+    np.testing.assert_array_equal(positions[2], 40)  # a row with nothing to score
+    assert M.scored_positions(np.ones((2, 12)), minimum=16).shape == (2, 12)  # never wider than the rows
+
+
+def test_scored_logprobs_and_their_gradient_equal_the_full_ones_on_the_scored_columns(hf_checkpoint):
+    """Unembedding only the scored columns (a response's) gives the full computation's log-probs and entropies
+    there, 0 elsewhere, and the gradient of any loss that reads only them."""
+    folder, _ = hf_checkpoint("qwen2", False)
+    config, params = M.load_checkpoint(folder)
+    tokens = random_tokens((3, 19), seed=8)
+    mask = np.ones_like(tokens, bool)
+    scored = np.zeros(tokens.shape, np.float32)
+    scored[0, 11:19], scored[1, 3:6], scored[1, 17] = 1, 1, 1  # row 2 scores nothing
+    positions = M.scored_positions(scored, minimum=4)
+    weights = np.random.default_rng(9).normal(size=tokens.shape) * scored
+
+    def loss(p, positions):
+        logprobs, entropies = M.token_logprobs(p, config, tokens, mask, 0.7, chunk_size=5, positions=positions)
+        return (weights * (logprobs + 0.1 * entropies)).sum(), (logprobs, entropies)
+
+    (_, full), full_grads = jax.value_and_grad(loss, has_aux=True)(params, None)
+    (_, part), part_grads = jax.value_and_grad(loss, has_aux=True)(params, positions)
+    for whole, cut in zip(full, part):
+        np.testing.assert_allclose(cut, np.where(scored > 0, whole, 0.0), atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(full_grads), jax.tree.leaves(part_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 # ---- blockwise attention: the plain attention's numbers without its [T, T] matrix ----
 
 BLOCK = 8  # small blocks, so short rows span several of them, and row lengths that are no multiple of them

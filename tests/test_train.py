@@ -450,7 +450,7 @@ def test_three_non_finite_updates_in_a_row_stop_the_run_and_nothing_non_finite_i
     import jax.numpy as jnp
 
     def poisoned(objective, *args, **kwargs):
-        loss = lambda params, micro, totals: jax.tree.map(lambda x: x * jnp.nan, objective.loss(params, micro, totals))
+        loss = lambda *inputs: jax.tree.map(lambda x: x * jnp.nan, objective.loss(*inputs))
         return sized_update(objective._replace(loss=loss), *args, **kwargs)
 
     sized_update = sharding.sized_update
