@@ -528,14 +528,15 @@ class LengthSortedUpdate:
     the padding: a multi-turn rollout's turns vary in length several-fold. shard(micro_batch) places each
     micro-batch (e.g. over a mesh's data axes; rows come in multiples of row_multiple, the device count), and
     state_shardings, when given, keeps the state where it is. As in objective_step, an update whose loss or gradient
-    is not finite is skipped.
+    is not finite is skipped. flops(token_mask, scored) -> the update's model FLOPs (lm.training_flops), when given,
+    adds them to the metrics (model_flops): MFU's numerator.
     """
 
     def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, token_budget: int,
                  shard: Callable = lambda batch: batch, state_shardings=None, row_multiple: int = 1,
-                 min_bucket: int = 16):
+                 min_bucket: int = 16, flops: Callable | None = None):
         self.token_budget, self.shard, self.row_multiple, self.min_bucket = token_budget, shard, row_multiple, min_bucket
-        self.scored = objective.scored
+        self.scored, self.flops = objective.scored, flops
         self.totals = jax.jit(objective.totals)
         self.gradient = jax.jit(jax.grad(objective.loss, has_aux=True))
         self.add = jax.jit(lambda total, more: jax.tree.map(jnp.add, total, more), donate_argnums=0)
@@ -567,7 +568,10 @@ class LengthSortedUpdate:
             more = self.gradient(state.params, micro, totals, positions)
             total = more if total is None else self.add(total, more)
         grads, sums = total
-        return self.finish(state, grads, sums, totals)
+        state, metrics = self.finish(state, grads, sums, totals)
+        if self.flops is not None:
+            metrics = dict(metrics, model_flops=self.flops(batch.token_mask, self.scored(batch)))
+        return state, metrics
 
     def map_rows(self, fn: Callable, tokens, token_mask, scored=None) -> np.ndarray:
         """fn(tokens, token_mask) -> [rows, time] values, run over the same micro-batches and put back in row order

@@ -1,7 +1,8 @@
 """logs.py: what a run records as it goes: metrics.jsonl, TensorBoard, a progress bar, and a plot at the end.
 
 Every record is {"step", "stage", "time", "<prefix>/<name>": value, ...}: train/... for an update's metrics
-(including the memory in use and at its peak), eval/... for an evaluation.
+(including the memory in use and at its peak, and MFU: the update's model FLOPs over its seconds and the devices'
+measured peak), eval/... for an evaluation.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class Logger:
                      "train/loss", "train/wm_loss"):
             if name in values:
                 self.shown[name.split("/")[1]] = round(values[name], 3)
+        if "train/mfu" in values:
+            self.shown["mfu"] = f"{values['train/mfu']:.1%}"
         if "train/peak_memory_gib" in values:
             self.shown["memory"] = f"{values['train/peak_memory_gib']:.1f}G"
         if self.bar is not None:

@@ -323,6 +323,21 @@ def logprobs_from_hidden(params: Params, config: Config, hidden, targets, temper
     return unchunk(chosen), unchunk(entropy)
 
 
+def training_flops(config: Config, token_mask, scored) -> float:
+    """Model FLOPs of a forward and backward pass (an update's gradient) over rows token_mask [rows, t] whose loss reads
+    the tokens of the mask `scored`: nanoGPT's estimate (PaLM's appendix B), 6 N a token for the N weights of the
+    matmuls it goes through and 12 L H Q T for its attention in a row of T tokens. The vocabulary projection's weights
+    count for the scored tokens only, the only ones unembedded (scored_logprobs). Padding, and what remat or the
+    chunked log-probs compute twice, are not model FLOPs: MFU leaves them out."""
+    c = config
+    lengths = np.asarray(token_mask).sum(1).astype(np.float64)
+    layer = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
+    attention = 12 * c.num_layers * c.num_heads * c.head_dim
+    unembedded = float((np.asarray(scored) > 0).sum())
+    return float(6 * c.num_layers * layer * lengths.sum() + attention * (lengths**2).sum()
+                 + 6 * c.vocab_size * c.hidden_size * unembedded)
+
+
 def activation_bytes_per_token(config: Config, attention_block: int = ATTENTION_BLOCK) -> int:
     """A float32 upper estimate of the memory one token of a training row costs in an update's gradient: what the
     backward pass keeps of each layer (the MLP's [intermediate] activations dominate) and a row of attention scores

@@ -213,7 +213,7 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
     step_fn is grpo.grpo_step with its configuration bound (jitted by the caller), or a grpo.LengthSortedUpdate.
     ref_logprobs_fn (tokens, token_mask, loss_mask) -> log pi_ref, on the loss tokens at least, is needed when the
     loss has a KL term. Metrics add the
-    reward, distance and format rates, and the wall seconds of sampling, reward and update.
+    reward, distance and format rates, and the wall seconds of sampling, reward, reference log-probs and update.
     """
     clock = time.perf_counter
     start = clock()
@@ -227,12 +227,14 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
     batch = grpo.completion_batch(completion, advantages, keep)
     if ref_logprobs_fn is not None:
         batch = batch._replace(ref_logprobs=ref_logprobs_fn(batch.tokens, batch.token_mask, batch.loss_mask))
+    referenced = clock()
     state, metrics = step_fn(state, batch)
     metrics = {k: float(v) for k, v in metrics.items()}  # float() waits for the update to finish
     metrics.update(
         seconds_sampling=sampled - start,
         seconds_reward=scored - sampled,
-        seconds_update=clock() - scored,
+        seconds_reference=referenced - scored,
+        seconds_update=clock() - referenced,
         reward=float(np.mean(rewards)),
         distance=float(np.mean(distances)),
         format=float(np.mean([reward.extract_tag(t, "next_state") is not None for t in texts])),

@@ -158,6 +158,11 @@ class Run:
     skipped_in_a_row: int = 0
     """updates skipped in a row for a loss or gradient that was not finite (metric skipped)"""
 
+    @functools.cached_property
+    def peak_flops(self) -> float:
+        """FLOP/s of the mesh's devices at their measured matmul peak in the compute dtype (sharding.matmul_peak)."""
+        return sharding.matmul_peak(self.args.compute_dtype) * self.mesh.size
+
     def stage_index(self, name: str) -> int:
         return STAGES[self.args.method].index(name)
 
@@ -179,6 +184,8 @@ class Run:
         """Log a step's metrics (and the memory in use and at its peak); evaluate and checkpoint on schedule. Stop
         the run (DataError) after MAX_SKIPPED_IN_A_ROW updates in a row were skipped as not finite."""
         self.global_step += 1
+        if "model_flops" in metrics:  # MFU: the update's model FLOPs over its seconds and the devices' measured peak
+            metrics["mfu"] = metrics["model_flops"] / max(metrics["seconds_update"], 1e-9) / self.peak_flops
         self.logger.log(self.global_step, stage, dict(metrics, **logs.memory_gib()))
         self.logger.advance()
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if metrics.get("skipped") else 0
@@ -201,6 +208,14 @@ class Run:
             self.checkpoints.save(self.global_step, arrays, {"stage": stage_index, "step": step + 1})
 
 
+def timed_update(update, state: grpo.TrainState, batch) -> tuple[grpo.TrainState, dict]:
+    """update(state, batch), its metrics as floats (which waits for it), and its wall seconds: seconds_update."""
+    started = time.perf_counter()
+    state, metrics = update(state, batch)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    return state, dict(metrics, seconds_update=time.perf_counter() - started)
+
+
 def reference_logprobs_fn(run: Run, temperature: float):
     """(reference params, tokens, mask, positions) -> log pi_ref of the tokens at positions (lm.scored_positions), at
     the temperature the policy's are taken at."""
@@ -220,7 +235,7 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
     step_cfg = step_config(args)
     objective = (paw.paw_objective(run.config, step_cfg, cfg) if name == "paw"
                  else grpo.grpo_objective(run.config, step_cfg))
-    update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
+    update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens, run.config)
     reference_fn = reference_logprobs_fn(run, args.temperature) if reference is not None else None
     scored = (lambda batch: batch.action_mask) if name == "paw" else (lambda batch: batch.loss_mask)  # the KL's tokens
     sampling = sampler.SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens)
@@ -243,11 +258,8 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
             if reference_fn is not None:  # in the update's micro-batches, so it fits where the update does
                 batch = batch._replace(ref_logprobs=update.map_rows(functools.partial(reference_fn, reference),
                                                                     batch.tokens, batch.token_mask, scored(batch)))
-            started = time.perf_counter()
-            state, metrics = update(state, batch)
-            metrics = {k: float(v) for k, v in metrics.items()}
-            metrics.update(rollout.episode_stats(trajectories), seconds_update=time.perf_counter() - started,
-                           seconds_sampling=timings.get("model", 0.0), seconds_env=timings.get("env", 0.0),
+            state, metrics = timed_update(update, state, batch)
+            metrics.update(rollout.episode_stats(trajectories), seconds_sampling=timings.get("model", 0.0), seconds_env=timings.get("env", 0.0),
                            rows=float(batch.tokens.shape[0]), zero_variance_groups=float(np.mean(stats.zero_variance)))
             run.finish_step(index, name, step, state, reference, metrics)
     return state.params
@@ -349,7 +361,7 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
     else:
         objective = rwml.sft_objective(run.config, dataclasses.replace(step_config(args), temperature=1.0))
         prompts, labels = rwml.wm_sft_examples(run.tokenizer, train, direct=True)
-    update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
+    update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens, run.config)
     reference_of = None
     if name == "rwml" and reference is not None:  # in the update's micro-batches, so it fits where the update does
         reference_of = functools.partial(update.map_rows, functools.partial(reference_logprobs_fn(run, 1.0), reference))
@@ -361,8 +373,7 @@ def world_model_stage(run: Run, index: int, name: str, params, start: int, resto
                                               scorer, key, rwml_cfg, reference_of)
         else:
             batch = rwml.sft_batch([prompts[i] for i in rows], [labels[i] for i in rows], run.pad_id)
-            state, metrics = update(state, batch)
-            metrics = {k: float(v) for k, v in metrics.items()}
+            state, metrics = timed_update(update, state, batch)
         run.finish_step(index, name, step, state, reference, metrics)
     return state.params
 
@@ -391,12 +402,12 @@ def spa_stage(run: Run, index: int, params, start: int, restored: dict | None, d
     if restored is not None:
         state = restored["state"]
     objective = rwml.sft_objective(run.config, dataclasses.replace(step_config(args), temperature=1.0))
-    update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens)
+    update = sharding.sized_update(objective, optimizer, state, run.mesh, args.update_tokens, run.config)
     for step in range(start, run.stage_lengths[index]):
         rows = epoch_rows(args.seed, index, step, len(examples), args.spa.batch)
         batch = spa.sft_batch([examples[i] for i in rows], run.pad_id, args.spa.mask_world_model)
-        state, metrics = update(state, batch)
-        run.finish_step(index, "spa-sft", step, state, None, {k: float(v) for k, v in metrics.items()})
+        state, metrics = timed_update(update, state, batch)
+        run.finish_step(index, "spa-sft", step, state, None, metrics)
     return state.params
 
 

@@ -74,7 +74,7 @@ def test_two_processes_train_the_parameters_of_one_process_on_the_same_devices(e
     for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(together), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
     measured = ("time", "train/seconds_update", "train/seconds_sampling", "train/seconds_env", "train/memory_gib",
-                "train/peak_memory_gib")  # this process's clock and memory, not the computation's
+                "train/peak_memory_gib", "train/mfu")  # this process's clock and memory, not the computation's
     expected, got = records(one), records(two)
     assert [(r["step"], r["stage"]) for r in got] == [(r["step"], r["stage"]) for r in expected]  # each line once
     for a, b in zip(expected, got):

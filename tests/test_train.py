@@ -103,6 +103,8 @@ def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache
     # every step records the memory in use and its peak so far (this process's resident memory on a CPU)
     trained = [r for r in records if "train/loss" in r]
     assert all(0 < r["train/memory_gib"] <= r["train/peak_memory_gib"] for r in trained)
+    # and its model FLOPs, and their share of the measured peak over the update's seconds (MFU)
+    assert all(r["train/model_flops"] > 0 and 0 < r["train/mfu"] < 1 for r in trained)
     # every update is on-policy: its log-probs at the sampling temperature equal the sampler's, so the ratio is 1
     on_policy = [r["train/approx_kl_old"] for r in trained if "train/approx_kl_old" in r]
     assert on_policy and max(on_policy) < 1e-5, on_policy
