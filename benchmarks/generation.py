@@ -90,7 +90,8 @@ def side_by_side(checkpoint, prompts, ours, theirs, tokens, new_tokens, repeats,
     print(f"  temperature 1, medians of {repeats}:")
     print(f"    jax (this project)   {tokens / ours_s:8.1f} tokens/s  ({ours_s:.2f} s)")
     print(f"    transformers+torch   {tokens / theirs_s:8.1f} tokens/s  ({theirs_s:.2f} s)")
-    print(f"    {name:20} {tokens / peer_s:8.1f} tokens/s  ({peer_s:.2f} s; first call {peer['generate']['first']:.1f} s)")
+    print(f"    {name:20} {tokens / peer_s:8.1f} tokens/s  ({peer_s:.2f} s; "
+          f"first call {peer['generate']['first']:.1f} s)")
     print(f"    ratio jax / tunix    {peer_s / ours_s:8.2f}x speed (>1: this project is faster)")
     print(f"    prefill only (1 new token): jax {ours_prefill_s:.3f} s, tunix {peer_prefill_s:.3f} s, "
           f"ratio {peer_prefill_s / ours_prefill_s:.2f}x")

@@ -7,8 +7,8 @@ checkpoint and the batch; it may also be run by hand on their files. It imports 
 (never this project's modules: the tunix environment may hold other jax versions), and prints its timings as one JSON
 line starting with "PEER_JSON " at the end.
 
-The environment (see docs or the report of issue 18): python -m venv /work/venv-tunix;
-/work/venv-tunix/bin/pip install google-tunix==0.1.7 (it brings its own jax, flax and optax).
+The environment (benchmarks/peer.py): python -m venv /work/venv-tunix;
+/work/venv-tunix/bin/pip install google-tunix==0.1.7 (it brings its own jax, flax and optax; torch is not needed).
 
 What runs, all tunix's own code, float32 parameters and compute:
   model     tunix.models.qwen2.model.Qwen2, loaded by tunix.models.qwen2.params.create_model_from_safe_tensors from the
@@ -39,6 +39,19 @@ What runs, all tunix's own code, float32 parameters and compute:
             to the project's token-mean and k3. tunix does not clamp the KL's log-ratio (kl_clamp_value None), the
             project clamps it at +-20: equal on any batch whose |log pi - log pi_ref| < 20.
 
+Where the work differs from this project's (the same number of tokens comes out; the first-step GRPO loss
+agrees to ~1e-6 relative):
+  - tunix's Qwen2 returns float32 logits for every position it is given. Its prefill therefore projects all prompt
+    positions onto the vocabulary (ours only the last one), and its GRPO forward builds [batch, prompt + completion,
+    vocab] logits at once, then keeps the completion's; ours computes log-probs in chunks of positions under
+    jax.checkpoint, recomputing the output projection in the backward pass (less memory, more FLOPs).
+  - tunix's GRPO loss also computes the full-vocabulary entropy of the completion (a logged aux value, not in the
+    loss); ours computes the entropy of every token too (a logged metric).
+  - the whole update is one jit in both: ours jax.jit(grpo_step) donating the train state, with a skip of non-finite
+    updates; tunix's nnx.jit(_train_step) donating the optimizer.
+  - sampling: both jit a prefill and a while-loop decode; tunix builds its sampling state eagerly in Python on each
+    call and converts ids to text and back around it; ours also returns each token's log-prob and entropy.
+
 Timings: the first call (compile included) apart, then the median of --repeats calls, each waited for; the GRPO step
 gets a second warm-up call, because tunix's jitted train step compiles again on its second call (see time_grpo).
 """
@@ -62,7 +75,6 @@ from flax import nnx
 warnings.filterwarnings("ignore")
 logging.getLogger("absl").setLevel(logging.ERROR)
 
-import tunix  # noqa: E402
 from tunix.generate import sampler as sampler_lib  # noqa: E402
 from tunix.models.qwen2 import model as qwen2_model  # noqa: E402
 from tunix.models.qwen2 import params as qwen2_params  # noqa: E402
