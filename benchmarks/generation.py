@@ -1,17 +1,25 @@
 """Generation speed against transformers' PyTorch generate, and the memory the chunked log-prob saves.
 
     python benchmarks/generation.py            # ~3 minutes on 2 CPU cores
+    python benchmarks/generation.py --tunix-python /work/venv-tunix/bin/python   # and google-tunix at temperature 1
 
 Both frameworks get the same random checkpoint (written by transformers), the same prompts and
 greedy decoding with no stop token, so both produce exactly batch x new_tokens tokens. Ours also
 returns each token's log-prob and full-distribution entropy; generate returns ids only. Times are
 medians of `--repeats` runs after one warm-up; our first call's extra time is the compile time.
 Memory is XLA's own account of the compiled program (argument + output + temporary buffers).
+
+With --tunix-python (a python with google-tunix installed; see benchmarks/peer.py), each checkpoint also gets the
+work of issue 18's table, at temperature 1 (plain sampling from the whole vocabulary, no stop token): this project,
+transformers' generate (do_sample, top_k 0, top_p 1) and tunix's sampler (benchmarks/peer_tunix.py, run by that
+python on the same checkpoint folder and prompts) generating the same number of tokens, and the prefill alone
+(1 new token) for this project and tunix.
 """
 
 import argparse
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,6 +31,7 @@ import transformers
 
 import model as M
 import sampler
+from peer import peer_name, tunix_times, write_batch
 from timing import timed
 
 SHAPES = {
@@ -34,32 +43,58 @@ SHAPES = {
 }
 
 
-def generation(name, shape, batch, prompt_length, new_tokens, repeats):
+def generation(name, shape, batch, prompt_length, new_tokens, repeats, tunix_python=None):
     torch.manual_seed(0)
     reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).eval()
-    with tempfile.TemporaryDirectory() as folder:
-        reference.save_pretrained(folder)
-        config, params = M.load_checkpoint(folder)
+    folder = tempfile.TemporaryDirectory()
+    reference.save_pretrained(folder.name)
+    config, params = M.load_checkpoint(folder.name)
     prompts = np.random.default_rng(0).integers(0, shape["vocab_size"], size=(batch, prompt_length)).tolist()
     greedy = sampler.SamplingParams(temperature=0, max_new_tokens=new_tokens)
 
-    def ours():
-        jax.block_until_ready(sampler.generate(params, config, prompts, jax.random.key(0), greedy, stop_token_ids=()).tokens)
+    def ours(sampling=greedy):
+        jax.block_until_ready(sampler.generate(params, config, prompts, jax.random.key(0), sampling, stop_token_ids=()).tokens)
 
     input_ids = torch.tensor(prompts)
 
-    def theirs():
+    def theirs(sample=False):
+        sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         with torch.no_grad():
-            reference.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+            reference.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **sampling,
                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
 
     first, ours_s = timed(ours, repeats)
     _, theirs_s = timed(theirs, repeats)
     tokens = batch * new_tokens
-    print(f"{name}: {M.count_params(params) / 1e6:.1f}M parameters, batch {batch} x {prompt_length}-token prompts x {new_tokens} new tokens")
+    print(f"{name}: {M.count_params(params) / 1e6:.2f}M parameters, batch {batch} x {prompt_length}-token prompts x {new_tokens} new tokens")
     print(f"  jax (this project)   {tokens / ours_s:8.1f} tokens/s  ({ours_s:.2f} s; compile {first - ours_s:.1f} s)")
     print(f"  transformers+torch   {tokens / theirs_s:8.1f} tokens/s  ({theirs_s:.2f} s)")
     print(f"  ratio jax / torch    {theirs_s / ours_s:8.2f}x")
+    if tunix_python:
+        with folder:
+            side_by_side(folder.name, prompts, ours, theirs, tokens, new_tokens, repeats, tunix_python)
+    else:
+        folder.cleanup()
+
+
+def side_by_side(checkpoint, prompts, ours, theirs, tokens, new_tokens, repeats, tunix_python):
+    """Issue 18's rows: temperature 1 for this project, transformers and tunix; the prefill alone for us and tunix."""
+    sampling = sampler.SamplingParams(temperature=1.0, max_new_tokens=new_tokens)
+    prefill = sampler.SamplingParams(temperature=1.0, max_new_tokens=1)
+    _, ours_s = timed(lambda: ours(sampling), repeats)
+    _, ours_prefill_s = timed(lambda: ours(prefill), repeats)
+    _, theirs_s = timed(lambda: theirs(sample=True), repeats)
+    batch_npz = write_batch(Path(checkpoint) / "prompts.npz", prompts=np.asarray(prompts, np.int32))
+    peer = tunix_times(tunix_python, checkpoint, batch_npz, "--generate", new_tokens, "--prefill", repeats=repeats)
+    name, peer_s, peer_prefill_s = peer_name(peer), peer["generate"]["seconds"], peer["prefill"]["seconds"]
+    print(f"  temperature 1, medians of {repeats}:")
+    print(f"    jax (this project)   {tokens / ours_s:8.1f} tokens/s  ({ours_s:.2f} s)")
+    print(f"    transformers+torch   {tokens / theirs_s:8.1f} tokens/s  ({theirs_s:.2f} s)")
+    print(f"    {name:20} {tokens / peer_s:8.1f} tokens/s  ({peer_s:.2f} s; "
+          f"first call {peer['generate']['first']:.1f} s)")
+    print(f"    ratio jax / tunix    {peer_s / ours_s:8.2f}x speed (>1: this project is faster)")
+    print(f"    prefill only (1 new token): jax {ours_prefill_s:.3f} s, tunix {peer_prefill_s:.3f} s, "
+          f"ratio {peer_prefill_s / ours_prefill_s:.2f}x")
 
 
 def logprob_memory(batch, length, chunk_size):
@@ -97,8 +132,10 @@ if __name__ == "__main__":
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tunix-python", help="a python with google-tunix installed: add issue 18's temperature-1 "
+                        "rows with tunix's sampler (benchmarks/peer_tunix.py) on the same checkpoint and prompts")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, shape in SHAPES.items():
-        generation(name, shape, args.batch, args.prompt_length, args.new_tokens, args.repeats)
+        generation(name, shape, args.batch, args.prompt_length, args.new_tokens, args.repeats, args.tunix_python)
     logprob_memory(batch=4, length=1024, chunk_size=128)

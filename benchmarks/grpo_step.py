@@ -1,18 +1,26 @@
 """Time per grpo_step, and the FLOP/s it achieves against a matmul peak measured on the same machine.
 
     python benchmarks/grpo_step.py            # ~2 minutes on 2 CPU cores
+    python benchmarks/grpo_step.py --tunix-python /work/venv-tunix/bin/python   # and google-tunix beside it
 
-Batch 8 x 192 tokens (64 prompt + 128 completion) on a Qwen2.5-0.5B-shaped checkpoint with 4 of its
-24 layers and random weights, float32, token-mean loss with a k3 KL term. Model FLOPs per token
+Batch 8 x 192 tokens (128 prompt + 64 completion), float32, token-mean loss with a k3 KL term (beta 0.04), clip 0.2,
+clipped AdamW, on two checkpoints with random weights: a Qwen2.5-0.5B-shaped one with 4 of its 24 layers and a tiny
+one (2 layers, hidden 64, vocab 512). Model FLOPs per token
 follow nanoGPT's estimate for a forward and backward pass, 6 N + 12 L H Q T (N the parameters used
 in matmuls, output projection included; L layers, H heads, Q head dim, T sequence length); the
 chunked log-prob's recomputation of the output projection is extra work not counted, as in MFU.
+
+With --tunix-python, the same checkpoint (safetensors) and the same batch (.npz) go to benchmarks/peer_tunix.py, run
+by that python (a virtual environment with google-tunix; see benchmarks/peer.py), which times tunix's GRPO update
+on them; its time, the ratio (>1: this project is faster) and both first-step losses are printed beside ours.
 """
 
 import argparse
 import functools
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +28,14 @@ import numpy as np
 
 import grpo
 import model as lm
+from peer import peer_name, tunix_times, write_batch
 from timing import timed_steps
 
 CONFIG = lm.Config(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=4,
                    num_heads=14, num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True)
+TINY_CONFIG = lm.Config(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True)
+CONFIGS = {"tiny (2 layers, vocab 512)": TINY_CONFIG, "qwen2.5-0.5b-shaped (4 layers)": CONFIG}
 
 
 def matmul_peak(size=2048, repeats=5):
@@ -45,35 +57,70 @@ def model_flops_per_token(config, length):
     return 6 * matmul_params + 12 * config.num_layers * config.num_heads * config.head_dim * length
 
 
-def main(batch, prompt_length, completion_length, repeats):
+def duration(seconds):
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def main(batch, prompt_length, completion_length, repeats, beta=0.04, tunix_python=None):
+    peak = matmul_peak()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3 float32, same run)")
+    for name, config in CONFIGS.items():
+        step_row(name, config, batch, prompt_length, completion_length, repeats, beta, peak, tunix_python)
+
+
+def step_row(name, config, batch, prompt_length, completion_length, repeats, beta, peak, tunix_python=None):
     length = prompt_length + completion_length
-    params = lm.init_params(CONFIG, jax.random.key(0))
+    params = lm.init_params(config, jax.random.key(0))
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (batch, length)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, length)), jnp.int32)
     loss_mask = jnp.zeros((batch, length)).at[:, prompt_length:].set(1.0)
     logp = jnp.asarray(-rng.uniform(0, 5, (batch, length)), jnp.float32)
     data = grpo.Batch(tokens, jnp.ones((batch, length), bool), loss_mask, logp, logp - 0.01,
                       jnp.asarray(np.repeat(rng.normal(size=(batch, 1)), length, 1), jnp.float32))
+    folder = tempfile.TemporaryDirectory() if tunix_python else None
+    if folder:  # before the step donates the parameters
+        lm.save_checkpoint(Path(folder.name) / "checkpoint", config, params)
+        write_batch(Path(folder.name) / "batch.npz", prompt_length=prompt_length, **data._asdict())
     optimizer = grpo.make_optimizer(1e-6)
-    step = jax.jit(functools.partial(grpo.grpo_step, model_config=CONFIG, optimizer=optimizer), donate_argnums=0)
+    step_config = grpo.StepConfig(loss=grpo.LossConfig(beta=beta, kl_estimator="k3", aggregation="token-mean"))
+    step = jax.jit(functools.partial(grpo.grpo_step, model_config=config, optimizer=optimizer, step=step_config),
+                   donate_argnums=0)
     state = grpo.init_state(params, optimizer)
+    losses = []
 
-    first, seconds = timed_steps(step, state, data, repeats)
-    achieved = model_flops_per_token(CONFIG, length) * batch * length / seconds
-    peak = matmul_peak()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores)")
-    print(f"grpo_step, {lm.count_params(params) / 1e6:.1f}M parameters, batch {batch} x {length} tokens")
-    print(f"  time per step     {seconds:.2f} s (median of {repeats}); compile {first - seconds:.1f} s")
+    def step_keeping_loss(state, data):
+        state, metrics = step(state, data)
+        losses.append(metrics["loss"])
+        return state, metrics
+
+    first, seconds = timed_steps(step_keeping_loss, state, data, repeats)
+    achieved = model_flops_per_token(config, length) * batch * length / seconds
+    print(f"grpo_step, {name}: {lm.count_params(params) / 1e6:.2f}M parameters, batch {batch} x {length} tokens "
+          f"({prompt_length} prompt + {completion_length} completion), beta {beta} k3, token-mean")
+    print(f"  time per step     {duration(seconds)} (median of {repeats}); compile {first - seconds:.1f} s")
     print(f"  model FLOP/s      {achieved / 1e9:.1f} GFLOP/s")
-    print(f"  matmul peak       {peak / 1e9:.1f} GFLOP/s (2048^3 float32, same run)")
     print(f"  fraction of peak  {achieved / peak:.1%}")
+    if folder:
+        with folder:
+            peer = tunix_times(tunix_python, Path(folder.name) / "checkpoint", Path(folder.name) / "batch.npz",
+                               "--grpo", "--beta", beta, "--epsilon", step_config.loss.clip_low, repeats=repeats)
+        times, ours = peer["grpo"], float(losses[0])
+        print(f"  {peer_name(peer):17} {duration(times['seconds'])} per step (median of {repeats} after 2 warm-ups); "
+              f"first call {times['first']:.1f} s")
+        print(f"  ratio ours/peer   {times['seconds'] / seconds:.2f}x speed (>1: this project is faster)")
+        print(f"  first-step loss   this project {ours:.6f}, tunix {times['loss']:.6f} "
+              f"(relative difference {abs(ours - times['loss']) / abs(times['loss']):.1e})")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--completion-length", type=int, default=128)
+    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--completion-length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--beta", type=float, default=0.04, help="KL-to-reference coefficient (k3)")
+    parser.add_argument("--tunix-python", help="a python with google-tunix installed: time tunix's GRPO update on "
+                        "the same checkpoint and batch (benchmarks/peer_tunix.py) and print it beside ours")
     args = parser.parse_args()
-    main(args.batch, args.prompt_length, args.completion_length, args.repeats)
+    main(args.batch, args.prompt_length, args.completion_length, args.repeats, args.beta, args.tunix_python)

@@ -1,0 +1,44 @@
+"""Side by side with google-tunix: run benchmarks/peer_tunix.py in tunix's own python on files this project wrote.
+
+benchmarks/generation.py and benchmarks/grpo_step.py take `--tunix-python PYTHON` (a virtual environment with
+google-tunix installed, never a dependency of this project: `python -m venv /work/venv-tunix` then
+`/work/venv-tunix/bin/pip install google-tunix==0.1.7`). They write the checkpoint (HF safetensors) and the batch
+(.npz) to a temporary folder, time their own work, then call tunix_times() on the same files.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+PEER_SCRIPT = Path(__file__).with_name("peer_tunix.py")
+MARKER = "PEER_JSON "
+
+
+def write_batch(path, **arrays) -> Path:
+    """The .npz peer_tunix.py reads: prompts [b, p] for generation; tokens, token_mask, loss_mask, old_logprobs,
+    ref_logprobs, advantages [b, t] and prompt_length for a GRPO step."""
+    np.savez(path, **{name: np.asarray(value) for name, value in arrays.items()})
+    return Path(path)
+
+
+def tunix_times(python, checkpoint_dir, batch_npz, *options, repeats: int = 3, timeout: float = 3600) -> dict:
+    """peer_tunix.py's timings (its JSON report as a dict) of the checkpoint and batch, run by `python`.
+
+    options: peer_tunix.py's flags, e.g. "--generate", "64", "--prefill", "--grpo", "--beta", "0.04". The child gets
+    this environment less PYTHONPATH, so that it imports tunix's jax and never this project's modules.
+    """
+    command = [str(python), str(PEER_SCRIPT), str(checkpoint_dir), str(batch_npz), *map(str, options),
+               "--repeats", str(repeats)]
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    reports = [line[len(MARKER):] for line in done.stdout.splitlines() if line.startswith(MARKER)]
+    if done.returncode or not reports:
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return json.loads(reports[-1])
+
+
+def peer_name(report: dict) -> str:
+    return f"google-tunix {report['version']}"
