@@ -1,14 +1,15 @@
-"""Time per grpo_step, and the FLOP/s it achieves against a matmul peak measured on the same machine.
+"""Time per GRPO update, and the FLOP/s it achieves against a matmul peak measured on the same machine.
 
     python benchmarks/grpo_step.py            # ~2 minutes on 2 CPU cores
     python benchmarks/grpo_step.py --tunix-python /work/venv-tunix/bin/python   # and google-tunix beside it
 
 Batch 8 x 192 tokens (128 prompt + 64 completion), float32, token-mean loss with a k3 KL term (beta 0.04), clip 0.2,
 clipped AdamW, on two checkpoints with random weights: a Qwen2.5-0.5B-shaped one with 4 of its 24 layers and a tiny
-one (2 layers, hidden 64, vocab 512). Model FLOPs per token
-follow nanoGPT's estimate for a forward and backward pass, 6 N + 12 L H Q T (N the parameters used
-in matmuls, output projection included; L layers, H heads, Q head dim, T sequence length); the
-chunked log-prob's recomputation of the output projection is extra work not counted, as in MFU.
+one (2 layers, hidden 64, vocab 512). The update is train.py's: grpo.LengthSortedUpdate (one micro-batch here), which
+unembeds only the completion's columns. Model FLOPs are lm.training_flops (nanoGPT's 6 N + 12 L H Q T a token, the
+output projection counted on the completion's tokens, the only ones a loss reads); the chunked log-prob's
+recomputation of the output projection is extra work not counted, as in MFU. The peak is sharding.matmul_peak's, the
+one train.py's MFU divides by.
 
 With --tunix-python, the same checkpoint (safetensors) and the same batch (.npz) go to benchmarks/peer_tunix.py, run
 by that python (a virtual environment with google-tunix; see benchmarks/peer.py), which times tunix's GRPO update
@@ -16,18 +17,16 @@ on them; its time, the ratio (>1: this project is faster) and both first-step lo
 """
 
 import argparse
-import functools
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import grpo
 import model as lm
+import sharding
 from peer import peer_name, tunix_times, write_batch
 from timing import timed_steps
 
@@ -38,33 +37,15 @@ TINY_CONFIG = lm.Config(model_type="qwen2", vocab_size=512, hidden_size=64, inte
 CONFIGS = {"tiny (2 layers, vocab 512)": TINY_CONFIG, "qwen2.5-0.5b-shaped (4 layers)": CONFIG}
 
 
-def matmul_peak(size=2048, repeats=5):
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times)
-
-
-def model_flops_per_token(config, length):
-    per_layer = config.hidden_size * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads) \
-        + 3 * config.hidden_size * config.intermediate_size
-    matmul_params = config.num_layers * per_layer + config.vocab_size * config.hidden_size
-    return 6 * matmul_params + 12 * config.num_layers * config.num_heads * config.head_dim * length
-
-
 def duration(seconds):
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def main(batch, prompt_length, completion_length, repeats, beta=0.04, tunix_python=None):
-    peak = matmul_peak()
+    peak = sharding.matmul_peak("float32")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3 float32, same run)")
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s (sharding.matmul_peak, float32, same run); "
+          f"load average {open('/proc/loadavg').read().split()[0]}")
     for name, config in CONFIGS.items():
         step_row(name, config, batch, prompt_length, completion_length, repeats, beta, peak, tunix_python)
 
@@ -73,19 +54,19 @@ def step_row(name, config, batch, prompt_length, completion_length, repeats, bet
     length = prompt_length + completion_length
     params = lm.init_params(config, jax.random.key(0))
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, length)), jnp.int32)
-    loss_mask = jnp.zeros((batch, length)).at[:, prompt_length:].set(1.0)
-    logp = jnp.asarray(-rng.uniform(0, 5, (batch, length)), jnp.float32)
-    data = grpo.Batch(tokens, jnp.ones((batch, length), bool), loss_mask, logp, logp - 0.01,
-                      jnp.asarray(np.repeat(rng.normal(size=(batch, 1)), length, 1), jnp.float32))
+    tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
+    loss_mask = np.zeros((batch, length), np.float32)
+    loss_mask[:, prompt_length:] = 1.0
+    logp = -rng.uniform(0, 5, (batch, length)).astype(np.float32)
+    data = grpo.Batch(tokens, np.ones((batch, length), bool), loss_mask, logp, logp - 0.01,
+                      np.repeat(rng.normal(size=(batch, 1)), length, 1).astype(np.float32))
     folder = tempfile.TemporaryDirectory() if tunix_python else None
     if folder:  # before the step donates the parameters
         lm.save_checkpoint(Path(folder.name) / "checkpoint", config, params)
         write_batch(Path(folder.name) / "batch.npz", prompt_length=prompt_length, **data._asdict())
     optimizer = grpo.make_optimizer(1e-6)
     step_config = grpo.StepConfig(loss=grpo.LossConfig(beta=beta, kl_estimator="k3", aggregation="token-mean"))
-    step = jax.jit(functools.partial(grpo.grpo_step, model_config=config, optimizer=optimizer, step=step_config),
-                   donate_argnums=0)
+    step = grpo.LengthSortedUpdate(grpo.grpo_objective(config, step_config), optimizer, token_budget=batch * length)
     state = grpo.init_state(params, optimizer)
     losses = []
 
@@ -95,7 +76,7 @@ def step_row(name, config, batch, prompt_length, completion_length, repeats, bet
         return state, metrics
 
     first, seconds = timed_steps(step_keeping_loss, state, data, repeats)
-    achieved = model_flops_per_token(config, length) * batch * length / seconds
+    achieved = lm.training_flops(config, data.token_mask, data.loss_mask) / seconds
     print(f"grpo_step, {name}: {lm.count_params(params) / 1e6:.2f}M parameters, batch {batch} x {length} tokens "
           f"({prompt_length} prompt + {completion_length} completion), beta {beta} k3, token-mean")
     print(f"  time per step     {duration(seconds)} (median of {repeats}); compile {first - seconds:.1f} s")
