@@ -9,6 +9,13 @@ returns each token's log-prob and full-distribution entropy; generate returns id
 medians of `--repeats` runs after one warm-up; our first call's extra time is the compile time.
 Memory is XLA's own account of the compiled program (argument + output + temporary buffers).
 
+The decode roofline: each decode step must read every weight and the KV cache written so far, and do its matmuls,
+so at the memory bandwidth measured here (a jitted sum over a 1 GiB array, the best of five) and the matmul peak
+(sharding.matmul_peak) a step takes at least max((weight bytes + mean KV-cache bytes) / bandwidth, step FLOPs /
+peak). A step's measured time is (generate - prefill alone) / (new tokens - 1), greedy; the share reached is the
+roofline's time over it. On a 2-core CPU a batch of 8 rows is already compute-bound: 8 x 896 x 151,936 x 2 FLOPs
+of output projection take longer at ~100 GFLOP/s than reading its 545 MB at ~35 GB/s.
+
 With --tunix-python (a python with google-tunix installed; see benchmarks/peer.py), each checkpoint also gets the
 work of issue 18's table, at temperature 1 (plain sampling from the whole vocabulary, no stop token): this project,
 transformers' generate (do_sample, top_k 0, top_p 1) and tunix's sampler (benchmarks/peer_tunix.py, run by that
@@ -31,6 +38,7 @@ import transformers
 
 import model as M
 import sampler
+import sharding
 from peer import peer_name, tunix_times, write_batch
 from timing import timed
 
@@ -43,7 +51,37 @@ SHAPES = {
 }
 
 
-def generation(name, shape, batch, prompt_length, new_tokens, repeats, tunix_python=None):
+def memory_bandwidth(gib: int = 1, repeats: int = 5) -> float:
+    """Bytes per second one jitted reduction reads from a `gib` GiB float32 array (the fastest of `repeats`)."""
+    x = jnp.ones((gib * 2**28,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    _, seconds = timed(lambda: total(x).block_until_ready(), repeats)
+    return x.nbytes / seconds
+
+
+def decode_roofline(config, params, batch, prompt_length, new_tokens, ours, bandwidth, peak):
+    """Print a greedy decode step's time against the least its memory traffic (at `bandwidth`) and its matmuls (at
+    `peak`) need."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    context = prompt_length + new_tokens / 2  # the mean position a step attends up to
+    mean_cache = batch * context * 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+    # 2 FLOPs a weight a row (lm.training_flops' 6 N is forward and backward), attention's 4 L H Q a cached token
+    c = config
+    layer = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
+    flops = batch * (2 * (c.num_layers * layer + c.vocab_size * c.hidden_size)
+                     + 4 * c.num_layers * c.num_heads * c.head_dim * context)
+    _, whole = timed(lambda: ours(sampler.SamplingParams(temperature=0, max_new_tokens=new_tokens)), 3)
+    _, prefill = timed(lambda: ours(sampler.SamplingParams(temperature=0, max_new_tokens=1)), 3)
+    step = (whole - prefill) / (new_tokens - 1)
+    reading, computing = (weights + mean_cache) / bandwidth, flops / peak
+    print(f"  decode roofline      {max(reading, computing) * 1e3:8.2f} ms a step: reading "
+          f"{(weights + mean_cache) / 2**20:.0f} MiB of weights and KV cache {reading * 1e3:.2f} ms, "
+          f"{flops / 1e9:.2f} GFLOPs {computing * 1e3:.2f} ms")
+    print(f"  decode measured      {step * 1e3:8.2f} ms a step: {max(reading, computing) / step:.0%} of the roofline "
+          f"({reading / step:.0%} of the bandwidth's)")
+
+
+def generation(name, shape, batch, prompt_length, new_tokens, repeats, tunix_python=None, bandwidth=None, peak=None):
     torch.manual_seed(0)
     reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).eval()
     folder = tempfile.TemporaryDirectory()
@@ -70,6 +108,7 @@ def generation(name, shape, batch, prompt_length, new_tokens, repeats, tunix_pyt
     print(f"  jax (this project)   {tokens / ours_s:8.1f} tokens/s  ({ours_s:.2f} s; compile {first - ours_s:.1f} s)")
     print(f"  transformers+torch   {tokens / theirs_s:8.1f} tokens/s  ({theirs_s:.2f} s)")
     print(f"  ratio jax / torch    {theirs_s / ours_s:8.2f}x")
+    decode_roofline(config, params, batch, prompt_length, new_tokens, ours, bandwidth, peak)
     if tunix_python:
         with folder:
             side_by_side(folder.name, prompts, ours, theirs, tokens, new_tokens, repeats, tunix_python)
@@ -135,7 +174,11 @@ if __name__ == "__main__":
     parser.add_argument("--tunix-python", help="a python with google-tunix installed: add issue 18's temperature-1 "
                         "rows with tunix's sampler (benchmarks/peer_tunix.py) on the same checkpoint and prompts")
     args = parser.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bandwidth, peak = memory_bandwidth(), sharding.matmul_peak("float32")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; measured: memory bandwidth {bandwidth / 1e9:.1f} GB/s, matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s; load average {open('/proc/loadavg').read().split()[0]}")
     for name, shape in SHAPES.items():
-        generation(name, shape, args.batch, args.prompt_length, args.new_tokens, args.repeats, args.tunix_python)
+        generation(name, shape, args.batch, args.prompt_length, args.new_tokens, args.repeats, args.tunix_python,
+                   bandwidth, peak)
     logprob_memory(batch=4, length=1024, chunk_size=128)
