@@ -99,6 +99,14 @@ def _prefill(params, config, tokens, token_mask, cache):
     return lm.unembed(params, config, hidden[:, -1]), cache
 
 
+@jax.jit
+def _copy_rows(logits, cache: lm.KVCache, rows):
+    """The prefill's last logits and KV cache of the distinct prompts, row rows[i] for each sampled row i."""
+    take = lambda x: x[rows]
+    return take(logits), lm.KVCache(tuple(map(take, cache.k)), tuple(map(take, cache.v)), take(cache.mask),
+                                    cache.index)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_ids", "pad_id"))
 def _decode(params, config, cache, first_logits, next_positions, key, sampling, stop_ids, pad_id):
     """Sample until every row has produced a stop token or max_new_tokens: one XLA while loop."""
@@ -147,9 +155,17 @@ def generate(params: lm.Params, config: lm.Config, prompts: Sequence[Sequence[in
     pad_id = next((i for i in (pad_token_id, config.pad_token_id, *stop_ids) if i is not None), 0)
     prompt_length = lm.bucket_length(max(len(p) for p in prompts), min_bucket)
     tokens, mask = lm.left_pad(prompts, prompt_length, pad_id)
+    # a group's rows share a prompt (a task's G rollouts, RWML's G predictions, Pass@k's attempts): each distinct
+    # prompt is prefilled once (padded to a power of two of rows), and its rows start from copies of its KV cache
+    _, first, row_of = np.unique(np.concatenate([tokens, mask], 1), axis=0, return_index=True, return_inverse=True)
+    prefilled = np.resize(first, lm.bucket_length(len(first), 1))  # repeats rows to fill the power of two
+    if len(prefilled) >= len(prompts):
+        prefilled, row_of = np.arange(len(prompts)), np.arange(len(prompts))
     cache_dtype = params["embed"]["embedding"].dtype
-    cache = lm.init_cache(config, len(prompts), prompt_length + sampling.max_new_tokens, cache_dtype)
-    first_logits, cache = _prefill(params, config, jnp.asarray(tokens), jnp.asarray(mask), cache)
+    cache = lm.init_cache(config, len(prefilled), prompt_length + sampling.max_new_tokens, cache_dtype)
+    first_logits, cache = _prefill(params, config, jnp.asarray(tokens[prefilled]), jnp.asarray(mask[prefilled]), cache)
+    if len(prefilled) < len(prompts):
+        first_logits, cache = _copy_rows(first_logits, cache, jnp.asarray(row_of.reshape(-1)))
     next_positions = jnp.asarray(mask.sum(-1), jnp.int32)
     sampled, logprobs, entropies, completion_mask = _decode(
         params, config, cache, first_logits, next_positions, key, sampling, stop_ids, pad_id

@@ -45,6 +45,26 @@ def test_greedy_generation_equals_transformers_generate(hf_checkpoint, architect
     assert np.asarray(ours.mask).all()
 
 
+def test_a_groups_shared_prompt_is_prefilled_once_and_its_rows_decode_as_the_prompt_alone(hf_checkpoint, monkeypatch):
+    """12 rows of 3 distinct prompts (a group's G rollouts of one task): 4 rows prefilled (3 to a power of two), and
+    each row's greedy tokens and log-probs are those of its prompt generated alone."""
+    folder, _ = hf_checkpoint("qwen2", tied=True)
+    config, params = M.load_checkpoint(folder)
+    distinct = prompts(seed=2)
+    order = [2, 0, 1, 0, 2, 1, 1, 0, 2, 0, 1, 2]
+    prefilled, prefill = [], sampler._prefill
+    monkeypatch.setattr(sampler, "_prefill", lambda params, config, tokens, *rest: (
+        prefilled.append(tokens.shape[0]) or prefill(params, config, tokens, *rest)))
+    greedy = sampler.SamplingParams(temperature=0, max_new_tokens=12)
+    alone = sampler.generate(params, config, distinct, jax.random.key(0), greedy, stop_token_ids=())
+    shared = sampler.generate(params, config, [distinct[i] for i in order], jax.random.key(0), greedy, stop_token_ids=())
+    assert prefilled == [3, 4]  # distinct prompts alone are prefilled as they come
+    np.testing.assert_array_equal(np.asarray(shared.prompt_tokens), np.asarray(alone.prompt_tokens)[order])
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(alone.tokens)[order])
+    for name in ("logprobs", "entropies"):
+        np.testing.assert_allclose(getattr(shared, name), np.asarray(getattr(alone, name))[order], atol=1e-5)
+
+
 @pytest.mark.parametrize("sampling", [sampler.SamplingParams(1.0, max_new_tokens=20), sampler.SamplingParams(0.7, top_p=0.9, top_k=50, max_new_tokens=20),
                                       sampler.SamplingParams(0.0, max_new_tokens=20)], ids=["t1", "t0.7-top-p-top-k", "greedy"])
 def test_sampled_logprobs_equal_teacher_forced_logprobs(hf_checkpoint, sampling):
