@@ -9,9 +9,9 @@ memory it reports is its own (logs.memory_gib: the accelerator's peak_bytes_in_u
 through the code train.py runs:
 
   sampling  sampler.generate on --sample-rows distinct random prompts of 2,048 tokens (ALFWorld's groups of 8
-            rollouts x 2 tasks, every turn's prompt its own: no prompt is shared), temperature 1, no stop token,
-            the parameters cast to the dtype (the KV cache follows them). The prefill is timed as a call with
-            max_new_tokens 1, the whole as a call with 512; decode = whole - prefill; tokens/s = rows x 512 / whole.
+            rollouts x 2 tasks, every turn's prompt its own: no prompt is shared), 512 new tokens at temperature 1,
+            no stop token, the parameters cast to the dtype (the KV cache follows them); its prefill alone (the
+            same compiled program); decode = whole - prefill; tokens/s = rows x 512 / whole.
   update    one PaW update as train.py's policy stage runs it (paw.paw_objective, sharding.sized_update with
             sharding.default_update_tokens' budget, clipped AdamW), on 128 turns [h_t ; a_t ; o_{t+1}] of 1,984 +
             512 + 64 = 2,560 tokens, padded to a power of two as grpo.turn_batch pads them (4,096: every micro-batch
@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's modules, whatever PYTHONPATH says
 
 import jax  # noqa: E402 (importing jax starts no backend: the parent never holds the accelerator)
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import grpo  # noqa: E402
@@ -113,7 +114,8 @@ SMALL = Workload(prompt=64, response=16, sample_rows=4, update_rows=8, history=7
 
 
 def emit(record: dict) -> None:
-    """One result line for the parent, at once."""
+    """One line for the parent, at once: a row, the device, or {"progress": what starts now}, which the parent names
+    if the configuration fails or is stopped there."""
     print("@scale " + json.dumps(record), flush=True)
 
 
@@ -138,23 +140,33 @@ def initializer(config: lm.Config):
 
 
 def measure_sampling(config: lm.Config, dtype: str, work: Workload) -> dict:
-    """Prefill and decode time of sampler.generate, and new tokens/s."""
+    """The time of sampler.generate, of its prefill alone, and new tokens/s.
+
+    The prefill is timed as generate runs it (its jitted sampler._prefill on the prompts left padded to their bucket,
+    into a fresh cache as long as the whole call's), not as a call of generate with max_new_tokens 1: that would
+    compile a second prefill (a shorter cache) and a second decode loop, ~10 s a configuration on a CPU."""
     params = jax.tree.map(lambda x: x.astype(dtype), initializer(config)(jax.random.key(0)))
     prompts = np.random.default_rng(1).integers(0, config.vocab_size, (work.sample_rows, work.prompt)).tolist()
-    new_tokens = []
+    sampling = sampler.SamplingParams(temperature=1.0, max_new_tokens=work.response)
+    completions = []
 
-    def generate(max_new_tokens: int):
-        sampling = sampler.SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens)
-        completion = jax.block_until_ready(sampler.generate(params, config, prompts, jax.random.key(0), sampling,
-                                                            stop_token_ids=()))
-        new_tokens.append(int(completion.mask.sum()))
+    def generate():
+        completions.append(jax.block_until_ready(sampler.generate(params, config, prompts, jax.random.key(0), sampling,
+                                                                  stop_token_ids=())))
 
-    prefill_first, prefill = timed(lambda: generate(1), work.repeats)
-    whole_first, whole = timed(lambda: generate(work.response), work.repeats)
-    tokens = new_tokens[-1]  # every row runs to max_new_tokens: no stop token
-    return {"rows": work.sample_rows, "prompt_tokens": work.prompt, "new_tokens": tokens, "prefill_s": prefill,
-            "whole_s": whole, "decode_s": whole - prefill, "tokens_per_s": tokens / whole,
-            "compile_s": prefill_first - prefill + whole_first - whole,
+    def prefill():  # generate's first step: every prompt distinct, so every row prefilled
+        tokens, mask = lm.left_pad(prompts, lm.bucket_length(work.prompt), 0)
+        cache = lm.init_cache(config, len(prompts), tokens.shape[1] + work.response, jnp.dtype(dtype))
+        jax.block_until_ready(sampler._prefill(params, config, jnp.asarray(tokens), jnp.asarray(mask), cache))
+
+    emit({"progress": "sampling: generate (compiling first)"})
+    whole_first, whole = timed(generate, work.repeats)
+    emit({"progress": "sampling: the prefill alone"})
+    prefill_first, prefill_seconds = timed(prefill, work.repeats)
+    tokens = int(completions[-1].mask.sum())  # every row runs to max_new_tokens: no stop token
+    return {"rows": work.sample_rows, "prompt_tokens": work.prompt, "new_tokens": tokens,
+            "prefill_s": prefill_seconds, "whole_s": whole, "decode_s": whole - prefill_seconds,
+            "tokens_per_s": tokens / whole, "compile_s": whole_first - whole,
             "peak_memory_gib": logs.memory_gib()["peak_memory_gib"]}
 
 
@@ -210,6 +222,7 @@ def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
     plans = grpo.plan_micro_batches(grpo.row_lengths(batch.token_mask), batch.tokens.shape[1], budget, mesh.size)
     warm = np.concatenate([indices for indices, _ in plans[:2]])  # the first two micro-batches: every program
     warm_batch = jax.tree.map(lambda x: x[warm], batch)
+    emit({"progress": f"update: warm-up (compiling) on {len(warm)} rows, {budget:,} tokens a micro-batch"})
     start = time.perf_counter()
     warm_batch = warm_batch._replace(ref_logprobs=reference_logprobs(warm_batch))
     state, _, _ = timed_update(state, warm_batch)
@@ -217,9 +230,11 @@ def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
     warm_up = time.perf_counter() - start
     reference_times, update_times = [], []
     for _ in range(work.repeats):
+        emit({"progress": f"update: the reference pass over {len(batch.tokens)} rows"})
         start = time.perf_counter()
         batch = batch._replace(ref_logprobs=reference_logprobs(batch))
         reference_times.append(time.perf_counter() - start)
+        emit({"progress": f"update: the update of {len(batch.tokens)} rows"})
         state, metrics, seconds = timed_update(state, batch)
         update_times.append(seconds)
     seconds = statistics.median(update_times)
@@ -290,13 +305,13 @@ def describe(row: dict) -> str:
             f"warm-up {row['warm_up_s']:.1f} s; peak {row['peak_memory_gib']:.2f} GiB")
 
 
-def run_configuration(argv: list[str], timeout: float) -> tuple[list[dict], int | None, str]:
-    """Run one --one child, printing its rows as they come: (records, exit status or None if stopped at the timeout,
-    the last lines of its stderr)."""
-    records = []
+def run_configuration(argv: list[str], timeout: float, environment: dict) -> tuple[list[dict], str | None]:
+    """Run one --one child, printing its rows as they come: (its rows, and None if it ended well, else why not: the
+    stop at the timeout or its exit status, with where it was and its stderr's last lines)."""
+    rows, progress = [], "starting"
     with tempfile.TemporaryFile("w+") as stderr:
         child = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                 cwd=ROOT)
+                                 cwd=ROOT, env=environment)
         stopped = threading.Event()
 
         def stop():
@@ -310,7 +325,10 @@ def run_configuration(argv: list[str], timeout: float) -> tuple[list[dict], int 
                 if not line.startswith("@scale ") or not line.endswith("\n"):  # not a row, or cut short by the stop
                     continue
                 record = json.loads(line[len("@scale "):])
-                records.append(record)
+                if "progress" in record:
+                    progress = record["progress"]
+                    continue
+                rows.append(record)
                 if "device" in record:
                     print_device(record["device"])
                 else:
@@ -321,8 +339,10 @@ def run_configuration(argv: list[str], timeout: float) -> tuple[list[dict], int 
             status = child.wait()
             timer.cancel()
         stderr.seek(0)
-        tail = "\n".join(stderr.read().strip().splitlines()[-5:])
-    return records, None if stopped.is_set() else status, tail
+        tail = " | ".join(stderr.read().strip().splitlines()[-3:])[-600:]
+    if stopped.is_set():
+        return rows, f"stopped at --budget-s during {progress}"
+    return rows, None if status == 0 else f"exit status {status} during {progress}: {tail}"
 
 
 def print_device(device: dict) -> None:
@@ -367,6 +387,10 @@ def main() -> None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1) + "\n")
 
+    # one compilation cache for every configuration's process: a model's two dtypes share programs (the float32
+    # reference pass, the optimizer's step), compiled once
+    compilation_cache = tempfile.TemporaryDirectory(prefix="scale-jax-cache-")
+    environment = {"JAX_COMPILATION_CACHE_DIR": compilation_cache.name, **os.environ}
     durations = {}  # model -> seconds its last configuration took
     for config in args.configs:
         model, dtype = config.split(":")
@@ -383,9 +407,9 @@ def main() -> None:
         argv += ["--small"] * args.small + ["--header"] * (result["device"] is None)
         start = time.monotonic()
         try:
-            records, status, stderr_tail = run_configuration(argv, args.budget_s - elapsed)
+            records, failure = run_configuration(argv, args.budget_s - elapsed, environment)
         except Exception as error:  # a bug of this parent's: the configuration fails, the run goes on
-            records, status, stderr_tail = [], -1, f"{type(error).__name__}: {error}"
+            records, failure = [], f"{type(error).__name__}: {error}"
         durations[model] = time.monotonic() - start
         for record in records:
             if "device" in record:
@@ -393,15 +417,15 @@ def main() -> None:
             else:
                 result["rows"].append(record)
         reported = {record.get("phase") for record in records}
-        why = ("stopped at --budget-s" if status is None else f"exit status {status}: {stderr_tail[-400:]}")
         for phase in args.phases:
             if phase not in reported:
-                row = {"model": model, "dtype": dtype, "phase": phase, "error": why}
+                row = {"model": model, "dtype": dtype, "phase": phase, "error": failure or "not reported"}
                 result["rows"].append(row)
                 print(describe(row), flush=True)
         save()
     print(f"done in {time.monotonic() - started:.0f} s" + (f"; rows in {args.json}" if args.json else ""), flush=True)
     save()
+    compilation_cache.cleanup()
 
 
 if __name__ == "__main__":

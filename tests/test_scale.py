@@ -59,6 +59,6 @@ def test_small_run_reports_every_configuration_with_the_flops_of_its_batch(tmp_p
 def test_budget_stops_the_running_configuration_and_skips_the_rest(tmp_path):
     done, result = run_scale(tmp_path, "--budget-s", "1", "--configs", "0.5b:float32", "1.5b:float32")
     assert result["skipped"] == ["1.5b:float32"]
-    assert [(row["phase"], row["error"]) for row in result["rows"]] == [("sampling", "stopped at --budget-s"),
-                                                                       ("update", "stopped at --budget-s")]
+    assert [row["phase"] for row in result["rows"]] == ["sampling", "update"]
+    assert all(row["error"].startswith("stopped at --budget-s during ") for row in result["rows"])
     assert "1.5b float32  skipped" in done.stdout
