@@ -1,8 +1,8 @@
 """Sampling and update speed, MFU and peak memory at ALFWorld's lengths, on whatever backend JAX finds (issue 18,
 item 4): Qwen2.5-0.5B- and Qwen2.5-1.5B-shaped checkpoints with random weights, in bfloat16 and float32.
 
-    python benchmarks/scale.py --json $OUT/scale.json      # the real shapes, one accelerator (see "Time" below)
-    python benchmarks/scale.py --small                     # tiny stand-ins: ~30 s on 2 CPU cores
+    python benchmarks/scale.py --json $OUT/scale.json      # the real shapes: ~6-7 minutes on one H100 (below)
+    python benchmarks/scale.py --small                     # tiny stand-ins: ~35 s on 2 CPU cores
 
 Each configuration (model x dtype) runs in its own process, this script started again with --one, so the peak
 memory it reports is its own (logs.memory_gib: the accelerator's peak_bytes_in_use, or VmHWM on a CPU). It measures,
@@ -24,16 +24,27 @@ through the code train.py runs:
             the update's: the training state and the reference. train.py holds two more float32 copies of the
             parameters meanwhile (main's loaded ones, run_stages' placed ones; the row's parameter_gib each).
 
-Warm-up calls (compilation) are timed apart from the measured ones (--repeats, median). The update's warm-up is an
-update on the rows of its first two micro-batches: the same compiled programs as the whole batch's, without paying
-for a whole update twice.
+Warm-up calls (compilation) are timed apart from the measured ones (--repeats, median; default 1). The update's
+warm-up is an update on the rows of its first two micro-batches: the same compiled programs as the whole batch's,
+without paying for a whole update twice. The processes share one compilation cache, so a model's second dtype
+reuses the programs its first compiled (the float32 reference pass, the optimizer's step).
 
 A configuration that fails (out of memory, say) prints its error and the next one runs. Rows are printed as each is
-measured, and --json, rewritten after each, holds every row. --budget-s guards the wall time: a configuration that
-the time left would not cover (judged by the ones before it) is skipped, saying so, and one still running at the
-budget is stopped, keeping the rows it printed.
+measured, and --json, rewritten after each, holds every row. --budget-s (default 7 minutes) guards the wall time: a
+configuration that the time left would not cover (judged by the ones before it) is skipped, saying so, and one still
+running at the budget is stopped, keeping the rows it printed and naming the step it was in. The configurations run
+in the order of --configs, the likeliest to fit first.
 
-Time on one H100 (989 TFLOP/s dense bfloat16, 3.35 TB/s): see the estimate at the end of this file.
+Time on one H100 (989 TFLOP/s dense bfloat16, ~495 TF32, 3.35 TB/s), an estimate: per configuration ~10 s to start a
+process and measure the matmul peak; compiling the sampler's prefill and decode loop and the update's gradient,
+reference pass and optimizer step ~40-70 s (2.6-4 s, 2.2-3.5 s, 9-11 s, 2-4 s on 2 CPU cores; taken as 2-3x that
+on a GPU); sampling ~3-5 s (a decode step reads 1.5 GB of bfloat16 weights and KV cache for the 0.5B, 4.3 GB for
+the 1.5B, ~0.5-1.3 ms at full bandwidth, ~2-3 ms with the loop's kernel launches, two calls of 512 steps); the
+update of 128 x 4,096 padded tokens, 980 (0.5B) and 3,110 (1.5B) TFLOP of model FLOPs, 1,740 and 5,330 executed
+with the padding: ~5 and ~13 s in bfloat16, ~10-15 and ~30 s in float32 (TF32 and the blockwise attention's small
+kernels), plus the float32 reference pass ~3 and ~7 s. Altogether ~80, ~75, ~110 and ~115 s: ~6.5 minutes, within
+the budget unless compilation is slower than assumed, when the last configuration (1.5B float32, also the one least
+likely to fit in 80 GB) is the one stopped.
 """
 
 import argparse
@@ -73,9 +84,11 @@ MODELS = {  # Qwen2.5-0.5B and Qwen2.5-1.5B's config.json (both tie their embedd
 }
 SMALL_MODELS = {  # two layers each, for a CPU; the same head layout (grouped queries, 2 KV heads)
     "0.5b": lm.Config(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True),
+                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, qkv_bias=True,
+                      tie_word_embeddings=True),
     "1.5b": lm.Config(model_type="qwen2", vocab_size=512, hidden_size=96, intermediate_size=256, num_layers=2,
-                      num_heads=6, num_kv_heads=2, head_dim=16, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True),
+                      num_heads=6, num_kv_heads=2, head_dim=16, rope_theta=1e6, qkv_bias=True,
+                      tie_word_embeddings=True),
 }
 CONFIGS = ["0.5b:bfloat16", "0.5b:float32", "1.5b:bfloat16", "1.5b:float32"]  # the likeliest to fit first
 BETA = 0.01  # the papers' KL coefficient: the update needs the reference's log-probs
@@ -222,7 +235,7 @@ def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
     plans = grpo.plan_micro_batches(grpo.row_lengths(batch.token_mask), batch.tokens.shape[1], budget, mesh.size)
     warm = np.concatenate([indices for indices, _ in plans[:2]])  # the first two micro-batches: every program
     warm_batch = jax.tree.map(lambda x: x[warm], batch)
-    emit({"progress": f"update: warm-up (compiling) on {len(warm)} rows, {budget:,} tokens a micro-batch"})
+    emit({"progress": f"update: warm-up (compiling) on {len(warm)} row(s), {budget:,} tokens a micro-batch"})
     start = time.perf_counter()
     warm_batch = warm_batch._replace(ref_logprobs=reference_logprobs(warm_batch))
     state, _, _ = timed_update(state, warm_batch)
@@ -230,11 +243,11 @@ def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
     warm_up = time.perf_counter() - start
     reference_times, update_times = [], []
     for _ in range(work.repeats):
-        emit({"progress": f"update: the reference pass over {len(batch.tokens)} rows"})
+        emit({"progress": f"update: the reference pass over {len(batch.tokens)} row(s)"})
         start = time.perf_counter()
         batch = batch._replace(ref_logprobs=reference_logprobs(batch))
         reference_times.append(time.perf_counter() - start)
-        emit({"progress": f"update: the update of {len(batch.tokens)} rows"})
+        emit({"progress": f"update: the update of {len(batch.tokens)} row(s)"})
         state, metrics, seconds = timed_update(state, batch)
         update_times.append(seconds)
     seconds = statistics.median(update_times)
