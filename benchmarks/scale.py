@@ -58,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ def measure_sampling(config: lm.Config, dtype: str, work: Workload) -> dict:
     emit({"progress": "sampling: generate (compiling first)"})
     whole_first, whole = timed(generate, work.repeats)
     emit({"progress": "sampling: the prefill alone"})
-    prefill_first, prefill_seconds = timed(prefill, work.repeats)
+    _, prefill_seconds = timed(prefill, work.repeats)  # generate compiled it
     tokens = int(completions[-1].mask.sum())  # every row runs to max_new_tokens: no stop token
     return {"rows": work.sample_rows, "prompt_tokens": work.prompt, "new_tokens": tokens,
             "prefill_s": prefill_seconds, "whole_s": whole, "decode_s": whole - prefill_seconds,
@@ -286,10 +287,9 @@ def run_one(model: str, dtype: str, work: Workload, small: bool, phases: list[st
         try:
             emit({**common, "phase": phase, **measure(config, dtype, work)})
         except Exception as error:  # e.g. out of memory: the parent reports it and carries on
-            import traceback
-
             traceback.print_exc()
-            emit({**common, "phase": phase, "error": f"{type(error).__name__}: {str(error).strip()[:400]}"})
+            emit({**common, "phase": phase, "error": f"{type(error).__name__}: {str(error).strip()[:400]}",
+                  "peak_memory_gib": logs.memory_gib()["peak_memory_gib"]})
 
 
 # --------------------------------------------------------------------------------------------
