@@ -191,8 +191,9 @@ def _tensorboard_scalars(out: Path) -> list:
 
 
 def _jsonl_scalars(records: list) -> list:
-    """The same from metrics.jsonl, each name as TensorBoard writes its tag (pass@1 -> pass_1)."""
-    return sorted((re.sub(r"[^-/\w.]", "_", name), r["step"], round(value, 4))
+    """The same from metrics.jsonl, each name as TensorBoard writes its tag (pass@1 -> pass_1), each value in the
+    float32 TensorBoard stores (train/model_flops, ~2e10, loses digits there)."""
+    return sorted((re.sub(r"[^-/\w.]", "_", name), r["step"], round(float(np.float32(value)), 4))
                   for r in records for name, value in r.items() if "/" in name)
 
 
