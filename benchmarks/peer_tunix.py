@@ -43,12 +43,13 @@ Where the work differs from this project's (the same number of tokens comes out;
 agrees to ~1e-6 relative):
   - tunix's Qwen2 returns float32 logits for every position it is given. Its prefill therefore projects all prompt
     positions onto the vocabulary (ours only the last one), and its GRPO forward builds [batch, prompt + completion,
-    vocab] logits at once, then keeps the completion's; ours computes log-probs in chunks of positions under
-    jax.checkpoint, recomputing the output projection in the backward pass (less memory, more FLOPs).
+    vocab] logits at once, then keeps the completion's; ours projects only the completion's positions (the columns
+    the loss reads), in chunks of 512 under jax.checkpoint (a single chunk, as here, is not recomputed).
   - tunix's GRPO loss also computes the full-vocabulary entropy of the completion (a logged aux value, not in the
     loss); ours computes the entropy of every token too (a logged metric).
-  - the whole update is one jit in both: ours jax.jit(grpo_step) donating the train state, with a skip of non-finite
-    updates; tunix's nnx.jit(_train_step) donating the optimizer.
+  - ours is train.py's update, grpo.LengthSortedUpdate (jitted gradient and optimizer step, one micro-batch here,
+    donating the train state, with a skip of non-finite updates); tunix's is one nnx.jit(_train_step) donating the
+    optimizer.
   - sampling: both jit a prefill and a while-loop decode; tunix builds its sampling state eagerly in Python on each
     call and converts ids to text and back around it; ours also returns each token's log-prob and entropy.
 
@@ -60,9 +61,7 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -83,24 +82,10 @@ from tunix.rl import trainer as rl_trainer  # noqa: E402
 from tunix.rl.grpo import grpo_learner  # noqa: E402
 from tunix.sft import peft_trainer  # noqa: E402
 
+from timing import timed  # noqa: E402  (beside this script; imports only jax)
+
 PAD_ID = -1  # never a real id: tunix's sampler and log-prob code derive masks from `tokens != pad_id`
 EOS_ID = -1  # never sampled: no row stops early
-
-
-def timed(fn, repeats, warmups=1):
-    """(seconds of the first call, median seconds of `repeats` calls after `warmups` calls) of fn(); with warmups=1,
-    benchmarks/timing.py's timed()."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    for _ in range(warmups - 1):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def model_config(folder: Path) -> qwen2_model.ModelConfig:

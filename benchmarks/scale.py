@@ -74,6 +74,7 @@ import model as lm  # noqa: E402
 import paw  # noqa: E402
 import sampler  # noqa: E402
 import sharding  # noqa: E402
+from timing import timed  # noqa: E402
 
 MODELS = {  # Qwen2.5-0.5B and Qwen2.5-1.5B's config.json (both tie their embeddings)
     "0.5b": lm.Config(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
@@ -131,19 +132,6 @@ def emit(record: dict) -> None:
     """One line for the parent, at once: a row, the device, or {"progress": what starts now}, which the parent names
     if the configuration fails or is stopped there."""
     print("@scale " + json.dumps(record), flush=True)
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(seconds of the first call of fn, median seconds of `repeats` more); fn waits for its own results."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 @functools.cache

@@ -6,11 +6,14 @@ import time
 import jax
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(seconds of the first call, median seconds of `repeats` further calls) of fn()."""
+def timed(fn, repeats: int, warmups: int = 1) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of `repeats` calls after `warmups` calls) of fn(). More than one
+    warm-up is for code that compiles again on its second call (google-tunix's train step on a CPU)."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
+    for _ in range(warmups - 1):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
