@@ -144,6 +144,22 @@ def test_temperature_samples_softmax_of_logits_over_temperature(temperature):
     np.testing.assert_allclose(entropies, -(expected * np.log(expected)).sum(), atol=1e-5)
 
 
+def test_draws_spread_over_many_blocks_follow_the_distribution_and_never_take_a_zero_probability_token():
+    """sampler.categorical picks a block of 256 tokens, then a token in it: with mass in five blocks (and blocks and
+    tokens of probability 0 between them, and a vocabulary that is not a multiple of the block) the frequencies are
+    the probabilities'."""
+    vocab, probs = 1100, np.zeros(1100)
+    probs[[3, 255, 256, 700, 1099]] = [0.30, 0.10, 0.25, 0.20, 0.15]
+    probs[900:950] = 0.0002  # 50 small ones
+    probs /= probs.sum()
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (DRAWS, vocab))
+    tokens = np.asarray(sampler.categorical(jax.random.key(0), logits))
+    observed = np.bincount(tokens, minlength=vocab) / DRAWS
+    assert observed[probs == 0].sum() == 0
+    np.testing.assert_allclose(observed[probs > 0.01], probs[probs > 0.01], atol=TOLERANCE)
+    np.testing.assert_allclose(observed[900:950].sum(), probs[900:950].sum(), atol=TOLERANCE)
+
+
 def test_top_p_samples_the_smallest_nucleus_renormalised():
     # mass before each token: 0, .40, .65, .80, ... -> top_p = 0.7 keeps the first three (mass 0.80)
     observed, tokens, logprobs, _ = frequencies(sampler.SamplingParams(temperature=1.0, top_p=0.7))
