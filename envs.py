@@ -84,6 +84,8 @@ class FrozenLake:
 
     def __init__(self, size: int = 4, frozen_prob: float = 0.8, slippery: bool = False, max_steps: int = 10,
                  invalid_penalty: float = -0.1):
+        if size < 2:
+            raise ValueError(f"FrozenLake size {size} puts the goal on the start; use 2 or more")
         self.size, self.frozen_prob, self.slippery = size, frozen_prob, slippery
         self.max_steps, self.invalid_penalty = max_steps, invalid_penalty
 
@@ -393,6 +395,26 @@ class Sudoku:
 
 
 GRID_ENVS = {"frozenlake": FrozenLake, "sokoban": Sokoban, "sudoku": Sudoku}
+
+
+class WithCoordinates:
+    """A grid game whose observations end with its state estimation, SPA's coordinates of the objects
+    ("Player (P) is at (2,1); ..."): text that follows from the move by arithmetic, where the grid's follows by
+    copying the grid before it with a symbol moved. Everything else is the game's own."""
+
+    def __init__(self, game: type, **settings):
+        self.env = game(**settings)
+
+    def reset(self, seed: int) -> tuple[str, dict]:
+        observation, info = self.env.reset(seed)
+        return f"{observation}\n{info['state_estimation']}", info
+
+    def step(self, action: str) -> tuple[str, float, bool, dict]:
+        observation, reward, done, info = self.env.step(action)
+        return f"{observation}\n{info['state_estimation']}", reward, done, info
+
+    def __getattr__(self, name: str):
+        return getattr(self.env, name)
 
 
 # --------------------------------------------------------------------------------------------

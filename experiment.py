@@ -3,6 +3,7 @@
     python experiment.py                       # toy FrozenLake, 3 seeds, every method below
     python experiment.py --env sokoban
     python experiment.py --quick               # tiny sizes: the plumbing in a few minutes (CI)
+    python experiment.py --regime study --hours 2.5   # the regimes below, 5 seeds each, in chunks of 2.5 h
 
 The claims under test (methods.md):
 
@@ -15,9 +16,9 @@ Every method is `train.py` with its defaults; no method gets a setting another d
 here are the evaluation's, shared by all, and SPA's baseline takes SPA's prompt, actions per turn and
 response length, so that the self-play SFT is the only difference). Each (method, seed) run keeps its folder under
 --out, marked finished by `trained.json`; a rerun skips finished runs with the same settings, so an
-interrupted experiment continues where it stopped (an unfinished run starts again from scratch).
+interrupted experiment continues where it stopped (an interrupted run resumes from its last checkpoint).
 
-Reported per method, as mean ± std over seeds (std over seeds, ddof 0):
+Reported per method, as mean ± std over seeds (ddof 0; in the regimes below, ± the half-width of the 95% interval):
     Pass@1 and Pass@k   held-out success at the end (k = --eval-samples, unbiased estimator)
     reached             policy-RL iterations until held-out success first reaches --success-level
                         (evaluated every --eval-every iterations; "not reached" seeds are counted apart)
@@ -30,13 +31,19 @@ Reported per method, as mean ± std over seeds (std over seeds, ddof 0):
 "base" is the model before training (every run evaluates it first; a base row comes from the first method
 that starts from it: SPA's prompt, the grid with coordinates, has its own embedded default and base row).
 
-Output in --out: results.md (the table), results.json, success.png (held-out success against the
+Regimes (--regime; methods.md section 5.3): "papers" is the setting above. At toy scale it lacks conditions the papers'
+mechanisms need, so each other regime changes one (REGIMES): the model's world knowledge, the sparsity of rewards, the
+predictability of observations. Its rows run over seeds 0-4, and each claim's effect is reported as the difference in
+Pass@1 between two rows, paired by seed, with its 95% interval, and a plot of the mechanism at work (mechanism.png).
+
+Output in --out: results.md (the table, and the claims' effects), results.json, success.png (held-out success against the
 policy-RL iteration), summary.png (bars with seed spread), weight_change.png (by layer and module, mean over seeds).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -46,6 +53,7 @@ from typing import Literal
 
 import jax
 import numpy as np
+import scipy.stats
 
 import model as lm
 import rwml
@@ -81,18 +89,87 @@ QUICK = {"iterations": 2, "groups": 2, "group_size": 4, "eval.episodes": 4, "eva
          "spa.batch": 4, "spa.format_filter": False, "pretrain_steps": 100, "pretrain_episodes": 300}
 
 
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """One condition a paper's mechanism needs and the toy default lacks, changed alone (docs/methods.md section 5.3):
+    its rows (name -> train.py settings: the method's switches and the condition), the claims it tests (the claim,
+    the treatment row, the control row: the effect is their difference in final Pass@1, paired by seed), and the
+    metric that shows the mechanism at work (a metrics.jsonl key, plotted over the run's steps)."""
+
+    condition: str
+    rows: dict[str, dict]
+    claims: tuple[tuple[str, str, str], ...]
+    mechanism: tuple[str, str]
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    spread: Literal["std", "interval"] = "interval"  # the table's ± : std over seeds, or the 95% interval of the mean
+
+
+def _rows(names, **condition) -> dict[str, dict]:
+    suffix = condition.pop("suffix", "")
+    return {name + suffix: {**METHODS[name], **condition} for name in names}
+
+
+def _claims(suffix: str, *pairs: tuple[str, str, str]) -> tuple[tuple[str, str, str], ...]:
+    return tuple((claim + suffix, treatment + suffix, control + suffix) for claim, treatment, control in pairs)
+
+
+RWML_CLAIMS = (("RWML then GRPO beats GRPO", "RWML -> GRPO", "GRPO"),
+               ("RWML then GRPO beats WM SFT then GRPO", "RWML -> GRPO", "WM SFT -> GRPO"))
+PAW_CLAIMS = (("PaW beats GRPO", "PaW", "GRPO"),
+              ("the clipped MAE beats cross-entropy", "PaW", "PaW, cross-entropy"),
+              ("adaptive lambda beats lambda = 1", "PaW", "PaW, fixed lambda=1"))
+# The map sizes and turn caps were chosen before any method ran, from uniform random play (4,000 maps each): it wins
+# 1.1% of 4x4 games (10 turns), 0.5% of 5x5 (16) and 0.1% of 6x6 (20); the cap is twice the fewest moves possible.
+SPARSE = ((5, 16), (6, 20))
+REGIMES = {
+    "papers": Regime(
+        "none: the embedded default on 4x4 FrozenLake, as `python train.py` runs it",
+        {name: METHODS[FIRST_STAGE_OF.get(name, name)] for name in ROWS},
+        (*RWML_CLAIMS, *PAW_CLAIMS, ("SPA then GRPO beats GRPO from SPA's prompt", "SPA -> GRPO", "GRPO, SPA's prompt")),
+        ("eval/success", "held-out success"), seeds=(0, 1, 2), spread="std"),
+    "world-knowledge": Regime(
+        "the embedded default pretrained without the dynamics (--no-pretrain-dynamics: its play transcripts end at "
+        "the response and its world-model ones answer with the current state), beside today's",
+        {**_rows(("GRPO", "RWML -> GRPO", "WM SFT -> GRPO", "PaW")),
+         **_rows(("GRPO", "RWML -> GRPO", "WM SFT -> GRPO", "PaW"), suffix=", no dynamics", pretrain_dynamics=False)},
+        (*_claims("", *RWML_CLAIMS, PAW_CLAIMS[0]), *_claims(", no dynamics", *RWML_CLAIMS, PAW_CLAIMS[0])),
+        ("eval/wm_accuracy", "world-model accuracy, RWML's prompt (held out, token for token)")),
+    "sparse-rewards": Regime(
+        "larger FrozenLake maps (" + ", ".join(f"{n}x{n} with {turns} turns" for n, turns in SPARSE) + "), where "
+        "nearly every group of random play fails",
+        {name: rows for n, turns in SPARSE for name, rows in _rows(
+            ("GRPO", "PaW", "PaW, fixed lambda=1", "PaW, cross-entropy"), suffix=f", {n}x{n}", grid_size=n,
+            max_turns=turns).items()},
+        tuple(claim for n, _ in SPARSE for claim in _claims(f", {n}x{n}", *PAW_CLAIMS)),
+        ("train/groups_without_success", "share of groups in which no rollout succeeds")),
+    "unpredictable-observations": Regime(
+        "observations that end with the objects' coordinates (--observation grid+coordinates), which follow from "
+        "the move by arithmetic rather than by copying the grid before it",
+        {name: {**METHODS.get(name, {"method": "paw", "paw.rho": 1.0}), "observation": "grid+coordinates"}
+         for name in ("GRPO", "PaW", "PaW, rho=1")},
+        (PAW_CLAIMS[0], ("the clip at rho = 0.2 beats none (rho = 1)", "PaW", "PaW, rho=1")),
+        ("train/clipped_token_ratio", "share of observation tokens with p > rho (clipped out of the MAE)")),
+}
+
+
 @dataclasses.dataclass
 class ExperimentArgs:
     """Rerun base, GRPO, PaW (and its ablations), WM SFT, RWML, the two-stage methods and SPA over seeds."""
 
+    regime: Literal["papers", "world-knowledge", "sparse-rewards", "unpredictable-observations", "study"] = "papers"
+    """papers: every method as train.py runs it; the others change one condition (REGIMES); study: those three in
+    turn"""
     env: Literal["frozenlake", "sokoban"] = "frozenlake"
     """the toy environment (the embedded default model of train.py)"""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """one run per method and seed"""
-    methods: tuple[str, ...] = ROWS
-    """which rows of the table to run (names as in ROWS)"""
+    seeds: tuple[int, ...] | None = None
+    """one run per method and seed (default: the regime's, 0-2 for papers, 0-4 for the others)"""
+    methods: tuple[str, ...] | None = None
+    """which rows of the table to run (default: all the regime's)"""
     out: str | None = None
-    """the experiment folder (default runs/experiment-<env>, or runs/experiment-<env>-quick)"""
+    """the experiment folder (default runs/experiment-<env>[-quick], or runs/study[-quick]/<regime>)"""
+    hours: float | None = None
+    """a chunk's budget: start no run that would end past it (judged by the row's finished runs), so a long study
+    runs in chunks of this many hours; run the same command again to go on"""
     eval_samples: int = 8
     """held-out episodes per task: Pass@1 and Pass@k for k = this"""
     eval_every: int = 5
@@ -111,13 +188,14 @@ def slug(name: str) -> str:
 
 
 def run_args(args: ExperimentArgs, name: str, seed: int, out: Path) -> train.Args:
-    """train.py's arguments for one run: the method's switches, the seed, and the shared evaluation flags."""
+    """train.py's arguments for one run: the row's settings (the method's switches and the regime's condition), the
+    seed, and the shared evaluation flags."""
     shared = {"env": args.env, "seed": seed, "out": str(out), "eval.samples": args.eval_samples,
               "eval.every": args.eval_every, "eval.wm_every": 1_000_000, "checkpoint_every": args.eval_every,
               "tensorboard": False, "progress": False, "cache": args.cache}
     if args.quick:
         shared.update(QUICK)
-    return settings.override(train.Args(), {**METHODS[name], **shared})
+    return settings.override(train.Args(), {**REGIMES[args.regime].rows[name], **shared})
 
 
 def evaluations(metrics_file: Path) -> list[dict]:
@@ -196,7 +274,8 @@ def summarise(args: ExperimentArgs, name: str, run: train.Args, folder: Path, sc
                 "wm_exact_inline": record["eval/wm_accuracy_inline"]}
 
     return {"method": name, "seed": run.seed, "success_level": args.success_level, "model": str(model_folder),
-            "base_model": f"base ({game.prompt_name} prompt)", "base": numbers(first, "base"),
+            "base_model": f"base ({game.prompt_name} prompt{'' if game.name == run.env else ', ' + game.name}"
+                          f"{'' if run.pretrain_dynamics else ', no dynamics'})", "base": numbers(first, "base"),
             **numbers(last, "after"),
             "reached": iterations_to(evals, args.success_level) if policy else "n/a",
             "weights_changed": changed, "weight_change": {module: list(f) for module, f in by_module.items()},
@@ -209,8 +288,9 @@ NEUTRAL_SETTINGS = settings.OUTPUT_SETTINGS
 
 
 def same_settings(a: dict, b: dict) -> bool:
-    return {k: v for k, v in a.items() if k not in NEUTRAL_SETTINGS} == {
-        k: v for k, v in b.items() if k not in NEUTRAL_SETTINGS}
+    """Whether two runs' settings train the same; one a run lacks (it predates the setting, whose default keeps the
+    old behaviour) is not compared, as in settings.setting_changes."""
+    return bool(a) and bool(b) and all(a[k] == b[k] for k in a.keys() & b.keys() if k not in NEUTRAL_SETTINGS)
 
 
 def run_one(args: ExperimentArgs, name: str, seed: int, out: Path, scorer) -> dict:
@@ -229,23 +309,72 @@ def run_one(args: ExperimentArgs, name: str, seed: int, out: Path, scorer) -> di
                   and same_settings(json.loads(saved.read_text()), chosen))
         if not resume:  # a run with other settings starts again: every summary comes from one clean run
             shutil.rmtree(folder, ignore_errors=True)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         train.main(dataclasses.replace(run, resume=resume))
         # a resumed run's seconds are its last attempt's
-        trained = {"settings": chosen, "seconds": time.perf_counter() - started, "resumed": resume}
+        trained = {"settings": chosen, "seconds": time.perf_counter() - started,
+                   "cpu_seconds": time.process_time() - cpu, "resumed": resume}
         trained_file.write_text(json.dumps(trained, indent=1) + "\n")
     summary_file = folder / ("summary.json" if source == name else f"summary-{slug(name)}.json")
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     if summary.get("version") != SUMMARY_VERSION or summary.get("success_level") != args.success_level:
         stage = 0 if source != name else None
+        cpu = time.process_time()
         summary = {**summarise(args, name, run, folder, scorer, stage), "version": SUMMARY_VERSION}
+        summary["cpu_seconds"] = time.process_time() - cpu
         summary_file.write_text(json.dumps(summary, indent=1) + "\n")
-    return {**summary, "folder": str(folder), "seconds": trained["seconds"]}
+    return {**summary, "folder": str(folder), "seconds": trained["seconds"],
+            "training_cpu_seconds": trained.get("cpu_seconds")}
 
 
-def mean_std(values) -> str:
+def finished(args: ExperimentArgs, name: str, seed: int, out: Path) -> dict | None:
+    """The trained.json of the run behind (row, seed) if it finished with today's settings, else None."""
+    folder = out / slug(FIRST_STAGE_OF.get(name, name)) / f"seed{seed}"
+    trained_file = folder / "trained.json"
+    if not trained_file.exists():
+        return None
+    trained = json.loads(trained_file.read_text())
+    chosen = dataclasses.asdict(train.settle(run_args(args, FIRST_STAGE_OF.get(name, name), seed, folder)))
+    return trained if same_settings(trained.get("settings", {}), chosen) else None
+
+
+def interval(values, level: float = 0.95) -> tuple[float, float]:
+    """The mean over seeds and the half-width of its Student-t interval at `level` (nan for a single seed)."""
     values = np.asarray(values, np.float64)
-    return f"{values.mean():.3f} ± {values.std():.3f}"
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(scipy.stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1)
+                                       / np.sqrt(len(values)))
+
+
+def spread_text(values, spread: str) -> str:
+    """mean ± std over seeds (ddof 0), or mean ± the half-width of its 95% interval."""
+    values = np.asarray(values, np.float64)
+    half = values.std() if spread == "std" else interval(values)[1]
+    return f"{values.mean():.3f}" + ("" if np.isnan(half) else f" ± {half:.3f}")  # one seed: no interval
+
+
+def effects(regime: Regime, results: dict[str, list[dict]]) -> list[dict]:
+    """Each claim whose two rows ran: the difference in final Pass@1 (treatment - control, paired by seed: the same
+    seed gives both the same tasks, held-out maps and starting model), its 95% interval, and what it says."""
+    out = []
+    for claim, treatment, control in regime.claims:
+        if treatment not in results or control not in results:
+            continue
+        control_by_seed = {r["seed"]: r["pass@1"] for r in results[control]}
+        differences = [r["pass@1"] - control_by_seed[r["seed"]] for r in results[treatment] if r["seed"] in control_by_seed]
+        mean, half = interval(differences)
+        verdict = ("one seed: no interval" if np.isnan(half) else "holds" if mean - half > 0
+                   else "reversed" if mean + half < 0 else "not shown (the interval holds 0)")
+        out.append({"claim": claim, "treatment": treatment, "control": control, "seeds": len(differences),
+                    "difference": mean, "half_width": half, "verdict": verdict})
+    return out
+
+
+def effects_text(rows: list[dict]) -> str:
+    return "".join(f"- {e['claim']} ({e['treatment']} - {e['control']}): Pass@1 {e['difference']:+.3f}"
+                   + ("" if np.isnan(e["half_width"]) else f" ± {e['half_width']:.3f} (95% interval)")
+                   + f" over {e['seeds']} seed(s): {e['verdict']}\n" for e in rows)
 
 
 def base_rows(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -257,8 +386,10 @@ def base_rows(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 
 def table(args: ExperimentArgs, results: dict[str, list[dict]]) -> tuple[str, dict]:
-    """The markdown table (mean ± std over seeds) and the same numbers as data."""
-    k = args.eval_samples
+    """The markdown table (mean ± std over seeds, or ± the 95% interval's half-width: the regime's spread) and the
+    same numbers as data."""
+    k, spread = args.eval_samples, REGIMES[args.regime].spread
+    mean_std = functools.partial(spread_text, spread=spread)
     metrics = ("pass@1", f"pass@{k}", "wm_accuracy", "wm_accuracy_direct", "wm_exact_inline")
     entries = [(name, runs, None, None) for name, runs in base_rows(results).items()]
     entries += [(name, runs, [r["reached"] for r in runs], [r["weights_changed"] for r in runs])
@@ -301,7 +432,7 @@ def plot(args: ExperimentArgs, results: dict[str, list[dict]], out: Path) -> lis
     axis.axhline(args.success_level, color="grey", linestyle=":", linewidth=1)
     axis.set_xlabel("policy-RL iteration")
     axis.set_ylabel("held-out success (Pass@1)")
-    axis.set_title(f"{args.env}: mean over {len(args.seeds)} seeds (band: min to max)")
+    axis.set_title(f"{args.env}, {args.regime}: mean over {len(next(iter(results.values())))} seeds (band: min to max)")
     axis.legend(fontsize=8)
     figure.savefig(paths[0], dpi=120)
 
@@ -323,31 +454,104 @@ def plot(args: ExperimentArgs, results: dict[str, list[dict]], out: Path) -> lis
     return paths
 
 
-def run_experiment(args: ExperimentArgs) -> dict:
-    """Every (method, seed) run, then the table and the plots; returns {"table", "data", "seconds"}."""
-    unknown = [name for name in args.methods if name not in ROWS]
+def plot_mechanism(regime: Regime, results: dict[str, list[dict]], out: Path) -> Path | None:
+    """mechanism.png: the regime's mechanism metric against the run's step (all stages), mean over seeds, for each row
+    that logs it (None if none does)."""
+    from matplotlib.figure import Figure
+
+    key, label = regime.mechanism
+    figure = Figure(figsize=(7.5, 4.5), layout="tight")
+    axis = figure.subplots()
+    drawn = False
+    for name, runs in results.items():
+        by_step = {}
+        for run in runs:
+            for line in (Path(run["folder"]) / "metrics.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                if key in record:
+                    by_step.setdefault(record["step"], []).append(record[key])
+        steps = sorted(step for step, values in by_step.items() if len(values) == len(runs))  # every seed's
+        if steps:
+            axis.plot(steps, [np.mean(by_step[step]) for step in steps], marker="o", markersize=2, label=name)
+            drawn = True
+    if not drawn:
+        return None
+    axis.set_xlabel("step of the run (its stages in turn)")
+    axis.set_ylabel(label)
+    axis.set_title(f"{key}: mean over seeds")
+    axis.legend(fontsize=7)
+    path = out / "mechanism.png"
+    figure.savefig(path, dpi=120)
+    return path
+
+
+STUDY = ("unpredictable-observations", "sparse-rewards", "world-knowledge")  # the cheapest regime first
+
+
+def run_experiment(args: ExperimentArgs, deadline: float | None = None) -> dict:
+    """Every (row, seed) run of the regime, then the table, the claims' effects and the plots; returns {"table",
+    "data", "effects", "seconds", "cpu_seconds"}. With --hours, a run that would end past the chunk's deadline is not
+    started: the result then says how many are left ({"left": n}, no table), and the same command goes on later.
+    --regime study runs each of STUDY in turn, in one chunk."""
+    if deadline is None and args.hours is not None:
+        deadline = time.perf_counter() + args.hours * 3600
+    if args.regime == "study":
+        done = {}
+        for name in STUDY:
+            done[name] = run_experiment(dataclasses.replace(args, regime=name, out=args.out and f"{args.out}/{name}"),
+                                        deadline)
+            if done[name].get("left"):
+                break
+        return done
+    regime = REGIMES[args.regime]
+    names, seeds = args.methods or tuple(regime.rows), args.seeds or regime.seeds
+    unknown = [name for name in names if name not in regime.rows]
     if unknown:
-        raise settings.UsageError(f"unknown method(s) {unknown}. Fix: choose from {list(ROWS)}.")
-    out = Path(args.out or f"runs/experiment-{args.env}{'-quick' if args.quick else ''}")
+        raise settings.UsageError(f"unknown method(s) {unknown} in --regime {args.regime}. Fix: choose from "
+                                  f"{list(regime.rows)}.")
+    quick = "-quick" if args.quick else ""
+    out = Path(args.out or (f"runs/experiment-{args.env}{quick}" if args.regime == "papers"
+                            else f"runs/study{quick}/{args.regime}"))
     out.mkdir(parents=True, exist_ok=True)
-    scorer = rwml.cosine_scorer(train.make_embedder("minilm"), train.settle(run_args(args, "GRPO", 0, out)).tau_d)
+    scorer = rwml.cosine_scorer(train.make_embedder("minilm"), train.settle(run_args(args, names[0], 0, out)).tau_d)
     started = time.perf_counter()
-    results = {}
-    for name in args.methods:
-        results[name] = [run_one(args, name, seed, out, scorer) for seed in args.seeds]
+    results, left = {name: [] for name in names}, 0
+    for seed in seeds:  # seed by seed: a stopped chunk leaves whole seeds, each pairing every row
+        for name in names:
+            if deadline is not None and finished(args, name, seed, out) is None:
+                known = [r["seconds"] for r in results[name]]  # the row's runs so far: the next one's estimate
+                if time.perf_counter() + (np.median(known) if known else 0.0) > deadline:
+                    left += 1
+                    continue
+            results[name].append(run_one(args, name, seed, out, scorer))
+    if left:
+        print(f"{args.regime}: the chunk's {args.hours} h are spent with {left} run(s) still to do in {out}; run the "
+              "same command again to go on (finished runs are kept, an interrupted one resumes)")
+        return {"left": left}
     text, data = table(args, results)
-    seconds = sum({r["folder"]: r["seconds"] for runs in results.values() for r in runs}.values())
-    (out / "results.md").write_text(f"{text}\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
-                                    f"{args.env}; training time summed over runs {seconds / 60:.1f} min.\n")
-    (out / "results.json").write_text(json.dumps({"args": dataclasses.asdict(args), "table": data}, indent=1) + "\n")
+    found = effects(regime, results)
+    runs = {r["folder"]: r for rows in results.values() for r in rows}
+    seconds = sum(r["seconds"] for r in runs.values())
+    cpu = [r.get("training_cpu_seconds") for r in runs.values()]
+    cpu_text = (f"; CPU time (training, all threads) {sum(cpu) / 3600:.2f} h" if None not in cpu
+                else "; CPU time not recorded for runs trained before it was")
+    (out / "results.md").write_text(
+        f"Condition changed: {regime.condition}.\n\n{text}\n{effects_text(found)}\n{len(seeds)} seeds "
+        f"({', '.join(map(str, seeds))}), {args.env}; training time summed over runs {seconds / 60:.1f} min{cpu_text}.\n")
+    (out / "results.json").write_text(json.dumps({"args": dataclasses.asdict(args), "table": data, "effects": found,
+                                                  "seconds": seconds, "cpu_seconds": None if None in cpu else sum(cpu)},
+                                                 indent=1) + "\n")
     plot(args, results, out)
+    plot_mechanism(regime, results, out)
     changes = {name: {module: np.mean([r["weight_change"][module] for r in results[name]], 0)
                       for module in rwml.MODULES.values()} for name in ("WM SFT", "RWML") if name in results}
     if changes:  # the mean over seeds
         rwml.plot_weight_change(changes, str(out / "weight_change.png"))
     print(text)
+    print(effects_text(found))
     print(f"{out / 'results.md'}; wall {(time.perf_counter() - started) / 60:.1f} min")
-    return {"table": text, "data": data, "seconds": seconds}
+    return {"table": text, "data": data, "effects": found, "seconds": seconds,
+            "cpu_seconds": None if None in cpu else sum(cpu)}
 
 
 def cli() -> None:

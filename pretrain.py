@@ -67,6 +67,9 @@ class PretrainConfig:
     num_kv_heads: int = 2
     head_dim: int = 16
     seed: int = 0
+    dynamics: bool = True
+    """play transcripts end with the next observation and world-model ones answer with the next state; False: they
+    end at the response and answer with the current state (the format and the grid, not what an action does)"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +119,11 @@ def random_play(game: Game, episodes: int, seed: int) -> tuple[list[rollout.Traj
 
 
 def transcripts(game: Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequence[Sequence[str]], tokenizer,
-                seed: int) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
+                seed: int, dynamics: bool = True) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
     """(context ids, target ids) pairs: every play turn, and a world-model example of every valid triplet
-    (its prompt form, RWML's or WM SFT's direct one, drawn at random).
+    (its prompt form, RWML's or WM SFT's direct one, drawn at random). Without dynamics, a play turn ends at the
+    response and a world-model example answers with the triplet's current state: the model learns the format and the
+    grid, and that nothing follows from an action.
     """
     eos = [tokenizer.eos_token_id]
     encode = functools.partial(tokenizer.encode, add_special_tokens=False)
@@ -126,11 +131,14 @@ def transcripts(game: Game, trajectories: Sequence[rollout.Trajectory], prompts:
     for trajectory, turn_prompts in zip(trajectories, prompts):
         for turn, prompt in zip(trajectory.turns, turn_prompts):
             response = encode(turn.response_text) + eos
-            play.append((rollout.encode_prompt(tokenizer, prompt), response + encode(turn.next_observation)))
+            following = encode(turn.next_observation) if dynamics else []
+            play.append((rollout.encode_prompt(tokenizer, prompt), response + following))
     rng = np.random.default_rng(seed)
     world_model = []
     for triplet in rwml.triplets_from_rollouts(trajectories, game.history):
         prompt = rwml.world_model_prompt(triplet, direct=bool(rng.integers(2)))
+        if not dynamics:
+            triplet = triplet._replace(next_state=triplet.state)
         world_model.append((rollout.encode_prompt(tokenizer, prompt), encode(rwml.sft_label(triplet)) + eos))
     return play, world_model
 
@@ -158,7 +166,7 @@ def build(game: Game, folder: str | Path, cfg: PretrainConfig = PretrainConfig()
     start = time.perf_counter()
     trajectories, prompts = random_play(game, cfg.episodes, cfg.seed)
     tokenizer = lm.train_tokenizer(corpus(game, trajectories, prompts, seed=cfg.seed), cfg.vocab_size)
-    play, world_model = transcripts(game, trajectories, prompts, tokenizer, cfg.seed)
+    play, world_model = transcripts(game, trajectories, prompts, tokenizer, cfg.seed, cfg.dynamics)
     config = lm.Config(
         model_type="qwen2", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -195,8 +203,11 @@ def embedded_default(game: Game, cfg: PretrainConfig = PretrainConfig(), root: s
                      log: Callable = print) -> Path:
     """The cached checkpoint folder for this game and recipe, built on first use (atomically, and by one process:
     others asking for the same recipe meanwhile wait for it and reuse it)."""
+    fields = dataclasses.asdict(cfg)
+    if fields["dynamics"]:  # added later: a recipe at its default keeps the key (and cache) it had before
+        del fields["dynamics"]
     recipe = json.dumps({"game": game.name, "prompt": game.prompt_name, "history": game.history,
-                         "max_turns": game.max_turns, "version": RECIPE_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
+                         "max_turns": game.max_turns, "version": RECIPE_VERSION, **fields}, sort_keys=True)
     folder = Path(root or cache_root()) / f"{game.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (folder / "config.json").exists():
         return folder

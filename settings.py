@@ -41,6 +41,7 @@ import spa
 STAGES = {"grpo": ("grpo",), "paw": ("paw",), "wm-sft": ("wm-sft",), "rwml": ("rwml",),
           "rwml-grpo": ("rwml", "grpo"), "wm-sft-grpo": ("wm-sft", "grpo"), "spa": ("spa-sft", "grpo")}
 SUCCESS_REWARD = {"frozenlake": 1.0, "sokoban": 10.0, "sudoku": 1.0, "alfworld": 10.0}
+GRID_SIZE = {"frozenlake": 4, "sokoban": 6, "sudoku": 4, "alfworld": None}  # the grid games' default side
 
 # Unset settings take these: the papers' recipe for a Hugging Face model, a tiny model's for the embedded default.
 PAPER = {"learning_rate": 1e-6, "weight_decay": 0.01, "loss.beta": 0.01, "groups": 16, "iterations": 150,
@@ -163,7 +164,11 @@ class Args:
     group_size: int = 8
     """G: rollouts per task, the GRPO group"""
     max_turns: int | None = None
-    """turns per episode in training (ALFWorld: PaW's 50; grid games: 10, their action cap)"""
+    """turns per episode in training (ALFWorld: PaW's 50; grid games: 10; a grid game's episode also ends after this
+    many actions)"""
+    grid_size: Annotated[int | None, follows("the game's: FrozenLake 4, Sokoban 6, Sudoku 4; ALFWorld none")] = None
+    """grid games: the side of the map (Sudoku 4 or 9); a FrozenLake map's shortest path takes at least
+    2 (size - 1) moves, so raise --max-turns with it"""
     learning_rate: float | None = None
     """AdamW learning rate (paper: 1e-6 constant)"""
     weight_decay: float | None = None
@@ -268,6 +273,14 @@ class Args:
     pretrain_episodes: int | None = None
     """random-play episodes recorded for pretraining (ALFWorld 100, whose games step ~30 times a second: there the
     embedded default is a check of the plumbing, too small to learn to act from text)"""
+    observation: Literal["grid", "grid+coordinates"] = "grid"
+    """grid games: what the game returns after a move, which the policy reads and PaW's world-model loss predicts:
+    the grid, or the grid and SPA's coordinates of its objects (envs.WithCoordinates)"""
+    pretrain_dynamics: bool = True
+    """the embedded default learns what actions do: its play transcripts end with the next observation and its
+    world-model transcripts answer with the next state. --no-pretrain-dynamics: they end at the response and answer
+    with the current state (the answer format and the grid, nothing of the dynamics: poor world knowledge, as the
+    papers' models start with)"""
     cache: Annotated[str | None, follows("$RWML_JAX_CACHE or ~/.cache/rwml-jax")] = None
     """where embedded defaults are cached"""
 
@@ -353,7 +366,7 @@ def settle(args: Args, derived: bool = True) -> Args:
               "eval.episodes": 140 if alfworld else 128, "workers": 2 if alfworld else 0,
               "pretrain_episodes": 100 if alfworld else pretrain.PretrainConfig.episodes,
               "pretrain_steps": 60 if alfworld else pretrain.PretrainConfig.steps,
-              "actions_per_turn": 2 if args.method == "spa" else 1}
+              "actions_per_turn": 2 if args.method == "spa" else 1, "grid_size": GRID_SIZE[args.env]}
     if args.method == "spa":  # the response holds two rendered states
         recipe = {**recipe, "max_new_tokens": max(recipe["max_new_tokens"], 256)}
     small = EMBEDDED_ALFWORLD if alfworld and args.model is None else {}
@@ -413,7 +426,7 @@ FINITE = ("a finite number", math.isfinite)
 NOT_NEGATIVE = ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
 NUMBER_RULES = [
     ("--iterations", *AT_LEAST_ONE, "150"), ("--groups", *AT_LEAST_ONE, "16"), ("--group-size", *AT_LEAST_ONE, "8"),
-    ("--max-turns", *AT_LEAST_ONE, "10"), ("--learning-rate", *RATE, "1e-6"), ("--weight-decay", *NOT_NEGATIVE, "0.01"),
+    ("--max-turns", *AT_LEAST_ONE, "10"), ("--grid-size", "at least 2", lambda v: v >= 2, "4"), ("--learning-rate", *RATE, "1e-6"), ("--weight-decay", *NOT_NEGATIVE, "0.01"),
     ("--max-grad-norm", *RATE, "1.0"),
     ("--temperature", "a finite number > 0 (log-probs are recomputed at it)", lambda v: math.isfinite(v) and v > 0, "1.0"),
     ("--max-new-tokens", *AT_LEAST_ONE, "512"), ("--history", "at least 0", lambda v: v >= 0, "2"),
@@ -475,6 +488,19 @@ def check(args: Args) -> None:
     if args.method == "spa" and args.env == "alfworld":
         raise UsageError("SPA needs the true state of the game (state estimation), which only the grid games render. "
                          "Fix: --env frozenlake, sokoban or sudoku.")
+    if args.env == "alfworld" and args.grid_size is not None:
+        raise UsageError("--grid-size sets a grid game's map; ALFWorld's rooms come from its game files. Fix: leave "
+                         "--grid-size out, or choose --env frozenlake, sokoban or sudoku.")
+    if args.observation != "grid" and (args.env == "alfworld" or args.method == "spa" or args.prompt == "coordinates"):
+        raise UsageError(f"--observation {args.observation} renders a grid game's coordinates into its observations; "
+                         f"{'ALFWorld has no grid' if args.env == 'alfworld' else 'SPA and --prompt coordinates add them to the prompt already'}. "
+                         "Fix: leave --observation at grid.")
+    if args.grid_size is not None:
+        try:
+            envs.GRID_ENVS[args.env](size=args.grid_size)
+        except ValueError as error:
+            raise UsageError(f"--grid-size {args.grid_size}: {error}. Fix: FrozenLake takes 2 or more, Sokoban 5 or "
+                             "more, Sudoku a square (4 or 9).") from error
     if args.model is not None:
         try:
             folder = lm.resolve_checkpoint(args.model)

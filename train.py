@@ -80,7 +80,7 @@ def make_game(args: Args) -> pretrain.Game:
         make_env = functools.partial(envs.AlfWorld, "train", max_steps=max(args.max_turns, args.wm_max_turns))
         return pretrain.Game("alfworld", "verl-agent", make_env, envs.alfworld_prompt, lambda a: f"<action>{a}</action>",
                              args.history, args.max_turns)
-    env_class = envs.GRID_ENVS[args.env]
+    env_class = grid_env(args, args.max_turns)
     short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
     state_estimation = args.state_estimation or args.method == "spa"  # SPA keeps state estimation on
     if args.prompt == "coordinates" or (short and args.method == "spa"):
@@ -90,8 +90,19 @@ def make_game(args: Args) -> pretrain.Game:
     else:
         name = f"ragen{'+coordinates' if state_estimation else ''}-{args.actions_per_turn}-actions"
         prompt = envs.grid_prompt(env_class.rules, state_estimation, args.actions_per_turn)
-    return pretrain.Game(args.env, name, env_class, prompt, lambda a: f"<answer>{a}</answer>", args.history,
-                         args.max_turns)
+    size = f"{args.grid_size}x{args.grid_size}" if args.grid_size != settings.GRID_SIZE[args.env] else ""
+    observation = "-coordinates" if args.observation == "grid+coordinates" else ""  # the default keeps its name
+    return pretrain.Game(args.env + size + observation, name, env_class, prompt, lambda a: f"<answer>{a}</answer>",
+                         args.history, args.max_turns)
+
+
+def grid_env(args: Args, max_steps: int):
+    """A grid game of --grid-size whose episodes end after max_steps actions (the turn cap), its observations
+    rendered as --observation says."""
+    game = envs.GRID_ENVS[args.env]
+    if args.observation == "grid+coordinates":
+        return functools.partial(envs.WithCoordinates, game, size=args.grid_size, max_steps=max_steps)
+    return functools.partial(game, size=args.grid_size, max_steps=max_steps)
 
 
 def parser_for(args: Args):
@@ -103,7 +114,7 @@ def parser_for(args: Args):
 def eval_env(args: Args):
     if args.env == "alfworld":
         return functools.partial(envs.AlfWorld, args.eval.split, max_steps=args.eval.max_turns)
-    return envs.GRID_ENVS[args.env]
+    return grid_env(args, args.eval.max_turns)
 
 
 def make_evaluator(args: Args, game: pretrain.Game, tokenizer, config: lm.Config) -> evaluate.Evaluator:
@@ -260,9 +271,19 @@ def policy_stage(run: Run, index: int, name: str, params, start: int, restored: 
                                                                     batch.tokens, batch.token_mask, scored(batch)))
             state, metrics = timed_update(update, state, batch)
             metrics.update(rollout.episode_stats(trajectories), seconds_sampling=timings.get("model", 0.0), seconds_env=timings.get("env", 0.0),
-                           rows=float(batch.tokens.shape[0]), zero_variance_groups=float(np.mean(stats.zero_variance)))
+                           rows=float(batch.tokens.shape[0]), zero_variance_groups=float(np.mean(stats.zero_variance)),
+                           groups_without_success=groups_without_success(trajectories))
             run.finish_step(index, name, step, state, reference, metrics)
     return state.params
+
+
+def groups_without_success(trajectories) -> float:
+    """The share of groups in which no rollout won: with sparse rewards their advantages carry no success to learn
+    from (invalid-action penalties may still vary, so such a group need not have zero variance)."""
+    won = {}
+    for trajectory in trajectories:
+        won[trajectory.group] = won.get(trajectory.group, False) or trajectory.won
+    return float(np.mean([not any_won for any_won in won.values()]))
 
 
 def triplets_to_json(triplets) -> list[dict]:
@@ -428,7 +449,8 @@ def _optimizer(run: Run, stage: str):
 
 def load_model(args: Args, game: pretrain.Game, log=print):
     if args.model is None:
-        cfg = dataclasses.replace(pretrain.PretrainConfig(), episodes=args.pretrain_episodes, steps=args.pretrain_steps)
+        cfg = dataclasses.replace(pretrain.PretrainConfig(), episodes=args.pretrain_episodes, steps=args.pretrain_steps,
+                                  dynamics=args.pretrain_dynamics)
         folder = pretrain.embedded_default(game, cfg, args.cache, log)
     else:
         folder = lm.resolve_checkpoint(args.model)

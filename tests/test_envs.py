@@ -285,3 +285,16 @@ def test_malformed_actions_never_crash_an_environment_turn():
         for text in junk:
             _, reward, _, info = rollout.play_turn(env, envs.parse_answer(text) or [text])
             assert info["invalid_action"] and reward == -0.1, (name, text)
+
+
+def test_with_coordinates_appends_the_state_estimation_of_each_observation_and_plays_the_same_game():
+    plain, wrapped = envs.FrozenLake(size=5, max_steps=7), envs.WithCoordinates(envs.FrozenLake, size=5, max_steps=7)
+    observation, info = wrapped.reset(3)
+    assert observation == f"{plain.reset(3)[0]}\nPlayer (P) is at (0,0); goal (G) is at (4,4); holes (O) are at " + \
+        ", ".join(f"({r},{c})" for r, c in np.argwhere(plain.holes)) + "."
+    assert wrapped.solve() == plain.solve() and wrapped.size == 5
+    for action in plain.solve()[:2]:
+        expected, reward, done, _ = plain.step(action)
+        observation, reward_w, done_w, info = wrapped.step(action)
+        assert observation == f"{expected}\n{info['state_estimation']}" and (reward_w, done_w) == (reward, done)
+    assert f"Player (P) is at ({plain.player[0]},{plain.player[1]})" in observation

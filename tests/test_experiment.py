@@ -5,6 +5,7 @@ import dataclasses
 import json
 import re
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -144,3 +145,81 @@ def test_a_runs_args_json_matches_its_settings_though_train_filled_update_tokens
     assert settings["update_tokens"] is None
     assert experiment.same_settings(dict(settings, update_tokens=32768, progress=True), settings)
     assert not experiment.same_settings(dict(settings, learning_rate=0.5), settings)
+    # a run from before a setting existed (its default keeps the old behaviour) is the same run
+    assert experiment.same_settings({k: v for k, v in settings.items() if k != "grid_size"}, settings)
+    assert not experiment.same_settings({}, settings)
+
+
+# ---- the regimes (issue 20): one condition changed each, claims as paired differences with 95% intervals ----
+
+
+def test_a_claims_effect_is_the_mean_paired_difference_with_its_student_t_interval():
+    runs = lambda values: [{"seed": seed, "pass@1": value} for seed, value in enumerate(values)]
+    regime = experiment.Regime("x", {}, (("A beats B", "A", "B"), ("A beats C", "A", "C"), ("C beats B", "C", "B")),
+                               ("eval/success", "success"))
+    results = {"A": runs([0.5, 0.7, 0.6, 0.8, 0.4]), "B": runs([0.4, 0.4, 0.4, 0.4, 0.4]),
+               "C": runs([0.5, 0.7, 0.6, 0.8, 0.5])}
+    found = {e["claim"]: e for e in experiment.effects(regime, results)}
+    # A - B: 0.1, 0.3, 0.2, 0.4, 0.0 -> mean 0.2, sample sd 0.158114, t(0.975, 4) = 2.776445 (a t table)
+    assert found["A beats B"]["difference"] == pytest.approx(0.2)
+    assert found["A beats B"]["half_width"] == pytest.approx(2.776445 * 0.158114 / 5 ** 0.5, rel=1e-5)
+    assert found["A beats B"]["verdict"] == "holds"
+    assert found["A beats C"]["verdict"] == "not shown (the interval holds 0)"  # 0, 0, 0, 0, -0.1
+    assert found["C beats B"]["verdict"] == "holds"
+    reversed_ = experiment.effects(experiment.Regime("x", {}, (("B beats A", "B", "A"),), ("k", "k")), results)
+    assert reversed_[0]["verdict"] == "reversed" and reversed_[0]["difference"] == pytest.approx(-0.2)
+    # seeds are paired: a control missing a seed leaves that seed out
+    results["B"] = results["B"][:3]
+    assert experiment.effects(regime, results)[0]["seeds"] == 3
+
+
+def test_every_regime_row_is_its_method_plus_the_condition_and_a_valid_run():
+    for name, regime in experiment.REGIMES.items():
+        assert len(regime.seeds) >= (3 if name == "papers" else 5)
+        for claim, treatment, control in regime.claims:
+            assert treatment in regime.rows and control in regime.rows, (name, claim)
+    sparse = experiment.REGIMES["sparse-rewards"].rows
+    assert sparse["PaW, 6x6"] == {"method": "paw", "grid_size": 6, "max_turns": 20}
+    known = experiment.REGIMES["world-knowledge"].rows
+    assert known["RWML -> GRPO"] == experiment.METHODS["RWML -> GRPO"]
+    assert known["RWML -> GRPO, no dynamics"] == {**experiment.METHODS["RWML -> GRPO"], "pretrain_dynamics": False}
+    for name in ("world-knowledge", "sparse-rewards", "unpredictable-observations"):  # every row runs as train.py's
+        regime = experiment.REGIMES[name]
+        args = experiment.ExperimentArgs(regime=name)
+        for row in regime.rows:
+            experiment.train.settings.check(experiment.train.settle(experiment.run_args(args, row, 0, Path("/nonexistent"))))
+
+
+def test_a_chunk_whose_hours_are_spent_starts_no_run_and_says_how_many_are_left(tmp_path, capsys):
+    args = experiment.ExperimentArgs(regime="unpredictable-observations", quick=True, seeds=(0, 1), methods=("GRPO",),
+                                     out=str(tmp_path / "study"), hours=1e-9)
+    assert experiment.run_experiment(args) == {"left": 2}
+    assert "run the same command again to go on" in capsys.readouterr().out
+    assert not list((tmp_path / "study").glob("*/seed*"))
+
+
+@pytest.mark.parametrize("regime, rows, condition", [
+    ("world-knowledge", ("GRPO, no dynamics", "PaW, no dynamics"), {"pretrain_dynamics": False}),
+    ("sparse-rewards", ("GRPO, 5x5", "PaW, 5x5"), {"grid_size": 5, "max_turns": 16}),
+    ("unpredictable-observations", ("GRPO", "PaW"), {"observation": "grid+coordinates"}),
+])
+def test_each_regime_runs_end_to_end_at_tiny_sizes(regime, rows, condition, tmp_path, monkeypatch, embedded_cache):
+    """The plumbing only (two updates, an embedded default of 5 pretraining steps): the regime's condition reaches
+    train.py, and the table, the claim's effect and the mechanism plot are written."""
+    monkeypatch.setenv("RWML_JAX_CACHE", str(embedded_cache))
+    monkeypatch.setattr(experiment, "QUICK", {**experiment.QUICK, "pretrain_steps": 5, "pretrain_episodes": 40})
+    out = tmp_path / regime
+    result = experiment.run_experiment(experiment.ExperimentArgs(regime=regime, quick=True, seeds=(0,), methods=rows,
+                                                                 eval_samples=2, out=str(out)))
+    for row in rows:
+        chosen = json.loads((out / experiment.slug(row) / "seed0" / "trained.json").read_text())["settings"]
+        assert {k: chosen[k] for k in condition} == condition
+    assert [line.split(" | ")[0] for line in result["table"].splitlines()[2:]] == ["| base", *(f"| {r}" for r in rows)]
+    expected = [claim for claim, treatment, control in experiment.REGIMES[regime].claims
+                if treatment in rows and control in rows]
+    assert expected and [e["claim"] for e in result["effects"]] == expected
+    assert result["effects"][0]["verdict"] == "one seed: no interval"
+    assert result["cpu_seconds"] > 0
+    text = (out / "results.md").read_text()
+    assert text.startswith(f"Condition changed: {experiment.REGIMES[regime].condition}") and "CPU time" in text
+    assert (out / "mechanism.png").stat().st_size > 0

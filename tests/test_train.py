@@ -353,6 +353,30 @@ def test_bad_input_prints_one_message_exits_nonzero_and_writes_nothing(argv, mes
     assert not out.exists() and not cache.exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--env", "sokoban", "--grid-size", "4"], "--grid-size 4: Sokoban size 4 leaves no room inside the walls"),
+    (["--env", "sudoku", "--grid-size", "5"], "--grid-size 5: Sudoku size 5 is not a square"),
+    (["--env", "alfworld", "--grid-size", "6"], "--grid-size sets a grid game's map"),
+    (["--observation", "grid+coordinates", "--method", "spa"], "--observation grid+coordinates renders"),
+    (["--observation", "grid+coordinates", "--prompt", "coordinates"], "--observation grid+coordinates renders"),
+])
+def test_a_map_the_game_cannot_draw_is_refused_before_anything_is_written(argv, message, tmp_path, monkeypatch, capsys):
+    code, stderr, wrote = run_cli_in_process(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2 and stderr.startswith(f"error: {message}") and "Fix:" in stderr
+    assert "Traceback" not in stderr and not wrote
+
+
+def test_grid_size_and_turn_cap_reach_the_training_and_held_out_games(tmp_path):
+    args = train.settle(settings.override(train.Args(method="grpo", out=str(tmp_path)),
+                                          {"grid_size": 6, "max_turns": 20, "eval.max_turns": 12}))
+    game = train.make_game(args)
+    env, held_out = game.make_env(), train.eval_env(args)()
+    assert game.name == "frozenlake6x6" and (env.size, env.max_steps) == (6, 20) and held_out.max_steps == 12
+    assert len(env.reset(0)[0].splitlines()) == 6
+    default = train.make_game(train.settle(train.Args(method="grpo", out=str(tmp_path))))
+    assert default.name == "frozenlake" and (default.make_env().size, default.make_env().max_steps) == (4, 10)
+
+
 def run_cli_in_process(argv, tmp_path, monkeypatch, capsys):
     """train.cli() on argv with --out in tmp_path: (exit status, stderr, whether anything was written)."""
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -386,6 +410,7 @@ def run_cli_in_process(argv, tmp_path, monkeypatch, capsys):
     (["--wm-rollouts", "0"], "--wm-rollouts must be at least 1"),
     (["--mesh-data", "0"], "--mesh-data must be at least 1"),
     (["--max-length", "0"], "--max-length must be at least 1"),
+    (["--grid-size", "1"], "--grid-size must be at least 2"),
 ])
 def test_a_number_out_of_range_is_refused_before_anything_is_written(argv, message, tmp_path, monkeypatch, capsys):
     code, stderr, wrote = run_cli_in_process(argv, tmp_path, monkeypatch, capsys)
@@ -573,3 +598,43 @@ def test_every_run_prints_the_settings_settle_chose_as_flags_that_reproduce_them
     import shlex
 
     assert tyro.cli(train.Args, args=shlex.split(block)) == train.settle(tyro.cli(train.Args, args=argv))
+
+
+def test_pretraining_without_dynamics_shows_the_format_but_never_a_next_state(tmp_path):
+    """--no-pretrain-dynamics: play transcripts stop at the response's end, and world-model transcripts answer in
+    the world-model format with the state the action was taken in; with dynamics both carry the next state."""
+    game = train.make_game(train.settle(train.Args(method="grpo", out=str(tmp_path))))
+    trajectories, prompts = pretrain.random_play(game, 12, seed=0)
+    tokenizer = lm.train_tokenizer(pretrain.corpus(game, trajectories, prompts), 400)
+    eos = tokenizer.eos_token_id
+    turns = [turn for trajectory in trajectories for turn in trajectory.turns]
+    for dynamics in (True, False):
+        play, world_model = pretrain.transcripts(game, trajectories, prompts, tokenizer, 0, dynamics)
+        assert len(play) == len(turns)
+        for (_, target), turn in zip(play, turns):
+            response = tokenizer.encode(turn.response_text, add_special_tokens=False) + [eos]
+            following = tokenizer.encode(turn.next_observation, add_special_tokens=False) if dynamics else []
+            assert target == response + following
+        triplets = pretrain.rwml.triplets_from_rollouts(trajectories, game.history)
+        assert len(world_model) == len(triplets)
+        for (_, target), triplet in zip(world_model, triplets):
+            state = triplet.next_state if dynamics else triplet.state
+            assert tokenizer.decode(target[:-1]) == f"<think> </think>\n<next_state> {state} </next_state>"
+            assert target[-1] == eos
+    moved = [t for t in triplets if t.state != t.next_state]
+    assert moved  # random play moves the player: without dynamics those targets are wrong, as intended
+
+
+def test_groups_without_success_counts_the_groups_where_no_rollout_won():
+    import rollout
+
+    def trajectory(group, won):
+        turn = rollout.Turn(step=0, observation="", prompt_ids=np.zeros(0, np.int32), response_ids=np.zeros(0, np.int32),
+                            response_logprobs=np.zeros(0), response_entropies=np.zeros(0), response_text="", actions=[],
+                            next_observation="", next_observation_ids=np.zeros(0, np.int32), reward=float(won),
+                            done=True, won=won, invalid=False)
+        return rollout.Trajectory(seed=0, group=group, task="", initial_info={}, turns=[turn])
+
+    wins = {0: (False, False, False), 1: (False, True, False), 2: (False, False, False), 3: (True, True, True)}
+    trajectories = [trajectory(group, won) for group, row in wins.items() for won in row]
+    assert train.groups_without_success(trajectories) == 0.5
