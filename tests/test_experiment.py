@@ -117,9 +117,10 @@ def test_an_unknown_method_is_refused():
 
 
 def test_every_row_has_a_distinct_shell_safe_folder():
-    folders = [experiment.slug(name) for name in experiment.ROWS]
-    assert all(re.fullmatch(r"[a-z0-9-]+", folder) for folder in folders), folders
-    assert len(set(folders)) == len(folders)
+    for regime in experiment.REGIMES.values():
+        folders = [experiment.slug(experiment.FIRST_STAGE_OF.get(name, name)) for name in regime.rows]
+        assert all(re.fullmatch(r"[a-z0-9-]+", folder) for folder in folders), folders
+        assert len(set(folders)) == len(folders) - sum(name in experiment.FIRST_STAGE_OF for name in regime.rows)
     assert experiment.slug("GRPO, SPA's prompt") == "grpo-spas-prompt"
 
 
@@ -175,7 +176,7 @@ def test_a_claims_effect_is_the_mean_paired_difference_with_its_student_t_interv
 
 def test_every_regime_row_is_its_method_plus_the_condition_and_a_valid_run():
     for name, regime in experiment.REGIMES.items():
-        assert len(regime.seeds) >= (3 if name == "papers" else 5)
+        assert len(regime.seeds) >= (3 if name == "papers" else 5 if regime.claims else 2)
         for claim, treatment, control in regime.claims:
             assert treatment in regime.rows and control in regime.rows, (name, claim)
     sparse = experiment.REGIMES["sparse-rewards"].rows
@@ -183,11 +184,22 @@ def test_every_regime_row_is_its_method_plus_the_condition_and_a_valid_run():
     known = experiment.REGIMES["world-knowledge"].rows
     assert known["RWML -> GRPO"] == experiment.METHODS["RWML -> GRPO"]
     assert known["RWML -> GRPO, no dynamics"] == {**experiment.METHODS["RWML -> GRPO"], "pretrain_dynamics": False}
-    for name in ("world-knowledge", "sparse-rewards", "unpredictable-observations"):  # every row runs as train.py's
+    for name in experiment.STUDY:  # every row is a run train.py accepts
         regime = experiment.REGIMES[name]
         args = experiment.ExperimentArgs(regime=name)
         for row in regime.rows:
             experiment.train.settings.check(experiment.train.settle(experiment.run_args(args, row, 0, Path("/nonexistent"))))
+
+
+def test_the_readout_is_each_runs_first_value_in_its_policy_stage(tmp_path):
+    records = [{"step": 0, "stage": "base", "eval/success": 0.0}, {"step": 1, "stage": "spa-sft", "train/loss": 1.0},
+               {"step": 2, "stage": "grpo", "train/invalid": 0.25}, {"step": 3, "stage": "grpo", "train/invalid": 0.1}]
+    _write(tmp_path / "metrics.jsonl", records)
+    assert experiment.first_policy_value(tmp_path, "train/invalid") == 0.25
+    assert experiment.first_policy_value(tmp_path, "train/clipped_token_ratio") is None
+    regime = experiment.REGIMES["spa-calibration"]
+    text, data = experiment.readout_text(regime, {"row": [{"folder": str(tmp_path)}, {"folder": str(tmp_path)}]})
+    assert data == {"row": [0.25, 0.25]} and "- row: 0.250 ± 0.000" in text
 
 
 def test_a_chunk_whose_hours_are_spent_starts_no_run_and_says_how_many_are_left(tmp_path, capsys):
