@@ -5,9 +5,16 @@ and norms to 1, which would let a loader that skips them pass.
 """
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# JAX's persistent compilation cache, shared by the test workers and the processes tests start (train.py's command
+# line, notebooks, two-process runs): many tests compile the same tiny programs, and a compiled program is reused
+# only when its XLA computation is identical, so results do not change. Before jax is imported anywhere.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "rwml-jax-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest
