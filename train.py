@@ -89,7 +89,7 @@ def make_game(args: Args) -> pretrain.Game:
         name, prompt = "grid", lambda task, history, step, observation, info: observation
     else:
         name = f"ragen{'+coordinates' if state_estimation else ''}-{args.actions_per_turn}-actions"
-        prompt = envs.grid_prompt(env_class.rules, state_estimation, args.actions_per_turn)
+        prompt = envs.grid_prompt(envs.GRID_ENVS[args.env].rules, state_estimation, args.actions_per_turn)
     size = f"{args.grid_size}x{args.grid_size}" if args.grid_size != settings.GRID_SIZE[args.env] else ""
     observation = "-coordinates" if args.observation == "grid+coordinates" else ""  # the default keeps its name
     return pretrain.Game(args.env + size + observation, name, env_class, prompt, lambda a: f"<answer>{a}</answer>",

@@ -263,8 +263,12 @@ def paw_iteration(state, step_fn, config, tokenizer, environments, seeds, group,
 
 
 def test_paw_on_frozenlake_runs_and_its_world_model_loss_falls(frozenlake_policy):
+    """End to end from a random model, with the cross-entropy world-model loss (eq. 27). The clipped MAE (eq. 25)
+    cannot show this reliably from random weights: its gradient p (1 - p) is near 0 at p ~ 1/300, by design, so
+    whether it falls within 12 iterations is a draw of the sampler (measured over three initial seeds: 0.996 ->
+    0.69 once, flat at 0.997-0.999 twice). Its value and gradient are tested against numpy above."""
     config, tokenizer = frozenlake_policy
-    cfg = paw.PaWConfig(r_max=1.0, wm_loss="cmae", rho=0.9)
+    cfg = paw.PaWConfig(r_max=1.0, wm_loss="ce", rho=0.9)
     optimizer = grpo.make_optimizer(1e-2, weight_decay=0.0)
     step_fn = jax.jit(functools.partial(paw.paw_step, model_config=config, optimizer=optimizer,
                                         step=grpo.StepConfig(grpo.LossConfig(beta=0.0)), cfg=cfg))
@@ -278,9 +282,8 @@ def test_paw_on_frozenlake_runs_and_its_world_model_loss_falls(frozenlake_policy
             losses.append(float(metrics["wm_loss"]))
             assert 0.75 <= float(metrics["selected_fraction"]) < 0.9 and np.isfinite(float(metrics["loss"]))  # ceil(0.75 n) / n
     print("world-model loss by iteration:", np.round(losses, 3))
-    # From a random model p ~ 1/300 and the clipped MAE's gradient p (1 - p) is small (by design: it
-    # ignores what the model cannot predict yet), so the loss falls slowly: measured 0.997 -> 0.977.
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.01, losses
+    # measured over three initial seeds: 5.8-6.4 nats in the first iteration, 1.1-1.3 in the twelfth
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 2.0, losses
     assert losses[-1] < losses[0]
 
 
