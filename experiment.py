@@ -16,7 +16,8 @@ Every method is `train.py` with its defaults; no method gets a setting another d
 here are the evaluation's, shared by all, and SPA's baseline takes SPA's prompt, actions per turn and
 response length, so that the self-play SFT is the only difference). Each (method, seed) run keeps its folder under
 --out, marked finished by `trained.json`; a rerun skips finished runs with the same settings, so an
-interrupted experiment continues where it stopped (an interrupted run resumes from its last checkpoint).
+interrupted experiment continues where it stopped (an interrupted run resumes from its last checkpoint). The study's
+folders, runs/study/<regime>, are tracked in git without their models (.gitignore), so a fresh clone goes on too.
 
 Reported per method, as mean ± std over seeds (ddof 0; in the regimes below, ± the half-width of the 95% interval):
     Pass@1 and Pass@k   held-out success at the end (k = --eval-samples, unbiased estimator)
@@ -313,9 +314,8 @@ def run_one(args: ExperimentArgs, name: str, seed: int, out: Path, scorer) -> di
     folder = out / slug(source) / f"seed{seed}"
     run = train.settle(run_args(args, source, seed, folder))
     chosen = dataclasses.asdict(run)
-    trained_file = folder / "trained.json"
-    trained = json.loads(trained_file.read_text()) if trained_file.exists() else {}
-    if not same_settings(trained.get("settings", {}), chosen):
+    trained_file, summary_file = folder / "trained.json", summary_path(folder, name)
+    if finished(args, name, seed, out) is None:
         saved = folder / "args.json"
         resume = ((folder / "checkpoints").exists() and saved.exists()
                   and same_settings(json.loads(saved.read_text()), chosen))
@@ -327,25 +327,39 @@ def run_one(args: ExperimentArgs, name: str, seed: int, out: Path, scorer) -> di
         trained = {"settings": chosen, "seconds": time.perf_counter() - started,
                    "cpu_seconds": time.process_time() - cpu, "resumed": resume}
         trained_file.write_text(json.dumps(trained, indent=1) + "\n")
-    summary_file = folder / ("summary.json" if source == name else f"summary-{slug(name)}.json")
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    if summary.get("version") != SUMMARY_VERSION or summary.get("success_level") != args.success_level:
+    trained = json.loads(trained_file.read_text())
+    if not summary_current(args, summary_file):
         stage = 0 if source != name else None
         cpu = time.process_time()
         summary = {**summarise(args, name, run, folder, scorer, stage), "version": SUMMARY_VERSION}
         summary["cpu_seconds"] = time.process_time() - cpu
         summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+    summary = json.loads(summary_file.read_text())
     return {**summary, "folder": str(folder), "seconds": trained["seconds"],
             "training_cpu_seconds": trained.get("cpu_seconds")}
 
 
+def summary_path(folder: Path, name: str) -> Path:
+    """Where a row's summary of its run is cached: a first stage's (FIRST_STAGE_OF) beside its two-stage run's."""
+    return folder / ("summary.json" if FIRST_STAGE_OF.get(name, name) == name else f"summary-{slug(name)}.json")
+
+
+def summary_current(args: ExperimentArgs, summary_file: Path) -> bool:
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    return summary.get("version") == SUMMARY_VERSION and summary.get("success_level") == args.success_level
+
+
 def finished(args: ExperimentArgs, name: str, seed: int, out: Path) -> dict | None:
-    """The trained.json of the run behind (row, seed) if it finished with today's settings, else None."""
+    """The trained.json of the run behind (row, seed) if it finished with today's settings, else None. A run whose
+    record alone is here (the study's folders are tracked in git without their models: .gitignore) counts only if
+    its row's summary is current: summarise() reads the exported model."""
     folder = out / slug(FIRST_STAGE_OF.get(name, name)) / f"seed{seed}"
     trained_file = folder / "trained.json"
     if not trained_file.exists():
         return None
     trained = json.loads(trained_file.read_text())
+    if not (folder / "model").exists() and not summary_current(args, summary_path(folder, name)):
+        return None
     chosen = dataclasses.asdict(train.settle(run_args(args, FIRST_STAGE_OF.get(name, name), seed, folder)))
     return trained if same_settings(trained.get("settings", {}), chosen) else None
 

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import jax
@@ -93,6 +94,25 @@ def test_quick_experiment_writes_its_table_reuses_finished_runs_and_reproduces(t
     stamp = marker.stat().st_mtime_ns
     assert experiment.run_experiment(args)["table"] == first["table"]
     assert marker.stat().st_mtime_ns == stamp
+
+    # what git keeps of the study (its .gitignore: each run's record, not its models or checkpoints), as a fresh
+    # clone has it, gives the same numbers without training; a row whose summary is out of date trains again
+    first_folder, kept = tmp_path / "first", tmp_path / "clone"
+    files = [path.relative_to(first_folder) for path in first_folder.rglob("*") if path.is_file()]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=Path(__file__).parents[1], text=True,
+                             input="".join(f"runs/study/regime/{f}\n" for f in files), capture_output=True).stdout
+    for relative in files:
+        if f"runs/study/regime/{relative}" not in ignored.splitlines():
+            (kept / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(first_folder / relative, kept / relative)
+    assert (kept / "grpo" / "seed0" / "metrics.jsonl").exists() and not list(kept.rglob("model*"))
+    assert not list(kept.rglob("checkpoints"))
+    assert experiment.run_experiment(dataclasses.replace(args, out=str(kept)))["data"] == first["data"]
+    assert not (kept / "grpo" / "seed0" / "model").exists()
+    summary = kept / "grpo" / "seed0" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "version": -1}))
+    again = experiment.run_experiment(dataclasses.replace(args, out=str(kept), methods=("GRPO",)))
+    assert again["data"]["GRPO"] == first["data"]["GRPO"] and (kept / "grpo" / "seed0" / "model").exists()
 
     # stopped after its first stage (its last checkpoint gone, as a kill before it was written leaves the run), a
     # run resumes from the stage's checkpoint and ends with the same numbers
