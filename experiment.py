@@ -34,7 +34,8 @@ that starts from it: SPA's prompt, the grid with coordinates, has its own embedd
 
 Regimes (--regime; methods.md section 5.3): "papers" is the setting above. At toy scale it lacks conditions the papers'
 mechanisms need, so each other regime changes one (REGIMES): the model's world knowledge, the sparsity of rewards, the
-predictability of observations. Its rows run over seeds 0-4, and each claim's effect is reported as the difference in
+predictability of observations, and SPA's SFT strength (spa-calibration measures it, spa uses it). Its rows run over
+seeds 0-4, and each claim's effect is reported as the difference in
 Pass@1 between two rows, paired by seed, with its 95% interval, and a plot of the mechanism at work (mechanism.png).
 
 Output in --out: results.md (the table, and the claims' effects), results.json, success.png (held-out success against the
@@ -120,6 +121,8 @@ RWML_CLAIMS = (("RWML then GRPO beats GRPO", "RWML -> GRPO", "GRPO"),
 PAW_CLAIMS = (("PaW beats GRPO", "PaW", "GRPO"),
               ("the clipped MAE beats cross-entropy", "PaW", "PaW, cross-entropy"),
               ("adaptive lambda beats lambda = 1", "PaW", "PaW, fixed lambda=1"))
+NO_SFT = "no SFT (GRPO, SPA's prompt)"
+VALID_MARGIN = 0.05  # SPA's regime: an SFT setting counts as valid within this of NO_SFT's invalid-action rate
 # The map sizes and turn caps were chosen before any method ran, from uniform random play (4,000 maps each): it wins
 # 1.1% of 4x4 games (10 turns), 0.5% of 5x5 (16) and 0.1% of 6x6 (20); the cap is twice the fewest moves possible.
 SPARSE = ((5, 16), (6, 20))
@@ -159,10 +162,59 @@ REGIMES = {
         {**{f"SPA SFT, {epochs} epochs, lr {lr:.0e}": {**METHODS["SPA -> GRPO"], "spa.epochs": epochs,
                                                      "spa.learning_rate": lr, "iterations": 1, "eval.episodes": 16}
             for epochs in (1, 2, 5) for lr in (1e-4, 3e-4, 1e-3)},
-         "no SFT (GRPO, SPA's prompt)": {**METHODS["GRPO, SPA's prompt"], "iterations": 1, "eval.episodes": 16}},
+         NO_SFT: {**METHODS["GRPO, SPA's prompt"], "iterations": 1, "eval.episodes": 16}},
         (), ("train/invalid", "share of invalid actions in the RL rollouts (temperature 1)"), seeds=(0, 1),
         readout=("train/invalid", "invalid actions at temperature 1, first RL iteration")),
+    # SPA's claim at the SFT strength spa-calibration chose (regime_of: "SPA -> GRPO" gets spa_strength's setting)
+    "spa": Regime(
+        "SPA's SFT at the strongest setting spa-calibration found to keep sampled actions valid",
+        {name: METHODS[name] for name in ("SPA -> GRPO", "GRPO, SPA's prompt")},
+        (("SPA then GRPO beats GRPO from SPA's prompt", "SPA -> GRPO", "GRPO, SPA's prompt"),),
+        ("train/invalid", "share of invalid actions in the RL rollouts (temperature 1)"),
+        readout=("train/invalid", "invalid actions at temperature 1, first RL iteration")),
 }
+
+
+def spa_strength(readout: dict[str, list[float | None]]) -> tuple[dict, str]:
+    """SPA's SFT setting from spa-calibration's readout (each row's invalid-action rate at temperature 1, per seed):
+    the strongest (largest epochs x learning rate; the rows' products differ) whose mean rate is within VALID_MARGIN
+    of the model without SFT; if none is, the least invalid. The rule looks at validity only and was fixed before the
+    calibration ran."""
+    rows = REGIMES["spa-calibration"].rows
+    rate = {name: float(np.mean([v for v in values if v is not None])) for name, values in readout.items()}
+    tried = [name for name in rows if name != NO_SFT and name in rate]
+    if NO_SFT not in rate or not tried:
+        raise settings.UsageError(f"spa-calibration's results lack {NO_SFT!r} or every SFT row. Fix: run "
+                                  "`python experiment.py --regime spa-calibration` to the end.")
+    valid = [name for name in tried if rate[name] <= rate[NO_SFT] + VALID_MARGIN]
+    chosen = (max(valid, key=lambda n: rows[n]["spa.epochs"] * rows[n]["spa.learning_rate"]) if valid
+              else min(tried, key=rate.get))
+    why = (f"{chosen} ({rate[chosen]:.1%} invalid, without SFT {rate[NO_SFT]:.1%}; "
+           + (f"the strongest within {VALID_MARGIN * 100:g} points of it" if valid
+              else f"none within {VALID_MARGIN * 100:g} points of it: the least invalid") + ")")
+    return {key: rows[chosen][key] for key in ("spa.epochs", "spa.learning_rate")}, why
+
+
+def regime_folder(args: ExperimentArgs) -> Path:
+    quick = "-quick" if args.quick else ""
+    return Path(args.out or (f"runs/experiment-{args.env}{quick}" if args.regime == "papers"
+                             else f"runs/study{quick}/{args.regime}"))
+
+
+def regime_of(args: ExperimentArgs) -> Regime:
+    """The regime's rows and claims. SPA's reads its SFT strength from spa-calibration's results.json, in the folder
+    beside its own (runs/study/spa-calibration for runs/study/spa)."""
+    regime = REGIMES[args.regime]
+    if args.regime != "spa":
+        return regime
+    calibration = regime_folder(args).parent / "spa-calibration" / "results.json"
+    if not calibration.exists():
+        raise settings.UsageError(f"--regime spa takes SPA's SFT strength from {calibration}, which does not exist. "
+                                  "Fix: run `python experiment.py --regime spa-calibration` first (--regime study "
+                                  "runs both in turn).")
+    setting, why = spa_strength(json.loads(calibration.read_text())["readout"])
+    return dataclasses.replace(regime, condition=f"{regime.condition}: {why}",
+                               rows={**regime.rows, "SPA -> GRPO": {**regime.rows["SPA -> GRPO"], **setting}})
 
 
 @dataclasses.dataclass
@@ -170,7 +222,7 @@ class ExperimentArgs:
     """Rerun base, GRPO, PaW (and its ablations), WM SFT, RWML, the two-stage methods and SPA over seeds."""
 
     regime: Literal["papers", "world-knowledge", "sparse-rewards", "unpredictable-observations", "spa-calibration",
-                    "study"] = "papers"
+                    "spa", "study"] = "papers"
     """papers: every method as train.py runs it; the others change one condition (REGIMES); study: them all in turn"""
     env: Literal["frozenlake", "sokoban"] = "frozenlake"
     """the toy environment (the embedded default model of train.py)"""
@@ -208,7 +260,7 @@ def run_args(args: ExperimentArgs, name: str, seed: int, out: Path) -> train.Arg
               "tensorboard": False, "progress": False, "cache": args.cache}
     if args.quick:
         shared.update(QUICK)
-    return settings.override(train.Args(), {**REGIMES[args.regime].rows[name], **shared})
+    return settings.override(train.Args(), {**regime_of(args).rows[name], **shared})
 
 
 def evaluations(metrics_file: Path) -> list[dict]:
@@ -414,7 +466,7 @@ def base_rows(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
 def table(args: ExperimentArgs, results: dict[str, list[dict]]) -> tuple[str, dict]:
     """The markdown table (mean ± std over seeds, or ± the 95% interval's half-width: the regime's spread) and the
     same numbers as data."""
-    k, spread = args.eval_samples, REGIMES[args.regime].spread
+    k, spread = args.eval_samples, regime_of(args).spread
     mean_std = functools.partial(spread_text, spread=spread)
     metrics = ("pass@1", f"pass@{k}", "wm_accuracy", "wm_accuracy_direct", "wm_exact_inline")
     entries = [(name, runs, None, None) for name, runs in base_rows(results).items()]
@@ -532,7 +584,8 @@ def plot_mechanism(regime: Regime, results: dict[str, list[dict]], out: Path) ->
     return path
 
 
-STUDY = ("unpredictable-observations", "sparse-rewards", "world-knowledge", "spa-calibration")  # cheapest first
+# cheapest first; spa after spa-calibration, whose results set its SFT strength
+STUDY = ("unpredictable-observations", "sparse-rewards", "world-knowledge", "spa-calibration", "spa")
 
 
 def run_experiment(args: ExperimentArgs, deadline: float | None = None) -> dict:
@@ -550,15 +603,13 @@ def run_experiment(args: ExperimentArgs, deadline: float | None = None) -> dict:
             if done[name].get("left"):
                 break
         return done
-    regime = REGIMES[args.regime]
+    regime = regime_of(args)
     names, seeds = args.methods or tuple(regime.rows), args.seeds or regime.seeds
     unknown = [name for name in names if name not in regime.rows]
     if unknown:
         raise settings.UsageError(f"unknown method(s) {unknown} in --regime {args.regime}. Fix: choose from "
                                   f"{list(regime.rows)}.")
-    quick = "-quick" if args.quick else ""
-    out = Path(args.out or (f"runs/experiment-{args.env}{quick}" if args.regime == "papers"
-                            else f"runs/study{quick}/{args.regime}"))
+    out = regime_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     scorer = rwml.cosine_scorer(train.make_embedder("minilm"), train.settle(run_args(args, names[0], 0, out)).tau_d)
     started = time.perf_counter()

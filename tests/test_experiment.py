@@ -2,6 +2,7 @@
 experiment end to end: its table, plots, reuse of finished runs, and the same numbers when rerun from scratch."""
 
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -194,7 +195,7 @@ def test_a_claims_effect_is_the_mean_paired_difference_with_its_student_t_interv
     assert experiment.effects(regime, results)[0]["seeds"] == 3
 
 
-def test_every_regime_row_is_its_method_plus_the_condition_and_a_valid_run():
+def test_every_regime_row_is_its_method_plus_the_condition_and_a_valid_run(tmp_path):
     for name, regime in experiment.REGIMES.items():
         assert len(regime.seeds) >= (3 if name == "papers" else 5 if regime.claims else 2)
         for claim, treatment, control in regime.claims:
@@ -205,8 +206,10 @@ def test_every_regime_row_is_its_method_plus_the_condition_and_a_valid_run():
     assert known["RWML -> GRPO"] == experiment.METHODS["RWML -> GRPO"]
     assert known["RWML -> GRPO, no dynamics"] == {**experiment.METHODS["RWML -> GRPO"], "pretrain_dynamics": False}
     for name in experiment.STUDY:  # every row is a run train.py accepts
-        regime = experiment.REGIMES[name]
-        args = experiment.ExperimentArgs(regime=name)
+        args = experiment.ExperimentArgs(regime=name, out=str(tmp_path / name))
+        if name == "spa":
+            _calibration(tmp_path / "spa-calibration")
+        regime = experiment.regime_of(args)
         for row in regime.rows:
             experiment.train.settings.check(experiment.train.settle(experiment.run_args(args, row, 0, Path("/nonexistent"))))
 
@@ -222,6 +225,45 @@ def test_the_readout_is_each_runs_first_value_in_its_policy_stage(tmp_path):
     assert data == {"row": [0.25, 0.25]} and "- row: 0.250 ± 0.000" in text
 
 
+def _calibration(folder: Path, rates: dict | None = None) -> None:
+    """A spa-calibration results.json whose readout holds `rates` (row -> per-seed invalid rates; others 0.5)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    readout = {name: [0.5, 0.5] for name in experiment.REGIMES["spa-calibration"].rows}
+    (folder / "results.json").write_text(json.dumps({"readout": {**readout, **(rates or {})}}))
+
+
+def test_spas_sft_strength_is_the_strongest_that_keeps_actions_valid(tmp_path):
+    no_sft, margin = experiment.NO_SFT, experiment.VALID_MARGIN
+    rates = {no_sft: [0.12, 0.14], "SPA SFT, 1 epochs, lr 1e-04": [0.13, 0.13],
+             "SPA SFT, 5 epochs, lr 1e-04": [0.13 + margin - 0.001, 0.13 + margin - 0.001],  # 5e-4: within the margin
+             "SPA SFT, 2 epochs, lr 3e-04": [0.13, 0.13 + 2 * margin + 0.002],  # 6e-4, but its mean is past it
+             "SPA SFT, 1 epochs, lr 3e-04": [0.10, None]}  # a seed without a value is left out of the mean
+    readout = {name: [0.5, 0.5] for name in experiment.REGIMES["spa-calibration"].rows} | rates
+    setting, why = experiment.spa_strength(readout)
+    assert setting == {"spa.epochs": 5, "spa.learning_rate": 1e-4}
+    assert why.startswith("SPA SFT, 5 epochs, lr 1e-04 (") and "the strongest" in why
+    stronger = readout | {"SPA SFT, 1 epochs, lr 1e-03": [0.1, 0.1]}  # 1e-3 > 5e-4
+    assert experiment.spa_strength(stronger)[0] == {"spa.epochs": 1, "spa.learning_rate": 1e-3}
+    # none valid: the least invalid, and the reason says so
+    setting, why = experiment.spa_strength({**{n: [0.5, 0.5] for n in readout}, no_sft: [0.1, 0.1],
+                                            "SPA SFT, 2 epochs, lr 1e-04": [0.3, 0.3]})
+    assert setting == {"spa.epochs": 2, "spa.learning_rate": 1e-4} and "the least invalid" in why
+    with pytest.raises(experiment.settings.UsageError, match="spa-calibration"):
+        experiment.spa_strength({no_sft: [0.1, 0.1]})
+    # the regime reads the calibration beside its own folder, and only SPA's row changes
+    args = experiment.ExperimentArgs(regime="spa", out=str(tmp_path / "study" / "spa"))
+    with pytest.raises(experiment.settings.UsageError, match="Fix: run `python experiment.py --regime spa-calib"):
+        experiment.regime_of(args)
+    _calibration(tmp_path / "study" / "spa-calibration", rates)
+    regime = experiment.regime_of(args)
+    calibrated = {"spa.epochs": 5, "spa.learning_rate": 1e-4}
+    assert regime.rows["SPA -> GRPO"] == {**experiment.METHODS["SPA -> GRPO"], **calibrated}
+    assert regime.rows["GRPO, SPA's prompt"] == experiment.METHODS["GRPO, SPA's prompt"]
+    assert "SPA SFT, 5 epochs, lr 1e-04" in regime.condition
+    run = experiment.train.settle(experiment.run_args(args, "SPA -> GRPO", 0, tmp_path))
+    assert (run.spa.epochs, run.spa.learning_rate) == (5, 1e-4)
+
+
 def test_a_chunk_whose_hours_are_spent_starts_no_run_and_says_how_many_are_left(tmp_path, capsys):
     args = experiment.ExperimentArgs(regime="unpredictable-observations", quick=True, seeds=(0, 1), methods=("GRPO",),
                                      out=str(tmp_path / "study"), hours=1e-9)
@@ -234,18 +276,25 @@ def test_a_chunk_whose_hours_are_spent_starts_no_run_and_says_how_many_are_left(
     ("world-knowledge", ("GRPO, no dynamics", "PaW, no dynamics"), {"pretrain_dynamics": False}),
     ("sparse-rewards", ("GRPO, 5x5", "PaW, 5x5"), {"grid_size": 5, "max_turns": 16}),
     ("unpredictable-observations", ("GRPO", "PaW"), {"observation": "grid+coordinates"}),
+    ("spa", ("SPA -> GRPO", "GRPO, SPA's prompt"), {"spa.learning_rate": 3e-4}),  # the calibration written below
 ])
 def test_each_regime_runs_end_to_end_at_tiny_sizes(regime, rows, condition, tmp_path, monkeypatch, embedded_cache):
     """The plumbing only (two updates, an embedded default of 5 pretraining steps): the regime's condition reaches
     train.py, and the table, the claim's effect and the mechanism plot are written."""
     monkeypatch.setenv("RWML_JAX_CACHE", str(embedded_cache))
-    monkeypatch.setattr(experiment, "QUICK", {**experiment.QUICK, "pretrain_steps": 5, "pretrain_episodes": 40})
+    shorter = {"max_new_tokens": 48} if regime == "spa" else {}  # SPA's 256-token responses: the plumbing needs fewer
+    tiny = {"pretrain_steps": 5, "pretrain_episodes": 40, **shorter}
+    monkeypatch.setattr(experiment, "QUICK", {**experiment.QUICK, **tiny})
     out = tmp_path / regime
+    valid = {experiment.NO_SFT: [0.1, 0.1], "SPA SFT, 1 epochs, lr 3e-04": [0.1, 0.1]}  # 1 epoch: QUICK's
+    _calibration(tmp_path / "spa-calibration", valid)
     result = experiment.run_experiment(experiment.ExperimentArgs(regime=regime, quick=True, seeds=(0,), methods=rows,
                                                                  eval_samples=2, out=str(out)))
     for row in rows:
         chosen = json.loads((out / experiment.slug(row) / "seed0" / "trained.json").read_text())["settings"]
-        assert {k: chosen[k] for k in condition} == condition
+        if regime == "spa" and row != "SPA -> GRPO":
+            continue  # only SPA's row takes the calibrated SFT
+        assert {k: functools.reduce(dict.get, k.split("."), chosen) for k in condition} == condition
     assert [line.split(" | ")[0] for line in result["table"].splitlines()[2:]] == ["| base", *(f"| {r}" for r in rows)]
     expected = [claim for claim, treatment, control in experiment.REGIMES[regime].claims
                 if treatment in rows and control in rows]
@@ -254,4 +303,6 @@ def test_each_regime_runs_end_to_end_at_tiny_sizes(regime, rows, condition, tmp_
     assert result["cpu_seconds"] > 0
     text = (out / "results.md").read_text()
     assert text.startswith(f"Condition changed: {experiment.REGIMES[regime].condition}") and "CPU time" in text
+    if regime == "spa":
+        assert "SPA SFT, 1 epochs, lr 3e-04 (10.0% invalid, without SFT 10.0%; the strongest" in text
     assert (out / "mechanism.png").stat().st_size > 0
