@@ -276,6 +276,10 @@ class Args:
     observation: Literal["grid", "grid+coordinates"] = "grid"
     """grid games: what the game returns after a move, which the policy reads and PaW's world-model loss predicts:
     the grid, or the grid and SPA's coordinates of its objects (envs.WithCoordinates)"""
+    pretrain_observation: Annotated[Literal["grid", "grid+coordinates"] | None, follows("--observation")] = None
+    """grid games: the observations the embedded default is pretrained on. --observation grid+coordinates
+    --pretrain-observation grid: the coordinates are new to the model when training starts, text it cannot yet
+    predict"""
     pretrain_dynamics: bool = True
     """the embedded default learns what actions do: its play transcripts end with the next observation and its
     world-model transcripts answer with the next state. --no-pretrain-dynamics: they end at the response and answer
@@ -491,10 +495,15 @@ def check(args: Args) -> None:
     if args.env == "alfworld" and args.grid_size is not None:
         raise UsageError("--grid-size sets a grid game's map; ALFWorld's rooms come from its game files. Fix: leave "
                          "--grid-size out, or choose --env frozenlake, sokoban or sudoku.")
-    if args.observation != "grid" and (args.env == "alfworld" or args.method == "spa" or args.prompt == "coordinates"):
-        raise UsageError(f"--observation {args.observation} renders a grid game's coordinates into its observations; "
-                         f"{'ALFWorld has no grid' if args.env == 'alfworld' else 'SPA and --prompt coordinates add them to the prompt already'}. "
-                         "Fix: leave --observation at grid.")
+    for flag, observation in (("--observation", args.observation), ("--pretrain-observation", args.pretrain_observation)):
+        if observation == "grid+coordinates" and (args.env == "alfworld" or args.method == "spa"
+                                                  or args.prompt == "coordinates"):
+            raise UsageError(f"{flag} {observation} renders a grid game's coordinates into its observations; "
+                             f"{'ALFWorld has no grid' if args.env == 'alfworld' else 'SPA and --prompt coordinates add them to the prompt already'}. "
+                             f"Fix: leave {flag} {'at grid' if flag == '--observation' else 'out'}.")
+    if args.pretrain_observation is not None and args.model is not None:
+        raise UsageError(f"--pretrain-observation chooses what the embedded default is pretrained on, and --model "
+                         f"{args.model} replaces it. Fix: leave --pretrain-observation out, or --model.")
     if args.grid_size is not None:
         try:
             envs.GRID_ENVS[args.env](size=args.grid_size)

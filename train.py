@@ -451,6 +451,8 @@ def load_model(args: Args, game: pretrain.Game, log=print):
     if args.model is None:
         cfg = dataclasses.replace(pretrain.PretrainConfig(), episodes=args.pretrain_episodes, steps=args.pretrain_steps,
                                   dynamics=args.pretrain_dynamics)
+        if args.pretrain_observation not in (None, args.observation):  # pretrained on other observations than it meets
+            game = make_game(dataclasses.replace(args, observation=args.pretrain_observation))
         folder = pretrain.embedded_default(game, cfg, args.cache, log)
     else:
         folder = lm.resolve_checkpoint(args.model)

@@ -276,6 +276,7 @@ def test_a_chunk_whose_hours_are_spent_starts_no_run_and_says_how_many_are_left(
     ("world-knowledge", ("GRPO, no dynamics", "PaW, no dynamics"), {"pretrain_dynamics": False}),
     ("sparse-rewards", ("GRPO, 5x5", "PaW, 5x5"), {"grid_size": 5, "max_turns": 16}),
     ("unpredictable-observations", ("GRPO", "PaW"), {"observation": "grid+coordinates"}),
+    ("unseen-coordinates", ("GRPO", "PaW"), {"observation": "grid+coordinates", "pretrain_observation": "grid"}),
     ("spa", ("SPA -> GRPO", "GRPO, SPA's prompt"), {"spa.learning_rate": 3e-4}),  # the calibration written below
 ])
 def test_each_regime_runs_end_to_end_at_tiny_sizes(regime, rows, condition, tmp_path, monkeypatch, embedded_cache):

@@ -359,6 +359,8 @@ def test_bad_input_prints_one_message_exits_nonzero_and_writes_nothing(argv, mes
     (["--env", "alfworld", "--grid-size", "6"], "--grid-size sets a grid game's map"),
     (["--observation", "grid+coordinates", "--method", "spa"], "--observation grid+coordinates renders"),
     (["--observation", "grid+coordinates", "--prompt", "coordinates"], "--observation grid+coordinates renders"),
+    (["--pretrain-observation", "grid+coordinates", "--method", "spa"], "--pretrain-observation grid+coordinates renders"),
+    (["--pretrain-observation", "grid", "--model", "/nonexistent"], "--pretrain-observation chooses what the embedded"),
 ])
 def test_a_map_the_game_cannot_draw_is_refused_before_anything_is_written(argv, message, tmp_path, monkeypatch, capsys):
     code, stderr, wrote = run_cli_in_process(argv, tmp_path, monkeypatch, capsys)
@@ -623,6 +625,23 @@ def test_pretraining_without_dynamics_shows_the_format_but_never_a_next_state(tm
             assert target[-1] == eos
     moved = [t for t in triplets if t.state != t.next_state]
     assert moved  # random play moves the player: without dynamics those targets are wrong, as intended
+
+
+def test_pretrain_observation_pretrains_the_default_on_observations_other_than_those_it_meets(tmp_path, embedded_cache):
+    """--observation grid+coordinates --pretrain-observation grid: the run plays with coordinates, from the embedded
+    default pretrained on the plain grid (the same checkpoint as the plain default's); without the flag, the default
+    is pretrained on what it meets."""
+    tiny = {"observation": "grid+coordinates", "pretrain_steps": 5, "pretrain_episodes": 40, "cache": str(embedded_cache)}
+    runs = {name: train.settle(settings.override(train.Args(method="grpo", out=str(tmp_path)), {**tiny, **extra}))
+            for name, extra in (("same", {}), ("grid", {"pretrain_observation": "grid"}))}
+    plain = train.settle(settings.override(train.Args(method="grpo", out=str(tmp_path)),
+                                           {**tiny, "observation": "grid"}))
+    game = train.make_game(runs["grid"])
+    assert game.name == "frozenlake-coordinates" and "Player (P) is at" in game.make_env().reset(0)[0]
+    folders = {name: train.load_model(run, train.make_game(run), log=lambda *_: None)[0] for name, run in runs.items()}
+    assert folders["grid"] == train.load_model(plain, train.make_game(plain), log=lambda *_: None)[0]
+    assert folders["same"] != folders["grid"]
+    assert folders["same"].name.startswith("frozenlake-coordinates-") and not folders["grid"].name.startswith("frozenlake-c")
 
 
 def test_groups_without_success_counts_the_groups_where_no_rollout_won():
