@@ -96,12 +96,12 @@ class Regime:
     """One condition a paper's mechanism needs and the toy default lacks, changed alone (docs/methods.md section 5.3):
     its rows (name -> train.py settings: the method's switches and the condition), the claims it tests (the claim,
     the treatment row, the control row: the effect is their difference in final Pass@1, paired by seed), and the
-    metric that shows the mechanism at work (a metrics.jsonl key, plotted over the run's steps)."""
+    metrics that show the mechanism at work (metrics.jsonl keys with their labels, one panel each in mechanism.png)."""
 
     condition: str
     rows: dict[str, dict]
     claims: tuple[tuple[str, str, str], ...]
-    mechanism: tuple[str, str]
+    mechanism: tuple[tuple[str, str], ...]
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     spread: Literal["std", "interval"] = "interval"  # the table's ± : std over seeds, or the 95% interval of the mean
     readout: tuple[str, str] | None = None  # (metrics.jsonl key, what it is): each row's value at its first RL step
@@ -131,14 +131,15 @@ REGIMES = {
         "none: the embedded default on 4x4 FrozenLake, as `python train.py` runs it",
         {name: METHODS[FIRST_STAGE_OF.get(name, name)] for name in ROWS},
         (*RWML_CLAIMS, *PAW_CLAIMS, ("SPA then GRPO beats GRPO from SPA's prompt", "SPA -> GRPO", "GRPO, SPA's prompt")),
-        ("eval/success", "held-out success"), seeds=(0, 1, 2), spread="std"),
+        (("eval/success", "held-out success"),), seeds=(0, 1, 2), spread="std"),
     "world-knowledge": Regime(
         "the embedded default pretrained without the dynamics (--no-pretrain-dynamics: its play transcripts end at "
         "the response and its world-model ones answer with the current state), beside today's",
         {**_rows(("GRPO", "RWML -> GRPO", "WM SFT -> GRPO", "PaW")),
          **_rows(("GRPO", "RWML -> GRPO", "WM SFT -> GRPO", "PaW"), suffix=", no dynamics", pretrain_dynamics=False)},
         (*_claims("", *RWML_CLAIMS, PAW_CLAIMS[0]), *_claims(", no dynamics", *RWML_CLAIMS, PAW_CLAIMS[0])),
-        ("eval/wm_accuracy", "world-model accuracy, RWML's prompt (held out, token for token)")),
+        tuple((f"eval/wm_accuracy{suffix}", f"world-model accuracy, {layout} (held out)") for suffix, layout in
+              (("", "RWML's prompt"), ("_direct", "WM SFT's direct prompt"), ("_inline", "inline (PaW)")))),
     "sparse-rewards": Regime(
         "larger FrozenLake maps (" + ", ".join(f"{n}x{n} with {turns} turns" for n, turns in SPARSE) + "), where "
         "nearly every group of random play fails",
@@ -146,14 +147,14 @@ REGIMES = {
             ("GRPO", "PaW", "PaW, fixed lambda=1", "PaW, cross-entropy"), suffix=f", {n}x{n}", grid_size=n,
             max_turns=turns).items()},
         tuple(claim for n, _ in SPARSE for claim in _claims(f", {n}x{n}", *PAW_CLAIMS)),
-        ("train/groups_without_success", "share of groups in which no rollout succeeds")),
+        (("train/groups_without_success", "share of groups in which no rollout succeeds"),)),
     "unpredictable-observations": Regime(
         "observations that end with the objects' coordinates (--observation grid+coordinates), which follow from "
         "the move by arithmetic rather than by copying the grid before it",
         {name: {**METHODS.get(name, {"method": "paw", "paw.rho": 1.0}), "observation": "grid+coordinates"}
          for name in ("GRPO", "PaW", "PaW, rho=1")},
         (PAW_CLAIMS[0], ("the clip at rho = 0.2 beats none (rho = 1)", "PaW", "PaW, rho=1")),
-        ("train/clipped_token_ratio", "share of observation tokens with p > rho (clipped out of the MAE)")),
+        (("train/clipped_token_ratio", "share of observation tokens with p > rho (clipped out of the MAE)"),)),
     # Added after unpredictable-observations finished, from its mechanism alone (its default, pretrained on the same
     # rendering, already put p > rho on 94-95% of observation tokens): the same rows and claims, the coordinates new
     "unseen-coordinates": Regime(
@@ -162,7 +163,7 @@ REGIMES = {
         {name: {**METHODS.get(name, {"method": "paw", "paw.rho": 1.0}), "observation": "grid+coordinates",
                 "pretrain_observation": "grid"} for name in ("GRPO", "PaW", "PaW, rho=1")},
         (PAW_CLAIMS[0], ("the clip at rho = 0.2 beats none (rho = 1)", "PaW", "PaW, rho=1")),
-        ("train/clipped_token_ratio", "share of observation tokens with p > rho (clipped out of the MAE)")),
+        (("train/clipped_token_ratio", "share of observation tokens with p > rho (clipped out of the MAE)"),)),
     # Not a claim: how strong SPA's SFT can be while the actions its model samples at temperature 1 stay valid (with
     # the default 5 epochs at 1e-3, 54-62% are invalid, the base model's 13-14%). Each row is SPA's self-play and
     # SFT, then one RL iteration, whose rollouts measure it; the SPA regime takes the strongest valid setting.
@@ -172,14 +173,14 @@ REGIMES = {
                                                      "spa.learning_rate": lr, "iterations": 1, "eval.episodes": 16}
             for epochs in (1, 2, 5) for lr in (1e-4, 3e-4, 1e-3)},
          NO_SFT: {**METHODS["GRPO, SPA's prompt"], "iterations": 1, "eval.episodes": 16}},
-        (), ("train/invalid", "share of invalid actions in the RL rollouts (temperature 1)"), seeds=(0, 1),
+        (), (("train/invalid", "share of invalid actions in the RL rollouts (temperature 1)"),), seeds=(0, 1),
         readout=("train/invalid", "invalid actions at temperature 1, first RL iteration")),
     # SPA's claim at the SFT strength spa-calibration chose (regime_of: "SPA -> GRPO" gets spa_strength's setting)
     "spa": Regime(
         "SPA's SFT at the strongest setting spa-calibration found to keep sampled actions valid",
         {name: METHODS[name] for name in ("SPA -> GRPO", "GRPO, SPA's prompt")},
         (("SPA then GRPO beats GRPO from SPA's prompt", "SPA -> GRPO", "GRPO, SPA's prompt"),),
-        ("train/invalid", "share of invalid actions in the RL rollouts (temperature 1)"),
+        (("train/invalid", "share of invalid actions in the RL rollouts (temperature 1)"),),
         readout=("train/invalid", "invalid actions at temperature 1, first RL iteration")),
 }
 
@@ -565,32 +566,47 @@ def readout_text(regime: Regime, results: dict[str, list[dict]]) -> tuple[str, d
     return "\n".join(lines) + "\n", data
 
 
+def measurements(folder: str | Path, key: str) -> dict[tuple[int, int], float]:
+    """A run's values of `key` by (its stage's place among the run's stages, its place among that stage's values).
+    Stage lengths vary between seeds (RWML's and SPA's stages end with their data), so a step number would pair
+    different moments of different seeds; this pairs the k-th value of each stage. A step logged twice (a resume)
+    counts once, at its last value."""
+    by_stage: dict[str, dict[int, float]] = {}
+    for line in (Path(folder) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            by_stage.setdefault(record["stage"], {})[record["step"]] = record[key]
+    return {(order, place): values[step] for order, values in enumerate(by_stage.values())
+            for place, step in enumerate(sorted(values))}
+
+
 def plot_mechanism(regime: Regime, results: dict[str, list[dict]], out: Path) -> Path | None:
-    """mechanism.png: the regime's mechanism metric against the run's step (all stages), mean over seeds, for each row
-    that logs it (None if none does)."""
+    """mechanism.png: one panel per mechanism metric, each row's mean over seeds against the metric's values in order,
+    stage after stage (each stage as long as its longest seed's; a point averages the seeds that reach it). None if
+    no row logs any of them."""
     from matplotlib.figure import Figure
 
-    key, label = regime.mechanism
-    figure = Figure(figsize=(7.5, 4.5), layout="tight")
-    axis = figure.subplots()
+    figure = Figure(figsize=(7.5 * len(regime.mechanism), 4.5), layout="tight")
     drawn = False
-    for name, runs in results.items():
-        by_step = {}
-        for run in runs:
-            for line in (Path(run["folder"]) / "metrics.jsonl").read_text().splitlines():
-                record = json.loads(line)
-                if key in record:
-                    by_step.setdefault(record["step"], []).append(record[key])
-        steps = sorted(step for step, values in by_step.items() if len(values) == len(runs))  # every seed's
-        if steps:
-            axis.plot(steps, [np.mean(by_step[step]) for step in steps], marker="o", markersize=2, label=name)
+    for axis, (key, label) in zip(figure.subplots(1, len(regime.mechanism), squeeze=False)[0], regime.mechanism):
+        for name, runs in results.items():
+            seeds = [measurements(run["folder"], key) for run in runs]
+            points = sorted(set().union(*seeds))
+            if not points:
+                continue
+            length = {order: 1 + max(place for o, place in points if o == order) for order, _ in points}
+            start = {order: sum(length[o] for o in length if o < order) for order in length}
+            axis.plot([start[order] + place for order, place in points],
+                      [np.mean([seed[p] for seed in seeds if p in seed]) for p in points],
+                      marker="o", markersize=2, label=name)
             drawn = True
+        axis.set_xlabel("its values in order, stage after stage (base, world-model stage, RL)")
+        axis.set_ylabel(label)
+        axis.set_title(f"{key}: mean over seeds" if axis.lines else f"{key}: logged by no row")
+        if axis.lines:
+            axis.legend(fontsize=7)
     if not drawn:
         return None
-    axis.set_xlabel("step of the run (its stages in turn)")
-    axis.set_ylabel(label)
-    axis.set_title(f"{key}: mean over seeds")
-    axis.legend(fontsize=7)
     path = out / "mechanism.png"
     figure.savefig(path, dpi=120)
     return path

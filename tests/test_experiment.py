@@ -225,6 +225,26 @@ def test_the_readout_is_each_runs_first_value_in_its_policy_stage(tmp_path):
     assert data == {"row": [0.25, 0.25]} and "- row: 0.250 ± 0.000" in text
 
 
+def test_the_mechanism_pairs_each_stages_kth_value_across_seeds_whose_stage_lengths_differ(tmp_path):
+    """Two seeds whose world-model stage ends at different steps: their RL evaluations share no step number, yet the
+    k-th of each stage is paired; a step logged twice (a resume) counts once, at its last value."""
+    key = "eval/wm_accuracy_direct"
+    seeds = {"a": [(0, "base", 0.0), (50, "rwml", 0.4), (55, "grpo", 0.2), (60, "grpo", 0.1)],
+             "b": [(0, "base", 0.2), (54, "rwml", 0.6), (59, "grpo", 0.4), (59, "grpo", 0.3), (64, "grpo", 0.0)]}
+    for seed, records in seeds.items():
+        (tmp_path / seed).mkdir()
+        _write(tmp_path / seed / "metrics.jsonl", [{"step": step, "stage": stage, key: value, "train/loss": 1.0}
+                                                   for step, stage, value in records])
+    assert experiment.measurements(tmp_path / "a", key) == {(0, 0): 0.0, (1, 0): 0.4, (2, 0): 0.2, (2, 1): 0.1}
+    assert experiment.measurements(tmp_path / "b", key) == {(0, 0): 0.2, (1, 0): 0.6, (2, 0): 0.3, (2, 1): 0.0}
+    assert experiment.measurements(tmp_path / "a", "train/invalid") == {}
+    regime = experiment.REGIMES["world-knowledge"]
+    runs = {"row": [{"folder": str(tmp_path / seed)} for seed in seeds]}
+    path = experiment.plot_mechanism(regime, runs, tmp_path)
+    assert path == tmp_path / "mechanism.png" and path.stat().st_size > 0
+    assert [key for key, _ in regime.mechanism] == ["eval/wm_accuracy", key, "eval/wm_accuracy_inline"]
+
+
 def _calibration(folder: Path, rates: dict | None = None) -> None:
     """A spa-calibration results.json whose readout holds `rates` (row -> per-seed invalid rates; others 0.5)."""
     folder.mkdir(parents=True, exist_ok=True)
