@@ -600,7 +600,7 @@ def plot_mechanism(regime: Regime, results: dict[str, list[dict]], out: Path) ->
                       [np.mean([seed[p] for seed in seeds if p in seed]) for p in points],
                       marker="o", markersize=2, label=name)
             drawn = True
-        axis.set_xlabel("its values in order, stage after stage (base, world-model stage, RL)")
+        axis.set_xlabel("its values in order, one stage after another")
         axis.set_ylabel(label)
         axis.set_title(f"{key}: mean over seeds" if axis.lines else f"{key}: logged by no row")
         if axis.lines:
