@@ -267,10 +267,11 @@ class Args:
     """environment worker processes (ALFWorld 2; grid games 0: in process)"""
 
     # ---- the embedded default (pretrain.py) ----
-    pretrain_steps: int | None = None
+    pretrain_steps: Annotated[int | None, follows(f"{pretrain.PretrainConfig.steps}; ALFWorld 60; none with --model")] = None
     """cross-entropy steps on random-play transcripts (ALFWorld 60: its 128 transcripts a step of ~500-900 tokens
     take ~7 s on 2 CPU cores)"""
-    pretrain_episodes: int | None = None
+    pretrain_episodes: Annotated[int | None, follows(f"{pretrain.PretrainConfig.episodes}; ALFWorld 100; none with "
+                                                     "--model")] = None
     """random-play episodes recorded for pretraining (ALFWorld 100, whose games step ~30 times a second: there the
     embedded default is a check of the plumbing, too small to learn to act from text)"""
     observation: Literal["grid", "grid+coordinates"] = "grid"
@@ -368,9 +369,10 @@ def settle(args: Args, derived: bool = True) -> Args:
     by_env = {"max_turns": 50 if alfworld else 10, "history": 2 if alfworld else 0,
               "paw.r_max": SUCCESS_REWARD[args.env], "tau_d": 0.2 if alfworld else 0.01,
               "eval.episodes": 140 if alfworld else 128, "workers": 2 if alfworld else 0,
-              "pretrain_episodes": 100 if alfworld else pretrain.PretrainConfig.episodes,
-              "pretrain_steps": 60 if alfworld else pretrain.PretrainConfig.steps,
               "actions_per_turn": 2 if args.method == "spa" else 1, "grid_size": GRID_SIZE[args.env]}
+    if args.model is None:  # the embedded default's pretraining; with --model unset, so that check() refuses a value
+        by_env.update(pretrain_episodes=100 if alfworld else pretrain.PretrainConfig.episodes,
+                      pretrain_steps=60 if alfworld else pretrain.PretrainConfig.steps)
     if args.method == "spa":  # the response holds two rendered states
         recipe = {**recipe, "max_new_tokens": max(recipe["max_new_tokens"], 256)}
     small = EMBEDDED_ALFWORLD if alfworld and args.model is None else {}
@@ -501,9 +503,15 @@ def check(args: Args) -> None:
             raise UsageError(f"{flag} {observation} renders a grid game's coordinates into its observations; "
                              f"{'ALFWorld has no grid' if args.env == 'alfworld' else 'SPA and --prompt coordinates add them to the prompt already'}. "
                              f"Fix: leave {flag} {'at grid' if flag == '--observation' else 'out'}.")
-    if args.pretrain_observation is not None and args.model is not None:
-        raise UsageError(f"--pretrain-observation chooses what the embedded default is pretrained on, and --model "
-                         f"{args.model} replaces it. Fix: leave --pretrain-observation out, or --model.")
+    given = [flag for flag, value in (("--pretrain-steps", args.pretrain_steps),
+                                      ("--pretrain-episodes", args.pretrain_episodes),
+                                      ("--pretrain-observation", args.pretrain_observation),
+                                      ("--no-pretrain-dynamics", None if args.pretrain_dynamics else False))
+             if value is not None]
+    if given and args.model is not None:
+        raise UsageError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} how the embedded default is "
+                         f"pretrained, and --model {args.model} replaces it. Fix: leave {', '.join(given)} out, or "
+                         "--model.")
     if args.grid_size is not None:
         try:
             envs.GRID_ENVS[args.env](size=args.grid_size)

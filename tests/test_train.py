@@ -360,7 +360,10 @@ def test_bad_input_prints_one_message_exits_nonzero_and_writes_nothing(argv, mes
     (["--observation", "grid+coordinates", "--method", "spa"], "--observation grid+coordinates renders"),
     (["--observation", "grid+coordinates", "--prompt", "coordinates"], "--observation grid+coordinates renders"),
     (["--pretrain-observation", "grid+coordinates", "--method", "spa"], "--pretrain-observation grid+coordinates renders"),
-    (["--pretrain-observation", "grid", "--model", "/nonexistent"], "--pretrain-observation chooses what the embedded"),
+    (["--pretrain-observation", "grid", "--model", "/nonexistent"], "--pretrain-observation sets how the embedded"),
+    (["--pretrain-steps", "5", "--model", "/nonexistent"], "--pretrain-steps sets how the embedded default"),
+    (["--model", "/nonexistent", "--pretrain-episodes", "9", "--no-pretrain-dynamics"],
+     "--pretrain-episodes, --no-pretrain-dynamics set how the embedded default"),
 ])
 def test_a_map_the_game_cannot_draw_is_refused_before_anything_is_written(argv, message, tmp_path, monkeypatch, capsys):
     code, stderr, wrote = run_cli_in_process(argv, tmp_path, monkeypatch, capsys)
