@@ -412,10 +412,12 @@ RESUME_NEUTRAL = tuple(map(flag_name, (*OUTPUT_SETTINGS, "eval.every", "eval.wm_
 
 def setting_changes(saved: dict, args: Args, neutral: tuple[str, ...] = RESUME_NEUTRAL) -> list[tuple[str, object, object]]:
     """(flag, value in saved, value in args) for each setting of args that differs from saved (a run's args.json),
-    those in neutral aside. A setting saved lacks (a run from before the flag existed) is not compared."""
+    those in neutral aside. A setting saved lacks (a run from before the flag existed) is not compared, nor, with
+    --model, the embedded default's pretraining (runs from before it was left unset there saved its numbers)."""
     before = flags(saved)
+    unused = ("--pretrain-steps", "--pretrain-episodes") if args.model is not None else ()
     return [(flag, before[flag], value) for flag, value in flags(args).items()
-            if flag not in neutral and flag in before and before[flag] != value]
+            if flag not in (*neutral, *unused) and flag in before and before[flag] != value]
 
 
 # --------------------------------------------------------------------------------------------

@@ -578,6 +578,11 @@ def test_resume_may_change_only_how_often_a_run_evaluates_checkpoints_and_where_
     # a setting the saved run predates is not compared; one saved before --beta moved into loss still is
     older = {k: v for k, v in saved_json.items() if k not in ("seed", "loss")} | saved_json["loss"]
     assert settings.setting_changes(older, changed)[0] == ("--beta", 0.0, 0.5)
+    # with --model, the embedded default's pretraining (saved as numbers by runs from before it was left unset)
+    hub = train.settle(train.Args(method="grpo", model="Qwen/Qwen2.5-0.5B-Instruct"))
+    before = dataclasses.asdict(hub) | {"pretrain_steps": 300, "pretrain_episodes": 3000}
+    assert hub.pretrain_steps is None and settings.setting_changes(before, hub) == []
+    assert settings.setting_changes(saved_json | {"pretrain_steps": 5}, saved) == [("--pretrain-steps", 5, 300)]
 
 
 def test_every_run_prints_the_settings_settle_chose_as_flags_that_reproduce_them(hf_checkpoint, tmp_path, monkeypatch,
