@@ -582,29 +582,40 @@ def measurements(folder: str | Path, key: str) -> dict[tuple[int, int], float]:
 
 def plot_mechanism(regime: Regime, results: dict[str, list[dict]], out: Path) -> Path | None:
     """mechanism.png: one panel per mechanism metric, each row's mean over seeds against the metric's values in order,
-    stage after stage (each stage as long as its longest seed's; a point averages the seeds that reach it). None if
+    stage after stage (each stage as long as its longest seed's; a point averages the seeds that reach it); where
+    every row has one value (spa-calibration's single RL iteration), a bar per row with each seed's value. None if
     no row logs any of them."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.5 * len(regime.mechanism), 4.5), layout="tight")
     drawn = False
     for axis, (key, label) in zip(figure.subplots(1, len(regime.mechanism), squeeze=False)[0], regime.mechanism):
-        for name, runs in results.items():
-            seeds = [measurements(run["folder"], key) for run in runs]
-            points = sorted(set().union(*seeds))
-            if not points:
-                continue
-            length = {order: 1 + max(place for o, place in points if o == order) for order, _ in points}
-            start = {order: sum(length[o] for o in length if o < order) for order in length}
-            axis.plot([start[order] + place for order, place in points],
-                      [np.mean([seed[p] for seed in seeds if p in seed]) for p in points],
-                      marker="o", markersize=2, label=name)
-            drawn = True
-        axis.set_xlabel("its values in order, one stage after another")
-        axis.set_ylabel(label)
-        axis.set_title(f"{key}: mean over seeds" if axis.lines else f"{key}: logged by no row")
-        if axis.lines:
+        rows = {name: [measurements(run["folder"], key) for run in runs] for name, runs in results.items()}
+        rows = {name: seeds for name, seeds in rows.items() if any(seeds)}
+        if rows and all(len(set().union(*seeds)) == 1 for seeds in rows.values()):
+            for place, (name, seeds) in enumerate(rows.items()):
+                values = [value for seed in seeds for value in seed.values()]
+                axis.barh(place, np.mean(values), color="C0")
+                axis.plot(values, [place] * len(values), "k.", label="a seed" if place == 0 else None)
+            axis.set_yticks(range(len(rows)), list(rows))
+            axis.invert_yaxis()
+            axis.set_xlabel(label)
+            axis.set_ylabel("row")
+            axis.set_title(f"{key}: mean over seeds (bar) and each seed")
+        else:
+            for name, seeds in rows.items():
+                points = sorted(set().union(*seeds))
+                length = {order: 1 + max(place for o, place in points if o == order) for order, _ in points}
+                start = {order: sum(length[o] for o in length if o < order) for order in length}
+                axis.plot([start[order] + place for order, place in points],
+                          [np.mean([seed[p] for seed in seeds if p in seed]) for p in points],
+                          marker="o", markersize=2, label=name)
+            axis.set_xlabel("its values in order, one stage after another")
+            axis.set_ylabel(label)
+            axis.set_title(f"{key}: mean over seeds" if rows else f"{key}: logged by no row")
+        if rows:
             axis.legend(fontsize=7)
+            drawn = True
     if not drawn:
         return None
     path = out / "mechanism.png"

@@ -243,6 +243,13 @@ def test_the_mechanism_pairs_each_stages_kth_value_across_seeds_whose_stage_leng
     path = experiment.plot_mechanism(regime, runs, tmp_path)
     assert path == tmp_path / "mechanism.png" and path.stat().st_size > 0
     assert [key for key, _ in regime.mechanism] == ["eval/wm_accuracy", key, "eval/wm_accuracy_inline"]
+    # one value a row (spa-calibration's single RL iteration): a bar a row
+    (tmp_path / "one").mkdir()
+    _write(tmp_path / "one" / "metrics.jsonl", [{"step": 9, "stage": "grpo", "train/invalid": 0.5}])
+    calibration = experiment.REGIMES["spa-calibration"]
+    path = experiment.plot_mechanism(calibration, {"row": [{"folder": str(tmp_path / "one")}]}, tmp_path / "one")
+    assert path.stat().st_size > 0
+    assert experiment.plot_mechanism(calibration, {"row": [{"folder": str(tmp_path / "a")}]}, tmp_path) is None
 
 
 def _calibration(folder: Path, rates: dict | None = None) -> None:
