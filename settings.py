@@ -505,11 +505,10 @@ def check(args: Args) -> None:
             raise UsageError(f"{flag} {observation} renders a grid game's coordinates into its observations; "
                              f"{'ALFWorld has no grid' if args.env == 'alfworld' else 'SPA and --prompt coordinates add them to the prompt already'}. "
                              f"Fix: leave {flag} {'at grid' if flag == '--observation' else 'out'}.")
-    given = [flag for flag, value in (("--pretrain-steps", args.pretrain_steps),
-                                      ("--pretrain-episodes", args.pretrain_episodes),
-                                      ("--pretrain-observation", args.pretrain_observation),
-                                      ("--no-pretrain-dynamics", None if args.pretrain_dynamics else False))
-             if value is not None]
+    given = [flag for flag, chosen in (("--pretrain-steps", args.pretrain_steps is not None),
+                                       ("--pretrain-episodes", args.pretrain_episodes is not None),
+                                       ("--pretrain-observation", args.pretrain_observation is not None),
+                                       ("--no-pretrain-dynamics", not args.pretrain_dynamics)) if chosen]
     if given and args.model is not None:
         raise UsageError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} how the embedded default is "
                          f"pretrained, and --model {args.model} replaces it. Fix: leave {', '.join(given)} out, or "
