@@ -81,9 +81,12 @@ def torch_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> n
 @pytest.fixture(scope="session")
 def alfworld_data(tmp_path_factory):
     """A folder holding json_2.1.1/: $ALFWORLD_DATA or ~/.cache/alfworld if they have it, else the copy in
-    ../shared/alfworld unpacked once per session. Missing everywhere: skipped locally, a failure in CI."""
+    ../shared/alfworld unpacked once per session (by one pytest-xdist worker, under a lock, as embedded_cache).
+    Missing everywhere: skipped locally, a failure in CI."""
     import tarfile
     from pathlib import Path
+
+    from filelock import FileLock
 
     for candidate in (os.environ.get("ALFWORLD_DATA"), "~/.cache/alfworld"):
         if candidate and (Path(candidate).expanduser() / "json_2.1.1" / "valid_seen").is_dir():
@@ -92,9 +95,16 @@ def alfworld_data(tmp_path_factory):
     if not archive.exists():
         message = f"no ALFWorld games: set ALFWORLD_DATA or provide {archive}"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    folder = tmp_path_factory.mktemp("alfworld")
-    with tarfile.open(archive) as tar:
-        tar.extractall(folder, filter="data")
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / "alfworld"
+    with FileLock(root / "alfworld.lock"):
+        if not (folder / "json_2.1.1" / "valid_seen").is_dir():
+            partial = root / f"alfworld.partial-{os.getpid()}"
+            with tarfile.open(archive) as tar:
+                tar.extractall(partial, filter="data")
+            partial.rename(folder)  # whole or not at all
     return folder
 
 

@@ -307,11 +307,12 @@ def test_a_chunk_whose_hours_are_spent_starts_no_run_and_says_how_many_are_left(
     ("spa", ("SPA -> GRPO", "GRPO, SPA's prompt"), {"spa.learning_rate": 3e-4}),  # the calibration written below
 ])
 def test_each_regime_runs_end_to_end_at_tiny_sizes(regime, rows, condition, tmp_path, monkeypatch, embedded_cache):
-    """The plumbing only (two updates, an embedded default of 5 pretraining steps): the regime's condition reaches
-    train.py, and the table, the claim's effect and the mechanism plot are written."""
+    """The plumbing only (one update, an embedded default of one pretraining step: each regime's is its own, and
+    compiling each new batch shape is most of a step's cost): the regime's condition reaches train.py, and the
+    table, the claim's effect and the mechanism plot are written."""
     monkeypatch.setenv("RWML_JAX_CACHE", str(embedded_cache))
     shorter = {"max_new_tokens": 48} if regime == "spa" else {}  # SPA's 256-token responses: the plumbing needs fewer
-    tiny = {"pretrain_steps": 5, "pretrain_episodes": 40, **shorter}
+    tiny = {"iterations": 1, "pretrain_steps": 1, "pretrain_episodes": 40, **shorter}
     monkeypatch.setattr(experiment, "QUICK", {**experiment.QUICK, **tiny})
     out = tmp_path / regime
     valid = {experiment.NO_SFT: [0.1, 0.1], "SPA SFT, 1 epochs, lr 3e-04": [0.1, 0.1]}  # 1 epoch: QUICK's

@@ -214,7 +214,7 @@ def test_wm_sft_then_rwml_raise_validation_world_model_accuracy(frozenlake_world
     """WM SFT from a random model, then RWML from that checkpoint, each raise accuracy on held-out triplets.
 
     tau_d = 0.01: in MiniLM's space, moving the player one cell on a FrozenLake grid is d = 0.02.
-    Measured when written: 0.00 -> 0.41 (WM SFT, 2 epochs) -> 0.51 (RWML, 25 updates)."""
+    Measured when written: 0.00 -> 0.41 (WM SFT, 2 epochs) -> 0.46 after 15 RWML updates, 0.51 after 20 (and 25)."""
     train, validation, tokenizer, config = frozenlake_world_model
     scorer = rwml.cosine_scorer(minilm, tau_d=0.01)
     key = jax.random.key(0)
@@ -234,7 +234,7 @@ def test_wm_sft_then_rwml_raise_validation_world_model_accuracy(frozenlake_world
                                         step=grpo.StepConfig(grpo.LossConfig(beta=0.0))))
     cfg = rwml.RWMLConfig(group_size=8, sampling=sampler.SamplingParams(1.0, max_new_tokens=64))
     rng = np.random.default_rng(0)
-    for iteration in range(25):
+    for iteration in range(20):
         chosen = [train[i] for i in rng.choice(len(train), 8, replace=False)]
         rl_state, metrics = rwml.rwml_update(rl_state, step_fn, tokenizer, config, chosen, scorer,
                                              jax.random.key(100 + iteration), cfg)

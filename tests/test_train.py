@@ -639,7 +639,8 @@ def test_pretrain_observation_pretrains_the_default_on_observations_other_than_t
     """--observation grid+coordinates --pretrain-observation grid: the run plays with coordinates, from the embedded
     default pretrained on the plain grid (the same checkpoint as the plain default's); without the flag, the default
     is pretrained on what it meets."""
-    tiny = {"observation": "grid+coordinates", "pretrain_steps": 5, "pretrain_episodes": 40, "cache": str(embedded_cache)}
+    # the recipes tests/test_experiment.py's regimes build (one pretraining step): the session builds them once
+    tiny = {"observation": "grid+coordinates", "pretrain_steps": 1, "pretrain_episodes": 40, "cache": str(embedded_cache)}
     runs = {name: train.settle(settings.override(train.Args(method="grpo", out=str(tmp_path)), {**tiny, **extra}))
             for name, extra in (("same", {}), ("grid", {"pretrain_observation": "grid"}))}
     plain = train.settle(settings.override(train.Args(method="grpo", out=str(tmp_path)),
