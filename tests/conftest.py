@@ -78,6 +78,12 @@ def torch_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> n
         return model(input_ids=input_ids, attention_mask=attention).logits.float().numpy()
 
 
+def session_folder(tmp_path_factory):
+    """The temporary folder every pytest-xdist worker of this session shares (their own folders' parent)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session")
 def alfworld_data(tmp_path_factory):
     """A folder holding json_2.1.1/: $ALFWORLD_DATA or ~/.cache/alfworld if they have it, else the copy in
@@ -95,9 +101,7 @@ def alfworld_data(tmp_path_factory):
     if not archive.exists():
         message = f"no ALFWorld games: set ALFWORLD_DATA or provide {archive}"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
+    root = session_folder(tmp_path_factory)
     folder = root / "alfworld"
     with FileLock(root / "alfworld.lock"):
         if not (folder / "json_2.1.1" / "valid_seen").is_dir():
@@ -112,10 +116,7 @@ def alfworld_data(tmp_path_factory):
 def embedded_cache(tmp_path_factory):
     """One cache of embedded-default checkpoints (pretrain.py) for the whole session: each recipe is built once,
     also when pytest-xdist's workers share the run (their temporary folders share a parent; pretrain.py locks)."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    folder = root / "embedded-defaults"
+    folder = session_folder(tmp_path_factory) / "embedded-defaults"
     folder.mkdir(exist_ok=True)
     return folder
 
