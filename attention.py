@@ -8,6 +8,10 @@
   linearly with their length, in the forward pass and the backward pass.
 - `fused_attention`: cuDNN's fused flash attention (jax.nn.dot_product_attention) on a GPU in 16-bit compute.
 
+A query at a pad slot (left padding, the end of a right-padded row, a finished row in the decode) attends to
+nothing: its output is exactly 0 in every form, and so is its gradient. (The softmax of a row whose scores are
+all masked is uniform over garbage, and the forms would each make different garbage of it.)
+
 Queries come grouped ([b, t, kv_heads, groups, d]: query head h reads kv head h // groups, grouped-query
 attention); keys and values are [b, s, kv_heads, d]. model.py's `Attention` layer projects, rotates (RoPE) and
 caches them, then calls `attention`.
@@ -21,15 +25,23 @@ import math
 import jax
 import jax.numpy as jnp
 
-MASKED_SCORE = -1e30  # finite: a fully masked (pad) query must give a uniform row, not NaN
+MASKED_SCORE = -1e30  # finite: a softmax over masked scores only is uniform, not NaN (its row is then zeroed)
 ATTENTION_BLOCK = 512  # query and key positions per block of the blockwise attention
 
 
 def attention_mask(kv_mask: jax.Array, query_offset, queries: int) -> jax.Array:
-    """[b, t, s] bool: query i (at slot query_offset + i) sees key slot j iff j is real and j <= its slot."""
-    query_slots = query_offset + jnp.arange(queries)
-    key_slots = jnp.arange(kv_mask.shape[1])
-    return kv_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+    """[b, t, s] bool: query i (at slot query_offset + i) sees key slot j iff its own slot and j are real and
+    j <= its slot."""
+    return _visible(kv_mask, jax.lax.dynamic_slice_in_dim(kv_mask, query_offset, queries, 1), query_offset, 0)
+
+
+def _visible(kv_mask, query_mask, query_start, key_start):
+    """[b, t, s] bool: which keys (slots key_start + j, real where kv_mask) each query (slot query_start + i, real where
+    query_mask) sees: real keys at or before a real query."""
+    query_slots = query_start + jnp.arange(query_mask.shape[1])
+    key_slots = key_start + jnp.arange(kv_mask.shape[1])
+    causal = key_slots[None, None, :] <= query_slots[None, :, None]
+    return query_mask[:, :, None] & kv_mask[:, None, :] & causal
 
 
 def plain_attention(q, k, v, kv_mask, query_offset=0):
@@ -42,7 +54,8 @@ def plain_attention(q, k, v, kv_mask, query_offset=0):
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
     attend = attention_mask(kv_mask, query_offset, q.shape[1])
     scores = jnp.where(attend[:, None, None], scores / math.sqrt(q.shape[-1]), MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    # a pad query's row is all masked: uniform, zeroed here (elsewhere a masked score's probability is 0 already)
+    probs = jnp.where(attend[:, None, None], jax.nn.softmax(scores, axis=-1), 0.0).astype(q.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
 
 
@@ -54,12 +67,11 @@ def _blocks(x, size: int, axis: int = 1, fill=0):
     return jnp.pad(x, widths, constant_values=fill)
 
 
-def _block_scores(q_block, k_block, kv_mask_block, query_start, key_start):
-    """Masked, scaled scores [b, kv_heads, groups, bq, bk] float32 of one query block against one key block."""
+def _block_scores(q_block, k_block, query_mask_block, kv_mask_block, query_start, key_start):
+    """Masked, scaled scores [b, kv_heads, groups, bq, bk] float32 of one query block against one key block, and
+    which of them are seen ([b, bq, bk] bool)."""
     scores = jnp.einsum("btkgd,bskd->bkgts", q_block, k_block.astype(q_block.dtype), preferred_element_type=jnp.float32)
-    query_slots = query_start + jnp.arange(q_block.shape[1])
-    key_slots = key_start + jnp.arange(k_block.shape[1])
-    attend = kv_mask_block[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+    attend = _visible(kv_mask_block, query_mask_block, query_start, key_start)
     return jnp.where(attend[:, None, None], scores / math.sqrt(q_block.shape[-1]), MASKED_SCORE), attend
 
 
@@ -69,20 +81,27 @@ def _key_blocks_seen(query_block, query_offset, block: int, key_blocks: int):
     return jnp.minimum(key_blocks, last_slot // block + 1)
 
 
+def _query_mask(kv_mask, query_offset, queries: int, block: int):
+    """[b, queries padded to blocks] bool: whether each query's own slot holds a real token."""
+    return _blocks(jax.lax.dynamic_slice_in_dim(kv_mask, query_offset, queries, 1), block, fill=False)
+
+
 def _blockwise_forward(q, k, v, kv_mask, query_offset, block):
     """(output, logsumexp) by an online softmax over key blocks, one query block at a time."""
     queries = q.shape[1]
+    query_mask = _query_mask(kv_mask, query_offset, queries, block)
     q, k, v, kv_mask = _blocks(q, block), _blocks(k, block), _blocks(v, block), _blocks(kv_mask, block, fill=False)
     key_blocks = k.shape[1] // block
     batch, _, kv_heads, groups, head_dim = q.shape
 
     def one_query_block(i):
-        q_block = jax.lax.dynamic_slice_in_dim(q, i * block, block, 1)
+        q_block, query_mask_block = (jax.lax.dynamic_slice_in_dim(x, i * block, block, 1) for x in (q, query_mask))
 
         def add_key_block(j, carry):
             out, running_max, total = carry
             k_block, v_block, mask_block = (jax.lax.dynamic_slice_in_dim(x, j * block, block, 1) for x in (k, v, kv_mask))
-            scores, _ = _block_scores(q_block, k_block, mask_block, query_offset + i * block, j * block)
+            scores, _ = _block_scores(q_block, k_block, query_mask_block, mask_block, query_offset + i * block,
+                                      j * block)
             new_max = jnp.maximum(running_max, scores.max(-1))
             probs = jnp.exp(scores - new_max[..., None])
             rescale = jnp.exp(running_max - new_max)
@@ -96,7 +115,9 @@ def _blockwise_forward(q, k, v, kv_mask, query_offset, block):
                 jnp.zeros(stats, jnp.float32))
         out, running_max, total = jax.lax.fori_loop(
             0, _key_blocks_seen(i, query_offset, block, key_blocks), add_key_block, init)
-        return out / total[..., None], running_max + jnp.log(total)
+        # a pad query saw only masked scores (its running max never rose): output 0, as plain_attention's
+        seen = running_max > MASKED_SCORE
+        return jnp.where(seen[..., None], out / total[..., None], 0.0), running_max + jnp.log(total)
 
     out, logsumexp = jax.lax.map(one_query_block, jnp.arange(q.shape[1] // block))  # [nq, b, k, g, bq, (d)]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, -1, kv_heads, groups, head_dim)  # [b, nq * bq, k, g, d]
@@ -119,6 +140,7 @@ def _blockwise_bwd(block, residuals, d_out):
     across key blocks, dK and dV of a key block summed over the query blocks that see it."""
     q, k, v, kv_mask, query_offset, out, logsumexp = residuals
     queries, keys = q.shape[1], k.shape[1]
+    query_mask = _query_mask(kv_mask, query_offset, queries, block)
     # D_i = sum_d dO_i O_i: the softmax's Jacobian term, one number per query and head
     delta = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     q_pad, d_out_pad = _blocks(q, block), _blocks(d_out, block)
@@ -134,10 +156,14 @@ def _blockwise_bwd(block, residuals, d_out):
 
         def add_query_block(i, inner):
             d_q, d_k_block, d_v_block = inner
-            q_block, d_out_block = (jax.lax.dynamic_slice_in_dim(x, i * block, block, 1) for x in (q_pad, d_out_pad))
+            q_block, d_out_block, query_mask_block = (jax.lax.dynamic_slice_in_dim(x, i * block, block, 1)
+                                                      for x in (q_pad, d_out_pad, query_mask))
             lse_block, delta_block = (jax.lax.dynamic_slice_in_dim(x, i * block, block, 3) for x in (logsumexp, delta))
-            scores, attend = _block_scores(q_block, k_block, mask_block, query_offset + i * block, j * block)
-            probs = jnp.exp(scores - lse_block[..., None])  # [b, k, g, bq, bk]
+            scores, attend = _block_scores(q_block, k_block, query_mask_block, mask_block, query_offset + i * block,
+                                           j * block)
+            # the forward's probabilities: 0 where masked, which a pad query's logsumexp would not give (its forward
+            # output is 0 whatever its values)
+            probs = jnp.where(attend[:, None, None], jnp.exp(scores - lse_block[..., None]), 0.0)  # [b, k, g, bq, bk]
             d_v_block += jnp.einsum("bkgts,btkgd->bskd", probs.astype(compute), d_out_block.astype(compute),
                                     preferred_element_type=jnp.float32)
             d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_block.astype(compute), v_block.astype(compute),
@@ -183,8 +209,9 @@ def fused_attention(q, k, v, kv_mask, implementation: str | None = "cudnn"):
     rows hold their real tokens contiguously: left or right padded, or both, as every batch this project builds is.
 
     cuDNN masks by sequence lengths counted from the start of a row, and these rows may be left padded: each row is
-    rotated so that its real tokens start at 0, attended causally over its length, and rotated back. A row of padding
-    only gets length 1 (finite garbage, like plain_attention's, where NaN would poison the gradient).
+    rotated so that its real tokens start at 0, attended causally over its length, and rotated back. cuDNN zeroes the
+    queries past a row's length (its pad queries); a row of padding only gets length 1 (0 would give NaN, which
+    poisons the gradient), and its one query is zeroed here, so every pad query's output is 0, as in the other forms.
     """
     batch, time, kv_heads, groups, head_dim = q.shape
     start = jnp.argmax(kv_mask, axis=1)  # each row's first real token
@@ -195,7 +222,8 @@ def fused_attention(q, k, v, kv_mask, implementation: str | None = "cudnn"):
         rotate(q.reshape(batch, time, kv_heads * groups, head_dim), start), rotate(k.astype(q.dtype), start),
         rotate(v.astype(q.dtype), start), is_causal=True, query_seq_lengths=length, key_value_seq_lengths=length,
         implementation=implementation)  # query head h reads kv head h // groups, as here
-    return rotate(out, -start).reshape(q.shape)
+    out = rotate(out, -start).reshape(q.shape)
+    return jnp.where(kv_mask[:, :, None, None, None], out, jnp.zeros((), out.dtype))
 
 
 def _fused_applies(q, k, query_offset) -> bool:

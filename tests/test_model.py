@@ -209,8 +209,8 @@ def test_blockwise_attention_gives_the_plain_gradients(hf_checkpoint, architectu
     """The custom VJP (probabilities recomputed block by block) against autodiff through the plain softmax."""
     config, params = M.load_checkpoint(hf_checkpoint(architecture)[0])
     tokens, mask = left_padded_rows([29, 12], 29, seed=20)
-    # a loss on real tokens predicted from real tokens (a row's first token is predicted from a pad's garbage)
-    weights = np.random.default_rng(3).normal(size=(2, 28)) * mask[:, 1:] * mask[:, :-1]
+    # a loss on every real token, a row's first too: it is predicted from the last pad slot, whose attention is 0
+    weights = np.random.default_rng(3).normal(size=(2, 28)) * mask[:, 1:]
 
     def loss(p, attention):
         hidden, _ = M.forward(p, config, tokens, mask, attention=attention, attention_block=BLOCK)
@@ -220,6 +220,47 @@ def test_blockwise_attention_gives_the_plain_gradients(hf_checkpoint, architectu
     plain, blockwise = jax.grad(loss)(params, "plain"), jax.grad(loss)(params, attention)
     for name, a, b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(plain), jax.tree.leaves(blockwise)):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(name[0]))
+
+
+def attention_inputs(lengths, width, seed=0, kv_heads=2, groups=2, head_dim=16):
+    """Random q [b, width, kv_heads, groups, d], k, v [b, width, kv_heads, d] and the mask of left-padded rows."""
+    rng = np.random.default_rng(seed)
+    mask = np.arange(width)[None, :] >= width - np.asarray(lengths)[:, None]
+    q = rng.normal(size=(len(lengths), width, kv_heads, groups, head_dim)).astype(np.float32)
+    k, v = (rng.normal(size=(len(lengths), width, kv_heads, head_dim)).astype(np.float32) for _ in range(2))
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("form", ["plain", "blockwise", "fused"])
+def test_a_pad_query_attends_to_nothing_in_every_form(form):
+    q, k, v, mask = attention_inputs([37, 21, 5, 0], 37)  # 0: a row of padding only
+    out = np.asarray(A.attention(q, k, v, jnp.asarray(mask), implementation=form, block=BLOCK))
+    assert (out[~mask] == 0).all()
+    plain = np.asarray(A.attention(q, k, v, jnp.asarray(mask), implementation="plain"))
+    np.testing.assert_allclose(out[mask], plain[mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("argument", ["q", "k", "v"])
+@pytest.mark.parametrize("form", ["plain", "blockwise"])
+def test_attention_gradient_is_the_derivative_of_its_forward_with_pad_rows(form, argument):
+    """<vjp(g), d> against a central difference of <g, attention> along a random direction d: a cotangent on every
+    query (pad queries too), left-padded rows of several lengths (one all padding), 37 slots: no multiple of the
+    block. The blockwise form's custom VJP once recomputed a pad query's probabilities as 1 instead of 1/n."""
+    q, k, v, mask = attention_inputs([37, 21, 5, 0], 37, seed=1)
+    inputs = {"q": q, "k": k, "v": v}
+    rng = np.random.default_rng(2)
+    cotangent = rng.normal(size=q.shape).astype(np.float32)
+    direction = rng.normal(size=inputs[argument].shape).astype(np.float32)
+
+    def forward(x):
+        given = {**inputs, argument: x}
+        return A.attention(given["q"], given["k"], given["v"], jnp.asarray(mask), implementation=form, block=BLOCK)
+
+    _, vjp = jax.vjp(forward, inputs[argument])
+    derivative = float(jnp.vdot(vjp(jnp.asarray(cotangent))[0], direction))
+    h = 1e-2
+    along = lambda t: float(jnp.vdot(cotangent, forward(inputs[argument] + t * direction)))
+    np.testing.assert_allclose(derivative, (along(h) - along(-h)) / (2 * h), rtol=2e-3, atol=1e-2)
 
 
 def test_blockwise_attention_fills_the_same_cache_in_a_prefill(hf_checkpoint):
