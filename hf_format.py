@@ -89,6 +89,13 @@ class Config:
                     "Fix: use a checkpoint with the standard setting (silu, no sliding window, no MLP bias)."
                 )
         # transformers 5 writes rope_parameters (theta included); 4.x writes rope_theta + rope_scaling.
+        for key in ("rope_scaling", "rope_parameters"):
+            if hf.get(key) is not None and not isinstance(hf[key], dict):
+                raise CheckpointError(
+                    f"{where} sets {key} to {hf[key]!r}, where transformers writes a JSON object (e.g. "
+                    '{"rope_type": "linear", "factor": 2.0}) or null. Fix: correct it, or use the config.json that '
+                    "save_pretrained wrote with the weights."
+                )
         rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
@@ -103,35 +110,58 @@ class Config:
                 f"{where} lacks {', '.join(missing)}, which the architecture needs. "
                 "Fix: use the config.json that save_pretrained wrote with the weights (download it again if it was cut)."
             )
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        bias = bool(hf.get("attention_bias", False))
-        num_heads = hf["num_attention_heads"]
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            rope_type=rope_type,
-            rope_factor=float(rope.get("factor", 1.0)),
-            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
-            qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v bias, never o bias
-            o_bias=bias and model_type != "qwen2",
-            qk_norm=model_type == "qwen3",
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            pad_token_id=hf.get("pad_token_id"),
-        )
+        sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 *[key for key in ("num_key_value_heads", "head_dim") if hf.get(key) is not None]]
+        for key in sizes:
+            if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] < 1:
+                raise CheckpointError(
+                    f"{where} sets {key} to {hf[key]!r}; it must be a whole number of at least 1. "
+                    "Fix: use the config.json that save_pretrained wrote with the weights."
+                )
+        if hf.get("head_dim") is None and hf["hidden_size"] % hf["num_attention_heads"]:
+            raise CheckpointError(
+                f"{where} has no head_dim, and hidden_size {hf['hidden_size']} does not split into "
+                f"num_attention_heads {hf['num_attention_heads']} heads. Fix: add the model's head_dim to config.json."
+            )
+        if hf["num_attention_heads"] % (hf.get("num_key_value_heads") or hf["num_attention_heads"]):
+            raise CheckpointError(
+                f"{where} has {hf['num_attention_heads']} attention heads, which do not share "
+                f"{hf['num_key_value_heads']} key-value heads evenly (grouped-query attention needs a multiple). "
+                "Fix: use the config.json that save_pretrained wrote with the weights."
+            )
+        try:
+            eos = hf.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+            bias = bool(hf.get("attention_bias", False))
+            num_heads = hf["num_attention_heads"]
+            return cls(
+                model_type=model_type,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=num_heads,
+                num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                rope_type=rope_type,
+                rope_factor=float(rope.get("factor", 1.0)),
+                rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
+                qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v bias, never o bias
+                o_bias=bias and model_type != "qwen2",
+                qk_norm=model_type == "qwen3",
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                max_position_embeddings=hf.get("max_position_embeddings", 32768),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                pad_token_id=hf.get("pad_token_id"),
+            )
+        except (TypeError, ValueError) as error:  # a value of the wrong kind, e.g. rope_theta "fast"
+            raise CheckpointError(f"{where} holds a value model.py cannot read ({type(error).__name__}: {error}). "
+                                  "Fix: use the config.json that save_pretrained wrote with the weights.") from error
 
     def to_hf(self, dtype: str = "float32") -> dict:
         """The config.json transformers and vLLM read: the 4.x layout that Hub checkpoints carry."""

@@ -390,7 +390,8 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
+    """An "org/name" or bare "name" (gpt2, bert-base-uncased: the Hub's oldest ids) that is not a path."""
+    return re.fullmatch(r"([\w.-]+/)?[\w.-]+", name) is not None and not name.startswith((".", "/", "~"))
 
 
 def resolve_checkpoint(model: str | Path) -> Path:
@@ -412,12 +413,16 @@ def resolve_checkpoint(model: str | Path) -> Path:
             why = f"the download failed ({type(error).__name__}: {error})"
             online = "or check the id, the network and, for a gated model, your Hugging Face token (hf auth login)"
         raise CheckpointError(
-            f"Cannot load '{model}': it is not a local folder, it is not in the Hugging Face cache, and {why}. "
+            f"Cannot load '{model}': it is not a local folder, as a Hub id it is not in the Hugging Face cache, and "
+            f"{why}. "
             f"Fix: on a machine with internet run `hf download {model} --local-dir DIR` and pass DIR, {online}."
         ) from error
 
 
 def _read_json(path: Path):
+    if not path.is_file():
+        raise CheckpointError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a JSON file. "
+                              "Fix: put the file that save_pretrained wrote there.")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -425,19 +430,29 @@ def _read_json(path: Path):
             f"{path} is not valid JSON ({error}). Fix: download the checkpoint again, or repair the file "
             "(an interrupted download or a hand edit leaves it cut or malformed)."
         ) from error
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read ({error.strerror or error}). Fix: check the file and its "
+                              "permissions, or download the checkpoint again.") from error
+
+
+def _damaged(file: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{file} cannot be read as safetensors ({error}): it is incomplete or damaged, as an interrupted "
+        "download leaves it. Fix: download the checkpoint again (every *.safetensors file)."
+    )
 
 
 def _open_safetensors(file: Path):
     """safe_open(file), with a damaged file (e.g. a download cut short) named in a CheckpointError."""
     from safetensors import SafetensorError, safe_open
 
+    if not file.is_file():
+        raise CheckpointError(f"{file} is {'a folder' if file.is_dir() else 'not a regular file'}, not a "
+                              "safetensors file. Fix: download the checkpoint again (every *.safetensors file).")
     try:
         return safe_open(file, "np")
-    except SafetensorError as error:
-        raise CheckpointError(
-            f"{file} cannot be read as safetensors ({error}): it is incomplete or damaged, as an interrupted "
-            "download leaves it. Fix: download the checkpoint again (every *.safetensors file)."
-        ) from error
+    except (SafetensorError, OSError) as error:
+        raise _damaged(file, error) from error
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -449,7 +464,7 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map. Fix: download the checkpoint again, index included.")
         for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).exists():
+            if not isinstance(shard, str) or not (folder / shard).exists():
                 raise CheckpointError(
                     f"Shard '{shard}' listed in {index} is missing from {folder}. "
                     "Fix: download the checkpoint again (all model-*.safetensors files)."
@@ -499,22 +514,46 @@ def load_weights(folder: Path, specs: Sequence[WeightSpec], canonical_name: Call
             f"{folder} has weights that loading would ignore, e.g. {unexpected[:3]}, so its outputs would be wrong. "
             "Fix: use a checkpoint of a supported architecture whose config.json matches its weights."
         )
+    from safetensors import SafetensorError
+
     params: Params = {}
     handles = {}
     for spec in specs:
         name, file = stored[spec.hf_name]
         if file not in handles:
             handles[file] = _open_safetensors(file)
-        tensor = handles[file].get_tensor(name)
+        if name not in handles[file].keys():  # a sharded checkpoint's index.json names the shard that holds it
+            raise CheckpointError(
+                f"{file} lacks the weight {name}, which {folder / 'model.safetensors.index.json'} says it holds. "
+                "Fix: download the checkpoint again, index and every shard together (they are from different "
+                "versions)."
+            )
+        try:
+            tensor = handles[file].get_tensor(name)
+        except (SafetensorError, OSError, TypeError) as error:
+            raise _damaged(file, error) from error
         if tuple(tensor.shape) != spec.hf_shape:
             raise CheckpointError(
                 f"Weight {name} in {file.name} has shape {tuple(tensor.shape)}, but config.json implies "
                 f"{spec.hf_shape}. Fix: the weights and config.json come from different models; use a matching pair."
             )
+        if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype.name != "bfloat16":
+            raise CheckpointError(
+                f"Weight {name} in {file} is stored as {tensor.dtype.name}; a weight of this model is floating "
+                "point (float32, bfloat16 or float16), and a quantized or integer checkpoint would load as "
+                "nonsense. Fix: use the unquantized checkpoint."
+            )
+        value = spec.to_flax(tensor).astype(dtype)
+        if not np.isfinite(value.astype(np.float32) if value.dtype.name == "bfloat16" else value).all():
+            raise CheckpointError(
+                f"Weight {name} in {file} holds a number that is not finite (NaN or infinity): a model with it "
+                "gives NaN everywhere. Fix: download the checkpoint again, or export the model from before it "
+                "diverged."
+            )
         node = params
         for key in spec.path[:-1]:
             node = node.setdefault(key, {})
-        node[spec.path[-1]] = jnp.asarray(spec.to_flax(tensor).astype(dtype))
+        node[spec.path[-1]] = jnp.asarray(value)
     return params
 
 

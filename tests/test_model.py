@@ -396,6 +396,72 @@ def test_config_without_a_required_key_names_the_key(hf_checkpoint, tmp_path, ke
         M.load_checkpoint(tmp_path / "ckpt")
 
 
+def broken_copy(hf_checkpoint, tmp_path, sharded=False):
+    source, _ = hf_checkpoint("qwen2", False, sharded=sharded)
+    shutil.copytree(source, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_index_naming_a_shard_that_lacks_the_tensor_names_the_shard(hf_checkpoint, tmp_path):
+    folder = broken_copy(hf_checkpoint, tmp_path, sharded=True)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    moved = next(name for name, shard in index["weight_map"].items() if shard == shards[0])
+    index["weight_map"][moved] = shards[1]  # an index from another version of the checkpoint
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(folder / shards[1]))} lacks the weight "
+                                               rf"{re.escape(moved)}.*Fix: download the checkpoint again"):
+        M.load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_folder_where_a_checkpoint_file_should_be_names_it(hf_checkpoint, tmp_path, name):
+    folder = broken_copy(hf_checkpoint, tmp_path)
+    (folder / name).unlink()
+    (folder / name).mkdir()
+    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(folder / name))} is a folder.*Fix: "):
+        M.load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 0, "head_dim": None}, r"num_attention_heads to 0; it must be a whole number"),
+    ({"hidden_size": "64"}, r"hidden_size to '64'; it must be a whole number"),
+    ({"num_key_value_heads": 3}, r"4 attention heads, which do not share 3 key-value heads"),
+    ({"rope_scaling": "linear"}, r"rope_scaling to 'linear', where transformers writes a JSON object"),
+    ({"rope_theta": "fast", "rope_parameters": {"rope_type": "default", "rope_theta": "fast"}},
+     r"a value model.py cannot read \(ValueError"),
+], ids=["zero heads", "a string size", "uneven groups", "rope_scaling a string", "rope_theta a string"])
+def test_config_with_a_value_of_the_wrong_kind_names_it(hf_checkpoint, tmp_path, change, message):
+    folder = broken_copy(hf_checkpoint, tmp_path)
+    hf = json.loads((folder / "config.json").read_text())
+    hf.update(change)
+    hf = {key: value for key, value in hf.items() if value is not None}
+    (folder / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(M.CheckpointError, match=rf"config.json (sets |has |holds ){message}.*Fix: "):
+        M.load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("value, message", [("int32", "is stored as int32"), ("nan", "not finite")])
+def test_an_integer_or_nan_weight_is_refused_on_load(hf_checkpoint, tmp_path, value, message):
+    from safetensors.numpy import load_file, save_file
+
+    folder = broken_copy(hf_checkpoint, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    if value == "int32":
+        tensors[name] = tensors[name].astype(np.int32)
+    else:
+        tensors[name][3, 5] = np.nan
+    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    with pytest.raises(M.CheckpointError, match=rf"{re.escape(name)} in {re.escape(str(folder))}.*{message}.*Fix: "):
+        M.load_checkpoint(folder)
+
+
+def test_a_bare_hub_id_while_offline_says_offline_not_no_folder():
+    with pytest.raises(M.CheckpointError, match=r"'gpt2'.*not a local folder.*offline.*hf download gpt2"):
+        M.load_checkpoint("gpt2")
+
+
 def test_folder_without_tokenizer_files_names_the_problem(hf_checkpoint):
     """save_pretrained of a model writes no tokenizer; transformers would quietly build one that encodes nothing."""
     folder, _ = hf_checkpoint("qwen2")
