@@ -4,7 +4,8 @@ The RL core under every method here (RWML trains its world model with it, policy
 for actions); `docs/methods.md` section 1 (eqs. 2-13; the return R_i of eq. 1 is
 `rollout.Trajectory.total_reward`). For each task, sample a group of G rollouts,
 score each with a scalar reward R_i, and give every token of rollout i the advantage (in a multi-turn
-rollout, every action token of every turn: `turn_batch` lays out each turn as a row [prompt ; response])
+rollout, every action token of every turn: `rollout.turn_rows` lays out each turn as a row [prompt ; response],
+and `batch` puts each row's advantage on its action tokens)
 
     A_i = (R_i - mean(R_group)) / (std(R_group) + eps)                         GRPO       (eq. 2)
     A_i =  R_i - mean(R_group)                                                 Dr.GRPO    (eq. 3: no std scaling)
@@ -44,9 +45,6 @@ import numpy as np
 import optax
 
 import model as lm
-import multihost
-import rollout
-import sampler
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ESTIMATORS = ("grpo", "drgrpo", "rloo")
@@ -112,11 +110,11 @@ def advantages(rewards: jax.Array, group_ids: jax.Array, estimator: str = "grpo"
     return adv, keep, stats
 
 
-def trajectory_advantages(trajectories: Sequence[rollout.Trajectory], estimator: str = "grpo",
+def trajectory_advantages(trajectories: Sequence, estimator: str = "grpo",
                           filter_zero_variance: bool = False) -> tuple[np.ndarray, np.ndarray, GroupStats]:
-    """`advantages` (methods.md eqs. 2-4) of the trajectories' returns R_i (Trajectory.total_reward, eq. 1) within
-    their groups, as numpy arrays: one advantage and one keep per trajectory, and the group statistics (PaW's lambda,
-    eq. 28, reads their mean)."""
+    """`advantages` (methods.md eqs. 2-4) of the trajectories' returns R_i (rollout.Trajectory's total_reward, eq. 1)
+    within their groups (its group), as numpy arrays: one advantage and one keep per trajectory, and the group
+    statistics (PaW's lambda, eq. 28, reads their mean)."""
     returns = np.asarray([t.total_reward for t in trajectories], np.float32)
     group_ids = np.asarray([t.group for t in trajectories])
     return jax.device_get(advantages(returns, group_ids, estimator, filter_zero_variance=filter_zero_variance))
@@ -247,63 +245,46 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: 
 
 
 class Batch(NamedTuple):
-    """One policy update's data, every array [batch, time] (numpy or on the device): prompt and completion side by side.
+    """One policy update's data: `batch` builds it from rollout.Rows. Arrays [rows, time] unless said, numpy or on
+    the device.
 
-    tokens:        int32 ids exactly as sampled (never re-tokenized)
-    token_mask:    bool, real tokens (the model attends to them)
-    loss_mask:     float, 1 on the tokens the policy is trained on (completions, through EOS)
-    old_logprobs:  float32, log pi_old of each token as the sampler returned it
-    ref_logprobs:  float32, log pi_ref (unused when beta = 0)
-    advantages:    float32, each token's advantage (its sequence's, broadcast)
+    tokens:            int32 ids exactly as sampled (never re-tokenized)
+    token_mask:        bool, real tokens (the model attends to them)
+    action_mask:       float, 1 on the tokens the policy is trained on (its sampled actions, through EOS)
+    observation_mask:  float, 1 on o_{t+1}'s tokens when the rows carry them (PaW's world-model target)
+    old_logprobs:      float32, log pi_old of each token as the sampler returned it
+    ref_logprobs:      float32, log pi_ref (unused when beta = 0)
+    advantages:        float32, each action token's advantage (its row's)
+    wm_lambda:         [rows] float32, PaW's lambda of the row's group (eq. 28)
+    selected:          [rows] float32, 1 for the rows PaW's world-model loss reads (S_alpha, eq. 24)
+
+    The last three are PaW's (paw.weigh sets them); plain GRPO leaves them 0 and its loss reads neither the
+    observation nor them: PaW with every lambda 0 is GRPO, in one batch type.
     """
 
     tokens: jax.Array
     token_mask: jax.Array
-    loss_mask: jax.Array
+    action_mask: jax.Array
+    observation_mask: jax.Array
     old_logprobs: jax.Array
     ref_logprobs: jax.Array
     advantages: jax.Array
+    wm_lambda: jax.Array
+    selected: jax.Array
 
 
-def completion_batch(completion: sampler.Completion, sequence_advantages, keep=None, ref_logprobs=None) -> Batch:
-    """A Batch from the sampler's output and one advantage per row; keep [b] drops filtered rows from the loss."""
-    tokens = jnp.concatenate([completion.prompt_tokens, completion.tokens], 1)
-    token_mask = jnp.concatenate([completion.prompt_mask, completion.mask], 1)
-    loss_mask = jnp.concatenate([jnp.zeros_like(completion.prompt_mask), completion.mask], 1).astype(jnp.float32)
-    if keep is not None:
-        loss_mask = loss_mask * keep[:, None]
-    old = jnp.concatenate([jnp.zeros(completion.prompt_mask.shape, jnp.float32), completion.logprobs], 1)
-    ref = jnp.zeros_like(old) if ref_logprobs is None else ref_logprobs
-    adv = jnp.broadcast_to(jnp.asarray(sequence_advantages, jnp.float32)[:, None], tokens.shape)
-    return Batch(tokens, token_mask, loss_mask, old, ref, adv)
-
-
-def turn_batch(trajectories: Sequence[rollout.Trajectory], trajectory_advantages: np.ndarray,
-               trajectory_keep: np.ndarray | None = None, *, with_observation: bool = False, pad_id: int = 0,
-               min_bucket: int = 16, min_rows: int = 1) -> Batch:
-    """Every turn of every trajectory as a row [prompt ; response], from the exact rollout ids, in numpy arrays (they
-    go to the device in the update). The response's tokens are the loss tokens and carry the trajectory's advantage
-    and the sampler's log-probs; a trajectory that trajectory_keep [trajectories] (advantages' keep) marks False has
-    no loss tokens. with_observation appends each turn's next observation after the response, outside the loss mask
-    (PaW's rows [prompt ; response ; o_{t+1}]). Rows are padded (all masks 0) to a power of two, at least min_rows,
-    and to a power-of-two length, at least min_bucket, so jit sees a handful of shapes.
-    """
-    turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
-    appended = [turn.next_observation_ids if with_observation else np.zeros(0, np.int32) for _, turn in turns]
-    longest = max(len(turn.prompt_ids) + len(turn.response_ids) + len(o) for (_, turn), o in zip(turns, appended))
-    length = lm.bucket_length(longest, min_bucket)
-    shape = (lm.bucket_length(len(turns), min_rows), length)
-    tokens, token_mask, loss_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, bool), np.zeros(shape, np.float32)
-    old_logprobs, advantages = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    for row, ((index, turn), observation) in enumerate(zip(turns, appended)):
-        start, end = len(turn.prompt_ids), len(turn.prompt_ids) + len(turn.response_ids)
-        tokens[row, :end + len(observation)] = np.concatenate([turn.prompt_ids, turn.response_ids, observation])
-        token_mask[row, :end + len(observation)] = True
-        loss_mask[row, start:end] = 1.0 if trajectory_keep is None else float(trajectory_keep[index])
-        old_logprobs[row, start:end] = turn.response_logprobs
-        advantages[row, start:end] = trajectory_advantages[index]
-    return Batch(tokens=tokens, token_mask=token_mask, loss_mask=loss_mask, old_logprobs=old_logprobs,
-                 ref_logprobs=np.zeros(shape, np.float32), advantages=advantages)
+def batch(rows, advantages: np.ndarray, keep: np.ndarray | None = None) -> Batch:
+    """A Batch from rollout.Rows (any NamedTuple with its fields) and one advantage per source (per trajectory, or per
+    completion): row r's advantage, advantages[rows.source[r]], goes on its action tokens; a source that keep marks
+    False (advantages' keep) has no action tokens in the loss. Numpy arrays: they go to the device in the update."""
+    row_advantages = rows.per_row(np.asarray(advantages, np.float32))
+    action_mask = rows.action_mask if keep is None else rows.action_mask * rows.per_row(keep)[:, None]
+    zeros = np.zeros(rows.tokens.shape[0], np.float32)
+    return Batch(tokens=rows.tokens, token_mask=rows.token_mask, action_mask=action_mask.astype(np.float32),
+                 observation_mask=rows.observation_mask, old_logprobs=rows.logprobs,
+                 ref_logprobs=np.zeros(rows.tokens.shape, np.float32),
+                 advantages=np.where(rows.action_mask > 0, row_advantages[:, None], np.float32(0)),
+                 wm_lambda=zeros, selected=zeros)
 
 
 class TrainState(NamedTuple):
@@ -365,8 +346,8 @@ class Objective(NamedTuple):
     loss(params, micro_batch, totals, positions=None) -> (this micro-batch's share of the batch loss, dict of sums
         for metrics); positions (lm.scored_positions of `scored`) lets it unembed only the columns it reads
     metrics(sums, totals) -> the step's metrics from the sums over all micro-batches
-    scored(batch) -> [rows, time] mask of the tokens whose log-probs the loss reads (LengthSortedUpdate scores only
-        those)
+    scored(batch) -> [rows, time] mask of the tokens whose log-probs the loss reads (engine/microbatch.py's update
+        scores only those)
     """
 
     totals: Callable
@@ -381,12 +362,12 @@ def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
     cfg = step.loss
 
     def totals(batch: Batch) -> dict:
-        return {"denominator": jnp.maximum(loss_denominator(batch.loss_mask, cfg.aggregation, batch.token_mask), 1),
+        return {"denominator": jnp.maximum(loss_denominator(batch.action_mask, cfg.aggregation, batch.token_mask), 1),
                 "length": jnp.float32(batch.tokens.shape[-1])}
 
     def loss(params, micro: Batch, totals: dict, positions=None):
         logprobs, entropies = policy_logprobs(params, model_config, micro.tokens, micro.token_mask, step, positions)
-        terms = grpo_loss(logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.loss_mask, cfg,
+        terms = grpo_loss(logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.action_mask, cfg,
                           entropies, totals["length"])
         return terms.numerator / totals["denominator"], dict(terms.token_sums, numerator=terms.numerator)
 
@@ -395,7 +376,7 @@ def grpo_objective(model_config: lm.Config, step: StepConfig) -> Objective:
         means = {name: value / tokens for name, value in sums.items() if name not in ("tokens", "numerator")}
         return dict(means, loss=sums["numerator"] / totals["denominator"], tokens=sums["tokens"])
 
-    return Objective(totals, loss, metrics, scored=lambda batch: batch.loss_mask)
+    return Objective(totals, loss, metrics, scored=lambda batch: batch.action_mask)
 
 
 def accumulate(loss_fn: Callable, params, batch, micro_batches: int):
@@ -469,124 +450,3 @@ def grpo_step(state: TrainState, batch: Batch, model_config: lm.Config, optimize
       skipped         1 when the loss or the gradient is not finite and the update was skipped (state unchanged)
     """
     return objective_step(grpo_objective(model_config, step), state, batch, optimizer, step.micro_batches)
-
-
-# --------------------------------------------------------------------------------------------
-# Micro-batches sized to memory: the same update in pieces of at most a token budget
-# --------------------------------------------------------------------------------------------
-
-
-def row_lengths(token_mask) -> np.ndarray:
-    """[n] each row's length up to its last real token (0 for a row of padding only)."""
-    mask = np.asarray(token_mask)
-    lengths = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
-    lengths[~mask.any(1)] = 0
-    return lengths
-
-
-def plan_micro_batches(lengths: np.ndarray, width: int, token_budget: int, row_multiple: int = 1,
-                       min_bucket: int = 16) -> list[tuple[np.ndarray, int]]:
-    """(row indices, padded length) of each micro-batch: rows sorted longest first, each micro-batch cut to the power
-    of two (>= min_bucket, <= width) holding its longest row, with as many rows as fit in token_budget tokens per
-    row_multiple rows (a power of two times row_multiple, at least row_multiple: one row per device). The last
-    micro-batch's indices may run short; the caller fills them with padding rows. Rows of padding only are left out
-    (but one micro-batch is always planned, so a batch without real rows gives a zero gradient).
-
-    Every real row is in exactly one micro-batch. Shapes are powers of two, so jit compiles a handful of them.
-    """
-    order = np.argsort(-lengths, kind="stable")
-    real = int((lengths > 0).sum())
-    plans, start = [], 0
-    while start < max(real, 1):
-        cut = min(lm.bucket_length(int(lengths[order[start]]), min_bucket), width)
-        per_device = 1 << max(0, (token_budget // cut).bit_length() - 1)  # the largest power of two that fits
-        rows = row_multiple * min(per_device, lm.bucket_length(-(-(max(real, 1) - start) // row_multiple), 1))
-        plans.append((order[start:min(start + rows, max(real, 1))], cut))
-        start += rows
-    return plans
-
-
-def micro_batch(batch, indices: np.ndarray, width: int, rows: int):
-    """The rows `indices` of batch (a NamedTuple of [n, ...] arrays), cut to `width` columns, and padded with
-    all-zero rows (no real token, no loss) to `rows` rows."""
-    def take(x):
-        x = np.asarray(x)
-        piece = x[indices, :width] if x.ndim == 2 else x[indices]
-        return np.concatenate([piece, np.zeros((rows - len(indices), *piece.shape[1:]), piece.dtype)])
-
-    return jax.tree.map(take, batch)
-
-
-class LengthSortedUpdate:
-    """update(state, batch) -> (state, metrics): objective_step's update, its gradient summed over micro-batches of at
-    most token_budget tokens per device (plan_micro_batches): one jitted gradient per micro-batch shape.
-
-    A causal model's log-probs of the real tokens do not depend on the padding after them, and every micro-batch's
-    loss is divided by the whole batch's totals (methods.md eq. 13), so the summed gradient is the whole batch's: the
-    result equals objective_step's to float rounding (the sum runs in another order). Each micro-batch unembeds only
-    the columns its loss reads (objective.scored, lm.scored_positions): the vocabulary projection is a small
-    model's largest matmul, and a prompt's columns need none. Sorting by length also saves
-    the padding: a multi-turn rollout's turns vary in length several-fold. shard(micro_batch) places each
-    micro-batch (e.g. over a mesh's data axes; rows come in multiples of row_multiple, the device count), and
-    state_shardings, when given, keeps the state where it is. As in objective_step, an update whose loss or gradient
-    is not finite is skipped. flops(token_mask, scored) -> the update's model FLOPs (lm.training_flops), when given,
-    adds them to the metrics (model_flops): MFU's numerator.
-    """
-
-    def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, token_budget: int,
-                 shard: Callable = lambda batch: batch, state_shardings=None, row_multiple: int = 1,
-                 min_bucket: int = 16, flops: Callable | None = None):
-        self.token_budget, self.shard, self.row_multiple, self.min_bucket = token_budget, shard, row_multiple, min_bucket
-        self.scored, self.flops = objective.scored, flops
-        self.totals = jax.jit(objective.totals)
-        self.gradient = jax.jit(jax.grad(objective.loss, has_aux=True))
-        self.add = jax.jit(lambda total, more: jax.tree.map(jnp.add, total, more), donate_argnums=0)
-
-        def finish(state, grads, sums, totals):
-            updated, grad_norm = apply_update(state, grads, optimizer)
-            metrics = objective.metrics(sums, totals)
-            state, skipped = skip_if_not_finite(updated, state, metrics["loss"], grad_norm)
-            return state, dict(metrics, grad_norm=grad_norm, skipped=skipped)
-
-        shardings = {} if state_shardings is None else dict(in_shardings=(state_shardings, None, None, None),
-                                                              out_shardings=(state_shardings, None))
-        self.finish = jax.jit(finish, donate_argnums=0, **shardings)
-
-    def micro_batches(self, batch) -> list:
-        """The batch's micro-batches, as this update splits it."""
-        plans = plan_micro_batches(row_lengths(batch.token_mask), batch.tokens.shape[1], self.token_budget,
-                                   self.row_multiple, self.min_bucket)
-        return [micro_batch(batch, indices, width, self._rows(indices)) for indices, width in plans]
-
-    def _rows(self, indices) -> int:
-        return self.row_multiple * lm.bucket_length(-(-len(indices) // self.row_multiple), 1)
-
-    def __call__(self, state: TrainState, batch):
-        totals = self.totals(batch)
-        total = None
-        for micro in self.micro_batches(batch):
-            micro, positions = self.shard((micro, lm.scored_positions(self.scored(micro), self.min_bucket)))
-            more = self.gradient(state.params, micro, totals, positions)
-            total = more if total is None else self.add(total, more)
-        grads, sums = total
-        state, metrics = self.finish(state, grads, sums, totals)
-        if self.flops is not None:
-            metrics = dict(metrics, model_flops=self.flops(batch.token_mask, self.scored(batch)))
-        return state, metrics
-
-    def map_rows(self, fn: Callable, tokens, token_mask, scored=None) -> np.ndarray:
-        """fn(tokens, token_mask) -> [rows, time] values, run over the same micro-batches and put back in row order
-        ([n, time], zeros past each micro-batch's cut): e.g. the reference log-probs of the KL term. With a mask
-        `scored` [n, time], fn(tokens, token_mask, positions) needs only the columns of lm.scored_positions."""
-        tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
-        plans = plan_micro_batches(row_lengths(token_mask), tokens.shape[1], self.token_budget, self.row_multiple,
-                                   self.min_bucket)
-        out = np.zeros(tokens.shape, np.float32)
-        for indices, width in plans:
-            piece = micro_batch((tokens, token_mask), indices, width, self._rows(indices))
-            if scored is not None:
-                piece = (*piece, lm.scored_positions(micro_batch(np.asarray(scored), indices, width, len(piece[0])),
-                                                     self.min_bucket))
-            values = multihost.to_host(fn(*self.shard(piece)))
-            out[indices, :width] = values[:len(indices)]
-        return out

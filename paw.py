@@ -35,7 +35,7 @@ at temperature 1 (the model's own distribution), whatever the sampling temperatu
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -136,73 +136,38 @@ def world_model_loss(observation_logprobs: jax.Array, observation_mask: jax.Arra
 # --------------------------------------------------------------------------------------------
 
 
-class PaWBatch(NamedTuple):
-    """One PaW update. [batch, time] arrays hold [h_t ; a_t ; o_{t+1}] per row (one row a transition), right padded;
-    numpy arrays or on the device, like grpo.Batch's.
-
-    tokens, token_mask, old_logprobs, ref_logprobs, advantages: as in grpo.Batch
-    action_mask:       float, 1 on the action's sampled tokens (the GRPO loss mask)
-    observation_mask:  float, 1 on o_{t+1}'s tokens (the world-model loss mask)
-    wm_lambda:         [batch] float, lambda of the row's group (eq. 28)
-    selected:          [batch] float, 1 for the rows in S_alpha (the entropy selection, eq. 24)
-    """
-
-    tokens: jax.Array
-    token_mask: jax.Array
-    action_mask: jax.Array
-    observation_mask: jax.Array
-    old_logprobs: jax.Array
-    ref_logprobs: jax.Array
-    advantages: jax.Array
-    wm_lambda: jax.Array
-    selected: jax.Array
-
-
-def paw_batch(trajectories: Sequence[rollout.Trajectory], trajectory_advantages: np.ndarray,
-              trajectory_lambdas: np.ndarray, cfg: PaWConfig = PaWConfig(), pad_id: int = 0,
-              min_bucket: int = 16, min_rows: int = 1,
-              trajectory_keep: np.ndarray | None = None) -> tuple[PaWBatch, dict]:
-    """GRPO's turn rows (grpo.turn_batch) with each turn's next observation appended, [prompt ; response ; o_{t+1}],
-    extended with the observation mask, the trajectory's lambda (methods.md eq. 28) and the entropy selection
-    (eqs. 23-24), which ranks all turns.
-
-    A trajectory that trajectory_keep (grpo.advantages' keep) marks False has no action tokens: its turns leave the
-    RL loss, and their world-model loss stays. All arrays are numpy: they go to the device in the update.
-    """
-    rows = grpo.turn_batch(trajectories, trajectory_advantages, trajectory_keep, with_observation=True, pad_id=pad_id,
-                           min_bucket=min_bucket, min_rows=min_rows)
-    turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
-    entropies = action_entropy([t.response_entropies for _, t in turns], [t.response_logprobs for _, t in turns],
-                               cfg.entropy_form)
+def weigh(batch: grpo.Batch, rows: rollout.Rows, trajectory_lambdas: np.ndarray,
+          cfg: PaWConfig = PaWConfig()) -> tuple[grpo.Batch, dict]:
+    """PaW's part of a batch of turn rows [h_t ; a_t ; o_{t+1}] (rollout.turn_rows with the observations, then
+    grpo.batch): the entropy selection S_alpha over all the update's turns (eqs. 23-24), and each row's lambda, its
+    trajectory's (eq. 28). A turn whose trajectory grpo.batch dropped from the RL loss (keep) keeps its world-model
+    loss. Returns the batch and, per turn, whether it was selected and its action entropy."""
+    turns = np.flatnonzero(rows.source >= 0)
+    on_action = [rows.action_mask[row] > 0 for row in turns]  # every response token, kept in the RL loss or not
+    entropies = action_entropy([rows.entropies[row][on] for row, on in zip(turns, on_action)],
+                               [rows.logprobs[row][on] for row, on in zip(turns, on_action)], cfg.entropy_form)
     selected = select_by_entropy(entropies, cfg.alpha)
-    observation_mask = np.zeros(rows.tokens.shape, np.float32)
-    wm_lambda, chosen = np.zeros(rows.tokens.shape[0], np.float32), np.zeros(rows.tokens.shape[0], np.float32)
-    chosen[:len(turns)] = selected
-    for row, (index, turn) in enumerate(turns):
-        start = len(turn.prompt_ids) + len(turn.response_ids)
-        observation_mask[row, start:start + len(turn.next_observation_ids)] = 1.0
-        wm_lambda[row] = trajectory_lambdas[index]
-    batch = PaWBatch(tokens=rows.tokens, token_mask=rows.token_mask, action_mask=rows.loss_mask,
-                     observation_mask=observation_mask, old_logprobs=rows.old_logprobs, ref_logprobs=rows.ref_logprobs,
-                     advantages=rows.advantages, wm_lambda=wm_lambda, selected=chosen)
-    return batch, {"selected": selected, "action_entropy": entropies}
+    chosen = np.zeros(len(rows.source), np.float32)
+    chosen[turns] = selected
+    return (batch._replace(wm_lambda=rows.per_row(np.asarray(trajectory_lambdas, np.float32)), selected=chosen),
+            {"selected": selected, "action_entropy": entropies})
 
 
 def paw_objective(model_config: lm.Config, step: grpo.StepConfig, cfg: PaWConfig = PaWConfig()) -> grpo.Objective:
-    """PaW's loss of a PaWBatch, methods.md eq. 22, from one forward pass: the GRPO loss on action tokens, divided by
+    """PaW's loss of a grpo.Batch with its world-model part (weigh), methods.md eq. 22, from one forward pass: the GRPO loss on action tokens, divided by
     the whole batch's denominator (eqs. 10-13), plus the lambda-weighted world-model loss (eq. 25 or 27) summed over
     the selected transitions and divided by their number |S_alpha| in the whole batch (the mean over all selected
     transitions of the update, not a mean over groups)."""
     loss_cfg = step.loss
     dtype = None if step.compute_dtype is None else jnp.dtype(step.compute_dtype)
 
-    def totals(batch: PaWBatch) -> dict:
+    def totals(batch: grpo.Batch) -> dict:
         return {"denominator": jnp.maximum(grpo.loss_denominator(batch.action_mask, loss_cfg.aggregation,
                                                                  batch.token_mask), 1),
                 "selected": batch.selected.sum(), "length": jnp.float32(batch.tokens.shape[-1]),
                 "lambda": (batch.wm_lambda * batch.selected).sum(), "rows": batch.token_mask.any(-1).sum()}
 
-    def loss(params, micro: PaWBatch, totals: dict, positions=None):
+    def loss(params, micro: grpo.Batch, totals: dict, positions=None):
         hidden, _ = lm.forward(params, model_config, micro.tokens, micro.token_mask, dtype=dtype, remat=step.remat)
         logprobs, entropies = lm.scored_logprobs(params, model_config, hidden, micro.tokens, step.temperature,
                                                  step.chunk_size, positions)
@@ -237,7 +202,7 @@ def paw_objective(model_config: lm.Config, step: grpo.StepConfig, cfg: PaWConfig
     return grpo.Objective(totals, loss, metrics, scored)
 
 
-def paw_step(state: grpo.TrainState, batch: PaWBatch, model_config: lm.Config, optimizer,
+def paw_step(state: grpo.TrainState, batch: grpo.Batch, model_config: lm.Config, optimizer,
              step: grpo.StepConfig = grpo.StepConfig(), cfg: PaWConfig = PaWConfig()) -> tuple[grpo.TrainState, dict]:
     """One PaW update (paw_objective, methods.md eq. 22): with every lambda 0 it is exactly grpo_step's update.
 

@@ -1,12 +1,18 @@
-"""The multi-turn rollout loop that every method learns from, and what it records.
+"""The multi-turn rollout loop that every method learns from, what it records, and the rows every update trains on.
 
-`rollout` plays a batch of environments (`envs.py`), in groups of G copies of one task and seed
+`rollout` plays a batch of environments (`envs`), in groups of G copies of one task and seed
 (GRPO's groups), turn by turn: build each prompt from the last H turns, sample from the model, parse
 the action, step, until done or the turn limit. It records the exact token ids the model saw and
 sampled, with their log-probs and entropies: text is never re-tokenized to rebuild what the policy
 did. A trajectory's return is `Trajectory.total_reward` (docs/methods.md eq. 1). `transitions` turns the record
-into the <s_<=t, a_t, s_{t+1}> triplets (eq. 14) that RWML, PaW and SPA consume. `EnvBatch` holds the
-environments, in this process or in worker processes, and steps them a turn at a time.
+into the <s_<=t, a_t, s_{t+1}> triplets (eq. 14) that RWML, PaW and SPA consume; `random_play` records the same
+without a model (uniform over the admissible actions). `EnvBatch` holds the environments, in this process or in
+worker processes, and steps them a turn at a time.
+
+`Rows` is the one layout every update reads: each row [prompt ; action ; next observation], right padded, with a
+mask per role. GRPO's and PaW's batches (`grpo.batch`) and the SFT stages' (`rwml.sft_batch`) are built from it:
+`turn_rows` lays out every turn of a rollout, `completion_rows` the sampler's completions (RWML's predictions),
+`rows` any prompts and targets (SFT examples).
 """
 
 from __future__ import annotations
@@ -118,8 +124,8 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def _stopwatch(timings: dict[str, float], name: str):
-    """Add the wall seconds of the `with` block to timings[name]."""
+def stopwatch(timings: dict[str, float], name: str):
+    """Add the wall seconds of the `with` block to timings[name]: how every stage times its parts."""
     start = time.perf_counter()
     yield
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
@@ -134,7 +140,7 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
     Each turn, only the unfinished environments are sampled for (the batch is padded to a power of
     two so the sampler compiles a handful of programs). prompt(task, history, step, observation,
     info) builds the user text; parse(response_text) gives the turn's actions. If given, `timings`
-    accumulates wall seconds under "model" (sampling) and "env" (reset and steps).
+    accumulates wall seconds under "sampling" and "env" (reset and steps).
     """
     timings = {} if timings is None else timings
     if environments.count != len(seeds) * group_size:
@@ -142,7 +148,7 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
     stop_ids = sampler.stop_token_ids(tokenizer, config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     env_seeds = [seed for seed in seeds for _ in range(group_size)]
-    with _stopwatch(timings, "env"):
+    with stopwatch(timings, "env"):
         starts = environments.reset(env_seeds)
     trajectories = [Trajectory(seed=seed, group=i // group_size, task=info.get("task", ""), initial_info=info, turns=[])
                     for i, (seed, (_, info)) in enumerate(zip(env_seeds, starts))]
@@ -157,7 +163,7 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
             past = history_window(trajectories[i].turns, turn, history, no_action="(none)")
             prompts.append(encode_prompt(tokenizer, prompt(trajectories[i].task, past, turn, observation, info)))
         padded = prompts + [prompts[0]] * (lm.bucket_length(len(prompts), 1) - len(prompts))
-        with _stopwatch(timings, "model"):
+        with stopwatch(timings, "sampling"):
             out = multihost.to_host(sampler.generate(params, config, padded, jax.random.fold_in(key, turn), sampling,
                                                   stop_token_ids=stop_ids, pad_token_id=pad_id))
         responses = {}
@@ -166,7 +172,7 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
             ids = np.asarray(out.tokens[row, :length])
             text = tokenizer.decode(ids, skip_special_tokens=True)
             responses[i] = (ids, out.logprobs[row, :length], out.entropies[row, :length], text, parse(text))
-        with _stopwatch(timings, "env"):
+        with stopwatch(timings, "env"):
             results = environments.play({i: responses[i][4] for i in active})
         for i, prompt_ids in zip(active, prompts):
             ids, logprobs, entropies, text, actions = responses[i]
@@ -213,6 +219,129 @@ def episode_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
         "turns": float(np.mean([len(t.turns) for t in trajectories])),
         "invalid": float(np.mean([t.invalid for t in turns])) if turns else 0.0,
     }
+
+
+def random_play(game: envs.Game, episodes: int, seed: int) -> tuple[list[Trajectory], list[list[str]]]:
+    """Uniformly random admissible actions, recorded as Trajectories (text only: no token ids), and the
+    policy prompt of every turn (prompts[episode][turn])."""
+    rng = np.random.default_rng(seed)
+    env = game.make_env()
+    trajectories, prompts = [], []
+    for episode in range(episodes):
+        reset_seed = seed * 1_000_003 + episode
+        observation, info = env.reset(reset_seed)
+        trajectory = Trajectory(seed=reset_seed, group=episode, task=info.get("task", ""), initial_info=info, turns=[])
+        prompts.append([])
+        for step in range(game.max_turns):
+            choices = info.get("admissible_actions") or ["(none)"]
+            action = str(choices[rng.integers(len(choices))])
+            past = history_window(trajectory.turns, step, game.history)
+            prompts[-1].append(game.prompt(trajectory.task, past, step, observation, info))
+            following, reward, done, info = play_turn(env, [action])
+            empty = np.zeros(0, np.int32)
+            trajectory.turns.append(Turn(
+                step=step, observation=observation, prompt_ids=empty, response_ids=empty, response_logprobs=empty,
+                response_entropies=empty, response_text=game.respond(action), actions=[action],
+                next_observation=following, next_observation_ids=empty, reward=reward, done=done,
+                won=bool(info.get("won")), invalid=bool(info.get("invalid_action"))))
+            observation = following
+            if done:
+                break
+        trajectories.append(trajectory)
+    return trajectories, prompts
+
+
+# --------------------------------------------------------------------------------------------
+# Rows: [prompt ; action ; next observation], the layout every update trains on
+# --------------------------------------------------------------------------------------------
+
+
+class Rows(NamedTuple):
+    """Token rows [prompt ; action ; next observation], right padded, numpy arrays [rows, time] unless said.
+
+    tokens            int32 ids exactly as the model saw and sampled them (never re-tokenized)
+    token_mask        bool, the real tokens (the model attends to them)
+    action_mask       float32, 1 on the action: what the model sampled (a policy's response, RWML's prediction)
+                      or what SFT teaches it (a label), EOS included
+    observation_mask  float32, 1 on o_{t+1}, the environment's text after the action (PaW's world-model target)
+    logprobs          float32, log pi_old of each sampled action token, as the sampler returned it (0 elsewhere)
+    entropies         float32, the sampling distribution's entropy at each sampled action token (0 elsewhere)
+    source            [rows] int: the trajectory (or completion, or example) each row comes from; -1 for padding
+    """
+
+    tokens: np.ndarray
+    token_mask: np.ndarray
+    action_mask: np.ndarray
+    observation_mask: np.ndarray
+    logprobs: np.ndarray
+    entropies: np.ndarray
+    source: np.ndarray
+
+    def per_row(self, values) -> np.ndarray:
+        """[rows] values[source] of each row (one value per trajectory, completion or example), 0 for padding."""
+        values = np.asarray(values)
+        return np.where(self.source >= 0, values[np.maximum(self.source, 0)], np.zeros((), values.dtype))
+
+
+def rows(prompts: Sequence[Sequence[int]], actions: Sequence[Sequence[int]],
+         observations: Sequence[Sequence[int]] | None = None, *, action_keep: Sequence[Sequence[bool]] | None = None,
+         logprobs: Sequence[np.ndarray] | None = None, entropies: Sequence[np.ndarray] | None = None,
+         source: Sequence[int] | None = None, pad_id: int = 0, min_bucket: int = 16,
+         min_rows: int | None = None) -> Rows:
+    """Rows [prompt ; action ; observation] of token id lists, right padded to a power-of-two length (at least
+    min_bucket) so jit sees a handful of shapes; with min_rows, padded with empty rows to a power of two of rows (at
+    least min_rows: one a device), else exactly one row a prompt.
+
+    action_keep[i]: per action token, whether it is in the action mask (SPA's response less its world-model
+    contents); logprobs[i], entropies[i]: the sampler's, one per action token; source[i]: where row i comes from
+    (default i).
+    """
+    count = len(prompts)
+    observations = [()] * count if observations is None else observations
+    longest = max(len(p) + len(a) + len(o) for p, a, o in zip(prompts, actions, observations))
+    shape = (count if min_rows is None else lm.bucket_length(count, min_rows), lm.bucket_length(longest, min_bucket))
+    tokens, token_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, bool)
+    action_mask, observation_mask = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    sampled_logprobs, sampled_entropies = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for row, (prompt, action, observation) in enumerate(zip(prompts, actions, observations)):
+        start, end = len(prompt), len(prompt) + len(action)
+        tokens[row, :end + len(observation)] = [*prompt, *action, *observation]
+        token_mask[row, :end + len(observation)] = True
+        action_mask[row, start:end] = 1.0 if action_keep is None else action_keep[row]
+        observation_mask[row, end:end + len(observation)] = 1.0
+        if logprobs is not None:
+            sampled_logprobs[row, start:end] = logprobs[row]
+        if entropies is not None:
+            sampled_entropies[row, start:end] = entropies[row]
+    sources = np.full(shape[0], -1, np.int64)
+    sources[:count] = np.arange(count) if source is None else source
+    return Rows(tokens, token_mask, action_mask, observation_mask, sampled_logprobs, sampled_entropies, sources)
+
+
+def turn_rows(trajectories: Sequence[Trajectory], *, with_observation: bool = False, pad_id: int = 0,
+              min_bucket: int = 16, min_rows: int = 1) -> Rows:
+    """Every turn of every trajectory as a row [prompt ; response], from the exact rollout ids, with the sampler's
+    log-probs and entropies on the response; with_observation appends each turn's next observation (PaW's rows
+    [h_t ; a_t ; o_{t+1}]). source: the trajectory of each row. Rows padded to a power of two (at least min_rows)."""
+    turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
+    return rows([t.prompt_ids for _, t in turns], [t.response_ids for _, t in turns],
+                [t.next_observation_ids for _, t in turns] if with_observation else None,
+                logprobs=[t.response_logprobs for _, t in turns], entropies=[t.response_entropies for _, t in turns],
+                source=[index for index, _ in turns], pad_id=pad_id, min_bucket=min_bucket, min_rows=min_rows)
+
+
+def completion_rows(completion: sampler.Completion) -> Rows:
+    """The sampler's completions as rows [prompt ; completion]: the prompt left padded as it was fed, the completion
+    right padded as it was sampled (their real tokens meet in the middle), its log-probs and entropies kept."""
+    prompt_mask = np.asarray(completion.prompt_mask)
+    zeros = np.zeros(prompt_mask.shape, np.float32)
+    mask = np.asarray(completion.mask)
+    return Rows(tokens=np.concatenate([np.asarray(completion.prompt_tokens), np.asarray(completion.tokens)], 1),
+                token_mask=np.concatenate([prompt_mask, mask], 1),
+                action_mask=np.concatenate([zeros, mask.astype(np.float32)], 1),
+                observation_mask=np.zeros((len(mask), prompt_mask.shape[1] + mask.shape[1]), np.float32),
+                logprobs=np.concatenate([zeros, np.asarray(completion.logprobs)], 1),
+                entropies=np.concatenate([zeros, np.asarray(completion.entropies)], 1), source=np.arange(len(mask)))
 
 
 # --------------------------------------------------------------------------------------------

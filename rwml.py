@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,28 +86,18 @@ def sft_label(triplet: Triplet) -> str:
 
 
 class SFTBatch(NamedTuple):
-    """[batch, time] arrays: prompt then label then EOS, right padded. loss_mask, the m_{i,t} of methods.md eq. 20,
-    covers label and EOS."""
+    """[batch, time] arrays: [prompt ; target], right padded (rollout.Rows' layout). loss_mask, the m_{i,t} of
+    methods.md eq. 20, covers the target: the label and its EOS."""
 
     tokens: jax.Array
     token_mask: jax.Array
     loss_mask: jax.Array
 
 
-def sft_batch(prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
-              min_bucket: int = 16, label_masks: Sequence[Sequence[bool]] | None = None) -> SFTBatch:
-    """Right-padded sequences to a power-of-two length; the loss covers each label (EOS included), or only its
-    tokens where label_masks[row] is True (SPA's response less its world-model contents)."""
-    length = lm.bucket_length(max(len(p) + len(l) for p, l in zip(prompts, labels)), min_bucket)
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    token_mask = np.zeros((len(prompts), length), bool)
-    loss_mask = np.zeros((len(prompts), length), np.float32)
-    for row, (prompt, label) in enumerate(zip(prompts, labels)):
-        end = len(prompt) + len(label)
-        tokens[row, :end] = [*prompt, *label]
-        token_mask[row, :end] = True
-        loss_mask[row, len(prompt):end] = 1.0 if label_masks is None else label_masks[row]
-    return SFTBatch(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(loss_mask))
+def sft_batch(rows: rollout.Rows) -> SFTBatch:
+    """The SFT batch of rows (rollout.rows of prompts and targets): the loss covers the action and the observation,
+    what the model is taught to write after the prompt."""
+    return SFTBatch(rows.tokens, rows.token_mask, rows.action_mask + rows.observation_mask)
 
 
 def wm_sft_examples(tokenizer, triplets: Sequence[Triplet], direct: bool = True):
@@ -143,6 +132,32 @@ def sft_step(state: grpo.TrainState, batch: SFTBatch, model_config: lm.Config, o
     return grpo.objective_step(sft_objective(model_config, step), state, batch, optimizer, step.micro_batches)
 
 
+def train_sft(state: grpo.TrainState, update: Callable, batches: Iterable,
+              on_step: Callable | None = None) -> grpo.TrainState:
+    """Cross-entropy updates (sft_objective, methods.md eq. 20) over `batches` in order: the loop of every SFT here
+    (the embedded default's pretraining, WM SFT, the too-easy filter's model, SPA's SFT). update(state, batch) ->
+    (state, metrics); after the i-th, on_step(i, state, metrics), the metrics as floats with the update's wall
+    seconds."""
+    for index, batch in enumerate(batches):
+        timings = {}
+        with rollout.stopwatch(timings, "update"):
+            state, metrics = update(state, batch)
+            metrics = {name: float(value) for name, value in metrics.items()}  # float() waits for the update
+        if on_step is not None:
+            on_step(index, state, dict(metrics, seconds_update=timings["update"]))
+    return state
+
+
+def shuffled_batches(count: int, batch_size: int, epochs: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Indices of `epochs` seeded shuffles of `count` examples, in batches of batch_size (the last partial one
+    kept)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(count)
+        for start in range(0, count, batch_size):
+            yield order[start:start + batch_size]
+
+
 def train_wm_sft(state: grpo.TrainState, tokenizer, model_config: lm.Config, triplets: Sequence[Triplet], optimizer,
                  epochs: int = 2, batch_size: int = 32, seed: int = 0, step: grpo.StepConfig = grpo.StepConfig(),
                  direct: bool = True, on_step: Callable | None = None) -> grpo.TrainState:
@@ -150,16 +165,10 @@ def train_wm_sft(state: grpo.TrainState, tokenizer, model_config: lm.Config, tri
     last partial batch kept)."""
     update = jax.jit(functools.partial(sft_step, model_config=model_config, optimizer=optimizer, step=step))
     prompts, labels = wm_sft_examples(tokenizer, triplets, direct)
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(len(triplets))
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = sft_batch([prompts[i] for i in rows], [labels[i] for i in rows], tokenizer.pad_token_id)
-            state, metrics = update(state, batch)
-            if on_step is not None:
-                on_step(state, metrics)
-    return state
+    batches = (sft_batch(rollout.rows([prompts[i] for i in indices], [labels[i] for i in indices],
+                                      pad_id=tokenizer.pad_token_id))
+               for indices in shuffled_batches(len(triplets), batch_size, epochs, seed))
+    return train_sft(state, update, batches, on_step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,31 +219,28 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
     (eq. 2: grpo.advantages' default estimator, whatever the policy stages use), one grpo_step (eq. 6 aggregated by
     eq. 10, 11 or 12).
 
-    step_fn is grpo.grpo_step with its configuration bound (jitted by the caller), or a grpo.LengthSortedUpdate.
-    ref_logprobs_fn (tokens, token_mask, loss_mask) -> log pi_ref, on the loss tokens at least, is needed when the
-    loss has a KL term. Metrics add the
-    reward, distance and format rates, and the wall seconds of sampling, reward, reference log-probs and update.
+    step_fn is grpo.grpo_step with its configuration bound (jitted by the caller), or engine/microbatch.py's update.
+    ref_logprobs_fn (tokens, token_mask, action_mask) -> log pi_ref, on the action tokens at least, is needed when
+    the loss has a KL term. Metrics add the reward, distance and format rates, and the wall seconds of sampling,
+    reward, reference log-probs and update.
     """
-    clock = time.perf_counter
-    start = clock()
-    completion, texts = predict(state.params, model_config, tokenizer, triplets, key, cfg.group_size, cfg.sampling)
-    sampled = clock()
-    rewards, distances = score_texts(texts, triplets, cfg.group_size, scorer)
-    scored = clock()
-    group_ids = jnp.repeat(jnp.arange(len(triplets)), cfg.group_size)
-    advantages, keep, stats = grpo.advantages(jnp.asarray(rewards, jnp.float32), group_ids,
-                                              filter_zero_variance=cfg.filter_zero_variance)
-    batch = grpo.completion_batch(completion, advantages, keep)
-    if ref_logprobs_fn is not None:
-        batch = batch._replace(ref_logprobs=ref_logprobs_fn(batch.tokens, batch.token_mask, batch.loss_mask))
-    referenced = clock()
-    state, metrics = step_fn(state, batch)
-    metrics = {k: float(v) for k, v in metrics.items()}  # float() waits for the update to finish
+    timings = {}
+    with rollout.stopwatch(timings, "sampling"):
+        completion, texts = predict(state.params, model_config, tokenizer, triplets, key, cfg.group_size, cfg.sampling)
+    with rollout.stopwatch(timings, "reward"):
+        rewards, distances = score_texts(texts, triplets, cfg.group_size, scorer)
+    with rollout.stopwatch(timings, "reference"):
+        group_ids = jnp.repeat(jnp.arange(len(triplets)), cfg.group_size)
+        advantages, keep, stats = grpo.advantages(jnp.asarray(rewards, jnp.float32), group_ids,
+                                                  filter_zero_variance=cfg.filter_zero_variance)
+        batch = grpo.batch(rollout.completion_rows(completion), advantages, keep)
+        if ref_logprobs_fn is not None:
+            batch = batch._replace(ref_logprobs=ref_logprobs_fn(batch.tokens, batch.token_mask, batch.action_mask))
+    with rollout.stopwatch(timings, "update"):
+        state, metrics = step_fn(state, batch)
+        metrics = {k: float(v) for k, v in metrics.items()}  # float() waits for the update to finish
     metrics.update(
-        seconds_sampling=sampled - start,
-        seconds_reward=scored - sampled,
-        seconds_reference=referenced - scored,
-        seconds_update=clock() - referenced,
+        {f"seconds_{part}": seconds for part, seconds in timings.items()},
         reward=float(np.mean(rewards)),
         distance=float(np.mean(distances)),
         format=float(np.mean([reward.extract_tag(t, "next_state") is not None for t in texts])),

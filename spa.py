@@ -132,7 +132,8 @@ def sft_batch(examples: Sequence[Example], pad_id: int, mask_world_model: bool =
     """[prompt ; response] rows, right padded to a power of two; the loss mask (m_{i,t} of methods.md eq. 20) covers
     the response (EOS included), less its observation and prediction contents under mask_world_model."""
     keep = [[not wm for wm in e.world_model] for e in examples] if mask_world_model else None
-    return rwml.sft_batch([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id, min_bucket, keep)
+    return rwml.sft_batch(rollout.rows([e.prompt_ids for e in examples], [e.response_ids for e in examples],
+                                       action_keep=keep, pad_id=pad_id, min_bucket=min_bucket))
 
 
 def prediction_row(example: Example) -> tuple[list[int], list[int]]:

@@ -114,8 +114,8 @@ def alfworld_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
-    """One cache of embedded-default checkpoints (pretrain.py) for the whole session: each recipe is built once,
-    also when pytest-xdist's workers share the run (their temporary folders share a parent; pretrain.py locks)."""
+    """One cache of embedded-default checkpoints (engine/pretrain.py) for the whole session: each recipe is built once,
+    also when pytest-xdist's workers share the run (their temporary folders share a parent; engine/pretrain.py locks)."""
     folder = session_folder(tmp_path_factory) / "embedded-defaults"
     folder.mkdir(exist_ok=True)
     return folder
@@ -125,8 +125,9 @@ def tiny_command_policy(texts, commands, num_layers=2, vocab_size=300):
     """(config, tokenizer) of a tiny random Qwen2 whose BPE tokenizer, trained on texts + commands, also
     holds each whole command as one token: its near-uniform random play sends real actions."""
     import model
+    from engine import hf
 
-    tokenizer = model.train_tokenizer(list(texts) + list(commands), vocab_size=vocab_size)
+    tokenizer = hf.train_tokenizer(list(texts) + list(commands), vocab_size=vocab_size)
     tokenizer.add_tokens(list(commands))
     config = model.Config(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                           num_layers=num_layers, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import model as lm
+from engine import hf
 from test_train import TINY_PRETRAIN  # the embedded default the other tests build: one cache for the session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +69,8 @@ def test_two_processes_train_the_parameters_of_one_process_on_the_same_devices(e
     # The same SPMD program on the same (data 1 x fsdp 2) mesh, its collectives over gloo instead of in process: a sum
     # of two shards is one addition either way, so nothing is reordered and the results agree exactly in practice;
     # 1e-6 leaves room for a collective that sums in another order, and is far below any one update's change
-    _, alone = lm.load_checkpoint(one / "model")
-    _, together = lm.load_checkpoint(two / "model")
+    _, alone = hf.load_checkpoint(one / "model")
+    _, together = hf.load_checkpoint(two / "model")
     for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(together), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
     measured = ("time", "train/seconds_update", "train/seconds_sampling", "train/seconds_env", "train/memory_gib",

@@ -1,4 +1,4 @@
-"""experiment.py: how runs are read (policy iterations, the success level, weights changed), and a quick
+"""study/experiment.py (with study/regimes.py and study/report.py): how runs are read (policy iterations, the success level, weights changed), and a quick
 experiment end to end: its table, plots, reuse of finished runs, and the same numbers when rerun from scratch."""
 
 import dataclasses
@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 import experiment
-import model as lm
+import regimes
+import report
 import train
+from engine import checks, hf, settings
 
 
 def _write(path, records):
@@ -84,8 +86,8 @@ def test_quick_experiment_writes_its_table_reuses_finished_runs_and_reproduces(t
     run = dataclasses.replace(experiment.run_args(args, "RWML -> GRPO", 0, alone), method="rwml")
     train.main(run)
     row = json.loads((tmp_path / "first" / "rwml-then-grpo" / "seed0" / "summary-rwml.json").read_text())
-    for a, b in zip(jax.tree.leaves(lm.load_checkpoint(alone / "model")[1]),
-                    jax.tree.leaves(lm.load_checkpoint(row["model"])[1])):
+    for a, b in zip(jax.tree.leaves(hf.load_checkpoint(alone / "model")[1]),
+                    jax.tree.leaves(hf.load_checkpoint(row["model"])[1])):
         np.testing.assert_array_equal(a, b)
     last = [json.loads(line) for line in (alone / "metrics.jsonl").read_text().splitlines() if "eval/success" in line][-1]
     assert row["pass@1"] == last["eval/pass@1"] and row["wm_exact_inline"] == last["eval/wm_accuracy_inline"]
@@ -101,9 +103,9 @@ def test_quick_experiment_writes_its_table_reuses_finished_runs_and_reproduces(t
     first_folder, kept = tmp_path / "first", tmp_path / "clone"
     files = [path.relative_to(first_folder) for path in first_folder.rglob("*") if path.is_file()]
     ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=Path(__file__).parents[1], text=True,
-                             input="".join(f"runs/study/regime/{f}\n" for f in files), capture_output=True).stdout
+                             input="".join(f"study/runs/regime/{f}\n" for f in files), capture_output=True).stdout
     for relative in files:
-        if f"runs/study/regime/{relative}" not in ignored.splitlines():
+        if f"study/runs/regime/{relative}" not in ignored.splitlines():
             (kept / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(first_folder / relative, kept / relative)
     assert (kept / "grpo" / "seed0" / "metrics.jsonl").exists() and not list(kept.rglob("model*"))
@@ -133,15 +135,15 @@ def test_quick_experiment_writes_its_table_reuses_finished_runs_and_reproduces(t
 
 
 def test_an_unknown_method_is_refused():
-    with pytest.raises(experiment.train.UsageError, match="unknown method"):
+    with pytest.raises(settings.UsageError, match="unknown method"):
         experiment.run_experiment(experiment.ExperimentArgs(methods=("GRPO", "PPO")))
 
 
 def test_every_row_has_a_distinct_shell_safe_folder():
-    for regime in experiment.REGIMES.values():
-        folders = [experiment.slug(experiment.FIRST_STAGE_OF.get(name, name)) for name in regime.rows]
+    for regime in regimes.REGIMES.values():
+        folders = [experiment.slug(regimes.FIRST_STAGE_OF.get(name, name)) for name in regime.rows]
         assert all(re.fullmatch(r"[a-z0-9-]+", folder) for folder in folders), folders
-        assert len(set(folders)) == len(folders) - sum(name in experiment.FIRST_STAGE_OF for name in regime.rows)
+        assert len(set(folders)) == len(folders) - sum(name in regimes.FIRST_STAGE_OF for name in regime.rows)
     assert experiment.slug("GRPO, SPA's prompt") == "grpo-spas-prompt"
 
 
@@ -177,51 +179,51 @@ def test_a_runs_args_json_matches_its_settings_though_train_filled_update_tokens
 
 def test_a_claims_effect_is_the_mean_paired_difference_with_its_student_t_interval():
     runs = lambda values: [{"seed": seed, "pass@1": value} for seed, value in enumerate(values)]
-    regime = experiment.Regime("x", {}, (("A beats B", "A", "B"), ("A beats C", "A", "C"), ("C beats B", "C", "B")),
+    regime = regimes.Regime("x", {}, (("A beats B", "A", "B"), ("A beats C", "A", "C"), ("C beats B", "C", "B")),
                                ("eval/success", "success"))
     results = {"A": runs([0.5, 0.7, 0.6, 0.8, 0.4]), "B": runs([0.4, 0.4, 0.4, 0.4, 0.4]),
                "C": runs([0.5, 0.7, 0.6, 0.8, 0.5])}
-    found = {e["claim"]: e for e in experiment.effects(regime, results)}
+    found = {e["claim"]: e for e in report.effects(regime, results)}
     # A - B: 0.1, 0.3, 0.2, 0.4, 0.0 -> mean 0.2, sample sd 0.158114, t(0.975, 4) = 2.776445 (a t table)
     assert found["A beats B"]["difference"] == pytest.approx(0.2)
     assert found["A beats B"]["half_width"] == pytest.approx(2.776445 * 0.158114 / 5 ** 0.5, rel=1e-5)
     assert found["A beats B"]["verdict"] == "holds"
     assert found["A beats C"]["verdict"] == "not shown (the interval holds 0)"  # 0, 0, 0, 0, -0.1
     assert found["C beats B"]["verdict"] == "holds"
-    reversed_ = experiment.effects(experiment.Regime("x", {}, (("B beats A", "B", "A"),), ("k", "k")), results)
+    reversed_ = report.effects(regimes.Regime("x", {}, (("B beats A", "B", "A"),), ("k", "k")), results)
     assert reversed_[0]["verdict"] == "reversed" and reversed_[0]["difference"] == pytest.approx(-0.2)
     # seeds are paired: a control missing a seed leaves that seed out
     results["B"] = results["B"][:3]
-    assert experiment.effects(regime, results)[0]["seeds"] == 3
+    assert report.effects(regime, results)[0]["seeds"] == 3
 
 
 def test_every_regime_row_is_its_method_plus_the_condition_and_a_valid_run(tmp_path):
-    for name, regime in experiment.REGIMES.items():
+    for name, regime in regimes.REGIMES.items():
         assert len(regime.seeds) >= (3 if name == "papers" else 5 if regime.claims else 2)
         for claim, treatment, control in regime.claims:
             assert treatment in regime.rows and control in regime.rows, (name, claim)
-    sparse = experiment.REGIMES["sparse-rewards"].rows
+    sparse = regimes.REGIMES["sparse-rewards"].rows
     assert sparse["PaW, 6x6"] == {"method": "paw", "grid_size": 6, "max_turns": 20}
-    known = experiment.REGIMES["world-knowledge"].rows
-    assert known["RWML -> GRPO"] == experiment.METHODS["RWML -> GRPO"]
-    assert known["RWML -> GRPO, no dynamics"] == {**experiment.METHODS["RWML -> GRPO"], "pretrain_dynamics": False}
-    for name in experiment.STUDY:  # every row is a run train.py accepts
+    known = regimes.REGIMES["world-knowledge"].rows
+    assert known["RWML -> GRPO"] == regimes.METHODS["RWML -> GRPO"]
+    assert known["RWML -> GRPO, no dynamics"] == {**regimes.METHODS["RWML -> GRPO"], "pretrain_dynamics": False}
+    for name in regimes.STUDY:  # every row is a run train.py accepts
         args = experiment.ExperimentArgs(regime=name, out=str(tmp_path / name))
         if name == "spa":
             _calibration(tmp_path / "spa-calibration")
         regime = experiment.regime_of(args)
         for row in regime.rows:
-            experiment.train.settings.check(experiment.train.settle(experiment.run_args(args, row, 0, Path("/nonexistent"))))
+            checks.check(train.settle(experiment.run_args(args, row, 0, Path("/nonexistent"))))
 
 
 def test_the_readout_is_each_runs_first_value_in_its_policy_stage(tmp_path):
     records = [{"step": 0, "stage": "base", "eval/success": 0.0}, {"step": 1, "stage": "spa-sft", "train/loss": 1.0},
                {"step": 2, "stage": "grpo", "train/invalid": 0.25}, {"step": 3, "stage": "grpo", "train/invalid": 0.1}]
     _write(tmp_path / "metrics.jsonl", records)
-    assert experiment.first_policy_value(tmp_path, "train/invalid") == 0.25
-    assert experiment.first_policy_value(tmp_path, "train/clipped_token_ratio") is None
-    regime = experiment.REGIMES["spa-calibration"]
-    text, data = experiment.readout_text(regime, {"row": [{"folder": str(tmp_path)}, {"folder": str(tmp_path)}]})
+    assert report.first_policy_value(tmp_path, "train/invalid") == 0.25
+    assert report.first_policy_value(tmp_path, "train/clipped_token_ratio") is None
+    regime = regimes.REGIMES["spa-calibration"]
+    text, data = report.readout_text(regime, {"row": [{"folder": str(tmp_path)}, {"folder": str(tmp_path)}]})
     assert data == {"row": [0.25, 0.25]} and "- row: 0.250 ± 0.000" in text
 
 
@@ -235,59 +237,59 @@ def test_the_mechanism_pairs_each_stages_kth_value_across_seeds_whose_stage_leng
         (tmp_path / seed).mkdir()
         _write(tmp_path / seed / "metrics.jsonl", [{"step": step, "stage": stage, key: value, "train/loss": 1.0}
                                                    for step, stage, value in records])
-    assert experiment.measurements(tmp_path / "a", key) == {(0, 0): 0.0, (1, 0): 0.4, (2, 0): 0.2, (2, 1): 0.1}
-    assert experiment.measurements(tmp_path / "b", key) == {(0, 0): 0.2, (1, 0): 0.6, (2, 0): 0.3, (2, 1): 0.0}
-    assert experiment.measurements(tmp_path / "a", "train/invalid") == {}
-    regime = experiment.REGIMES["world-knowledge"]
+    assert report.measurements(tmp_path / "a", key) == {(0, 0): 0.0, (1, 0): 0.4, (2, 0): 0.2, (2, 1): 0.1}
+    assert report.measurements(tmp_path / "b", key) == {(0, 0): 0.2, (1, 0): 0.6, (2, 0): 0.3, (2, 1): 0.0}
+    assert report.measurements(tmp_path / "a", "train/invalid") == {}
+    regime = regimes.REGIMES["world-knowledge"]
     runs = {"row": [{"folder": str(tmp_path / seed)} for seed in seeds]}
-    path = experiment.plot_mechanism(regime, runs, tmp_path)
+    path = report.plot_mechanism(regime, runs, tmp_path)
     assert path == tmp_path / "mechanism.png" and path.stat().st_size > 0
     assert [key for key, _ in regime.mechanism] == ["eval/wm_accuracy", key, "eval/wm_accuracy_inline"]
     # one value a row (spa-calibration's single RL iteration): a bar a row
     (tmp_path / "one").mkdir()
     _write(tmp_path / "one" / "metrics.jsonl", [{"step": 9, "stage": "grpo", "train/invalid": 0.5}])
-    calibration = experiment.REGIMES["spa-calibration"]
-    path = experiment.plot_mechanism(calibration, {"row": [{"folder": str(tmp_path / "one")}]}, tmp_path / "one")
+    calibration = regimes.REGIMES["spa-calibration"]
+    path = report.plot_mechanism(calibration, {"row": [{"folder": str(tmp_path / "one")}]}, tmp_path / "one")
     assert path.stat().st_size > 0
-    assert experiment.plot_mechanism(calibration, {"row": [{"folder": str(tmp_path / "a")}]}, tmp_path) is None
+    assert report.plot_mechanism(calibration, {"row": [{"folder": str(tmp_path / "a")}]}, tmp_path) is None
 
 
 def _calibration(folder: Path, rates: dict | None = None) -> None:
     """A spa-calibration results.json whose readout holds `rates` (row -> per-seed invalid rates; others 0.5)."""
     folder.mkdir(parents=True, exist_ok=True)
-    readout = {name: [0.5, 0.5] for name in experiment.REGIMES["spa-calibration"].rows}
+    readout = {name: [0.5, 0.5] for name in regimes.REGIMES["spa-calibration"].rows}
     (folder / "results.json").write_text(json.dumps({"readout": {**readout, **(rates or {})}}))
 
 
 def test_spas_sft_strength_is_the_strongest_that_keeps_actions_valid(tmp_path):
-    no_sft, margin = experiment.NO_SFT, experiment.VALID_MARGIN
+    no_sft, margin = regimes.NO_SFT, regimes.VALID_MARGIN
     rates = {no_sft: [0.12, 0.14], "SPA SFT, 1 epochs, lr 1e-04": [0.13, 0.13],
              "SPA SFT, 5 epochs, lr 1e-04": [0.13 + margin - 0.001, 0.13 + margin - 0.001],  # 5e-4: within the margin
              "SPA SFT, 2 epochs, lr 3e-04": [0.13, 0.13 + 2 * margin + 0.002],  # 6e-4, but its mean is past it
              "SPA SFT, 1 epochs, lr 3e-04": [0.10, None]}  # a seed without a value is left out of the mean
-    readout = {name: [0.5, 0.5] for name in experiment.REGIMES["spa-calibration"].rows} | rates
-    setting, why = experiment.spa_strength(readout)
+    readout = {name: [0.5, 0.5] for name in regimes.REGIMES["spa-calibration"].rows} | rates
+    setting, why = regimes.spa_strength(readout)
     assert setting == {"spa.epochs": 5, "spa.learning_rate": 1e-4}
     assert why.startswith("SPA SFT, 5 epochs, lr 1e-04 (") and "the strongest" in why
     stronger = readout | {"SPA SFT, 1 epochs, lr 1e-03": [0.1, 0.1]}  # 1e-3 > 5e-4
-    assert experiment.spa_strength(stronger)[0] == {"spa.epochs": 1, "spa.learning_rate": 1e-3}
+    assert regimes.spa_strength(stronger)[0] == {"spa.epochs": 1, "spa.learning_rate": 1e-3}
     # none valid: the least invalid, and the reason says so
-    setting, why = experiment.spa_strength({**{n: [0.5, 0.5] for n in readout}, no_sft: [0.1, 0.1],
+    setting, why = regimes.spa_strength({**{n: [0.5, 0.5] for n in readout}, no_sft: [0.1, 0.1],
                                             "SPA SFT, 2 epochs, lr 1e-04": [0.3, 0.3]})
     assert setting == {"spa.epochs": 2, "spa.learning_rate": 1e-4} and "the least invalid" in why
-    with pytest.raises(experiment.settings.UsageError, match="spa-calibration"):
-        experiment.spa_strength({no_sft: [0.1, 0.1]})
+    with pytest.raises(settings.UsageError, match="spa-calibration"):
+        regimes.spa_strength({no_sft: [0.1, 0.1]})
     # the regime reads the calibration beside its own folder, and only SPA's row changes
     args = experiment.ExperimentArgs(regime="spa", out=str(tmp_path / "study" / "spa"))
-    with pytest.raises(experiment.settings.UsageError, match="Fix: run `python experiment.py --regime spa-calib"):
+    with pytest.raises(settings.UsageError, match="Fix: run `python study/experiment.py --regime spa-calib"):
         experiment.regime_of(args)
     _calibration(tmp_path / "study" / "spa-calibration", rates)
     regime = experiment.regime_of(args)
     calibrated = {"spa.epochs": 5, "spa.learning_rate": 1e-4}
-    assert regime.rows["SPA -> GRPO"] == {**experiment.METHODS["SPA -> GRPO"], **calibrated}
-    assert regime.rows["GRPO, SPA's prompt"] == experiment.METHODS["GRPO, SPA's prompt"]
+    assert regime.rows["SPA -> GRPO"] == {**regimes.METHODS["SPA -> GRPO"], **calibrated}
+    assert regime.rows["GRPO, SPA's prompt"] == regimes.METHODS["GRPO, SPA's prompt"]
     assert "SPA SFT, 5 epochs, lr 1e-04" in regime.condition
-    run = experiment.train.settle(experiment.run_args(args, "SPA -> GRPO", 0, tmp_path))
+    run = train.settle(experiment.run_args(args, "SPA -> GRPO", 0, tmp_path))
     assert (run.spa.epochs, run.spa.learning_rate) == (5, 1e-4)
 
 
@@ -313,9 +315,9 @@ def test_each_regime_runs_end_to_end_at_tiny_sizes(regime, rows, condition, tmp_
     monkeypatch.setenv("RWML_JAX_CACHE", str(embedded_cache))
     shorter = {"max_new_tokens": 48} if regime == "spa" else {}  # SPA's 256-token responses: the plumbing needs fewer
     tiny = {"iterations": 1, "pretrain_steps": 1, "pretrain_episodes": 40, **shorter}
-    monkeypatch.setattr(experiment, "QUICK", {**experiment.QUICK, **tiny})
+    monkeypatch.setattr(experiment, "QUICK", {**regimes.QUICK, **tiny})
     out = tmp_path / regime
-    valid = {experiment.NO_SFT: [0.1, 0.1], "SPA SFT, 1 epochs, lr 3e-04": [0.1, 0.1]}  # 1 epoch: QUICK's
+    valid = {regimes.NO_SFT: [0.1, 0.1], "SPA SFT, 1 epochs, lr 3e-04": [0.1, 0.1]}  # 1 epoch: QUICK's
     _calibration(tmp_path / "spa-calibration", valid)
     result = experiment.run_experiment(experiment.ExperimentArgs(regime=regime, quick=True, seeds=(0,), methods=rows,
                                                                  eval_samples=2, out=str(out)))
@@ -325,13 +327,13 @@ def test_each_regime_runs_end_to_end_at_tiny_sizes(regime, rows, condition, tmp_
             continue  # only SPA's row takes the calibrated SFT
         assert {k: functools.reduce(dict.get, k.split("."), chosen) for k in condition} == condition
     assert [line.split(" | ")[0] for line in result["table"].splitlines()[2:]] == ["| base", *(f"| {r}" for r in rows)]
-    expected = [claim for claim, treatment, control in experiment.REGIMES[regime].claims
+    expected = [claim for claim, treatment, control in regimes.REGIMES[regime].claims
                 if treatment in rows and control in rows]
     assert expected and [e["claim"] for e in result["effects"]] == expected
     assert result["effects"][0]["verdict"] == "one seed: no interval"
     assert result["cpu_seconds"] > 0
     text = (out / "results.md").read_text()
-    assert text.startswith(f"Condition changed: {experiment.REGIMES[regime].condition}") and "CPU time" in text
+    assert text.startswith(f"Condition changed: {regimes.REGIMES[regime].condition}") and "CPU time" in text
     if regime == "spa":
         assert "SPA SFT, 1 epochs, lr 3e-04 (10.0% invalid, without SFT 10.0%; the strongest" in text
     assert (out / "mechanism.png").stat().st_size > 0

@@ -181,10 +181,10 @@ def test_alfworld_takes_any_text_as_a_command_and_scores_it_by_its_admissible_co
 
 @pytest.fixture(scope="module")
 def lake_tokenizer():
-    import model
+    from engine import hf
 
     texts = [envs.FrozenLake().reset(s)[0] for s in range(10)] + [envs.FrozenLake.rules, *FRAGMENTS[:12], *TAGS]
-    return model.train_tokenizer(texts, vocab_size=300)
+    return hf.train_tokenizer(texts, vocab_size=300)
 
 
 def scripted(scripts: list[list[int]], stop_ids: list[int]):

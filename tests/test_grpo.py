@@ -159,10 +159,12 @@ def test_trajectory_advantages_are_the_advantages_of_the_returns_within_groups()
 
 @pytest.mark.parametrize("with_observation", [False, True])
 def test_turn_rows_train_exactly_each_response_with_its_trajectory_advantage(with_observation):
+    """rollout.turn_rows then grpo.batch: every turn a row [prompt ; response (; next observation)], its trajectory's
+    advantage and the sampler's log-probs on the response, nothing on the rest or on the padding rows."""
     trajectories = played([[0.0, 1.0], [0.0], [1.0, 0.0, 0.0]], [0, 0, 1])
     advantages, keep = np.array([0.5, -0.5, 2.0]), np.array([True, True, False])
-    batch = grpo.turn_batch(trajectories, advantages, keep, with_observation=with_observation, pad_id=99,
-                            min_rows=8)
+    rows = rollout.turn_rows(trajectories, with_observation=with_observation, pad_id=99, min_rows=8)
+    batch = grpo.batch(rows, advantages, keep)
     assert all(isinstance(x, np.ndarray) for x in batch)
     assert batch.tokens.shape == (8, 16)  # 6 turns padded to 8 rows; at most 6 + 4 + 3 tokens, bucketed to 16
     turns = [(index, turn) for index, trajectory in enumerate(trajectories) for turn in trajectory.turns]
@@ -173,12 +175,24 @@ def test_turn_rows_train_exactly_each_response_with_its_trajectory_advantage(wit
         np.testing.assert_array_equal(batch.tokens[row], np.concatenate([ids, np.full(16 - len(ids), 99)]))
         np.testing.assert_array_equal(batch.token_mask[row], np.arange(16) < len(ids))
         on = (np.arange(16) >= start) & (np.arange(16) < end)
-        np.testing.assert_array_equal(batch.loss_mask[row], on * float(keep[index]))
+        np.testing.assert_array_equal(batch.action_mask[row], on * float(keep[index]))
+        np.testing.assert_array_equal(batch.observation_mask[row], (np.arange(16) >= end) & (np.arange(16) < len(ids)))
         np.testing.assert_array_equal(batch.advantages[row], on * advantages[index])
         np.testing.assert_array_equal(batch.old_logprobs[row][on], turn.response_logprobs)
         np.testing.assert_array_equal(batch.old_logprobs[row][~on], 0.0)
-    assert not batch.token_mask[len(turns):].any() and not batch.loss_mask[len(turns):].any()
+        assert rows.source[row] == index
+    assert not batch.token_mask[len(turns):].any() and not batch.action_mask[len(turns):].any()
+    assert (rows.source[len(turns):] == -1).all()
     np.testing.assert_array_equal(batch.ref_logprobs, 0.0)
+    assert not batch.wm_lambda.any() and not batch.selected.any()  # plain GRPO: no world-model term
+
+
+def policy_batch(tokens, token_mask, action_mask, old, ref, advantages) -> grpo.Batch:
+    """A grpo.Batch of these arrays, without PaW's world-model part."""
+    zeros = jnp.zeros(action_mask.shape[0], jnp.float32)
+    return grpo.Batch(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(action_mask),
+                      jnp.zeros(action_mask.shape, jnp.float32), *map(jnp.asarray, (old, ref, advantages)), zeros,
+                      zeros)
 
 
 # ---- the loss (methods.md eqs. 5-12) ----
@@ -217,7 +231,7 @@ def test_dr_grpo_divides_each_sequence_by_the_budget_and_averages_over_every_seq
 
     assert ours() == pytest.approx((expected, 6), rel=1e-5)
     assert ours(pad_columns=23, pad_rows=8) == pytest.approx((expected, 6), rel=1e-5)
-    batch = grpo.Batch(jnp.zeros(mask.shape, jnp.int32), jnp.asarray(token_mask), *map(jnp.asarray, (mask, old, ref, adv)))
+    batch = policy_batch(np.zeros(mask.shape, np.int32), token_mask, mask, old, ref, adv)
     assert float(grpo.grpo_objective(TINY, grpo.StepConfig(cfg)).totals(batch)["denominator"]) == 6
 
 
@@ -291,7 +305,7 @@ def sampled_batch(params, seed=0, group=2, stop=(), max_new_tokens=6):
                              stop_token_ids=stop, pad_token_id=0)
     rewards = jax.random.uniform(jax.random.key(seed + 1), (len(prompts),))
     adv, keep, _ = grpo.advantages(rewards, jnp.repeat(jnp.arange(len(PROMPTS)), group))
-    return completion, grpo.completion_batch(completion, adv, keep)
+    return completion, grpo.batch(rollout.completion_rows(completion), adv, keep)
 
 
 def sgd_step(params, batch, step=grpo.StepConfig(grpo.LossConfig(beta=0.0)), lr=1.0):
@@ -310,7 +324,7 @@ def test_on_policy_gradient_is_the_reinforce_gradient():
 
     def reinforce(p):  # -sum A * log pi / number of loss tokens
         logp, _ = lm.token_logprobs(p, TINY, batch.tokens, batch.token_mask)
-        return -(batch.advantages * logp * batch.loss_mask).sum() / batch.loss_mask.sum()
+        return -(batch.advantages * logp * batch.action_mask).sum() / batch.action_mask.sum()
 
     expected = jax.jit(jax.grad(reinforce))(params)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
@@ -353,18 +367,18 @@ def test_a_row_that_ends_in_eos_keeps_the_eos_token_in_the_loss():
     prompt_length = completion.prompt_tokens.shape[1]
     row = np.asarray(completion.tokens[0])
     end = int(np.argmax(row == eos))
-    loss_mask = np.asarray(batch.loss_mask[0, prompt_length:])
+    loss_mask = np.asarray(batch.action_mask[0, prompt_length:])
     assert end <= 2 and loss_mask[end] == 1 and (loss_mask[end + 1:] == 0).all() and (loss_mask[: end + 1] == 1).all()
     # and that token's log-prob moves the loss: the gradient reaches it
     advantages = jnp.ones_like(batch.advantages)
 
     def loss(logp):
-        terms = grpo.grpo_loss(logp, batch.old_logprobs, batch.ref_logprobs, advantages, batch.loss_mask,
+        terms = grpo.grpo_loss(logp, batch.old_logprobs, batch.ref_logprobs, advantages, batch.action_mask,
                                grpo.LossConfig(beta=0.0))
         return terms.numerator / terms.denominator
 
     grad = np.asarray(jax.grad(loss)(batch.old_logprobs))
-    np.testing.assert_allclose(grad[0, prompt_length + end], -1.0 / float(batch.loss_mask.sum()), rtol=1e-5)
+    np.testing.assert_allclose(grad[0, prompt_length + end], -1.0 / float(batch.action_mask.sum()), rtol=1e-5)
 
 
 def test_grpo_learns_a_toy_reward_from_chance_to_above_ninety_percent():
@@ -386,7 +400,7 @@ def test_grpo_learns_a_toy_reward_from_chance_to_above_ninety_percent():
         if history[-1] > 0.9:
             break
         adv, keep, _ = grpo.advantages(rewards, group_ids)
-        state, metrics = step_fn(state, grpo.completion_batch(completion, adv, keep))
+        state, metrics = step_fn(state, grpo.batch(rollout.completion_rows(completion), adv, keep))
     assert history[0] < 0.2, history
     assert history[-1] > 0.9, history  # measured: 0.02 -> 0.95 in 7 iterations
     assert time.perf_counter() - start < 60
@@ -405,111 +419,3 @@ def test_micro_batches_give_the_same_update_with_the_default_clipped_adamw():
 
     for a, b in zip(jax.tree.leaves(update(1)), jax.tree.leaves(update(4))):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)  # measured: 9e-13
-
-
-def ragged_batch(seed=0, rows=16, width=64):
-    """Right-padded rows of lengths 3..width, their second half the response (a quarter of the rows empty, as a batch
-    padded to a power of two has)."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(3, width + 1, rows)
-    lengths[rng.permutation(rows)[:rows // 4]] = 0
-    positions = np.arange(width)
-    token_mask = positions < lengths[:, None]
-    prompt = (lengths // 2)[:, None]  # the loss reads half of each row: LengthSortedUpdate unembeds only that half
-    loss_mask = (token_mask & (positions >= prompt)).astype(np.float32)
-    tokens = np.where(token_mask, rng.integers(1, TINY.vocab_size, (rows, width)), 0).astype(np.int32)
-    old = -rng.uniform(1, 4, (rows, width)).astype(np.float32) * loss_mask
-    advantages = np.repeat(rng.normal(size=(rows, 1)), width, 1).astype(np.float32) * loss_mask
-    return grpo.Batch(*map(jnp.asarray, (tokens, token_mask, loss_mask, old, old - 0.1, advantages)))
-
-
-def test_micro_batches_hold_every_real_row_once_within_the_token_budget():
-    batch = ragged_batch(seed=1)
-    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, grpo.StepConfig()), optax.sgd(1.0), token_budget=128)
-    pieces = update.micro_batches(batch)
-    lengths = np.asarray(batch.token_mask).sum(1)
-    for piece in pieces:
-        rows, width = piece.tokens.shape
-        assert width == lm.bucket_length(int(piece.token_mask.sum(1).max()))  # cut to its longest row
-        assert rows * width <= 128 and rows & (rows - 1) == 0  # within the budget, a power of two of rows
-    assert [p.tokens.shape for p in pieces][:2] == [(2, 64), (2, 64)]  # the longest rows first, two of 64 at a time
-    assert sorted(int(n) for p in pieces for n in p.token_mask.sum(1) if n) == sorted(int(n) for n in lengths if n)
-    cut = np.concatenate([np.pad(p.tokens, ((0, 0), (0, 64 - p.tokens.shape[1]))) for p in pieces])
-    whole = {row.tobytes() for row in np.asarray(batch.tokens)[lengths > 0]}
-    assert {row.tobytes() for row in cut if row.any()} == whole
-    # a batch of padding only still gives one (empty) micro-batch, whose gradient is zero
-    padding = batch._replace(token_mask=jnp.zeros_like(batch.token_mask), loss_mask=jnp.zeros_like(batch.loss_mask))
-    assert [p.tokens.shape for p in update.micro_batches(padding)] == [(1, 16)]
-
-
-def test_micro_batches_come_in_multiples_of_the_device_count():
-    lengths = np.array([40, 33, 30, 17, 9, 9, 5, 0])
-    plans = grpo.plan_micro_batches(lengths, 64, token_budget=32, row_multiple=2)
-    assert [(len(rows), width) for rows, width in plans] == [(2, 64), (2, 32), (3, 16)]  # the last filled to 4
-    assert sorted(int(i) for rows, _ in plans for i in rows) == list(range(7))  # the padding row is left out
-
-
-@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
-def test_length_sorted_update_is_the_whole_batch_update(aggregation):
-    """LengthSortedUpdate against grpo_step on the uncut batch (methods.md eq. 13): the same gradient (SGD with lr 1:
-    the update is the gradient; Adam's first step, about lr * sign(g), would hide a wrongly scaled one) and the same
-    metrics."""
-    params = lm.init_params(TINY, jax.random.key(5))
-    batch = ragged_batch(seed=2)
-    optimizer = optax.sgd(1.0)
-    step = grpo.StepConfig(grpo.LossConfig(beta=0.05, aggregation=aggregation), temperature=0.7)
-    whole, expected = jax.jit(functools.partial(grpo.grpo_step, model_config=TINY, optimizer=optimizer, step=step))(
-        grpo.init_state(params, optimizer), batch)
-    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, step), optimizer, token_budget=128)
-    pieces, metrics = update(grpo.init_state(params, optimizer), batch)
-    assert len(update.micro_batches(batch)) >= 4
-    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(pieces.params)):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-    assert metrics.keys() == expected.keys()
-    for name in expected:
-        np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
-
-
-def test_rows_mapped_over_micro_batches_come_back_in_row_order():
-    """The reference log-probs computed in the update's micro-batches equal one pass over the whole batch (on the
-    loss tokens only, when those are given)."""
-    params = lm.init_params(TINY, jax.random.key(6))
-    batch = ragged_batch(seed=3)
-    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, grpo.StepConfig()), optax.sgd(1.0), token_budget=128)
-    logprobs = jax.jit(lambda tokens, mask: lm.token_logprobs(params, TINY, tokens, mask)[0])
-    mapped = update.map_rows(logprobs, batch.tokens, batch.token_mask)
-    whole = np.asarray(logprobs(batch.tokens, batch.token_mask))
-    real = np.asarray(batch.token_mask)
-    np.testing.assert_allclose(mapped[real], whole[real], atol=1e-5, rtol=0)  # float32 rounding of other shapes
-    assert not mapped[~real.any(1)].any()  # rows of padding only are in no micro-batch
-    # given the loss tokens, fn gets their positions and scores only those
-    at = jax.jit(lambda tokens, mask, positions: lm.token_logprobs(params, TINY, tokens, mask, positions=positions)[0])
-    loss = np.asarray(batch.loss_mask) > 0
-    scored = update.map_rows(at, batch.tokens, batch.token_mask, batch.loss_mask)
-    np.testing.assert_allclose(scored[loss], whole[loss], atol=1e-5, rtol=0)
-    assert not scored[~loss].any()
-
-
-@pytest.mark.parametrize("field", ["advantages", "old_logprobs"])
-def test_an_update_with_a_non_finite_loss_is_skipped_and_leaves_the_state_unchanged(field):
-    """One NaN on a loss token makes the loss and the gradient NaN: the state comes back as it went in (parameters,
-    AdamW's moments, the step count), and skipped = 1; the same batch without the NaN updates (skipped = 0)."""
-    params = lm.init_params(TINY, jax.random.key(7))
-    batch = ragged_batch(seed=4)
-    row, column = map(int, np.argwhere(np.asarray(batch.loss_mask) > 0)[0])
-    poisoned = batch._replace(**{field: getattr(batch, field).at[row, column].set(jnp.nan)})
-    optimizer = optax.adamw(1e-2)
-    update = grpo.LengthSortedUpdate(grpo.grpo_objective(TINY, grpo.StepConfig()), optimizer, token_budget=128)
-    before = jax.device_get(grpo.init_state(params, optimizer))  # a host copy: the update donates its state
-    state, metrics = update(grpo.init_state(params, optimizer), poisoned)
-    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    whole, whole_metrics = jax.jit(functools.partial(grpo.grpo_step, model_config=TINY, optimizer=optimizer))(
-        grpo.init_state(params, optimizer), poisoned)  # the one-batch step skips it too
-    assert float(whole_metrics["skipped"]) == 1.0 and int(whole.step) == 0
-    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(whole.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    state, metrics = update(grpo.init_state(params, optimizer), batch)
-    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(state.params)))

@@ -1,4 +1,4 @@
-"""model.py (and attention.py) against transformers' PyTorch models: loading, logits, padding, export, and the errors users hit."""
+"""model.py, attention.py and engine/hf.py against transformers' PyTorch models: loading, logits, padding, export, and the errors users hit."""
 
 import json
 import re
@@ -12,6 +12,7 @@ from conftest import ARCHITECTURES, torch_logits
 
 import attention as A
 import model as M
+from engine import estimates, hf
 
 LOGIT_TOLERANCE = 1e-4  # float32, max abs difference
 
@@ -24,7 +25,7 @@ def random_tokens(shape, vocab=128, seed=0):
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_logits_match_transformers(hf_checkpoint, architecture, tied):
     folder, reference = hf_checkpoint(architecture, tied)
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     assert config.tie_word_embeddings == tied and ("lm_head" in params) != tied
     # 40 positions: past llama3's original context of 16, where its rope scaling matters
     tokens = random_tokens((2, 40))
@@ -33,9 +34,9 @@ def test_logits_match_transformers(hf_checkpoint, architecture, tied):
 
 
 def test_config_fields_are_read_from_the_checkpoint(hf_checkpoint):
-    qwen2 = M.load_checkpoint(hf_checkpoint("qwen2")[0])[0]
-    qwen3 = M.load_checkpoint(hf_checkpoint("qwen3")[0])[0]
-    llama = M.load_checkpoint(hf_checkpoint("llama3")[0])[0]
+    qwen2 = hf.load_checkpoint(hf_checkpoint("qwen2")[0])[0]
+    qwen3 = hf.load_checkpoint(hf_checkpoint("qwen3")[0])[0]
+    llama = hf.load_checkpoint(hf_checkpoint("llama3")[0])[0]
     assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.qk_norm, qwen2.head_dim) == (True, False, False, 16)
     assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim, qwen3.rope_theta) == (False, True, 32, 1e6)
     assert (llama.rope_type, llama.rope_factor, llama.rope_original_max_positions, llama.rope_theta) == ("llama3", 8.0, 16, 500.0)
@@ -45,7 +46,7 @@ def test_config_fields_are_read_from_the_checkpoint(hf_checkpoint):
 def test_sharded_checkpoint_gives_the_same_logits(hf_checkpoint):
     folder, reference = hf_checkpoint("qwen2", False, sharded=True)
     assert (folder / "model.safetensors.index.json").exists() and len(list(folder.glob("*.safetensors"))) > 1
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     tokens = random_tokens((2, 24), seed=1)
     np.testing.assert_allclose(M.logits(params, config, tokens, np.ones_like(tokens, bool)), torch_logits(reference, tokens),
                                atol=LOGIT_TOLERANCE, rtol=0)
@@ -62,12 +63,12 @@ def test_transformers_4_config_layout_reads_the_same(hf_checkpoint, tmp_path):
     hf["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
     hf["torch_dtype"] = hf.pop("dtype")
     (folder / "config.json").write_text(json.dumps(hf))
-    assert M.load_checkpoint(folder)[0] == M.load_checkpoint(source)[0]
+    assert hf.load_checkpoint(folder)[0] == hf.load_checkpoint(source)[0]
 
 
 def test_left_padding_does_not_change_logits(hf_checkpoint):
     folder, _ = hf_checkpoint("qwen3")
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     short, long = random_tokens((1, 9), seed=2)[0], random_tokens((1, 20), seed=3)[0]
     tokens, mask = M.left_pad([short, long], 20, pad_id=0)
     padded = M.logits(params, config, tokens, mask)
@@ -79,7 +80,7 @@ def test_left_padding_does_not_change_logits(hf_checkpoint):
 
 def test_left_padded_logits_match_transformers_with_attention_mask(hf_checkpoint):
     folder, reference = hf_checkpoint("llama3")
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     tokens, mask = M.left_pad([random_tokens((1, 7), seed=4)[0], random_tokens((1, 30), seed=5)[0]], 32, pad_id=0)
     ours = np.asarray(M.logits(params, config, tokens, mask))
     # transformers numbers positions 0..T-1 on padded rows in a plain forward, so compare row by row unpadded
@@ -92,7 +93,7 @@ def test_left_padded_logits_match_transformers_with_attention_mask(hf_checkpoint
 @pytest.mark.parametrize("chunk_size", [4, 7, 64])
 def test_chunked_logprobs_equal_a_full_log_softmax(hf_checkpoint, chunk_size):
     folder, _ = hf_checkpoint("qwen2", True)
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     tokens = random_tokens((3, 21), seed=6)
     mask = np.ones_like(tokens, bool)
     temperature = 0.7
@@ -109,7 +110,7 @@ def test_chunked_logprobs_equal_a_full_log_softmax(hf_checkpoint, chunk_size):
 
 def test_chunked_logprobs_have_the_gradient_of_the_full_log_softmax(hf_checkpoint):
     folder, _ = hf_checkpoint("qwen2", False)
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     tokens = random_tokens((2, 13), seed=7)
     mask = np.ones_like(tokens, bool)
 
@@ -140,7 +141,7 @@ def test_scored_logprobs_and_their_gradient_equal_the_full_ones_on_the_scored_co
     """Unembedding only the scored columns (a response's) gives the full computation's log-probs and entropies
     there, 0 elsewhere, and the gradient of any loss that reads only them."""
     folder, _ = hf_checkpoint("qwen2", False)
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     tokens = random_tokens((3, 19), seed=8)
     mask = np.ones_like(tokens, bool)
     scored = np.zeros(tokens.shape, np.float32)
@@ -178,7 +179,7 @@ def test_training_flops_match_xlas_count_of_the_gradient():
     for first, unembedded in ((0, np.ones(tokens.shape)), (48, scored)):
         analysis = jax.jit(jax.grad(loss), static_argnums=1).lower(params, first).compile().cost_analysis()
         counted = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
-        np.testing.assert_allclose(M.training_flops(config, mask, unembedded), counted, rtol=0.03)
+        np.testing.assert_allclose(estimates.training_flops(config, mask, unembedded), counted, rtol=0.03)
 
 
 # ---- blockwise attention: the plain attention's numbers without its [T, T] matrix ----
@@ -194,7 +195,7 @@ def left_padded_rows(lengths, width, seed):
 @pytest.mark.parametrize("attention", ["blockwise", "fused"])  # fused: jax.nn.dot_product_attention (XLA on a CPU)
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_blockwise_attention_gives_the_plain_logits(hf_checkpoint, architecture, attention):
-    config, params = M.load_checkpoint(hf_checkpoint(architecture)[0])
+    config, params = hf.load_checkpoint(hf_checkpoint(architecture)[0])
     tokens, mask = left_padded_rows([37, 21, 5], 37, seed=10)  # 37 = 4 blocks and 5 positions
     plain = np.asarray(M.logits(params, config, tokens, mask, attention="plain"))
     hidden, _ = M.forward(params, config, tokens, mask, attention=attention, attention_block=BLOCK)
@@ -207,7 +208,7 @@ def test_blockwise_attention_gives_the_plain_logits(hf_checkpoint, architecture,
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_blockwise_attention_gives_the_plain_gradients(hf_checkpoint, architecture, attention):
     """The custom VJP (probabilities recomputed block by block) against autodiff through the plain softmax."""
-    config, params = M.load_checkpoint(hf_checkpoint(architecture)[0])
+    config, params = hf.load_checkpoint(hf_checkpoint(architecture)[0])
     tokens, mask = left_padded_rows([29, 12], 29, seed=20)
     # a loss on every real token, a row's first too: it is predicted from the last pad slot, whose attention is 0
     weights = np.random.default_rng(3).normal(size=(2, 28)) * mask[:, 1:]
@@ -265,7 +266,7 @@ def test_attention_gradient_is_the_derivative_of_its_forward_with_pad_rows(form,
 
 def test_blockwise_attention_fills_the_same_cache_in_a_prefill(hf_checkpoint):
     """The sampler's prefill: queries written at the cache's index, keys over the whole cache."""
-    config, params = M.load_checkpoint(hf_checkpoint("qwen3")[0])
+    config, params = hf.load_checkpoint(hf_checkpoint("qwen3")[0])
     tokens, mask = left_padded_rows([19, 7], 19, seed=30)
     results = {}
     for attention in ("plain", "blockwise"):
@@ -296,20 +297,20 @@ def test_exported_checkpoint_opens_in_transformers_with_the_same_logits(hf_check
     import transformers
 
     folder, _ = hf_checkpoint(architecture, tied)
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     params = jax.tree.map(lambda x: x * 1.01, params)  # a "trained" model, different from the source
-    M.save_checkpoint(tmp_path / "out", config, params, max_shard_bytes=50_000)  # sharded on purpose
+    hf.save_checkpoint(tmp_path / "out", config, params, max_shard_bytes=50_000)  # sharded on purpose
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     tokens = random_tokens((2, 30), seed=8)
     ours = M.logits(params, config, tokens, np.ones_like(tokens, bool))
     np.testing.assert_allclose(torch_logits(reloaded, tokens), ours, atol=LOGIT_TOLERANCE, rtol=0)
-    assert M.load_checkpoint(tmp_path / "out")[0] == config
+    assert hf.load_checkpoint(tmp_path / "out")[0] == config
 
 
 def test_bfloat16_parameters_load_and_stay_close(hf_checkpoint):
     folder, reference = hf_checkpoint("qwen2")
-    config, params = M.load_checkpoint(folder, dtype=jnp.bfloat16)
+    config, params = hf.load_checkpoint(folder, dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
     tokens = random_tokens((1, 16), seed=9)
     ours = np.asarray(M.logits(params, config, tokens, np.ones_like(tokens, bool)))
@@ -318,10 +319,10 @@ def test_bfloat16_parameters_load_and_stay_close(hf_checkpoint):
 
 
 def test_tokenizer_loads_with_its_chat_template(tmp_path):
-    tokenizer = M.train_tokenizer(["You are an agent. Move left.", "<answer>Up || Left</answer>"], vocab_size=280)
+    tokenizer = hf.train_tokenizer(["You are an agent. Move left.", "<answer>Up || Left</answer>"], vocab_size=280)
     tokenizer.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    loaded = M.load_tokenizer(tmp_path)
+    loaded = hf.load_tokenizer(tmp_path)
     text = "You are an agent. Move left, then <answer>Up</answer>!\n"
     assert loaded.decode(loaded(text)["input_ids"]) == text
     chat = loaded.apply_chat_template([{"role": "user", "content": "Move left."}], add_generation_prompt=True, tokenize=False)
@@ -333,8 +334,8 @@ def test_tokenizer_loads_with_its_chat_template(tmp_path):
 
 def test_folder_without_config_json_names_the_problem(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(M.CheckpointError, match="No config.json"):
-        M.load_checkpoint(tmp_path)
+    with pytest.raises(hf.CheckpointError, match="No config.json"):
+        hf.load_checkpoint(tmp_path)
 
 
 def test_unsupported_architecture_names_it_and_lists_the_supported_ones(tmp_path):
@@ -342,8 +343,8 @@ def test_unsupported_architecture_names_it_and_lists_the_supported_ones(tmp_path
 
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    with pytest.raises(M.CheckpointError, match=r"GPT2LMHeadModel.*'gpt2'.*Supported: Qwen2ForCausalLM"):
-        M.load_checkpoint(tmp_path)
+    with pytest.raises(hf.CheckpointError, match=r"GPT2LMHeadModel.*'gpt2'.*Supported: Qwen2ForCausalLM"):
+        hf.load_checkpoint(tmp_path)
 
 
 def test_missing_shard_names_the_file(hf_checkpoint, tmp_path):
@@ -351,8 +352,8 @@ def test_missing_shard_names_the_file(hf_checkpoint, tmp_path):
     shutil.copytree(source, tmp_path / "ckpt")
     victim = sorted((tmp_path / "ckpt").glob("model-*.safetensors"))[1]
     victim.unlink()
-    with pytest.raises(M.CheckpointError, match=f"Shard '{victim.name}'.*missing"):
-        M.load_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(hf.CheckpointError, match=f"Shard '{victim.name}'.*missing"):
+        hf.load_checkpoint(tmp_path / "ckpt")
 
 
 def test_weight_of_the_wrong_shape_names_the_weight_and_both_shapes(hf_checkpoint, tmp_path):
@@ -361,8 +362,8 @@ def test_weight_of_the_wrong_shape_names_the_weight_and_both_shapes(hf_checkpoin
     hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     hf["intermediate_size"] = 128  # the weights were saved with 96
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(M.CheckpointError, match=r"mlp\.\w+_proj\.weight.*\(96, 64\).*\(128, 64\)|mlp\.\w+_proj\.weight.*\(64, 96\).*\(64, 128\)"):
-        M.load_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(hf.CheckpointError, match=r"mlp\.\w+_proj\.weight.*\(96, 64\).*\(128, 64\)|mlp\.\w+_proj\.weight.*\(64, 96\).*\(64, 128\)"):
+        hf.load_checkpoint(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
@@ -371,8 +372,8 @@ def test_truncated_safetensors_file_names_the_file_and_says_to_download_again(hf
     shutil.copytree(source, tmp_path / "ckpt")
     victim = sorted((tmp_path / "ckpt").glob("model*.safetensors"))[-1]
     victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])  # an interrupted download
-    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(victim))}.*(cannot be read|incomplete).*Fix: download"):
-        M.load_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(hf.CheckpointError, match=rf"{re.escape(str(victim))}.*(cannot be read|incomplete).*Fix: download"):
+        hf.load_checkpoint(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
@@ -381,8 +382,8 @@ def test_invalid_json_names_the_file(hf_checkpoint, tmp_path, name):
     shutil.copytree(source, tmp_path / "ckpt")
     broken = tmp_path / "ckpt" / name
     broken.write_text(broken.read_text()[:-20])  # cut off mid-object
-    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(broken))} is not valid JSON .*line \d+.*Fix: "):
-        M.load_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(hf.CheckpointError, match=rf"{re.escape(str(broken))} is not valid JSON .*line \d+.*Fix: "):
+        hf.load_checkpoint(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("key", ["vocab_size", "hidden_size", "num_attention_heads"])
@@ -392,8 +393,8 @@ def test_config_without_a_required_key_names_the_key(hf_checkpoint, tmp_path, ke
     hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     del hf[key]
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(M.CheckpointError, match=rf"config.json lacks {key}.*Fix: "):
-        M.load_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(hf.CheckpointError, match=rf"config.json lacks {key}.*Fix: "):
+        hf.load_checkpoint(tmp_path / "ckpt")
 
 
 def broken_copy(hf_checkpoint, tmp_path, sharded=False):
@@ -409,9 +410,9 @@ def test_index_naming_a_shard_that_lacks_the_tensor_names_the_shard(hf_checkpoin
     moved = next(name for name, shard in index["weight_map"].items() if shard == shards[0])
     index["weight_map"][moved] = shards[1]  # an index from another version of the checkpoint
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(folder / shards[1]))} lacks the weight "
+    with pytest.raises(hf.CheckpointError, match=rf"{re.escape(str(folder / shards[1]))} lacks the weight "
                                                rf"{re.escape(moved)}.*Fix: download the checkpoint again"):
-        M.load_checkpoint(folder)
+        hf.load_checkpoint(folder)
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
@@ -419,8 +420,8 @@ def test_a_folder_where_a_checkpoint_file_should_be_names_it(hf_checkpoint, tmp_
     folder = broken_copy(hf_checkpoint, tmp_path)
     (folder / name).unlink()
     (folder / name).mkdir()
-    with pytest.raises(M.CheckpointError, match=rf"{re.escape(str(folder / name))} is a folder.*Fix: "):
-        M.load_checkpoint(folder)
+    with pytest.raises(hf.CheckpointError, match=rf"{re.escape(str(folder / name))} is a folder.*Fix: "):
+        hf.load_checkpoint(folder)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -437,8 +438,8 @@ def test_config_with_a_value_of_the_wrong_kind_names_it(hf_checkpoint, tmp_path,
     hf.update(change)
     hf = {key: value for key, value in hf.items() if value is not None}
     (folder / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(M.CheckpointError, match=rf"config.json (sets |has |holds ){message}.*Fix: "):
-        M.load_checkpoint(folder)
+    with pytest.raises(hf.CheckpointError, match=rf"config.json (sets |has |holds ){message}.*Fix: "):
+        hf.load_checkpoint(folder)
 
 
 @pytest.mark.parametrize("value, message", [("int32", "is stored as int32"), ("nan", "not finite")])
@@ -453,26 +454,26 @@ def test_an_integer_or_nan_weight_is_refused_on_load(hf_checkpoint, tmp_path, va
     else:
         tensors[name][3, 5] = np.nan
     save_file(tensors, folder / "model.safetensors", {"format": "pt"})
-    with pytest.raises(M.CheckpointError, match=rf"{re.escape(name)} in {re.escape(str(folder))}.*{message}.*Fix: "):
-        M.load_checkpoint(folder)
+    with pytest.raises(hf.CheckpointError, match=rf"{re.escape(name)} in {re.escape(str(folder))}.*{message}.*Fix: "):
+        hf.load_checkpoint(folder)
 
 
 def test_a_bare_hub_id_while_offline_says_offline_not_no_folder():
-    with pytest.raises(M.CheckpointError, match=r"'gpt2'.*not a local folder.*offline.*hf download gpt2"):
-        M.load_checkpoint("gpt2")
+    with pytest.raises(hf.CheckpointError, match=r"'gpt2'.*not a local folder.*offline.*hf download gpt2"):
+        hf.load_checkpoint("gpt2")
 
 
 def test_folder_without_tokenizer_files_names_the_problem(hf_checkpoint):
     """save_pretrained of a model writes no tokenizer; transformers would quietly build one that encodes nothing."""
     folder, _ = hf_checkpoint("qwen2")
     assert not list(folder.glob("tokenizer*"))
-    with pytest.raises(M.CheckpointError, match=rf"{folder}.*no usable tokenizer.*Fix: .*save_pretrained"):
-        M.load_tokenizer(folder)
+    with pytest.raises(hf.CheckpointError, match=rf"{folder}.*no usable tokenizer.*Fix: .*save_pretrained"):
+        hf.load_tokenizer(folder)
 
 
 def test_hub_id_while_offline_says_how_to_get_the_weights():
-    with pytest.raises(M.CheckpointError, match=r"offline.*hf download no-such-org/no-such-model"):
-        M.load_checkpoint("no-such-org/no-such-model")
+    with pytest.raises(hf.CheckpointError, match=r"offline.*hf download no-such-org/no-such-model"):
+        hf.load_checkpoint("no-such-org/no-such-model")
 
 
 def test_hub_id_whose_download_fails_online_says_what_failed_and_not_hf_hub_offline(monkeypatch):
@@ -483,13 +484,13 @@ def test_hub_id_whose_download_fails_online_says_what_failed_and_not_hf_hub_offl
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with pytest.raises(M.CheckpointError) as error:
-        M.load_checkpoint("no-such-org/no-such-model")
+    with pytest.raises(hf.CheckpointError) as error:
+        hf.load_checkpoint("no-such-org/no-such-model")
     message = str(error.value)
     assert "download failed (ConnectionError: Failed to resolve 'huggingface.co')" in message
     assert "HF_HUB_OFFLINE" not in message and "hf download no-such-org/no-such-model" in message
 
 
 def test_missing_local_folder_is_not_mistaken_for_a_hub_id(tmp_path):
-    with pytest.raises(M.CheckpointError, match="No checkpoint folder"):
-        M.load_checkpoint(tmp_path / "nowhere" / "model")
+    with pytest.raises(hf.CheckpointError, match="No checkpoint folder"):
+        hf.load_checkpoint(tmp_path / "nowhere" / "model")

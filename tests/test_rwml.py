@@ -16,6 +16,7 @@ import model as lm
 import rollout
 import rwml
 import sampler
+from engine import hf, microbatch
 
 
 def frozenlake_triplets(episodes=120, seed=0, history=1):
@@ -60,7 +61,7 @@ def test_triplets_drop_invalid_steps_and_split_90_10_with_a_seed():
 
 
 def test_sft_batch_loss_mask_covers_exactly_the_label_and_eos():
-    batch = rwml.sft_batch([[5, 6, 7], [8]], [[1, 2, 9], [3, 9]], pad_id=0)
+    batch = rwml.sft_batch(rollout.rows([[5, 6, 7], [8]], [[1, 2, 9], [3, 9]], pad_id=0))
     np.testing.assert_array_equal(batch.loss_mask[0, :7], [0, 0, 0, 1, 1, 1, 0])
     np.testing.assert_array_equal(batch.loss_mask[1, :4], [0, 1, 1, 0])
     np.testing.assert_array_equal(batch.token_mask[1, :4], [True, True, True, False])
@@ -133,9 +134,9 @@ def test_weight_change_plot_is_written(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm():
-    import reward
+    from engine import embedders
 
-    return reward.default_embedder()
+    return embedders.default_embedder()
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def frozenlake_world_model():
     triplets = frozenlake_triplets(episodes=200)
     train, validation = rwml.split_triplets(triplets, 0.1, seed=0)
     corpus = [rwml.world_model_prompt(t) for t in triplets[:50]] + [rwml.sft_label(t) for t in triplets[:50]]
-    tokenizer = lm.train_tokenizer(corpus, vocab_size=400)
+    tokenizer = hf.train_tokenizer(corpus, vocab_size=400)
     config = lm.Config(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_layers=2,
                        num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True,
                        eos_token_ids=(tokenizer.eos_token_id,))
@@ -155,7 +156,7 @@ def test_sft_loss_is_the_mean_label_cross_entropy(frozenlake_world_model):
     train, _, tokenizer, config = frozenlake_world_model
     params = lm.init_params(config, jax.random.key(0))
     prompts, labels = rwml.wm_sft_examples(tokenizer, train[:4])
-    batch = rwml.sft_batch(prompts, labels, tokenizer.pad_token_id)
+    batch = rwml.sft_batch(rollout.rows(prompts, labels, pad_id=tokenizer.pad_token_id))
     optimizer = grpo.make_optimizer(1e-3)
     step = jax.jit(functools.partial(rwml.sft_step, model_config=config, optimizer=optimizer))
     _, metrics = step(grpo.init_state(params, optimizer), batch)
@@ -174,11 +175,11 @@ def test_sft_update_in_micro_batches_of_a_token_budget_is_the_one_batch_update(f
     params = lm.init_params(config, jax.random.key(1))
     prompts, labels = rwml.wm_sft_examples(tokenizer, train[:12])
     prompts = [p[:len(p) - 5 * (i % 4)] for i, p in enumerate(prompts)]  # rows of several lengths
-    batch = rwml.sft_batch(prompts, labels, tokenizer.pad_token_id)
+    batch = rwml.sft_batch(rollout.rows(prompts, labels, pad_id=tokenizer.pad_token_id))
     optimizer = optax.sgd(1.0)
     whole, expected = jax.jit(functools.partial(rwml.sft_step, model_config=config, optimizer=optimizer))(
         grpo.init_state(params, optimizer), batch)
-    update = grpo.LengthSortedUpdate(rwml.sft_objective(config), optimizer, token_budget=2 * batch.tokens.shape[1])
+    update = microbatch.LengthSortedUpdate(rwml.sft_objective(config), optimizer, token_budget=2 * batch.tokens.shape[1])
     assert len(update.micro_batches(batch)) >= 4
     pieces, metrics = update(grpo.init_state(params, optimizer), batch)
     for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(pieces.params)):
@@ -205,7 +206,7 @@ def test_filter_zero_variance_drops_the_predictions_of_equal_reward_triplets_fro
                           filter_zero_variance=filter_zero_variance)
     _, metrics = rwml.rwml_update(grpo.init_state(params, grpo.make_optimizer()), step_fn, tokenizer, config,
                                   train[:2], scorer, jax.random.key(0), cfg)
-    loss_tokens = np.asarray(seen[0].loss_mask).sum(1)
+    loss_tokens = np.asarray(seen[0].action_mask).sum(1)
     assert (loss_tokens[4:] > 0).all() and metrics["zero_variance_groups"] == 0.5
     assert ((loss_tokens[:4] == 0) if filter_zero_variance else (loss_tokens[:4] > 0)).all()
 

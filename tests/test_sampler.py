@@ -9,6 +9,7 @@ import torch
 
 import model as M
 import sampler
+from engine import hf
 
 PROMPT_LENGTHS = (5, 11, 17)  # different lengths: left padding and per-row positions matter
 
@@ -21,7 +22,7 @@ def prompts(lengths=PROMPT_LENGTHS, seed=0, vocab=128):
 @pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "llama3"])
 def test_greedy_generation_equals_transformers_generate(hf_checkpoint, architecture):
     folder, reference = hf_checkpoint(architecture, tied=architecture == "qwen2")
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     new_tokens = 24  # 17 + 24 positions: past llama3's original context of 16
     for seed in range(10):  # the first prompt batch whose greedy path has no near-tie in the reference
         batch = prompts(seed=seed)
@@ -49,7 +50,7 @@ def test_a_groups_shared_prompt_is_prefilled_once_and_its_rows_decode_as_the_pro
     """12 rows of 3 distinct prompts (a group's G rollouts of one task): 4 rows prefilled (3 to a power of two), and
     each row's greedy tokens and log-probs are those of its prompt generated alone."""
     folder, _ = hf_checkpoint("qwen2", tied=True)
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     distinct = prompts(seed=2)
     order = [2, 0, 1, 0, 2, 1, 1, 0, 2, 0, 1, 2]
     prefilled, prefill = [], sampler._prefill
@@ -69,7 +70,7 @@ def test_a_groups_shared_prompt_is_prefilled_once_and_its_rows_decode_as_the_pro
                                       sampler.SamplingParams(0.0, max_new_tokens=20)], ids=["t1", "t0.7-top-p-top-k", "greedy"])
 def test_sampled_logprobs_equal_teacher_forced_logprobs(hf_checkpoint, sampling):
     folder, _ = hf_checkpoint("qwen3")
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     out = sampler.generate(params, config, prompts(seed=1), jax.random.key(1), sampling, stop_token_ids=(5, 9))
     sequence = jnp.concatenate([out.prompt_tokens, out.tokens], 1)
     sequence_mask = jnp.concatenate([out.prompt_mask, out.mask], 1)
@@ -84,7 +85,7 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(hf_checkpoint, sampling)
 
 def test_rows_finish_at_their_first_stop_token_which_stays_in_the_mask(hf_checkpoint):
     folder, _ = hf_checkpoint("qwen2")
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     greedy = sampler.SamplingParams(temperature=0, max_new_tokens=16)
     free = np.asarray(sampler.generate(params, config, prompts(), jax.random.key(0), greedy, stop_token_ids=()).tokens)
     stop = int(free[0, 3])  # the token row 0 emits at step 3; make it a stop token
@@ -105,7 +106,7 @@ def test_rows_finish_at_their_first_stop_token_which_stays_in_the_mask(hf_checkp
 
 def test_sampling_with_a_fixed_key_is_reproducible(hf_checkpoint):
     folder, _ = hf_checkpoint("llama3")
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     sampling = sampler.SamplingParams(temperature=1.0, max_new_tokens=12)
     first = sampler.generate(params, config, prompts(), jax.random.key(7), sampling, stop_token_ids=())
     again = sampler.generate(params, config, prompts(), jax.random.key(7), sampling, stop_token_ids=())
@@ -117,7 +118,7 @@ def test_sampling_with_a_fixed_key_is_reproducible(hf_checkpoint):
 
 def test_prompts_of_nearby_lengths_share_one_padded_shape(hf_checkpoint):
     folder, _ = hf_checkpoint("qwen2")
-    config, params = M.load_checkpoint(folder)
+    config, params = hf.load_checkpoint(folder)
     assert [M.bucket_length(n) for n in (1, 16, 17, 32, 33, 100)] == [16, 16, 32, 32, 64, 128]
     sampling = sampler.SamplingParams(temperature=0, max_new_tokens=4)
     shapes = {sampler.generate(params, config, prompts((n,)), jax.random.key(0), sampling).prompt_tokens.shape for n in (3, 9, 16)}

@@ -1,4 +1,4 @@
-"""benchmarks/scale.py, run as its command line at --small sizes: each configuration's rows are all there and make
+"""study/benchmarks/scale.py, run as its command line at --small sizes: each configuration's rows are all there and make
 sense, its model FLOPs are those of the batch it describes, and the wall-clock budget stops a run and skips the rest."""
 
 import json
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import model as lm
+from engine import estimates
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["0.5b:bfloat16", "1.5b:float32"]  # both stand-in models and both dtypes in two processes (~25 s)
@@ -19,7 +20,7 @@ CONFIGS = ["0.5b:bfloat16", "1.5b:float32"]  # both stand-in models and both dty
 def run_scale(tmp_path, *argv) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "scale.json"
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--small", "--json", str(out), *argv],
+    done = subprocess.run([sys.executable, str(ROOT / "study" / "benchmarks" / "scale.py"), "--small", "--json", str(out), *argv],
                           cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return done, json.loads(out.read_text())
@@ -52,7 +53,7 @@ def test_small_run_reports_every_configuration_with_the_flops_of_its_batch(tmp_p
         scored[:, update["history_tokens"]:update["row_tokens"]] = True
         assert update["history_tokens"] + update["action_tokens"] + update["observation_tokens"] == update["row_tokens"]
         config_fields = {**update["config"], "eos_token_ids": tuple(update["config"]["eos_token_ids"])}
-        assert update["model_flops"] == lm.training_flops(lm.Config(**config_fields), token_mask, scored)
+        assert update["model_flops"] == estimates.training_flops(lm.Config(**config_fields), token_mask, scored)
         assert f"{config.split(':')[0]:>4} {config.split(':')[1]:<8} update" in done.stdout  # printed as measured
 
 

@@ -1,4 +1,4 @@
-"""settings.py: the command line prints the defaults a run will use, and filling them before parsing changes nothing."""
+"""engine/settings.py: the command line prints the defaults a run will use, and filling them before parsing changes nothing."""
 
 import re
 import tomllib
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tyro
 
-import settings
+from engine import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"  # parsing never resolves it

@@ -10,9 +10,9 @@ import tyro
 
 import envs
 import rollout
-import model as lm
 import spa
 import train
+from engine import hf
 
 SPAN = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("observation", "prediction")}
 
@@ -51,7 +51,7 @@ def scripted_trajectories(env_class, seeds, turns=3):
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [envs.FrozenLake().reset(s)[0] for s in range(50)] + [envs.Sokoban().reset(s)[0] for s in range(50)]
-    return lm.train_tokenizer(texts + ["<think> <observation> </observation> <prediction> </prediction> </think>"
+    return hf.train_tokenizer(texts + ["<think> <observation> </observation> <prediction> </prediction> </think>"
                                        " <answer> </answer> Player (P) is at box target holes goal"], vocab_size=400)
 
 

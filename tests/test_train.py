@@ -16,15 +16,12 @@ import numpy as np
 import pytest
 import tyro
 
-import checkpoints
-import evaluate
-import logs
 import model as lm
-import pretrain
+import rollout
+import rwml
 import sampler
-import settings
-import sharding
 import train
+from engine import checkpoints, evaluate, hf, logs, pretrain, settings, setup, sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PRETRAIN = ["--pretrain-steps", "100", "--pretrain-episodes", "300"]
@@ -92,7 +89,7 @@ def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache
     assert evaluations[0]["step"] == 0 and result["before"]["step"] == 0
     steps = [r["step"] for r in records if r["stage"] != "base" and "eval/success" not in r]
     assert steps == list(range(1, len(steps) + 1)) and steps
-    expected_stages = train.STAGES[method]
+    expected_stages = settings.STAGES[method]
     assert [s for s in dict.fromkeys(r["stage"] for r in records) if s != "base"] == list(expected_stages)
     for name in ("eval/pass@1", "eval/wm_accuracy", "eval/wm_accuracy_direct", "eval/wm_accuracy_inline"):
         assert 0.0 <= evaluations[-1][name] <= 1.0
@@ -118,8 +115,8 @@ def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache
     assert "eval/success" in tags and "train/loss" in tags
     assert (out / "curves.png").stat().st_size > 10_000
     # the exported model is a Hugging Face checkpoint the loader reads back
-    config, params = lm.load_checkpoint(out / "model")
-    assert lm.load_tokenizer(out / "model").eos_token_id in config.eos_token_ids
+    config, params = hf.load_checkpoint(out / "model")
+    assert hf.load_tokenizer(out / "model").eos_token_id in config.eos_token_ids
 
 
 def _read_events(path):
@@ -143,7 +140,7 @@ def test_every_stage_kind_runs_from_the_command_line_on_alfworld(method, cache, 
             *TINY_ALFWORLD]
     run_in_process(argv, cache, monkeypatch)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s for s in dict.fromkeys(r["stage"] for r in records) if s != "base"] == list(train.STAGES[method])
+    assert [s for s in dict.fromkeys(r["stage"] for r in records) if s != "base"] == list(settings.STAGES[method])
     assert (out / "model" / "config.json").exists()
 
 
@@ -174,8 +171,8 @@ def test_kill_9_then_resume_gives_the_parameters_of_an_uninterrupted_run(cache, 
     assert not (interrupted / "model").exists()  # it really died mid-training
     code, _, stderr = run_cli([*argv, "--out", str(interrupted), "--resume"], cache)
     assert code == 0, stderr
-    _, whole = lm.load_checkpoint(tmp_path / "whole" / "model")
-    _, resumed = lm.load_checkpoint(interrupted / "model")
+    _, whole = hf.load_checkpoint(tmp_path / "whole" / "model")
+    _, resumed = hf.load_checkpoint(interrupted / "model")
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     records = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
@@ -222,7 +219,8 @@ def test_after_an_interruption_and_resume_tensorboard_holds_every_step_once(clos
 SHARDING_SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-import grpo, model as lm, paw, sharding
+import grpo, model as lm, paw
+from engine import sharding
 assert jax.device_count() == 8
 config = lm.Config(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, qkv_bias=True)
@@ -235,8 +233,8 @@ observation = np.zeros((rows, length), np.float32); observation[:, 14:20] = 1
 token_mask = np.ones((rows, length), bool); token_mask[:, 20:] = False
 old = np.where(action > 0, rng.normal(-3, 0.5, (rows, length)), 0).astype(np.float32)
 advantages = (action * rng.normal(0, 1, (rows, 1))).astype(np.float32)
-batch = paw.PaWBatch(tokens, token_mask, action, observation, old, np.zeros_like(old), advantages,
-                     np.full(rows, 0.7, np.float32), (rng.random(rows) < 0.75).astype(np.float32))
+batch = grpo.Batch(tokens, token_mask, action, observation, old, np.zeros_like(old), advantages,
+                   np.full(rows, 0.7, np.float32), (rng.random(rows) < 0.75).astype(np.float32))
 optimizer = grpo.make_optimizer(1e-2)
 step = lambda s, b: paw.paw_step(s, b, config, optimizer, grpo.StepConfig(grpo.LossConfig(beta=0.0)))
 results = {}
@@ -294,11 +292,11 @@ def test_world_model_exact_match_equals_greedy_generation(cache, tmp_path):
     """The teacher-forced check behind world-model accuracy agrees with decoding greedily and comparing: on the
     evaluator's rows, on rows whose target is the model's own greedy output, and on those with one token changed."""
     args = train.settle(tyro.cli(train.Args, args=TINY_PRETRAIN))
-    game = train.make_game(args)
+    game = setup.make_game(args)
     folder = pretrain.embedded_default(game, pretrain.PretrainConfig(episodes=300, steps=100), cache, log=lambda *_: None)
-    config, params = lm.load_checkpoint(folder)
-    tokenizer = lm.load_tokenizer(folder)
-    evaluator = train.make_evaluator(settings.override(args, {"eval.wm_transitions": 24}), game, tokenizer, config)
+    config, params = hf.load_checkpoint(folder)
+    tokenizer = hf.load_tokenizer(folder)
+    evaluator = setup.make_evaluator(settings.override(args, {"eval.wm_transitions": 24}), game, tokenizer, config)
     try:
         row_sets = list(evaluator.wm_rows.values())
     finally:
@@ -374,11 +372,11 @@ def test_a_map_the_game_cannot_draw_is_refused_before_anything_is_written(argv, 
 def test_grid_size_and_turn_cap_reach_the_training_and_held_out_games(tmp_path):
     args = train.settle(settings.override(train.Args(method="grpo", out=str(tmp_path)),
                                           {"grid_size": 6, "max_turns": 20, "eval.max_turns": 12}))
-    game = train.make_game(args)
-    env, held_out = game.make_env(), train.eval_env(args)()
+    game = setup.make_game(args)
+    env, held_out = game.make_env(), setup.held_out_game(args, game).make_env()
     assert game.name == "frozenlake6x6" and (env.size, env.max_steps) == (6, 20) and held_out.max_steps == 12
     assert len(env.reset(0)[0].splitlines()) == 6
-    default = train.make_game(train.settle(train.Args(method="grpo", out=str(tmp_path))))
+    default = setup.make_game(train.settle(train.Args(method="grpo", out=str(tmp_path))))
     assert default.name == "frozenlake" and (default.make_env().size, default.make_env().max_steps) == (4, 10)
 
 
@@ -461,7 +459,7 @@ def test_too_few_world_model_transitions_end_with_one_message_and_exit_status_2(
     monkeypatch.setattr(train, "self_play", lambda *args, **kwargs: [])  # 0 valid transitions
     args = train.settle(tyro.cli(train.Args, args=["--method", "wm-sft", "--out", str(tmp_path / "run")]))
     stub = types.SimpleNamespace(args=args, out=tmp_path)
-    monkeypatch.setattr(train, "main", lambda args: train.world_model_data(stub, 0, "wm-sft", None, None))
+    monkeypatch.setattr(train, "main", lambda args: train.world_model_data(stub, 0, "wm-sft", None, too_easy=False))
     code, stderr, _ = run_cli_in_process([], tmp_path, monkeypatch, capsys)
     assert code == 2 and stderr.startswith("error: only 0 valid transitions") and "Fix: raise --wm-tasks" in stderr
     assert "Traceback" not in stderr
@@ -500,7 +498,7 @@ def test_three_non_finite_updates_in_a_row_stop_the_run_and_nothing_non_finite_i
     import orbax.checkpoint as ocp
 
     args = train.settle(tyro.cli(train.Args, args=argv))
-    base = train.load_model(args, train.make_game(args), log=lambda *_: None)[2]
+    base = setup.load_model(args, setup.make_game(args), log=lambda *_: None)[2]
     with ocp.CheckpointManager((out / "checkpoints").absolute()) as manager:
         assert manager.all_steps() == [1, 2]
         for step in manager.all_steps():
@@ -613,9 +611,9 @@ def test_every_run_prints_the_settings_settle_chose_as_flags_that_reproduce_them
 def test_pretraining_without_dynamics_shows_the_format_but_never_a_next_state(tmp_path):
     """--no-pretrain-dynamics: play transcripts stop at the response's end, and world-model transcripts answer in
     the world-model format with the state the action was taken in; with dynamics both carry the next state."""
-    game = train.make_game(train.settle(train.Args(method="grpo", out=str(tmp_path))))
-    trajectories, prompts = pretrain.random_play(game, 12, seed=0)
-    tokenizer = lm.train_tokenizer(pretrain.corpus(game, trajectories, prompts), 400)
+    game = setup.make_game(train.settle(train.Args(method="grpo", out=str(tmp_path))))
+    trajectories, prompts = rollout.random_play(game, 12, seed=0)
+    tokenizer = hf.train_tokenizer(pretrain.corpus(game, trajectories, prompts), 400)
     eos = tokenizer.eos_token_id
     turns = [turn for trajectory in trajectories for turn in trajectory.turns]
     for dynamics in (True, False):
@@ -625,7 +623,7 @@ def test_pretraining_without_dynamics_shows_the_format_but_never_a_next_state(tm
             response = tokenizer.encode(turn.response_text, add_special_tokens=False) + [eos]
             following = tokenizer.encode(turn.next_observation, add_special_tokens=False) if dynamics else []
             assert target == response + following
-        triplets = pretrain.rwml.triplets_from_rollouts(trajectories, game.history)
+        triplets = rwml.triplets_from_rollouts(trajectories, game.history)
         assert len(world_model) == len(triplets)
         for (_, target), triplet in zip(world_model, triplets):
             state = triplet.next_state if dynamics else triplet.state
@@ -645,10 +643,10 @@ def test_pretrain_observation_pretrains_the_default_on_observations_other_than_t
             for name, extra in (("same", {}), ("grid", {"pretrain_observation": "grid"}))}
     plain = train.settle(settings.override(train.Args(method="grpo", out=str(tmp_path)),
                                            {**tiny, "observation": "grid"}))
-    game = train.make_game(runs["grid"])
+    game = setup.make_game(runs["grid"])
     assert game.name == "frozenlake-coordinates" and "Player (P) is at" in game.make_env().reset(0)[0]
-    folders = {name: train.load_model(run, train.make_game(run), log=lambda *_: None)[0] for name, run in runs.items()}
-    assert folders["grid"] == train.load_model(plain, train.make_game(plain), log=lambda *_: None)[0]
+    folders = {name: setup.load_model(run, setup.make_game(run), log=lambda *_: None)[0] for name, run in runs.items()}
+    assert folders["grid"] == setup.load_model(plain, setup.make_game(plain), log=lambda *_: None)[0]
     assert folders["same"] != folders["grid"]
     assert folders["same"].name.startswith("frozenlake-coordinates-") and not folders["grid"].name.startswith("frozenlake-c")
 

@@ -1,6 +1,6 @@
 """Where an RWML step's time goes: sampling the predictions, the embedding reward, and the GRPO update.
 
-    python benchmarks/rwml_step.py            # ~2 minutes on 2 CPU cores
+    python study/benchmarks/rwml_step.py            # ~2 minutes on 2 CPU cores
 
 Triplets come from replaying ALFWorld valid_seen walkthroughs (real observations as targets);
 8 triplets x G = 8 predictions of up to 64 tokens, rewarded with the Flax all-MiniLM-L6-v2;
@@ -17,10 +17,10 @@ import numpy as np
 import envs
 import grpo
 import model as lm
-import reward
 import rollout
 import rwml
 import sampler
+from engine import embedders, hf
 
 
 def walkthrough_triplets(games=12):
@@ -39,7 +39,7 @@ def walkthrough_triplets(games=12):
 
 if __name__ == "__main__":
     triplets = walkthrough_triplets()
-    tokenizer = lm.train_tokenizer([rwml.world_model_prompt(t) for t in triplets] + [rwml.sft_label(t) for t in triplets],
+    tokenizer = hf.train_tokenizer([rwml.world_model_prompt(t) for t in triplets] + [rwml.sft_label(t) for t in triplets],
                                    vocab_size=2048)
     config = lm.Config(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_layers=4,
                        num_heads=8, num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True,
@@ -48,7 +48,7 @@ if __name__ == "__main__":
     state = grpo.init_state(lm.init_params(config, jax.random.key(0)), optimizer)
     step_fn = jax.jit(functools.partial(grpo.grpo_step, model_config=config, optimizer=optimizer,
                                         step=grpo.StepConfig(grpo.LossConfig(beta=0.0))))
-    scorer = rwml.cosine_scorer(reward.default_embedder(), tau_d=0.2)
+    scorer = rwml.cosine_scorer(embedders.default_embedder(), tau_d=0.2)
     cfg = rwml.RWMLConfig(group_size=8, sampling=sampler.SamplingParams(1.0, max_new_tokens=64))
     rng = np.random.default_rng(0)
     times = {"sampling": [], "reward": [], "update": []}

@@ -1,4 +1,4 @@
-"""checkpoints.py: Orbax checkpoints a run resumes from, and the Hugging Face model it exports.
+"""Orbax checkpoints a run resumes from, and the Hugging Face model it exports.
 
 Neither is ever written with a NaN or infinite number in it: a run that diverged keeps its last finite checkpoint.
 """
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 import model as lm
 import multihost
+from engine import hf
 
 
 class NotFiniteError(Exception):
@@ -38,7 +39,7 @@ def export_model(folder: Path, config: lm.Config, params, tokenizer) -> None:
                         "--compute-dtype float32.")
     host = multihost.to_host(params)  # every process gathers (a collective); one writes
     if multihost.is_primary():
-        lm.save_checkpoint(folder, config, host, tokenizer)
+        hf.save_checkpoint(folder, config, host, tokenizer)
 
 
 class Checkpoints:

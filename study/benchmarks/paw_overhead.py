@@ -1,6 +1,6 @@
 """The cost of PaW's world-model loss: paw_step against grpo_step on the same batch.
 
-    python benchmarks/paw_overhead.py            # ~4 minutes on 2 CPU cores
+    python study/benchmarks/paw_overhead.py            # ~4 minutes on 2 CPU cores
 
 Batch 8 x 192 tokens per row: 64 prompt, 64 action and 64 observation tokens (grpo_step gets the
 same tokens with the observation outside its loss mask). float32, no KL term, alpha 0.75.
@@ -40,9 +40,10 @@ def main():
         advantages = jnp.asarray(np.repeat(rng.normal(size=(rows, 1)), length, 1), jnp.float32) * action_mask
         mask = jnp.ones((rows, length), bool)
         selected = jnp.asarray(paw.select_by_entropy(rng.uniform(size=rows), 0.75), jnp.float32)
-        paw_batch = paw.PaWBatch(tokens, mask, action_mask, observation_mask, old, old, advantages,
-                                 jnp.full((rows,), 0.5), selected)
-        grpo_batch = grpo.Batch(tokens, mask, action_mask, old, old, advantages)
+        paw_batch = grpo.Batch(tokens, mask, action_mask, observation_mask, old, old, advantages,
+                               jnp.full((rows,), 0.5), selected)
+        grpo_batch = paw_batch._replace(observation_mask=jnp.zeros_like(observation_mask),
+                                        wm_lambda=jnp.zeros((rows,)), selected=jnp.zeros((rows,)))
         optimizer = grpo.make_optimizer(1e-6)
         step = grpo.StepConfig(grpo.LossConfig(beta=0.0))
         params = lm.init_params(config, jax.random.key(0))

@@ -1,7 +1,7 @@
 """Replay every game's stored expert walkthrough through envs.AlfWorld and count the wins.
 
-    python benchmarks/alfworld_walkthroughs.py                      # valid_seen and valid_unseen, ~4 minutes
-    python benchmarks/alfworld_walkthroughs.py --splits train --workers 2
+    python study/benchmarks/alfworld_walkthroughs.py                      # valid_seen and valid_unseen, ~4 minutes
+    python study/benchmarks/alfworld_walkthroughs.py --splits train --workers 2
 
 Checks the adapter end to end on the real games: every walkthrough must win, with the success
 reward on its last step only and no step flagged invalid. Games run in worker processes.

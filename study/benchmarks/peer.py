@@ -1,6 +1,6 @@
-"""Side by side with google-tunix: run benchmarks/peer_tunix.py in tunix's own python on files this project wrote.
+"""Side by side with google-tunix: run study/benchmarks/peer_tunix.py in tunix's own python on files this project wrote.
 
-benchmarks/generation.py and benchmarks/grpo_step.py take `--tunix-python PYTHON` (a virtual environment with
+study/benchmarks/generation.py and study/benchmarks/grpo_step.py take `--tunix-python PYTHON` (a virtual environment with
 google-tunix installed, never a dependency of this project: `python -m venv /work/venv-tunix` then
 `/work/venv-tunix/bin/pip install google-tunix==0.1.7`). They write the checkpoint (HF safetensors) and the batch
 (.npz) to a temporary folder, time their own work, then call tunix_times() on the same files.

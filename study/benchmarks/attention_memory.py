@@ -1,7 +1,7 @@
 """How the memory of a gradient grows with length: the plain attention (a [heads, T, T] matrix a layer) against the
 blockwise one (attention.py), read from XLA's compiled memory analysis, without running anything.
 
-    python benchmarks/attention_memory.py          # ~1 minute on 2 CPU cores
+    python study/benchmarks/attention_memory.py          # ~1 minute on 2 CPU cores
 
 The gradient of the teacher-forced log-probs (model.token_logprobs, summed) of one row, for a 2-layer model of
 Qwen2.5-0.5B's width (hidden 896, 14 heads, 2 KV heads, MLP 4,864, vocabulary 151,936, tied embeddings).
@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import model as lm  # noqa: E402
 
 CONFIG = lm.Config(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=2,

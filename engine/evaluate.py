@@ -1,4 +1,4 @@
-"""evaluate.py: how well a model acts and how well it predicts, on held-out tasks and transitions.
+"""How well a model acts and how well it predicts, on held-out tasks and transitions.
 
 Task success is Pass@1 (and Pass@k with several samples a task, docs/methods.md eq. 29) on held-out seeds of a grid
 game or ALFWorld's validation games. World-model accuracy is the share of held-out transitions of random play whose
@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
 
 import numpy as np
 
+import envs
 import model as lm
-import pretrain
 import rollout
 import rwml
 import sampler
@@ -54,16 +53,16 @@ class Evaluator:
     """Held-out task success (Pass@k, methods.md eq. 29) and exact world-model accuracy (eq. 30), with fixed tasks and
     transitions for the whole run."""
 
-    def __init__(self, settings: EvalConfig, game: pretrain.Game, parse: Callable[[str], list[str]], tokenizer,
+    def __init__(self, settings: EvalConfig, game: envs.Game, tokenizer,
                  config: lm.Config, *, max_new_tokens: int, spa_prediction: bool = False, seed: int = 0,
                  workers: int = 0):
-        """game: the held-out game (its make_env gives ALFWorld's evaluation split); parse: the policy's parser;
+        """game: the held-out game (its make_env gives ALFWorld's evaluation split; its parser the policy's);
         max_new_tokens: response tokens per turn (the policy's); spa_prediction: also measure SPA's <prediction> of
         the true next state; seed: picks the held-out transitions; workers: environment worker processes."""
-        self.settings, self.game, self.parse, self.tokenizer, self.config = settings, game, parse, tokenizer, config
+        self.settings, self.game, self.tokenizer, self.config = settings, game, tokenizer, config
         self.max_new_tokens = max_new_tokens
         episodes = max(2, math.ceil(2 * settings.wm_transitions / game.max_turns))
-        play, play_prompts = pretrain.random_play(game, episodes, seed=EVAL_SEED + seed)
+        play, play_prompts = rollout.random_play(game, episodes, seed=EVAL_SEED + seed)
         triplets = rwml.triplets_from_rollouts(play, game.history)
         rng = np.random.default_rng(seed)
         self.triplets = [triplets[i] for i in rng.permutation(len(triplets))[:settings.wm_transitions]]
@@ -91,7 +90,7 @@ class Evaluator:
         seeds = [EVAL_SEED + i if self.game.name != "alfworld" else i for i in range(settings.episodes)]
         sampling = sampler.SamplingParams(settings.temperature, max_new_tokens=self.max_new_tokens)
         trajectories = rollout.rollout(params, self.config, self.tokenizer, self.environments, seeds, settings.samples,
-                                       key, prompt=self.game.prompt, parse=self.parse, max_turns=settings.max_turns,
+                                       key, prompt=self.game.prompt, parse=self.game.parse, max_turns=settings.max_turns,
                                        sampling=sampling, history=self.game.history)
         stats = rollout.episode_stats(trajectories)
         wins = np.array([t.won for t in trajectories]).reshape(settings.episodes, settings.samples).sum(1)

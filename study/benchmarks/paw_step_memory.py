@@ -1,8 +1,8 @@
 """Peak memory and time of one PaW step on a Qwen2.5-0.5B-shaped model (24 layers, random weights) on ALFWorld-length
 rows, at several lengths, with and without rematerialisation (and optionally bfloat16 compute).
 
-    python benchmarks/paw_step_memory.py                 # 1,024 / 2,560 / 4,096 tokens, float32: ~15 min on 2 cores
-    python benchmarks/paw_step_memory.py --lengths 2560 --settings float32 float32+remat bfloat16
+    python study/benchmarks/paw_step_memory.py                 # 1,024 / 2,560 / 4,096 tokens, float32: ~15 min on 2 cores
+    python study/benchmarks/paw_step_memory.py --lengths 2560 --settings float32 float32+remat bfloat16
 
 A row of 2,560 tokens is 2,048 prompt tokens (h_t) and 512 response tokens: a 384-token action, then the 128-token
 next observation that PaW's world-model loss reads (other lengths keep these shares). Each setting runs in its own
@@ -29,7 +29,7 @@ def one_setting(dtype: str, remat: bool, rows: int, length: int) -> dict:
     import jax
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import grpo
     import model as lm
     import paw
@@ -46,8 +46,8 @@ def one_setting(dtype: str, remat: bool, rows: int, length: int) -> dict:
     observation_mask[:, prompt + action:] = 1
     old = (-rng.uniform(0, 5, (rows, length)) * action_mask).astype(np.float32)
     advantages = (rng.normal(size=(rows, 1)) * action_mask).astype(np.float32)
-    batch = paw.PaWBatch(tokens, np.ones((rows, length), bool), action_mask, observation_mask, old, np.zeros_like(old),
-                         advantages, np.full(rows, 0.5, np.float32), np.ones(rows, np.float32))
+    batch = grpo.Batch(tokens, np.ones((rows, length), bool), action_mask, observation_mask, old, np.zeros_like(old),
+                       advantages, np.full(rows, 0.5, np.float32), np.ones(rows, np.float32))
     optimizer = grpo.make_optimizer(1e-6)
     step = grpo.StepConfig(grpo.LossConfig(beta=0.0), remat=remat, compute_dtype=None if dtype == "float32" else dtype)
     state = grpo.init_state(lm.init_params(config, jax.random.key(0)), optimizer)

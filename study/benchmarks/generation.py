@@ -1,7 +1,7 @@
 """Generation speed against transformers' PyTorch generate, and the memory the chunked log-prob saves.
 
-    python benchmarks/generation.py            # ~3 minutes on 2 CPU cores
-    python benchmarks/generation.py --tunix-python /work/venv-tunix/bin/python   # and google-tunix at temperature 1
+    python study/benchmarks/generation.py            # ~3 minutes on 2 CPU cores
+    python study/benchmarks/generation.py --tunix-python /work/venv-tunix/bin/python   # and google-tunix at temperature 1
 
 Both frameworks get the same random checkpoint (written by transformers), the same prompts and
 greedy decoding with no stop token, so both produce exactly batch x new_tokens tokens. Ours also
@@ -11,14 +11,14 @@ Memory is XLA's own account of the compiled program (argument + output + tempora
 
 The decode roofline: each decode step must read every weight and the KV cache written so far, and do its matmuls,
 so at the memory bandwidth measured here (a jitted sum over a 1 GiB array, the best of five) and the matmul peak
-(sharding.matmul_peak) a step takes at least max((weight bytes + mean KV-cache bytes) / bandwidth, step FLOPs /
+(estimates.matmul_peak) a step takes at least max((weight bytes + mean KV-cache bytes) / bandwidth, step FLOPs /
 peak). A step's measured time is (generate - prefill alone) / (new tokens - 1), greedy; the share reached is the
 roofline's time over it. On a 2-core CPU a batch of 8 rows is already compute-bound: 8 x 896 x 151,936 x 2 FLOPs
 of output projection take longer at ~100 GFLOP/s than reading its 545 MB at ~35 GB/s.
 
-With --tunix-python (a python with google-tunix installed; see benchmarks/peer.py), each checkpoint also gets the
+With --tunix-python (a python with google-tunix installed; see study/benchmarks/peer.py), each checkpoint also gets the
 work of issue 18's table, at temperature 1 (plain sampling from the whole vocabulary, no stop token): this project,
-transformers' generate (do_sample, top_k 0, top_p 1) and tunix's sampler (benchmarks/peer_tunix.py, run by that
+transformers' generate (do_sample, top_k 0, top_p 1) and tunix's sampler (study/benchmarks/peer_tunix.py, run by that
 python on the same checkpoint folder and prompts) generating the same number of tokens, and the prefill alone
 (1 new token) for this project and tunix.
 """
@@ -38,7 +38,7 @@ import transformers
 
 import model as M
 import sampler
-import sharding
+from engine import estimates, hf
 from peer import peer_name, tunix_times, write_batch
 from timing import timed
 
@@ -65,7 +65,7 @@ def decode_roofline(config, params, batch, prompt_length, new_tokens, ours, band
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
     context = prompt_length + new_tokens / 2  # the mean position a step attends up to
     mean_cache = batch * context * 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
-    # 2 FLOPs a weight a row (lm.training_flops' 6 N is forward and backward), attention's 4 L H Q a cached token
+    # 2 FLOPs a weight a row (estimates.training_flops' 6 N is forward and backward), attention's 4 L H Q a cached token
     c = config
     layer = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
     flops = batch * (2 * (c.num_layers * layer + c.vocab_size * c.hidden_size)
@@ -86,7 +86,7 @@ def generation(name, shape, batch, prompt_length, new_tokens, repeats, tunix_pyt
     reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).eval()
     folder = tempfile.TemporaryDirectory()
     reference.save_pretrained(folder.name)
-    config, params = M.load_checkpoint(folder.name)
+    config, params = hf.load_checkpoint(folder.name)
     prompts = np.random.default_rng(0).integers(0, shape["vocab_size"], size=(batch, prompt_length)).tolist()
     greedy = sampler.SamplingParams(temperature=0, max_new_tokens=new_tokens)
 
@@ -172,9 +172,9 @@ if __name__ == "__main__":
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tunix-python", help="a python with google-tunix installed: add issue 18's temperature-1 "
-                        "rows with tunix's sampler (benchmarks/peer_tunix.py) on the same checkpoint and prompts")
+                        "rows with tunix's sampler (study/benchmarks/peer_tunix.py) on the same checkpoint and prompts")
     args = parser.parse_args()
-    bandwidth, peak = memory_bandwidth(), sharding.matmul_peak("float32")
+    bandwidth, peak = memory_bandwidth(), estimates.matmul_peak("float32")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; measured: memory bandwidth {bandwidth / 1e9:.1f} GB/s, matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s; load average {open('/proc/loadavg').read().split()[0]}")

@@ -1,4 +1,4 @@
-"""logs.py: what a run records as it goes: metrics.jsonl, TensorBoard, a progress bar, and a plot at the end.
+"""What a run records as it goes: metrics.jsonl, TensorBoard, a progress bar, and a plot at the end.
 
 Every record is {"step", "stage", "time", "<prefix>/<name>": value, ...}: train/... for an update's metrics
 (including the memory in use and at its peak, and MFU: the update's model FLOPs over its seconds and the devices'
@@ -10,26 +10,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-
-import jax
-
-
-def memory_gib() -> dict[str, float]:
-    """Memory in GiB: the accelerator's in use now and at its peak since the process started, where the backend
-    counts them; else this process's resident memory now and at its peak (Linux's VmRSS and VmHWM; elsewhere the
-    peak alone, from getrusage)."""
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "peak_bytes_in_use" in stats:
-        return {"memory_gib": stats.get("bytes_in_use", 0) / 2**30, "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30}
-    try:
-        status = Path("/proc/self/status").read_text()
-        field = lambda name: int(status.split(name + ":")[1].split()[0]) * 1024 / 2**30  # reported in kB
-        return {"memory_gib": field("VmRSS"), "peak_memory_gib": field("VmHWM")}
-    except (OSError, IndexError, ValueError):
-        import resource
-
-        return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
 def _record(line: str) -> dict | None:

@@ -1,8 +1,8 @@
 """Sampling and update speed, MFU and peak memory at ALFWorld's lengths, on whatever backend JAX finds (issue 18,
 item 4): Qwen2.5-0.5B- and Qwen2.5-1.5B-shaped checkpoints with random weights, in bfloat16 and float32.
 
-    python benchmarks/scale.py --json $OUT/scale.json      # the real shapes: ~6-7 minutes on one H100 (below)
-    python benchmarks/scale.py --small                     # tiny stand-ins: ~35 s on 2 CPU cores
+    python study/benchmarks/scale.py --json $OUT/scale.json      # the real shapes: ~6-7 minutes on one H100 (below)
+    python study/benchmarks/scale.py --small                     # tiny stand-ins: ~35 s on 2 CPU cores
 
 Each configuration (model x dtype) runs in its own process, this script started again with --one, so the peak
 memory it reports is its own (logs.memory_gib: the accelerator's peak_bytes_in_use, or VmHWM on a CPU). It measures,
@@ -13,14 +13,14 @@ through the code train.py runs:
             no stop token, the parameters cast to the dtype (the KV cache follows them); its prefill alone (the
             same compiled program); decode = whole - prefill; tokens/s = rows x 512 / whole.
   update    one PaW update as train.py's policy stage runs it (paw.paw_objective, sharding.sized_update with
-            sharding.default_update_tokens' budget, clipped AdamW), on 128 turns [h_t ; a_t ; o_{t+1}] of 1,984 +
+            estimates.default_update_tokens' budget, clipped AdamW), on 128 turns [h_t ; a_t ; o_{t+1}] of 1,984 +
             512 + 64 = 2,560 tokens, padded to a power of two as grpo.turn_batch pads them (4,096: every micro-batch
             is cut to it), every row selected for the world-model loss, lambda 1, random advantages and old
             log-probs. The KL to a reference is on (beta 0.01, the papers' recipe), so the reference's log-probs are
-            computed first in the update's micro-batches (LengthSortedUpdate.map_rows, as train.py does) and timed
+            computed first in the update's micro-batches (microbatch.LengthSortedUpdate.map_rows, as train.py does) and timed
             apart. bfloat16 means float32 parameters with compute_dtype bfloat16 (train.py's --compute-dtype); the
-            reference pass, like train.py's, follows the parameters (float32). MFU = lm.training_flops of the batch /
-            the update's seconds / (sharding.matmul_peak(dtype) x devices), as train.py logs it. The memory held is
+            reference pass, like train.py's, follows the parameters (float32). MFU = estimates.training_flops of the batch /
+            the update's seconds / (estimates.matmul_peak(dtype) x devices), as train.py logs it. The memory held is
             the update's: the training state and the reference. train.py holds two more float32 copies of the
             parameters meanwhile (main's loaded ones, run_stages' placed ones; the row's parameter_gib each).
 
@@ -61,7 +61,7 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's modules, whatever PYTHONPATH says
 
 import jax  # noqa: E402 (importing jax starts no backend: the parent never holds the accelerator)
@@ -69,11 +69,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import grpo  # noqa: E402
-import logs  # noqa: E402
 import model as lm  # noqa: E402
 import paw  # noqa: E402
 import sampler  # noqa: E402
-import sharding  # noqa: E402
+from engine import estimates, microbatch, sharding  # noqa: E402
 from timing import timed  # noqa: E402
 
 MODELS = {  # Qwen2.5-0.5B and Qwen2.5-1.5B's config.json (both tie their embeddings)
@@ -169,12 +168,12 @@ def measure_sampling(config: lm.Config, dtype: str, work: Workload) -> dict:
     return {"rows": work.sample_rows, "prompt_tokens": work.prompt, "new_tokens": tokens,
             "prefill_s": prefill_seconds, "whole_s": whole, "decode_s": whole - prefill_seconds,
             "tokens_per_s": tokens / whole, "compile_s": whole_first - whole,
-            "peak_memory_gib": logs.memory_gib()["peak_memory_gib"]}
+            "peak_memory_gib": estimates.memory_gib()["peak_memory_gib"]}
 
 
-def paw_rows(config: lm.Config, work: Workload) -> paw.PaWBatch:
+def paw_rows(config: lm.Config, work: Workload) -> grpo.Batch:
     """work.update_rows turns [h_t ; a_t ; o_{t+1}] of random tokens, right padded to the power of two
-    grpo.turn_batch pads a batch to; every row selected (eq. 24), lambda 1 (eq. 28)."""
+    rollout.turn_rows pads a batch to; every row selected (eq. 24), lambda 1 (eq. 28)."""
     rows, history, action_end = work.update_rows, work.history, work.history + work.response
     width = lm.bucket_length(work.row_tokens)
     rng = np.random.default_rng(0)
@@ -187,8 +186,8 @@ def paw_rows(config: lm.Config, work: Workload) -> paw.PaWBatch:
     observation_mask[:, action_end:work.row_tokens] = 1.0
     old_logprobs = (-rng.uniform(0.0, 5.0, (rows, width)) * action_mask).astype(np.float32)
     advantages = (rng.normal(size=(rows, 1)) * action_mask).astype(np.float32)
-    return paw.PaWBatch(tokens, token_mask, action_mask, observation_mask, old_logprobs, np.zeros_like(old_logprobs),
-                        advantages, np.ones(rows, np.float32), np.ones(rows, np.float32))
+    return grpo.Batch(tokens, token_mask, action_mask, observation_mask, old_logprobs, np.zeros_like(old_logprobs),
+                      advantages, np.ones(rows, np.float32), np.ones(rows, np.float32))
 
 
 def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
@@ -197,7 +196,7 @@ def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
     params = initializer(config)(jax.random.key(0))
     # as train.py's main sizes it: with the loaded parameters in memory, before the training state exists
     parameters = lm.count_params(params)
-    budget, why = sharding.default_update_tokens(config, parameters, BETA > 0, mesh.size)
+    budget, why = estimates.default_update_tokens(config, parameters, BETA > 0, mesh.size, grpo.StepConfig.chunk_size)
     optimizer = grpo.make_optimizer(1e-6, 0.01, 1.0)  # the papers' rate, train.py's weight decay and clipping
     state = sharding.place(grpo.init_state(params, optimizer), mesh)
     reference = sharding.place(params, mesh)
@@ -206,7 +205,7 @@ def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
                            compute_dtype=None if dtype == "float32" else dtype)
     update = sharding.sized_update(paw.paw_objective(config, step, paw.PaWConfig()), optimizer, state, mesh, budget,
                                    config)
-    # train.py's reference_logprobs_fn: the policy's tokens at the sampling temperature, in the parameters' dtype
+    # train.py's reference log-probs: the policy's tokens at the sampling temperature, in the parameters' dtype
     reference_fn = jax.jit(lambda params, tokens, mask, positions: lm.token_logprobs(
         params, config, tokens, mask, 1.0, positions=positions)[0])
 
@@ -214,14 +213,14 @@ def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
         return update.map_rows(functools.partial(reference_fn, reference), batch.tokens, batch.token_mask,
                                batch.action_mask)
 
-    def timed_update(state, batch):  # train.py's timed_update: the metrics read back as floats end the update
+    def timed_update(state, batch):  # as train.py times an update: the metrics read back as floats end it
         start = time.perf_counter()
         state, metrics = update(state, batch)
         metrics = {name: float(value) for name, value in metrics.items()}
         return state, metrics, time.perf_counter() - start
 
     batch = paw_rows(config, work)
-    plans = grpo.plan_micro_batches(grpo.row_lengths(batch.token_mask), batch.tokens.shape[1], budget, mesh.size)
+    plans = microbatch.plan_micro_batches(microbatch.row_lengths(batch.token_mask), batch.tokens.shape[1], budget, mesh.size)
     warm = np.concatenate([indices for indices, _ in plans[:2]])  # the first two micro-batches: every program
     warm_batch = jax.tree.map(lambda x: x[warm], batch)
     emit({"progress": f"update: warm-up (compiling) on {len(warm)} row(s), {budget:,} tokens a micro-batch"})
@@ -240,8 +239,8 @@ def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
         state, metrics, seconds = timed_update(state, batch)
         update_times.append(seconds)
     seconds = statistics.median(update_times)
-    memory = logs.memory_gib()["peak_memory_gib"]
-    peak = sharding.matmul_peak(dtype) * mesh.size  # measured before the phases: cached
+    memory = estimates.memory_gib()["peak_memory_gib"]
+    peak = estimates.matmul_peak(dtype) * mesh.size  # measured before the phases: cached
     shapes = sorted({(len(indices), width) for indices, width in plans}, reverse=True)
     return {"rows": work.update_rows, "row_tokens": work.row_tokens, "width": int(batch.tokens.shape[1]),
             "history_tokens": work.history, "action_tokens": work.response, "observation_tokens": work.observation,
@@ -255,9 +254,9 @@ def measure_update(config: lm.Config, dtype: str, work: Workload) -> dict:
 
 def device_info(dtypes) -> dict:
     device = jax.devices()[0]
-    available, source = sharding.memory_available()
+    available, source = estimates.memory_available()
     return {"jax": jax.__version__, "backend": jax.default_backend(), "device_kind": device.device_kind,
-            "devices": jax.device_count(), "matmul_peak": {dtype: sharding.matmul_peak(dtype) for dtype in dtypes},
+            "devices": jax.device_count(), "matmul_peak": {dtype: estimates.matmul_peak(dtype) for dtype in dtypes},
             "memory_available_gib": available / 2**30, "memory_source": source}
 
 
@@ -277,7 +276,7 @@ def run_one(model: str, dtype: str, work: Workload, small: bool, phases: list[st
         except Exception as error:  # e.g. out of memory: the parent reports it and carries on
             traceback.print_exc()
             emit({**common, "phase": phase, "error": f"{type(error).__name__}: {str(error).strip()[:400]}",
-                  "peak_memory_gib": logs.memory_gib()["peak_memory_gib"]})
+                  "peak_memory_gib": estimates.memory_gib()["peak_memory_gib"]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +348,7 @@ def run_configuration(argv: list[str], timeout: float, environment: dict) -> tup
 def print_device(device: dict) -> None:
     peaks = ", ".join(f"{dtype} {flops / 1e12:.3g} TFLOP/s" for dtype, flops in device["matmul_peak"].items())
     print(f"{device['backend']}: {device['devices']} x {device['device_kind']}; matmul peak a device "
-          f"(sharding.matmul_peak) {peaks}; {device['memory_available_gib']:.1f} GiB of {device['memory_source']} "
+          f"(estimates.matmul_peak) {peaks}; {device['memory_available_gib']:.1f} GiB of {device['memory_source']} "
           "free", flush=True)
 
 

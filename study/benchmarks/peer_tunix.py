@@ -1,13 +1,13 @@
 """google-tunix on the same work as this project's benchmarks: run by the tunix virtual environment's python.
 
-    /work/venv-tunix/bin/python benchmarks/peer_tunix.py CHECKPOINT_DIR BATCH.npz [--generate N] [--prefill] [--grpo]
+    /work/venv-tunix/bin/python study/benchmarks/peer_tunix.py CHECKPOINT_DIR BATCH.npz [--generate N] [--prefill] [--grpo]
 
-benchmarks/generation.py and benchmarks/grpo_step.py start it with `--tunix-python PYTHON`, after writing the
+study/benchmarks/generation.py and study/benchmarks/grpo_step.py start it with `--tunix-python PYTHON`, after writing the
 checkpoint and the batch; it may also be run by hand on their files. It imports only numpy, jax, flax, optax and tunix
 (never this project's modules: the tunix environment may hold other jax versions), and prints its timings as one JSON
 line starting with "PEER_JSON " at the end.
 
-The environment (benchmarks/peer.py): python -m venv /work/venv-tunix;
+The environment (study/benchmarks/peer.py): python -m venv /work/venv-tunix;
 /work/venv-tunix/bin/pip install google-tunix==0.1.7 (it brings its own jax, flax and optax; torch is not needed).
 
 What runs, all tunix's own code, float32 parameters and compute:

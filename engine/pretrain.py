@@ -5,8 +5,8 @@ it already does. Offline, on 2 CPU cores, the project builds that starting point
 
     1. play the environment at random (uniform over its actions), recording every turn
     2. train a byte-level BPE tokenizer on the texts the model will meet (saved in Hugging Face
-       format, so `model.load_tokenizer` reads it back like any Hub tokenizer)
-    3. "pretrain" a tiny Qwen2 with cross-entropy (rwml.sft_step: docs/methods.md eq. 20) on two kinds of transcript:
+       format, so `engine/hf.py` reads it back like any Hub tokenizer)
+    3. "pretrain" a tiny Qwen2 with cross-entropy (rwml.train_sft: docs/methods.md eq. 20) on two kinds of transcript:
          play:         [policy prompt ; response <|im_end|> ; next observation]
                        (the layout PaW trains on: the model learns the format, a uniform policy,
                        and a world model of the game inline)
@@ -40,6 +40,7 @@ import grpo
 import model as lm
 import rollout
 import rwml
+from engine import hf
 
 RECIPE_VERSION = 1  # bump when the transcripts or the training change, so stale caches are rebuilt
 
@@ -72,53 +73,7 @@ class PretrainConfig:
     end at the response and answer with the current state (the format and the grid, not what an action does)"""
 
 
-@dataclasses.dataclass(frozen=True)
-class Game:
-    """What pretraining needs to know about an environment: how to make it, how the policy is
-    prompted (`prompt_name` names that prompt in the cache key), how a chosen action is written as a
-    response, and the world-model history H."""
-
-    name: str
-    prompt_name: str
-    make_env: Callable[[], envs.Env]
-    prompt: Callable  # envs-style prompt(task, history, step, observation, info) -> text
-    respond: Callable[[str], str]  # action -> response text, e.g. "<answer>Up</answer>"
-    history: int
-    max_turns: int
-
-
-def random_play(game: Game, episodes: int, seed: int) -> tuple[list[rollout.Trajectory], list[list[str]]]:
-    """Uniformly random admissible actions, recorded as Trajectories (text only: no token ids), and the
-    policy prompt of every turn (prompts[episode][turn])."""
-    rng = np.random.default_rng(seed)
-    env = game.make_env()
-    trajectories, prompts = [], []
-    for episode in range(episodes):
-        reset_seed = seed * 1_000_003 + episode
-        observation, info = env.reset(reset_seed)
-        trajectory = rollout.Trajectory(seed=reset_seed, group=episode, task=info.get("task", ""), initial_info=info,
-                                        turns=[])
-        prompts.append([])
-        for step in range(game.max_turns):
-            choices = info.get("admissible_actions") or ["(none)"]
-            action = str(choices[rng.integers(len(choices))])
-            past = rollout.history_window(trajectory.turns, step, game.history)
-            prompts[-1].append(game.prompt(trajectory.task, past, step, observation, info))
-            following, reward, done, info = rollout.play_turn(env, [action])
-            empty = np.zeros(0, np.int32)
-            trajectory.turns.append(rollout.Turn(
-                step=step, observation=observation, prompt_ids=empty, response_ids=empty, response_logprobs=empty,
-                response_entropies=empty, response_text=game.respond(action), actions=[action],
-                next_observation=following, next_observation_ids=empty, reward=reward, done=done,
-                won=bool(info.get("won")), invalid=bool(info.get("invalid_action"))))
-            observation = following
-            if done:
-                break
-        trajectories.append(trajectory)
-    return trajectories, prompts
-
-
-def transcripts(game: Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequence[Sequence[str]], tokenizer,
+def transcripts(game: envs.Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequence[Sequence[str]], tokenizer,
                 seed: int, dynamics: bool = True) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
     """(context ids, target ids) pairs: every play turn, and a world-model example of every valid triplet
     (its prompt form, RWML's or WM SFT's direct one, drawn at random). Without dynamics, a play turn ends at the
@@ -143,7 +98,7 @@ def transcripts(game: Game, trajectories: Sequence[rollout.Trajectory], prompts:
     return play, world_model
 
 
-def corpus(game: Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequence[Sequence[str]], size: int = 3000,
+def corpus(game: envs.Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequence[Sequence[str]], size: int = 3000,
            seed: int = 0) -> list[str]:
     """Texts to train the tokenizer on: a sample of play turns (prompt, response, next observation) and
     of world-model examples (both prompts and the label), half each."""
@@ -161,11 +116,11 @@ def corpus(game: Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequ
     return texts + ["user\n", "assistant\n"] * 100  # the chat template's role names
 
 
-def build(game: Game, folder: str | Path, cfg: PretrainConfig = PretrainConfig(), log: Callable = print) -> Path:
+def build(game: envs.Game, folder: str | Path, cfg: PretrainConfig = PretrainConfig(), log: Callable = print) -> Path:
     """Record random play, train the tokenizer and the tiny model, and save both to `folder`."""
     start = time.perf_counter()
-    trajectories, prompts = random_play(game, cfg.episodes, cfg.seed)
-    tokenizer = lm.train_tokenizer(corpus(game, trajectories, prompts, seed=cfg.seed), cfg.vocab_size)
+    trajectories, prompts = rollout.random_play(game, cfg.episodes, cfg.seed)
+    tokenizer = hf.train_tokenizer(corpus(game, trajectories, prompts, seed=cfg.seed), cfg.vocab_size)
     play, world_model = transcripts(game, trajectories, prompts, tokenizer, cfg.seed, cfg.dynamics)
     config = lm.Config(
         model_type="qwen2", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
@@ -180,26 +135,31 @@ def build(game: Game, folder: str | Path, cfg: PretrainConfig = PretrainConfig()
                                     warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
     state = grpo.init_state(lm.init_params(config, jax.random.key(cfg.seed)), optimizer)
     update = jax.jit(functools.partial(rwml.sft_step, model_config=config, optimizer=optimizer))
-    rng = np.random.default_rng(cfg.seed)
-    for step in range(cfg.steps):
-        if rng.random() < cfg.world_model_fraction:  # one kind a batch: similar lengths, similar cost
-            examples, size = world_model, cfg.batch_size // 4
-        else:
-            examples, size = play, cfg.batch_size
-        rows = rng.choice(len(examples), min(size, len(examples)), replace=False)
-        batch = rwml.sft_batch([examples[i][0] for i in rows], [examples[i][1] for i in rows],
-                               tokenizer.pad_token_id, min_bucket=64)
-        state, metrics = update(state, batch)
+
+    def batches():
+        rng = np.random.default_rng(cfg.seed)
+        for _ in range(cfg.steps):
+            if rng.random() < cfg.world_model_fraction:  # one kind a batch: similar lengths, similar cost
+                examples, size = world_model, cfg.batch_size // 4
+            else:
+                examples, size = play, cfg.batch_size
+            chosen = rng.choice(len(examples), min(size, len(examples)), replace=False)
+            yield rwml.sft_batch(rollout.rows([examples[i][0] for i in chosen], [examples[i][1] for i in chosen],
+                                              pad_id=tokenizer.pad_token_id, min_bucket=64))
+
+    def report(step, state, metrics):
         if step % 100 == 0 or step == cfg.steps - 1:
-            log(f"  pretraining step {step}: loss {float(metrics['loss']):.3f} ({time.perf_counter() - start:.0f} s)")
-    return lm.save_checkpoint(folder, config, state.params, tokenizer)
+            log(f"  pretraining step {step}: loss {metrics['loss']:.3f} ({time.perf_counter() - start:.0f} s)")
+
+    state = rwml.train_sft(state, update, batches(), report)
+    return hf.save_checkpoint(folder, config, state.params, tokenizer)
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("RWML_JAX_CACHE") or "~/.cache/rwml-jax").expanduser()
 
 
-def embedded_default(game: Game, cfg: PretrainConfig = PretrainConfig(), root: str | Path | None = None,
+def embedded_default(game: envs.Game, cfg: PretrainConfig = PretrainConfig(), root: str | Path | None = None,
                      log: Callable = print) -> Path:
     """The cached checkpoint folder for this game and recipe, built on first use (atomically, and by one process:
     others asking for the same recipe meanwhile wait for it and reuse it)."""

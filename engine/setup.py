@@ -1,0 +1,148 @@
+"""What a run's settings name, made ready: the game (environment, prompt, parser), the model (the embedded default,
+pretrained on first use, or a Hugging Face checkpoint), the device mesh, and the update's micro-batch size.
+
+`prepare(args)` is the engine's one public entry for a notebook or a script that wants the pieces train.py uses
+without running a method: `engine.prepare(train.Args(method="grpo"))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+
+import envs
+import model as lm
+import multihost
+import spa
+from engine import embedders, estimates, evaluate, hf, pretrain, sharding
+from engine.settings import GRID_SIZE, Args, UsageError, settle
+
+
+def make_game(args: Args) -> envs.Game:
+    """The training game: its environment (ALFWorld's train split, or a grid game of --grid-size rendered as
+    --observation says), the policy's prompt (--prompt), and its parser."""
+    if args.env == "alfworld":
+        make_env = functools.partial(envs.AlfWorld, "train", max_steps=max(args.max_turns, args.wm_max_turns))
+        return envs.Game("alfworld", "verl-agent", make_env, envs.alfworld_prompt, lambda a: f"<action>{a}</action>",
+                         envs.parse_action, args.history, args.max_turns)
+    short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
+    state_estimation = args.state_estimation or args.method == "spa"  # SPA keeps state estimation on
+    if args.prompt == "coordinates" or (short and args.method == "spa"):
+        name, prompt = "grid+coordinates", lambda task, history, step, observation, info: spa.render_state(observation, info)
+    elif short:
+        name, prompt = "grid", lambda task, history, step, observation, info: observation
+    else:
+        name = f"ragen{'+coordinates' if state_estimation else ''}-{args.actions_per_turn}-actions"
+        prompt = envs.grid_prompt(envs.GRID_ENVS[args.env].rules, state_estimation, args.actions_per_turn)
+    size = f"{args.grid_size}x{args.grid_size}" if args.grid_size != GRID_SIZE[args.env] else ""
+    observation = "-coordinates" if args.observation == "grid+coordinates" else ""  # the default keeps its name
+    parse = functools.partial(envs.parse_answer, max_actions=args.actions_per_turn)
+    return envs.Game(args.env + size + observation, name, grid_env(args, args.max_turns), prompt,
+                     lambda a: f"<answer>{a}</answer>", parse, args.history, args.max_turns)
+
+
+def grid_env(args: Args, max_steps: int):
+    """A grid game of --grid-size whose episodes end after max_steps actions (the turn cap), its observations
+    rendered as --observation says."""
+    game = envs.GRID_ENVS[args.env]
+    if args.observation == "grid+coordinates":
+        return functools.partial(envs.WithCoordinates, game, size=args.grid_size, max_steps=max_steps)
+    return functools.partial(game, size=args.grid_size, max_steps=max_steps)
+
+
+def held_out_game(args: Args, game: envs.Game) -> envs.Game:
+    """The game evaluation plays: ALFWorld's evaluation split, or the grid game's episodes of --eval.max-turns."""
+    if args.env == "alfworld":
+        make_env = functools.partial(envs.AlfWorld, args.eval.split, max_steps=args.eval.max_turns)
+    else:
+        make_env = grid_env(args, args.eval.max_turns)
+    return dataclasses.replace(game, make_env=make_env)
+
+
+def load_model(args: Args, game: envs.Game, log=print) -> tuple[Path, lm.Config, lm.Params, object]:
+    """(folder, config, parameters, tokenizer) of --model, or of the embedded default for the game (pretrained on
+    the first use, on --pretrain-observation's observations when given)."""
+    if args.model is None:
+        cfg = dataclasses.replace(pretrain.PretrainConfig(), episodes=args.pretrain_episodes, steps=args.pretrain_steps,
+                                  dynamics=args.pretrain_dynamics)
+        if args.pretrain_observation not in (None, args.observation):  # pretrained on other observations than it meets
+            game = make_game(dataclasses.replace(args, observation=args.pretrain_observation))
+        folder = pretrain.embedded_default(game, cfg, args.cache, log)
+    else:
+        folder = hf.resolve_checkpoint(args.model)
+    try:
+        config, params = hf.load_checkpoint(folder)
+        tokenizer = hf.load_tokenizer(folder)
+    except hf.CheckpointError as error:
+        raise UsageError(str(error)) from error
+    return folder, config, params, tokenizer
+
+
+def update_tokens(args: Args, config: lm.Config, parameters: int, devices: int, chunk_size: int) -> tuple[int, str]:
+    """--update-tokens, and why: the user's, or the largest micro-batch whose activations fit the memory free
+    (estimates.default_update_tokens), agreed by every process of the run (each must cut its updates alike)."""
+    if args.update_tokens is not None:
+        return args.update_tokens, f"{args.update_tokens:,} tokens per device (--update-tokens)"
+    tokens, why = estimates.default_update_tokens(config, parameters, args.loss.beta > 0, devices, chunk_size)
+    agreed = multihost.smallest(tokens)
+    if agreed < tokens:
+        tokens, why = agreed, f"{agreed:,} tokens per device (another process's memory)"
+    return tokens, why
+
+
+@dataclasses.dataclass
+class Setup:
+    """A run's pieces: the settings (settled, --update-tokens filled), the game, the model (its folder, config,
+    parameters and tokenizer) and the device mesh."""
+
+    args: Args
+    game: envs.Game
+    folder: Path
+    config: lm.Config
+    params: lm.Params
+    tokenizer: object
+    mesh: jax.sharding.Mesh
+    update_tokens_why: str = ""
+
+    @property
+    def pad_id(self) -> int:
+        tokenizer = self.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def evaluator(self, **changes) -> evaluate.Evaluator:
+        """The run's evaluation (make_evaluator), with evaluation settings changed by name, e.g. episodes=8."""
+        args = dataclasses.replace(self.args, eval=dataclasses.replace(self.args.eval, **changes))
+        return make_evaluator(args, self.game, self.tokenizer, self.config)
+
+    def embedder(self):
+        """E of RWML's reward, as --embedder names it (MiniLM by default)."""
+        return embedders.make_embedder(self.args.embedder)
+
+    def load(self, folder: str | Path) -> lm.Params:
+        """The parameters of another checkpoint of this model, e.g. a run's exported <out>/model."""
+        config, params = hf.load_checkpoint(folder)
+        if config != self.config:
+            raise UsageError(f"{folder} holds another architecture than {self.folder}. Fix: load it with its own "
+                             "settings (prepare(Args(model=...))).")
+        return params
+
+
+def make_evaluator(args: Args, game: envs.Game, tokenizer, config: lm.Config) -> evaluate.Evaluator:
+    """The run's evaluation: the game's held-out tasks (ALFWorld: the evaluation split), parsed as in training."""
+    return evaluate.Evaluator(args.eval, held_out_game(args, game), tokenizer, config,
+                              max_new_tokens=args.max_new_tokens, spa_prediction=args.method == "spa",
+                              seed=args.seed, workers=args.workers)
+
+
+def prepare(args: Args, chunk_size: int = 512, log=print) -> Setup:
+    """The game, the model and the mesh that args name, with --update-tokens settled for an update whose log-probs
+    take chunk_size tokens a vocabulary chunk (grpo.StepConfig.chunk_size). args need not be settled yet."""
+    args = settle(args)
+    game = make_game(args)
+    folder, config, params, tokenizer = load_model(args, game, log)
+    mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp)
+    tokens, why = update_tokens(args, config, lm.count_params(params), mesh.size, chunk_size)
+    return Setup(dataclasses.replace(args, update_tokens=tokens), game, folder, config, params, tokenizer, mesh, why)
