@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import errno
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -328,13 +330,18 @@ def main(args: Args) -> dict:
         print(f"updates in micro-batches of at most {setup.update_tokens_why}; --update-tokens to change")
     stages = settings.STAGES[args.method]
     policy = {index: setup.args.iterations for index, name in enumerate(stages) if STAGE_TABLE[name].data is None}
-    run, latest, position = runs.open_run(setup, policy)
-    try:
-        params = run_stages(run, setup.params, latest, position)
-        run.checkpoints.close()
-        checkpoints.export_model(run.out / "model", run.config, params, run.tokenizer)
-    finally:
-        run.close()
+    while True:
+        run, latest, position = runs.open_run(setup, policy)
+        try:
+            params = run_stages(run, setup.params, latest, position)
+            run.checkpoints.close()
+            checkpoints.export_model(run.out / "model", run.config, params, run.tokenizer)
+            break
+        except checkpoints.UnreadableCheckpoint as error:  # raised by a restore, before any update: open it again
+            runs.set_aside(run.checkpoints, error)
+            run.checkpoints.close()
+        finally:
+            run.close()
     before, after = run.logger.evaluations[0], run.logger.evaluations[-1]
     if multihost.is_primary():
         logs.plot_curves(run.out / "metrics.jsonl", run.out / "curves.png")
@@ -372,6 +379,18 @@ def epoch_steps(epochs: int, count: int, batch_size: int) -> int:
     return epochs * math.ceil(count / batch_size)
 
 
+FILESYSTEM_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+
+
+def write_fault(message: str) -> None:
+    """One line and exit status 2 after a write failed, without the orderly exit: it would wait on the writers still
+    running in the background (Orbax's, TensorBoard's), which report the same fault again, each with a traceback."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+
+
 def cli() -> None:
     args = settings.parse()
     try:
@@ -379,6 +398,14 @@ def cli() -> None:
     except (settings.UsageError, DataError, checkpoints.NotFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except checkpoints.WriteError as error:
+        write_fault(f"error: {error}")
+    except OSError as error:  # one of the run's own files (metrics, TensorBoard, the model) on a disk that filled
+        if error.errno not in FILESYSTEM_FAULTS:
+            raise
+        out = Path(settle(args).out)
+        write_fault(f"error: could not write {error.filename or f'in {out}'}: {error.strerror}; "
+                    f"{checkpoints.complete(out / 'checkpoints')}. {checkpoints.WRITE_FIX}")
     except KeyboardInterrupt:  # 130 = 128 + SIGINT, as a shell reports an interrupted command
         print(f"interrupted. To continue from the last checkpoint, run the same command with --resume --out "
               f"{settle(args).out}", file=sys.stderr)

@@ -5,19 +5,22 @@ against those it was started with. One message a problem, naming the flag and th
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
 
 import envs
 from engine import checkpoints, embedders, hf, pretrain
-from engine.settings import STAGES, Args, UsageError, flags, setting_changes
+from engine.settings import STAGES, Args, UsageError, flags, setting_changes, settle
 
 
-# Every number on the command line: (flag, what it must be, the test, an example for the fix). Checked after
-# settle(), so those the recipe fills hold numbers; one still None (e.g. --max-length) is skipped.
+# Every number on the command line: (flag, what it must be, the test, an example for the fix where the run's recipe
+# has no value). Checked after settle(), so those the recipe fills hold numbers; one still None (e.g. --max-length)
+# is skipped.
 AT_LEAST_ONE = ("at least 1", lambda v: v >= 1)
 RATE = ("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
 FRACTION = ("in [0, 1]", lambda v: math.isfinite(v) and 0 <= v <= 1)
@@ -64,11 +67,15 @@ NUMBER_RULES = [
 
 
 def number_problems(args: Args) -> list[str]:
-    """One message per number out of its range (NaN and infinity included), and per group too small to compare."""
+    """One message per number out of its range (NaN and infinity included), and per group too small to compare. The
+    fix proposes the value the run's recipe gives (what --help printed for its --method, --env and --model: 1e-3 for
+    the embedded default's learning rate, not the papers' 1e-6), or the rule's example where it gives none."""
     problems = []
     values = flags(args)
+    recipe = flags(settle(Args(method=args.method, env=args.env, model=args.model)))
     for flag, requirement, ok, example in NUMBER_RULES:
         if values[flag] is not None and not ok(values[flag]):
+            example = example if recipe[flag] is None else recipe[flag]
             problems.append(f"{flag} must be {requirement}, not {values[flag]}. Fix: pass e.g. {flag} {example}.")
     stages = STAGES[args.method]
     if any(stage in ("grpo", "paw") for stage in stages) and args.group_size == 1:
@@ -143,12 +150,43 @@ def check(args: Args) -> None:
         raise UsageError(f"--wm-batch {args.wm_batch} (x --wm-group-size {args.wm_group_size} for RWML) must split "
                          f"evenly over the {devices} devices. Fix: make it a multiple of {devices}.")
     out = Path(args.out)
+    writable_folder(out)
     if not args.resume and checkpoints.checkpoint_steps(out / "checkpoints"):
         raise UsageError(f"{out} already holds a run. Fix: add --resume to continue it, or choose another --out.")
-    if args.resume and (out / "args.json").exists():
+    if args.resume and not (out / "args.json").is_file():
+        raise UsageError(f"--resume: {out} holds no run to resume (no args.json{'' if out.is_dir() else '; no folder'})."
+                         " Fix: leave --resume out to start a new run there, or point --out at the run's folder.")
+    if args.resume:
         changes = setting_changes(json.loads((out / "args.json").read_text()), args)
         if changes:
             listed = "".join(f"\n  {flag}: {old} -> {new}" for flag, old, new in changes)
             raise UsageError(f"--resume: {out} was run with other settings (flag: then -> now):{listed}\nA resumed "
                              f"run continues the same training. Fix: resume with the settings in {out / 'args.json'}, "
                              "or choose another --out for the new ones.")
+
+
+def writable_folder(out: Path) -> None:
+    """--out must be a folder this process can create and write in, checked without writing: a file in its place (or
+    in place of a folder above it), a name longer than the filesystem takes, a read-only filesystem or a folder
+    without write permission would otherwise fail at the first file the run writes, after the model has loaded."""
+    fix = "Fix: choose another --out (a folder you can write to)."
+    try:
+        os.stat(out)  # the kernel's verdict on the whole name: ENAMETOOLONG, ENOTDIR (a file above it), ELOOP
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise UsageError(f"--out {out}: {error.strerror}. {fix}") from error
+    existing = out.absolute()
+    while not existing.exists():  # the nearest folder above it that exists: where the run's folders will be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder. {fix}")
+    longest = os.pathconf(existing, "PC_NAME_MAX")
+    for part in out.absolute().relative_to(existing).parts:
+        if len(os.fsencode(part)) > longest:
+            raise UsageError(f"--out {out}: {os.strerror(errno.ENAMETOOLONG)} ('{part[:24]}...' has "
+                             f"{len(os.fsencode(part))} bytes; this filesystem takes {longest}). {fix}")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise UsageError(f"--out {out}: {existing} is on a read-only filesystem. {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to write in {existing}. {fix}")

@@ -221,14 +221,12 @@ class BertEmbedder:
     """
 
     def __init__(self, checkpoint: str | Path, batch_size: int = 64, max_length: int = 256):
-        from transformers import AutoTokenizer
-
         folder = hf.resolve_checkpoint(checkpoint)
         self.config, self.params = load_bert(folder)
         if not 2 <= max_length <= self.config.max_position_embeddings:
             raise ValueError(f"max_length {max_length} must lie in [2, {self.config.max_position_embeddings}] "
                              "(the checkpoint's max_position_embeddings)")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.tokenizer = hf.import_transformers().AutoTokenizer.from_pretrained(str(folder))
         self.batch_size, self.max_length = batch_size, max_length
         self.dim = self.config.hidden_size
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -208,9 +209,25 @@ def load_checkpoint(model: str | Path, dtype=jnp.float32, backbone: bool = False
     return config, load_weights(folder, weight_specs(config), prefixed, unused, dtype)
 
 
+def import_transformers():
+    """transformers, imported without the warning it logs when PyTorch is absent ("PyTorch was not found. Models
+    won't be available..."): the project asks it only for tokenizers and runs its models in JAX, so a user without
+    PyTorch (a test-only dependency) would read a warning about nothing. Its other messages are left as they are."""
+    def not_about_pytorch(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found")
+
+    logger = logging.getLogger("transformers")  # the package's own logger, where that warning is logged on import
+    logger.addFilter(not_about_pytorch)
+    try:
+        import transformers
+    finally:
+        logger.removeFilter(not_about_pytorch)
+    return transformers
+
+
 def load_tokenizer(model: str | Path):
     """The checkpoint's tokenizer (chat template included) through transformers.AutoTokenizer."""
-    from transformers import AutoTokenizer
+    AutoTokenizer = import_transformers().AutoTokenizer
 
     folder = resolve_checkpoint(model)
     why = None
@@ -288,7 +305,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
     exactly, and transformers' AutoTokenizer reads the saved folder back unchanged.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast = import_transformers().PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     backend = Tokenizer(models.BPE())

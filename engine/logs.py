@@ -20,6 +20,31 @@ def _record(line: str) -> dict | None:
         return None
 
 
+class EventsFile:
+    """A TensorBoard event file written in the caller's thread. tensorboardX's SummaryWriter writes from a thread of
+    its own: on a full disk that thread dies and the next add_scalar waits forever on its queue; here the fault is
+    an OSError at the step that met it."""
+
+    def __init__(self, folder: Path):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.events = EventsWriter(str(folder / "events"))
+
+    def add_scalar(self, tag: str, value: float, step: int, walltime: float | None = None) -> None:
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.summary import scalar
+
+        self.events.write_event(event_pb2.Event(summary=scalar(tag, value), step=step,
+                                                wall_time=time.time() if walltime is None else walltime))
+
+    def flush(self) -> None:
+        self.events.flush()
+
+    def close(self) -> None:
+        self.events.close()
+
+
 class Logger:
     """A run's metrics: one JSON line per step in <out>/metrics.jsonl, the same scalars in TensorBoard event files
     under <out>/tensorboard, and a progress bar showing the latest few.
@@ -47,15 +72,13 @@ class Logger:
         self.file = self.path.open("a")
         self.evaluations = [record for record in kept if "eval/success" in record]
         if tensorboard:  # rewritten from the JSONL kept: every step exactly once, whatever stopped the last run
-            from tensorboardX import SummaryWriter
-
             for stale in (out / "tensorboard").glob("events.out.tfevents.*"):
                 stale.unlink()
-            self.writer = SummaryWriter(str(out / "tensorboard"), flush_secs=10)
+            self.writer = EventsFile(out / "tensorboard")
             for record in kept:
-                for name, value in record.items():
-                    if "/" in name:
-                        self.writer.add_scalar(name, value, record["step"], walltime=record["time"])
+                for metric, value in record.items():  # not `name`: the bar below is titled with that
+                    if "/" in metric:
+                        self.writer.add_scalar(metric, value, record["step"], walltime=record["time"])
         if progress:
             from tqdm import tqdm
 
@@ -73,6 +96,7 @@ class Logger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
+            self.writer.flush()
         for name in ("eval/success", "eval/wm_accuracy_inline", "eval/wm_accuracy", "train/return", "train/reward",
                      "train/loss", "train/wm_loss"):
             if name in values:
@@ -100,24 +124,38 @@ class Logger:
             self.bar.close()
 
 
-def plot_curves(metrics_file: Path, path: Path) -> Path:
-    """Evaluation success and world-model accuracy, and the training return/reward, against the step."""
+# curves.png's panels: (title, y label, metrics). PaW's world-model loss (a clipped MAE or a cross-entropy per
+# observation token) is on another scale than the return, so it has a panel of its own.
+PANELS = [("task success (held out)", "success rate", ["eval/success"]),
+          ("world-model accuracy (held out)", "accuracy",
+           ["eval/wm_accuracy", "eval/wm_accuracy_direct", "eval/wm_accuracy_inline"]),
+          ("training signal", "mean return (RL) / reward (RWML)", ["train/return", "train/reward"]),
+          ("PaW's world-model loss", "loss per observation token", ["train/wm_loss"])]
+
+
+def curves_figure(records: list[dict]):
+    """A matplotlib Figure of PANELS against the step, from metrics.jsonl's records; a panel whose metrics the run
+    did not record says so."""
     from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone, nothing opens a window
 
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    figure = Figure(figsize=(14, 3.8), layout="tight")
-    axes = figure.subplots(1, 3)
-    panels = [("task success (held out)", ["eval/success"]),
-              ("world-model accuracy (held out)", ["eval/wm_accuracy", "eval/wm_accuracy_direct", "eval/wm_accuracy_inline"]),
-              ("training signal", ["train/return", "train/reward", "train/wm_loss"])]
-    for axis, (title, names) in zip(axes, panels):
+    figure = Figure(figsize=(12, 7), layout="tight")
+    for axis, (title, ylabel, names) in zip(figure.subplots(2, 2).flat, PANELS):
         for name in names:
             points = [(r["step"], r[name]) for r in records if name in r]
             if points:
                 axis.plot(*zip(*points), marker="o" if name.startswith("eval") else None, label=name.split("/")[1])
         axis.set_title(title)
         axis.set_xlabel("step")
+        axis.set_ylabel(ylabel)
         if axis.lines:
             axis.legend(fontsize=8)
-    figure.savefig(path, dpi=110)
+        else:
+            axis.text(0.5, 0.5, "not recorded by this method", ha="center", va="center", transform=axis.transAxes)
+    return figure
+
+
+def plot_curves(metrics_file: Path, path: Path) -> Path:
+    """curves_figure of a run's metrics.jsonl, saved as a PNG."""
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    curves_figure(records).savefig(path, dpi=110)
     return path

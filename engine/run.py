@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -154,11 +155,30 @@ def open_run(setup: Setup, policy_stages: dict[int, int]) -> tuple[Run, int | No
                 stale.unlink()
     saved = checkpoints.Checkpoints(out / "checkpoints")
     latest = saved.latest() if args.resume else None
+    if args.resume and latest is None:
+        print(f"--resume: no checkpoint in {out / 'checkpoints'} (the run stopped before its first); starting from the "
+              "beginning")
     position, global_step = {"stage": 0, "step": 0}, 0
-    if latest is not None:
-        position, global_step = saved.position(latest), latest
+    while latest is not None:
+        try:
+            position, global_step = saved.position(latest), latest
+            break
+        except checkpoints.UnreadableCheckpoint as error:
+            latest = set_aside(saved, error)
     logger = logs.Logger(out, sum(policy_stages.values()), global_step, args.tensorboard, args.progress, args.method,
                          writes=multihost.is_primary())
     run = Run(setup, out, jax.random.key(args.seed), setup.evaluator(), logger, saved, global_step,
               dict(policy_stages))
     return run, latest, position
+
+
+def set_aside(saved: checkpoints.Checkpoints, error: checkpoints.UnreadableCheckpoint) -> int | None:
+    """Move an unreadable checkpoint out of the way and say so; returns the newest intact one's step (None: none).
+
+    Resuming from the one before is the same run: every piece of data is a function of the position, so the steps
+    between the two are replayed exactly as they ran (Orbax keeps the last two checkpoints)."""
+    aside = saved.set_aside(error.step)
+    latest = saved.latest()
+    print(f"--resume: {error}; moved it to {aside}. Continuing from "
+          f"{'the beginning' if latest is None else f'step {latest}'}, the newest intact checkpoint.", file=sys.stderr)
+    return latest

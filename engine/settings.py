@@ -369,24 +369,33 @@ def settle(args: Args, derived: bool = True) -> Args:
     small = EMBEDDED_ALFWORLD if alfworld and args.model is None else {}
     args = override(args, {**recipe, **by_env, **small}, unset_only=True)
     if derived:
-        args = override(args, {"out": f"runs/{args.method}-{args.env}-seed{args.seed}", "eval.max_turns": args.max_turns,
-                               "eval.wm_every": args.eval.every, "filter.sft_epochs": args.wm_epochs,
-                               "filter.sft_batch_size": args.wm_batch,
-                               "filter.max_new_tokens": args.wm_max_new_tokens}, unset_only=True)
+        args = override(args, followed(args), unset_only=True)
     return args
 
 
+def followed(args: Args) -> dict[str, object]:
+    """The settings that follow others when left unset, by dotted name: the values settle() gives them."""
+    return {"out": f"runs/{args.method}-{args.env}-seed{args.seed}", "eval.max_turns": args.max_turns,
+            "eval.wm_every": args.eval.every, "filter.sft_epochs": args.wm_epochs,
+            "filter.sft_batch_size": args.wm_batch, "filter.max_new_tokens": args.wm_max_new_tokens}
+
+
 def settings_block(args: Args) -> str:
-    """The settings that differ from Args' defaults (what the command line and settle() chose, e.g. the papers'
-    recipe that --model switches on), as flags that reproduce them, wrapped to a compact block."""
-    defaults, lines = flags(Args()), [""]
-    for name, value in flags(args).items():
-        if value == defaults[name]:
+    """The settings of a settled run that differ from its recipe (settle() of its --method, --env and --model alone,
+    each following setting at what it follows here), as flags that reproduce the run with those three, wrapped to a
+    compact block. Against Args() instead, every value the recipe fills would be listed as if the user had set it."""
+    recipe = settle(Args(method=args.method, env=args.env, model=args.model), derived=False)
+    defaults, values, lines = flags(override(recipe, followed(args))), flags(args), [""]
+    chosen = [flag for flag in ("--method", "--env", "--model") if values[flag] != flags(Args())[flag]]  # what ran
+    for name, value in values.items():
+        if value == defaults[name] and name not in chosen:
             continue
         word = shlex.join(argument(name, value))
         if len(lines[-1]) + len(word) > 108 and lines[-1]:  # a flag and its value stay on one line
             lines.append("")
         lines[-1] += f" {word}" if lines[-1] else word
+    if not lines[0]:
+        return "  none (python train.py --help prints every default)"
     return "\n".join("  " + line for line in lines)
 
 

@@ -3,6 +3,9 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -327,6 +330,28 @@ def test_tokenizer_loads_with_its_chat_template(tmp_path):
     assert loaded.decode(loaded(text)["input_ids"]) == text
     chat = loaded.apply_chat_template([{"role": "user", "content": "Move left."}], add_generation_prompt=True, tokenize=False)
     assert chat == "<|im_start|>user\nMove left.<|im_end|>\n<|im_start|>assistant\n"
+
+
+WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # PyTorch absent, as for a user (the tests install it)
+{}
+"""
+
+
+@pytest.mark.parametrize("code, warns", [
+    ("from engine import hf; hf.load_tokenizer(sys.argv[1]).encode('a')", False),
+    ("from engine import hf; hf.train_tokenizer(['Move left.'], 280)", False),
+    ("import transformers", True),  # the warning, as transformers prints it to anyone else
+])
+def test_loading_a_tokenizer_without_pytorch_does_not_warn_that_pytorch_is_missing(code, warns, tmp_path):
+    """The project never asks transformers for a PyTorch model: only its one warning about that is left out."""
+    hf.train_tokenizer(["You are an agent. Move left."], vocab_size=280).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH.format(code), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert ("PyTorch was not found" in done.stdout + done.stderr) == warns
 
 
 # ---- errors a user can cause: one clear message naming the problem and the fix ----

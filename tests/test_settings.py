@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tyro
 
-from engine import settings
+from engine import checks, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"  # parsing never resolves it
@@ -79,6 +79,22 @@ def test_every_flag_name_is_one_the_command_line_takes():
         if value is not None:
             argv += settings.argument(flag, value)
     assert tyro.cli(settings.Args, args=argv) == args
+
+
+@pytest.mark.parametrize("argv, fix", [
+    (["--learning-rate", "-1"], "--learning-rate 0.001"),  # the embedded default's recipe
+    (["--model", HUB_ID, "--learning-rate", "-1"], "--learning-rate 1e-06"),  # the papers'
+    (["--iterations", "0"], "--iterations 30"),
+    (["--model", HUB_ID, "--iterations", "0"], "--iterations 150"),
+    (["--env", "alfworld", "--max-turns", "0"], "--max-turns 20"),  # the embedded default's on ALFWorld
+    (["--max-length", "0"], "--max-length 512"),  # unset in every recipe: the rule's own example
+])
+def test_a_number_out_of_range_is_answered_with_the_value_of_the_runs_own_recipe(argv, fix):
+    """The value --help prints for the run's --method, --env and --model: what it would have used, not what another
+    recipe uses."""
+    problems = checks.number_problems(settings.settle(settings.parse(argv)))
+    [problem] = [problem for problem in problems if problem.startswith(f"{argv[-2]} must be")]
+    assert problem.endswith(f"Fix: pass e.g. {fix}.")
 
 
 def test_every_top_level_module_is_installed():

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import rollout
 import rwml
 import sampler
 import train
-from engine import checkpoints, evaluate, hf, logs, pretrain, settings, setup, sharding
+from engine import checkpoints, checks, evaluate, hf, logs, pretrain, settings, setup, sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PRETRAIN = ["--pretrain-steps", "100", "--pretrain-episodes", "300"]
@@ -214,6 +215,39 @@ def test_after_an_interruption_and_resume_tensorboard_holds_every_step_once(clos
     assert _tensorboard_scalars(tmp_path) == expected
     assert _jsonl_scalars([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]) \
         == expected
+
+
+def test_a_resumed_runs_progress_bar_is_titled_with_the_method_not_a_metric(tmp_path):
+    """The resumed Logger rewrites TensorBoard from the records it keeps, each holding metric names: the bar still
+    carries the name it was given."""
+    first = logs.Logger(tmp_path, 6, 0, progress=False)
+    first.log(1, "paw", {"loss": 0.5, "wm_loss": 0.25})
+    first.log(1, "paw", {"success": 0.5, "wm_accuracy_inline": 0.75}, prefix="eval")
+    first.close()
+    resumed = logs.Logger(tmp_path, 6, 1, tensorboard=True, progress=True, name="paw")
+    try:
+        assert resumed.bar.desc == "paw"  # tqdm keeps desc as given (its ": " is added when it draws the bar)
+    finally:
+        resumed.close()
+
+
+def test_the_curves_plot_labels_every_axis_and_gives_the_world_model_loss_its_own():
+    records = [{"step": 0, "stage": "base", "time": 0.0, "eval/success": 0.1, "eval/wm_accuracy": 0.2,
+                "eval/wm_accuracy_direct": 0.3, "eval/wm_accuracy_inline": 0.4},
+               *({"step": step, "stage": "paw", "time": 0.0, "train/return": step / 4, "train/reward": step / 5,
+                  "train/wm_loss": 3.0 / step, "train/loss": 0.1} for step in (1, 2, 3)),
+               {"step": 3, "stage": "paw", "time": 0.0, "eval/success": 0.5, "eval/wm_accuracy": 0.6,
+                "eval/wm_accuracy_direct": 0.7, "eval/wm_accuracy_inline": 0.8}]
+    figure = logs.curves_figure(records)
+    axes = figure.get_axes()
+    assert all(axis.get_ylabel() and axis.get_xlabel() == "step" for axis in axes)
+    axis_of = {line.get_label(): axis for axis in axes for line in axis.get_lines()}
+    # every series plotted before is still plotted, each with its points
+    assert set(axis_of) == {"success", "wm_accuracy", "wm_accuracy_direct", "wm_accuracy_inline", "return", "reward",
+                            "wm_loss"}
+    wm_loss = next(line for line in axis_of["wm_loss"].get_lines() if line.get_label() == "wm_loss")
+    assert list(wm_loss.get_xdata()) == [1, 2, 3] and list(wm_loss.get_ydata()) == [3.0, 1.5, 1.0]
+    assert axis_of["wm_loss"] is not axis_of["return"]
 
 
 SHARDING_SCRIPT = r"""
@@ -442,7 +476,7 @@ def test_a_group_of_one_is_refused_for_a_group_relative_method(argv, message, tm
 
 def test_group_size_one_is_fine_where_no_stage_compares_a_group():
     args = train.settle(tyro.cli(train.Args, args=["--method", "wm-sft", "--group-size", "1"]))
-    assert settings.number_problems(args) == []
+    assert checks.number_problems(args) == []
 
 
 def test_a_model_folder_without_a_tokenizer_is_refused_before_anything_is_written(hf_checkpoint, tmp_path, monkeypatch,
@@ -583,9 +617,16 @@ def test_resume_may_change_only_how_often_a_run_evaluates_checkpoints_and_where_
     assert settings.setting_changes(saved_json | {"pretrain_steps": 5}, saved) == [("--pretrain-steps", 5, 300)]
 
 
-def test_every_run_prints_the_settings_settle_chose_as_flags_that_reproduce_them(hf_checkpoint, tmp_path, monkeypatch,
-                                                                                 capsys):
-    """--model switches on the papers' recipe (lr 1e-6, beta 0.01, 512 new tokens): the run says so, first thing."""
+@pytest.mark.parametrize("argv", [
+    [],  # --model switches on the papers' recipe (lr 1e-6, beta 0.01, 512 new tokens): theirs, not the user's
+    ["--seed", "2", "--max-turns", "20", "--beta", "0.5"],  # --eval.max-turns follows --max-turns: not listed
+])
+def test_every_run_prints_the_flags_it_was_given_and_they_reproduce_its_settings(argv, hf_checkpoint, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """The block lists the settings that differ from the recipe of the run's --method, --env and --model: the flags
+    the user passed (here all of them differ), and no value the recipe or a followed setting filled in."""
+    import engine
+
     class Stop(Exception):
         pass
 
@@ -593,19 +634,25 @@ def test_every_run_prints_the_settings_settle_chose_as_flags_that_reproduce_them
         raise Stop
 
     folder, _ = hf_checkpoint("qwen2")
-    monkeypatch.setattr(train, "load_model", stop)  # the block comes before the model is loaded
-    argv = ["--method", "grpo", "--model", str(folder), "--out", str(tmp_path / "run"), "--no-progress"]
+    monkeypatch.setattr(engine, "prepare", stop)  # the block comes before the model is loaded
+    given = ["--method", "grpo", "--model", str(folder), "--out", str(tmp_path / "run"), *argv, "--no-progress"]
     with pytest.raises(Stop):
-        train.main(tyro.cli(train.Args, args=argv))
+        train.main(tyro.cli(train.Args, args=given))
     printed = capsys.readouterr().out
     assert printed.startswith(f"settings (those not at their defaults; all in {tmp_path / 'run' / 'args.json'}):\n  ")
     block = printed.split(":\n", 1)[1]
-    for flag in ("--learning-rate 1e-06", "--beta 0.01", "--max-new-tokens 512", "--no-progress"):
-        assert flag in block
-    assert "--group-size" not in block  # at its default
-    import shlex
+    assert shlex.split(block) == given  # given in the order of Args' fields, as the block lists them
+    assert train.settle(tyro.cli(train.Args, args=shlex.split(block))) == train.settle(tyro.cli(train.Args, args=given))
 
-    assert tyro.cli(train.Args, args=shlex.split(block)) == train.settle(tyro.cli(train.Args, args=argv))
+
+def test_the_settings_block_leaves_out_what_the_recipe_and_the_followed_settings_fill():
+    """python train.py --method paw (the default method) on the embedded default lists nothing; --seed 2 and
+    --max-turns 20 move --out and --eval.max-turns, which follow them, and only the two given are listed."""
+    settled = lambda argv: train.settle(settings.parse(argv))
+    assert settings.settings_block(settled(["--method", "paw"])).split()[0] == "none"
+    given = ["--seed", "2", "--max-turns", "20"]
+    assert (settled(given).out, settled(given).eval.max_turns) == ("runs/paw-frozenlake-seed2", 20)
+    assert shlex.split(settings.settings_block(settled(given))) == given
 
 
 def test_pretraining_without_dynamics_shows_the_format_but_never_a_next_state(tmp_path):
