@@ -223,14 +223,24 @@ def damage(checkpoint: Path, part: str):
         (checkpoint / "position" / "metadata").write_text("{\"stage\": 0, \"st")
 
 
+DAMAGED_ARGV = ["--method", "grpo", *TINY_PRETRAIN, *TINY_POLICY, "--iterations", "4", "--checkpoint-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def whole(embedded_cache, tmp_path_factory):
+    """A run that was never interrupted, its checkpoints at steps 2 and 4 (Orbax keeps the last two)."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        run_in_process([*DAMAGED_ARGV, "--out", str(out)], embedded_cache, patch)
+    return out
+
+
 @pytest.mark.parametrize("part", ["arrays", "position"])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_continues_from_the_one_before_it(
-        part, cache, tmp_path, monkeypatch, capsys):
+        part, whole, cache, tmp_path, monkeypatch, capsys):
     """The run resumed from the checkpoint before the damaged one replays the steps between them exactly (their data
     is a function of the step): it ends with the parameters of the run that was never interrupted."""
-    argv = ["--method", "grpo", *TINY_PRETRAIN, *TINY_POLICY, "--iterations", "4", "--checkpoint-every", "2"]
-    whole, damaged = tmp_path / "whole", tmp_path / "damaged"
-    run_in_process([*argv, "--out", str(whole)], cache, monkeypatch)
+    argv, damaged = DAMAGED_ARGV, tmp_path / "damaged"
     shutil.copytree(whole, damaged)
     shutil.rmtree(damaged / "model")  # as if it had stopped right after its last checkpoint
     assert checkpoints.checkpoint_steps(damaged / "checkpoints") == [2, 4]

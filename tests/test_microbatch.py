@@ -46,7 +46,7 @@ def test_micro_batches_hold_every_real_row_once_within_the_token_budget():
     whole = {row.tobytes() for row in np.asarray(batch.tokens)[lengths > 0]}
     assert {row.tobytes() for row in cut if row.any()} == whole
     # a batch of padding only still gives one (empty) micro-batch, whose gradient is zero
-    padding = batch._replace(token_mask=jnp.zeros_like(batch.token_mask), loss_mask=jnp.zeros_like(batch.action_mask))
+    padding = batch._replace(token_mask=jnp.zeros_like(batch.token_mask), action_mask=jnp.zeros_like(batch.action_mask))
     assert [p.tokens.shape for p in update.micro_batches(padding)] == [(1, 16)]
 
 

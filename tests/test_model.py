@@ -60,12 +60,12 @@ def test_transformers_4_config_layout_reads_the_same(hf_checkpoint, tmp_path):
     source, _ = hf_checkpoint("llama3")
     folder = tmp_path / "v4"
     shutil.copytree(source, folder)
-    hf = json.loads((folder / "config.json").read_text())
-    rope = hf.pop("rope_parameters")
-    hf["rope_theta"] = rope.pop("rope_theta")
-    hf["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
-    hf["torch_dtype"] = hf.pop("dtype")
-    (folder / "config.json").write_text(json.dumps(hf))
+    raw = json.loads((folder / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope.pop("rope_theta")
+    raw["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
+    raw["torch_dtype"] = raw.pop("dtype")
+    (folder / "config.json").write_text(json.dumps(raw))
     assert hf.load_checkpoint(folder)[0] == hf.load_checkpoint(source)[0]
 
 
@@ -384,9 +384,9 @@ def test_missing_shard_names_the_file(hf_checkpoint, tmp_path):
 def test_weight_of_the_wrong_shape_names_the_weight_and_both_shapes(hf_checkpoint, tmp_path):
     source, _ = hf_checkpoint("qwen2")
     shutil.copytree(source, tmp_path / "ckpt")
-    hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    hf["intermediate_size"] = 128  # the weights were saved with 96
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
+    raw = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    raw["intermediate_size"] = 128  # the weights were saved with 96
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(hf.CheckpointError, match=r"mlp\.\w+_proj\.weight.*\(96, 64\).*\(128, 64\)|mlp\.\w+_proj\.weight.*\(64, 96\).*\(64, 128\)"):
         hf.load_checkpoint(tmp_path / "ckpt")
 
@@ -415,9 +415,9 @@ def test_invalid_json_names_the_file(hf_checkpoint, tmp_path, name):
 def test_config_without_a_required_key_names_the_key(hf_checkpoint, tmp_path, key):
     source, _ = hf_checkpoint("qwen2")
     shutil.copytree(source, tmp_path / "ckpt")
-    hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    del hf[key]
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
+    raw = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del raw[key]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(hf.CheckpointError, match=rf"config.json lacks {key}.*Fix: "):
         hf.load_checkpoint(tmp_path / "ckpt")
 
@@ -459,10 +459,10 @@ def test_a_folder_where_a_checkpoint_file_should_be_names_it(hf_checkpoint, tmp_
 ], ids=["zero heads", "a string size", "uneven groups", "rope_scaling a string", "rope_theta a string"])
 def test_config_with_a_value_of_the_wrong_kind_names_it(hf_checkpoint, tmp_path, change, message):
     folder = broken_copy(hf_checkpoint, tmp_path)
-    hf = json.loads((folder / "config.json").read_text())
-    hf.update(change)
-    hf = {key: value for key, value in hf.items() if value is not None}
-    (folder / "config.json").write_text(json.dumps(hf))
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(change)
+    raw = {key: value for key, value in raw.items() if value is not None}
+    (folder / "config.json").write_text(json.dumps(raw))
     with pytest.raises(hf.CheckpointError, match=rf"config.json (sets |has |holds ){message}.*Fix: "):
         hf.load_checkpoint(folder)
 
