@@ -33,8 +33,8 @@ policy RL starts from). One run over several processes (--distributed; policy RL
 from __future__ import annotations
 
 import dataclasses
-import functools
 import errno
+import functools
 import json
 import math
 import os
