@@ -4,7 +4,7 @@ RWML (Yu et al., arXiv 2602.05842; docs/methods.md section 2.3, eqs. 18-19) trai
 predict the next observation, and rewards a prediction by how close it lands to the real one in a
 frozen sentence-embedding space E:
 
-    s_hat = the text inside <next_state> ... </next_state>                      (missing: r = 0)
+    s_hat = the text inside the last <next_state> ... </next_state>             (missing: r = 0)
     d = 1 - cos(E(s_hat), E(s_{t+1}))
     r = 1.0 if d < tau_d else 0.0          methods.md eq. 18: binary, more robust and less hackable than cos
     r = round_to(ROUGE-L F1(s_hat, s_{t+1}), 0.2)        eq. 19: structured tool responses (tau2-bench)
@@ -32,22 +32,27 @@ import numpy as np
 # --------------------------------------------------------------------------------------------
 
 
-def extract_tag(text: str, tag: str = "next_state") -> str | None:
-    """The stripped content of the one <tag>...</tag> span in `text`; None if there is not exactly one.
+BLOCKS = ("last", "one")  # which <next_state> span is the prediction (extract_tag)
 
-    None when the tag is missing, unclosed, closed before it opens, or empty after stripping. A
-    response with the opening or closing tag more than once also gets None: a world model must
-    commit to one prediction, and rewarding any of several would reward hedging (the paper is
-    silent; this is our choice).
+
+def extract_tag(text: str, tag: str = "next_state", block: str = "last") -> str | None:
+    """The stripped prediction inside <tag>...</tag> in `text`; None where there is none to score.
+
+    block "last" (the default, as the RWML authors' public reward code reads it): the text between the last opening
+    tag and the last closing tag; None when either is missing or the last closing tag comes before the last opening
+    one (an unclosed final block). block "one" (the project's earlier choice, a setting): exactly one opening and one
+    closing tag, None otherwise: a world model must commit to one prediction, and rewarding any of several would
+    reward hedging. The paper is silent. Either way a span that is empty after stripping is None: nothing to score.
     """
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, not {block!r}")
     opening, closing = f"<{tag}>", f"</{tag}>"
-    if text.count(opening) != 1 or text.count(closing) != 1:
+    if block == "one" and (text.count(opening) != 1 or text.count(closing) != 1):
         return None
-    start = text.index(opening) + len(opening)
-    end = text.find(closing, start)
-    if end < 0:
+    start, end = text.rfind(opening), text.rfind(closing)
+    if start < 0 or end < start + len(opening):
         return None
-    return text[start:end].strip() or None
+    return text[start + len(opening):end].strip() or None
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -64,10 +69,10 @@ class Embedder(Protocol):
 
 
 def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedder: Embedder, tau_d: float,
-                       tag: str = "next_state") -> tuple[np.ndarray, np.ndarray]:
+                       tag: str = "next_state", block: str = "last") -> tuple[np.ndarray, np.ndarray]:
     """RWML's binary cosine reward, methods.md eq. 18, for a batch: (rewards [n], distances [n]), both float32.
 
-    responses: the world model's full outputs; the prediction is `extract_tag(response, tag)`.
+    responses: the world model's full outputs; the prediction is `extract_tag(response, tag, block)`.
     targets: the true next observations. r = 1.0 if 1 - cos(E(prediction), E(target)) < tau_d
     (strictly) else 0.0. A response without a usable tag gets reward 0 and distance 1.0 and is not
     embedded. All texts go to the embedder in one call, each distinct text once: a GRPO group's
@@ -75,7 +80,7 @@ def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedde
     """
     if len(responses) != len(targets):
         raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
-    predictions = [extract_tag(response, tag) for response in responses]
+    predictions = [extract_tag(response, tag, block) for response in responses]
     distinct = list(dict.fromkeys([p for p in predictions if p is not None] + list(targets)))
     vectors = dict(zip(distinct, embedder.embed(distinct))) if distinct else {}
     distances = np.ones(len(responses), np.float64)  # compared with tau_d in float64: float32(0.4) > 0.4
@@ -117,10 +122,10 @@ def rouge_reward(prediction: str, reference: str, step: float = 0.2) -> float:
 
 
 def rouge_rewards(responses: Sequence[str], targets: Sequence[str], step: float = 0.2,
-                  tag: str = "next_state") -> np.ndarray:
+                  tag: str = "next_state", block: str = "last") -> np.ndarray:
     """`rouge_reward` (methods.md eq. 19) of each response's <tag> prediction against its target; a missing tag
     scores 0. [n] float32."""
     if len(responses) != len(targets):
         raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
-    predictions = [extract_tag(response, tag) for response in responses]
+    predictions = [extract_tag(response, tag, block) for response in responses]
     return np.array([0.0 if p is None else rouge_reward(p, t, step) for p, t in zip(predictions, targets)], np.float32)

@@ -176,10 +176,11 @@ def train_wm_sft(state: grpo.TrainState, tokenizer, model_config: lm.Config, tri
 # --------------------------------------------------------------------------------------------
 
 
-def cosine_scorer(embedder, tau_d: float) -> Scorer:
+def cosine_scorer(embedder, tau_d: float, block: str = "last") -> Scorer:
     """The reward of methods.md eq. 18: binary [1 - cos(E(s_hat), E(s)) < tau_d], s_hat from the response's
-    <next_state> tag; a missing prediction scores 0."""
-    return functools.partial(reward.next_state_rewards, embedder=embedder, tau_d=tau_d)
+    <next_state> block (the last one, or with block "one" the only one: reward.extract_tag); a missing prediction
+    scores 0."""
+    return functools.partial(reward.next_state_rewards, embedder=embedder, tau_d=tau_d, block=block)
 
 
 def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], key, samples: int = 1,
@@ -243,6 +244,7 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
         {f"seconds_{part}": seconds for part, seconds in timings.items()},
         reward=float(np.mean(rewards)),
         distance=float(np.mean(distances)),
+        # the share ending in a closed, non-empty <next_state> block (what the scorer reads is its own: cosine_scorer)
         format=float(np.mean([reward.extract_tag(t, "next_state") is not None for t in texts])),
         zero_variance_groups=float(np.mean(np.asarray(stats.zero_variance))),
     )

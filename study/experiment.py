@@ -131,7 +131,8 @@ def run_args(args: ExperimentArgs, name: str, seed: int, out: Path) -> train.Arg
     seed, and the shared evaluation flags."""
     shared = {"env": args.env, "seed": seed, "out": str(out), "eval.samples": args.eval_samples,
               "eval.every": args.eval_every, "eval.wm_every": 1_000_000, "checkpoint_every": args.eval_every,
-              "tensorboard": False, "progress": False, "cache": args.cache}
+              "tensorboard": False, "progress": False, "cache": args.cache,
+              "wm_prediction": "one"}  # what the study's tracked runs scored (before the authors' last block)
     if args.quick:
         shared.update(QUICK)
     return settings.override(train.Args(), {**regime_of(args).rows[name], **shared})
@@ -230,8 +231,10 @@ NEUTRAL_SETTINGS = settings.OUTPUT_SETTINGS
 
 
 def same_settings(a: dict, b: dict) -> bool:
-    """Whether two runs' settings train the same; one a run lacks (it predates the setting, whose default keeps the
-    old behaviour) is not compared, as in settings.setting_changes."""
+    """Whether two runs' settings train the same; one a run lacks (it predates the setting) takes the value it had
+    then (settings.BEFORE_THE_SETTING), or, where the default kept the old behaviour, is not compared, as in
+    settings.setting_changes."""
+    a, b = (settings.as_saved(x) if x else x for x in (a, b))
     return bool(a) and bool(b) and all(a[k] == b[k] for k in a.keys() & b.keys() if k not in NEUTRAL_SETTINGS)
 
 

@@ -85,9 +85,37 @@ def test_missing_or_unclosed_tag_gives_none(response):
     assert R.extract_tag(response) is None
 
 
-def test_more_than_one_prediction_gives_none():
+def test_of_several_predictions_the_last_block_counts_as_in_the_authors_code_or_none_with_block_one():
     hedged = "<next_state>The drawer 1 is open.</next_state> or <next_state>Nothing happens.</next_state>"
-    assert R.extract_tag(hedged) is None
+    assert R.extract_tag(hedged) == "Nothing happens." and R.extract_tag(hedged, block="one") is None
+
+
+@pytest.mark.parametrize("response, last", [
+    ("<next_state>a</next_state> <next_state>b</next_state> <next_state>c</next_state>", "c"),
+    ("</next_state> a <next_state> b </next_state>", "b"),  # a closing tag first, then one block
+    ("<next_state>a</next_state> then <next_state>b", None),  # the last block never closed
+    ("<next_state>a <next_state>b</next_state>", "b"),  # an opening tag inside: from the last one
+    ("<next_state>a</next_state> <next_state> </next_state>", None),  # the last block empty
+    ("<next_state>a</next_state> trailing </next_state>", "a</next_state> trailing"),  # up to the last closing tag
+], ids=["three blocks", "closing first", "unclosed last", "nested opening", "empty last", "two closings"])
+def test_the_last_block_runs_from_the_last_opening_to_the_last_closing_tag(response, last):
+    assert R.extract_tag(response) == last
+
+
+def test_the_scorer_reads_the_block_it_is_given():
+    """rwml.cosine_scorer passes --wm-prediction on: with "one", a hedged response has no prediction (distance 1)."""
+    import rwml
+
+    hedged = "<next_state>S . G</next_state> or <next_state>S . G</next_state>"
+    embedder = type("Same", (), {"embed": lambda self, texts: np.ones((len(texts), 2), np.float32) / np.sqrt(2)})()
+    last, _ = rwml.cosine_scorer(embedder, 0.5)([hedged], ["S . G"])
+    one, distance = rwml.cosine_scorer(embedder, 0.5, "one")([hedged], ["S . G"])
+    assert last.tolist() == [1.0] and one.tolist() == [0.0] and distance.tolist() == [1.0]
+
+
+def test_an_unknown_block_rule_is_refused():
+    with pytest.raises(ValueError, match="block must be one of"):
+        R.extract_tag("<next_state>a</next_state>", block="first")
 
 
 @pytest.mark.parametrize("response", ["<next_state></next_state>", "<next_state> \n\t </next_state>"], ids=["empty", "whitespace"])

@@ -615,6 +615,12 @@ def test_resume_may_change_only_how_often_a_run_evaluates_checkpoints_and_where_
     before = dataclasses.asdict(hub) | {"pretrain_steps": 300, "pretrain_episodes": 3000}
     assert hub.pretrain_steps is None and settings.setting_changes(before, hub) == []
     assert settings.setting_changes(saved_json | {"pretrain_steps": 5}, saved) == [("--pretrain-steps", 5, 300)]
+    # a run from before --wm-prediction scored the only block: resuming it under the authors' last block is a change
+    rwml = train.settle(train.Args(method="rwml"))
+    predates = {k: v for k, v in dataclasses.asdict(rwml).items() if k != "wm_prediction"}
+    assert rwml.wm_prediction == "last"
+    assert settings.setting_changes(predates, rwml) == [("--wm-prediction", "one", "last")]
+    assert settings.setting_changes(predates, settings.override(rwml, {"wm_prediction": "one"})) == []
 
 
 @pytest.mark.parametrize("argv", [
