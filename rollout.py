@@ -48,7 +48,11 @@ class Turn:
     response_text       the response decoded (special tokens dropped): what was parsed
     actions             the actions sent to the environment, parsed from response_text ([] if none)
     observation         s_t, the observation this turn acted on
-    next_observation    s_{t+1}, and next_observation_ids its tokens (env text, tokenized alone)
+    next_observation    s_{t+1}: the environment's text, what the next prompt shows
+    target              s_{t+1} as a world model is taught it (RWML's target, PaW's inline observation), and
+                        next_observation_ids its tokens (tokenized alone): the observation itself unless the environment
+                        says otherwise (tau2: a tool response masked to its schema)
+    kind                what answered the action, where an environment has several sources (tau2: "tool" or "user")
     """
 
     step: int
@@ -65,6 +69,12 @@ class Turn:
     done: bool
     won: bool
     invalid: bool
+    kind: str = ""
+    target: str | None = None
+
+    def __post_init__(self):
+        if self.target is None:
+            self.target = self.next_observation
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -102,6 +112,7 @@ class Transition(NamedTuple):
     trajectory: int
     turn: int
     group: int
+    kind: str = ""  # what answered the action (tau2: "tool" or "user"); next_state is the turn's target
 
 
 def history_window(turns: Sequence[Turn], step: int, history: int, no_action: str = "") -> list[tuple[str, str]]:
@@ -177,13 +188,14 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
         for i, prompt_ids in zip(active, prompts):
             ids, logprobs, entropies, text, actions = responses[i]
             next_observation, reward, done, info = results[i]
-            next_ids = np.asarray(tokenizer.encode(next_observation, add_special_tokens=False), np.int32)
+            target = info.get("target", next_observation)
+            next_ids = np.asarray(tokenizer.encode(target, add_special_tokens=False), np.int32)
             trajectories[i].turns.append(Turn(
                 step=turn, observation=current[i][0], prompt_ids=np.asarray(prompt_ids, np.int32), response_ids=ids,
                 response_logprobs=np.asarray(logprobs), response_entropies=np.asarray(entropies), response_text=text,
                 actions=list(actions), next_observation=next_observation, next_observation_ids=next_ids,
                 reward=float(reward), done=bool(done), won=bool(info.get("won", False)),
-                invalid=bool(info.get("invalid_action", False)),
+                invalid=bool(info.get("invalid_action", False)), kind=info.get("kind", ""), target=target,
             ))
             if done:
                 del current[i]
@@ -205,8 +217,8 @@ def transitions(trajectories: Sequence[Trajectory], history: int = 2) -> list[Tr
         for t, turn in enumerate(trajectory.turns):
             out.append(Transition(
                 task=trajectory.task, history=tuple(history_window(trajectory.turns, t, history)),
-                state=turn.observation, action=" || ".join(turn.actions), next_state=turn.next_observation,
-                reward=turn.reward, invalid=turn.invalid, trajectory=index, turn=t, group=trajectory.group,
+                state=turn.observation, action=" || ".join(turn.actions), next_state=turn.target,
+                reward=turn.reward, invalid=turn.invalid, trajectory=index, turn=t, group=trajectory.group, kind=turn.kind,
             ))
     return out
 
@@ -243,7 +255,8 @@ def random_play(game: envs.Game, episodes: int, seed: int) -> tuple[list[Traject
                 step=step, observation=observation, prompt_ids=empty, response_ids=empty, response_logprobs=empty,
                 response_entropies=empty, response_text=game.respond(action), actions=[action],
                 next_observation=following, next_observation_ids=empty, reward=reward, done=done,
-                won=bool(info.get("won")), invalid=bool(info.get("invalid_action"))))
+                won=bool(info.get("won")), invalid=bool(info.get("invalid_action")), kind=info.get("kind", ""),
+                target=info.get("target", following)))
             observation = following
             if done:
                 break

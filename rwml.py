@@ -183,6 +183,18 @@ def cosine_scorer(embedder, tau_d: float, block: str = "last") -> Scorer:
     return functools.partial(reward.next_state_rewards, embedder=embedder, tau_d=tau_d, block=block)
 
 
+def rouge_scorer(step: float = 0.2, block: str = "last") -> Scorer:
+    """The reward of methods.md eq. 19 for structured next states (tau2-bench's tool responses): ROUGE-L F1 of the
+    <next_state> block against the true next state, rounded to a multiple of `step`; its distance is 1 - reward (what
+    the too-easy filter compares with its tau_d)."""
+
+    def score(responses: Sequence[str], targets: Sequence[str]):
+        rewards = reward.rouge_rewards(responses, targets, step, block=block)
+        return rewards, 1.0 - rewards
+
+    return score
+
+
 def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], key, samples: int = 1,
             sampling: sampler.SamplingParams = sampler.SamplingParams(max_new_tokens=128), direct: bool = False):
     """`samples` predictions per triplet (rows grouped by triplet): the Completion and each decoded text."""
@@ -195,10 +207,20 @@ def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Tripl
     return completion, texts
 
 
-def score_texts(texts: Sequence[str], triplets: Sequence[Triplet], samples: int, scorer: Scorer):
-    """Rewards and distances of responses grouped `samples` per triplet, each against its triplet's true next state."""
+def score_texts(texts: Sequence[str], triplets: Sequence[Triplet], samples: int, scorer: Scorer | dict[str, Scorer]):
+    """Rewards and distances of responses grouped `samples` per triplet, each against its triplet's true next state.
+    A dict of scorers scores each response by its triplet's kind (tau2-bench: ROUGE for "tool", cosine for "user")."""
     targets = [t.next_state for t in triplets for _ in range(samples)]
-    return scorer(texts, targets)
+    if not isinstance(scorer, dict):
+        return scorer(texts, targets)
+    kinds = np.array([t.kind for t in triplets for _ in range(samples)])
+    rewards, distances = np.zeros(len(texts), np.float32), np.ones(len(texts), np.float32)
+    for kind in np.unique(kinds):
+        if kind not in scorer:
+            raise ValueError(f"no scorer for next states of kind '{kind}' (scorers for {sorted(scorer)})")
+        rows = np.flatnonzero(kinds == kind)
+        rewards[rows], distances[rows] = scorer[kind]([texts[i] for i in rows], [targets[i] for i in rows])
+    return rewards, distances
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +270,9 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
         format=float(np.mean([reward.extract_tag(t, "next_state") is not None for t in texts])),
         zero_variance_groups=float(np.mean(np.asarray(stats.zero_variance))),
     )
+    if isinstance(scorer, dict):  # each kind's reward apart (tau2-bench: reward_tool is ROUGE's, reward_user cosine's)
+        kinds = np.array([t.kind for t in triplets for _ in range(cfg.group_size)])
+        metrics.update({f"reward_{kind}": float(np.mean(np.asarray(rewards)[kinds == kind])) for kind in np.unique(kinds)})
     return state, metrics
 
 

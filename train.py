@@ -46,6 +46,7 @@ import jax
 import numpy as np
 
 import engine
+import envs
 import grpo
 import model as lm
 import multihost
@@ -126,7 +127,7 @@ def rwml_steps(run: Run, index: int, name: str, state, reference, update, refere
     """RWML (methods.md section 2.4): G predictions of each triplet of a batch, the binary cosine reward (eq. 18),
     group advantages and the GRPO update (rwml.rwml_update), over wm_epochs seeded shuffles of the triplets."""
     args, train = run.args, data["train"]
-    scorer = rwml.cosine_scorer(embedders.make_embedder(args.embedder), args.tau_d, args.wm_prediction)
+    scorer = world_model_scorer(args, args.tau_d)
     sampling = sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens)
     cfg = rwml.RWMLConfig(args.wm_group_size, sampling, args.filter_zero_variance)
     for step in range(start, run.stage_lengths[index]):
@@ -135,6 +136,15 @@ def rwml_steps(run: Run, index: int, name: str, state, reference, update, refere
                                           run.step_key(index, step), cfg, reference_of)
         finish_step(run, index, name, step, state, reference, metrics)
     return state
+
+
+def world_model_scorer(args: Args, tau_d: float):
+    """RWML's reward (methods.md eqs. 18-19): the binary cosine reward at tau_d; on tau2-bench, a scorer per kind of
+    next state: ROUGE-L rounded to 0.2 for tool responses (eq. 19), the cosine reward for the customer's replies."""
+    cosine = rwml.cosine_scorer(embedders.make_embedder(args.embedder), tau_d, args.wm_prediction)
+    if args.env in envs.TAU2_ENVS:
+        return {"tool": rwml.rouge_scorer(0.2, args.wm_prediction), "user": cosine}
+    return cosine
 
 
 def sft_steps(run: Run, index: int, name: str, state, reference, update, reference_of, start: int, data):
@@ -167,7 +177,7 @@ def world_model_data(run: Run, index: int, name: str, params, too_easy: bool) ->
         train, validation = rwml.split_triplets(triplets, 0.1, args.seed)
         summary = {"triplets": len(triplets), "train": len(train), "validation": len(validation)}
         if too_easy and args.too_easy_filter:
-            scorer = rwml.cosine_scorer(embedders.make_embedder(args.embedder), args.filter.tau_d, args.wm_prediction)
+            scorer = world_model_scorer(args, args.filter.tau_d)
             optimizer = grpo.make_optimizer(args.sft_learning_rate, args.weight_decay, args.max_grad_norm)
             train, filtered = rwml.too_easy_subsample(params, run.config, run.tokenizer, train, validation, scorer,
                                                       optimizer, jax.random.fold_in(run.data_key(index), 1),

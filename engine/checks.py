@@ -92,18 +92,24 @@ def check(args: Args) -> None:
     problems = number_problems(args)
     if problems:
         raise UsageError("\n".join(problems))
-    if args.method == "spa" and args.env == "alfworld":
-        raise UsageError("SPA needs the true state of the game (state estimation), which only the grid games render. "
-                         "Fix: --env frozenlake, sokoban or sudoku.")
-    if args.env == "alfworld" and args.grid_size is not None:
-        raise UsageError("--grid-size sets a grid game's map; ALFWorld's rooms come from its game files. Fix: leave "
-                         "--grid-size out, or choose --env frozenlake, sokoban or sudoku.")
+    grid, tau2 = args.env in envs.GRID_ENVS, args.env in envs.TAU2_ENVS
+    if args.method == "spa" and not grid:
+        raise UsageError(f"SPA needs the true state of the game (state estimation), which only the grid games render"
+                         f"{': a tau2-bench conversation has no state to estimate beyond its text' if tau2 else ''}. "
+                         "Fix: --env frozenlake, sokoban or sudoku, or another --method.")
+    if not grid and args.grid_size is not None:
+        raise UsageError(f"--grid-size sets a grid game's map; {args.env} has no grid. Fix: leave --grid-size out, or "
+                         "choose --env frozenlake, sokoban or sudoku.")
     for flag, observation in (("--observation", args.observation), ("--pretrain-observation", args.pretrain_observation)):
-        if observation == "grid+coordinates" and (args.env == "alfworld" or args.method == "spa"
-                                                  or args.prompt == "coordinates"):
+        if observation == "grid+coordinates" and (not grid or args.method == "spa" or args.prompt == "coordinates"):
             raise UsageError(f"{flag} {observation} renders a grid game's coordinates into its observations; "
-                             f"{'ALFWorld has no grid' if args.env == 'alfworld' else 'SPA and --prompt coordinates add them to the prompt already'}. "
+                             f"{f'{args.env} has no grid' if not grid else 'SPA and --prompt coordinates add them to the prompt already'}. "
                              f"Fix: leave {flag} {'at grid' if flag == '--observation' else 'out'}.")
+    if tau2:
+        try:
+            envs.tau2.import_tau2()
+        except ImportError as error:
+            raise UsageError(f"--env {args.env}: {error}") from error
     given = [flag for flag, chosen in (("--pretrain-steps", args.pretrain_steps is not None),
                                        ("--pretrain-episodes", args.pretrain_episodes is not None),
                                        ("--pretrain-observation", args.pretrain_observation is not None),

@@ -62,7 +62,7 @@ class Evaluator:
         self.settings, self.game, self.tokenizer, self.config = settings, game, tokenizer, config
         self.max_new_tokens = max_new_tokens
         episodes = max(2, math.ceil(2 * settings.wm_transitions / game.max_turns))
-        play, play_prompts = rollout.random_play(game, episodes, seed=EVAL_SEED + seed)
+        play, play_prompts = (game.demonstrate or rollout.random_play)(game, episodes, EVAL_SEED + seed)
         triplets = rwml.triplets_from_rollouts(play, game.history)
         rng = np.random.default_rng(seed)
         self.triplets = [triplets[i] for i in rng.permutation(len(triplets))[:settings.wm_transitions]]
@@ -87,7 +87,8 @@ class Evaluator:
 
     def __call__(self, params, key) -> dict[str, float]:
         settings = self.settings
-        seeds = [EVAL_SEED + i if self.game.name != "alfworld" else i for i in range(settings.episodes)]
+        in_order = self.game.name == "alfworld" or self.game.name in envs.TAU2_ENVS  # a split's first N tasks
+        seeds = [i if in_order else EVAL_SEED + i for i in range(settings.episodes)]
         sampling = sampler.SamplingParams(settings.temperature, max_new_tokens=self.max_new_tokens)
         trajectories = rollout.rollout(params, self.config, self.tokenizer, self.environments, seeds, settings.samples,
                                        key, prompt=self.game.prompt, parse=self.game.parse, max_turns=settings.max_turns,

