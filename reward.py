@@ -4,7 +4,8 @@ RWML (Yu et al., arXiv 2602.05842; docs/methods.md section 2.3, eqs. 18-19) trai
 predict the next observation, and rewards a prediction by how close it lands to the real one in a
 frozen sentence-embedding space E:
 
-    s_hat = the text inside the last <next_state> ... </next_state>             (missing: r = 0)
+    s_hat = the text inside the last <next_state> ... </next_state>,           (missing: r = 0)
+            cut to its first 100 tokens (the embedder's) as the RWML authors' code cuts it
     d = 1 - cos(E(s_hat), E(s_{t+1}))
     r = 1.0 if d < tau_d else 0.0          methods.md eq. 18: binary, more robust and less hackable than cos
     r = round_to(ROUGE-L F1(s_hat, s_{t+1}), 0.2)        eq. 19: structured tool responses (tau2-bench)
@@ -14,9 +15,9 @@ Policy RL afterwards uses the environment's own return, the sum of its step rewa
 and step penalties); the two are never mixed. Every reward here is a pure function of texts (and a frozen
 embedder) to floats.
 
-E comes in as an argument: anything with `embed(texts) -> [n, dim]` unit vectors (`Embedder`). The project's two,
-a BERT sentence embedder (all-MiniLM-L6-v2, the offline default) and the paper's Qwen3-Embedding (a decoder's
-last-token state), are machinery: `engine/embedders.py`.
+E comes in as an argument: anything with `embed(texts, max_tokens) -> [n, dim]` unit vectors (`Embedder`). The
+project's two, a BERT sentence embedder (all-MiniLM-L6-v2, the offline default) and the paper's Qwen3-Embedding (a
+decoder's last-token state), are machinery: `engine/embedders.py`.
 """
 
 from __future__ import annotations
@@ -63,30 +64,45 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class Embedder(Protocol):
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """[len(texts), dim] float32 unit vectors."""
+    def embed(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """[len(texts), dim] float32 unit vectors, each text cut to its first max_tokens tokens (the embedder's own)
+        first; None: no cut but the embedder's maximum length."""
         ...
 
 
+PREDICTION_TOKENS = 100  # the RWML authors' code cuts the prediction to its first 100 tokens before embedding it
+
+
+def embed_each_once(texts: Sequence[str], embed) -> dict[str, np.ndarray]:
+    """{text: embed(text)} with every distinct text embedded once, all in one call: a GRPO group's rollouts share one
+    target, and repeated predictions are common."""
+    distinct = list(dict.fromkeys(texts))
+    return dict(zip(distinct, embed(distinct))) if distinct else {}
+
+
 def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedder: Embedder, tau_d: float,
-                       tag: str = "next_state", block: str = "last") -> tuple[np.ndarray, np.ndarray]:
+                       tag: str = "next_state", block: str = "last",
+                       prediction_tokens: int = PREDICTION_TOKENS) -> tuple[np.ndarray, np.ndarray]:
     """RWML's binary cosine reward, methods.md eq. 18, for a batch: (rewards [n], distances [n]), both float32.
 
-    responses: the world model's full outputs; the prediction is `extract_tag(response, tag, block)`.
-    targets: the true next observations. r = 1.0 if 1 - cos(E(prediction), E(target)) < tau_d
-    (strictly) else 0.0. A response without a usable tag gets reward 0 and distance 1.0 and is not
-    embedded. All texts go to the embedder in one call, each distinct text once: a GRPO group's
-    rollouts share one target, and repeated predictions are common.
+    responses: the world model's full outputs; the prediction is `extract_tag(response, tag, block)`, cut to its
+    first prediction_tokens tokens of the embedder's tokenizer before it is embedded (0: not cut), as the RWML
+    authors' code cuts it. targets: the true next observations, never cut.
+    r = 1.0 if 1 - cos(E(prediction), E(target)) < tau_d (strictly) else 0.0. A response without a usable tag gets
+    reward 0 and distance 1.0 and is not embedded, nor is its target.
     """
     if len(responses) != len(targets):
         raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
+    if prediction_tokens < 0:
+        raise ValueError(f"prediction_tokens is {prediction_tokens}: the tokens a prediction keeps, 0 for all")
     predictions = [extract_tag(response, tag, block) for response in responses]
-    distinct = list(dict.fromkeys([p for p in predictions if p is not None] + list(targets)))
-    vectors = dict(zip(distinct, embedder.embed(distinct))) if distinct else {}
+    scored = [i for i, prediction in enumerate(predictions) if prediction is not None]
+    predicted = embed_each_once([predictions[i] for i in scored],
+                                lambda texts: embedder.embed(texts, max_tokens=prediction_tokens or None))
+    wanted = embed_each_once([targets[i] for i in scored], embedder.embed)
     distances = np.ones(len(responses), np.float64)  # compared with tau_d in float64: float32(0.4) > 0.4
-    for i, (prediction, target) in enumerate(zip(predictions, targets)):
-        if prediction is not None:
-            distances[i] = cosine_distance(vectors[prediction], vectors[target])
+    for i in scored:
+        distances[i] = cosine_distance(predicted[predictions[i]], wanted[targets[i]])
     has_prediction = np.array([p is not None for p in predictions], bool)
     rewards = np.where(has_prediction & (distances < tau_d), 1.0, 0.0).astype(np.float32)  # eq. 18: strict d < tau_d
     return rewards, distances.astype(np.float32)

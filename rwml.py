@@ -176,11 +176,13 @@ def train_wm_sft(state: grpo.TrainState, tokenizer, model_config: lm.Config, tri
 # --------------------------------------------------------------------------------------------
 
 
-def cosine_scorer(embedder, tau_d: float, block: str = "last") -> Scorer:
+def cosine_scorer(embedder, tau_d: float, block: str = "last",
+                  prediction_tokens: int = reward.PREDICTION_TOKENS) -> Scorer:
     """The reward of methods.md eq. 18: binary [1 - cos(E(s_hat), E(s)) < tau_d], s_hat from the response's
-    <next_state> block (the last one, or with block "one" the only one: reward.extract_tag); a missing prediction
-    scores 0."""
-    return functools.partial(reward.next_state_rewards, embedder=embedder, tau_d=tau_d, block=block)
+    <next_state> block (the last one, or with block "one" the only one: reward.extract_tag) cut to its first
+    prediction_tokens tokens (0: not cut); a missing prediction scores 0."""
+    return functools.partial(reward.next_state_rewards, embedder=embedder, tau_d=tau_d, block=block,
+                             prediction_tokens=prediction_tokens)
 
 
 def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], key, samples: int = 1,

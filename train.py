@@ -126,7 +126,8 @@ def rwml_steps(run: Run, index: int, name: str, state, reference, update, refere
     """RWML (methods.md section 2.4): G predictions of each triplet of a batch, the binary cosine reward (eq. 18),
     group advantages and the GRPO update (rwml.rwml_update), over wm_epochs seeded shuffles of the triplets."""
     args, train = run.args, data["train"]
-    scorer = rwml.cosine_scorer(embedders.make_embedder(args.embedder), args.tau_d, args.wm_prediction)
+    scorer = rwml.cosine_scorer(embedders.make_embedder(args.embedder), args.tau_d, args.wm_prediction,
+                                args.wm_prediction_tokens)
     sampling = sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens)
     cfg = rwml.RWMLConfig(args.wm_group_size, sampling, args.filter_zero_variance)
     for step in range(start, run.stage_lengths[index]):
@@ -167,7 +168,8 @@ def world_model_data(run: Run, index: int, name: str, params, too_easy: bool) ->
         train, validation = rwml.split_triplets(triplets, 0.1, args.seed)
         summary = {"triplets": len(triplets), "train": len(train), "validation": len(validation)}
         if too_easy and args.too_easy_filter:
-            scorer = rwml.cosine_scorer(embedders.make_embedder(args.embedder), args.filter.tau_d, args.wm_prediction)
+            scorer = rwml.cosine_scorer(embedders.make_embedder(args.embedder), args.filter.tau_d, args.wm_prediction,
+                                        args.wm_prediction_tokens)
             optimizer = grpo.make_optimizer(args.sft_learning_rate, args.weight_decay, args.max_grad_norm)
             train, filtered = rwml.too_easy_subsample(params, run.config, run.tokenizer, train, validation, scorer,
                                                       optimizer, jax.random.fold_in(run.data_key(index), 1),

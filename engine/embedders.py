@@ -230,11 +230,14 @@ class BertEmbedder:
         self.batch_size, self.max_length = batch_size, max_length
         self.dim = self.config.hidden_size
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """[CLS] text [SEP] ids, truncated to max_length."""
+    def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+        """[CLS] text [SEP] ids, the text cut to its first max_tokens tokens (None: to what max_length leaves)."""
         if not texts:  # the tokenizer fails on an empty batch
             return []
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        length = self.max_length
+        if max_tokens is not None:  # the tokenizer's max_length counts [CLS] and [SEP] too
+            length = min(length, max_tokens + self.tokenizer.num_special_tokens_to_add())
+        return self.tokenizer(list(texts), truncation=True, max_length=length)["input_ids"]
 
     def _embed_batch(self, token_ids: list[Sequence[int]]) -> jax.Array:
         length = min(lm.bucket_length(max(map(len, token_ids))), self.config.max_position_embeddings)
@@ -244,9 +247,9 @@ class BertEmbedder:
             tokens[row, :len(ids)], mask[row, :len(ids)] = ids, True
         return bert_sentence_embeddings(self.params, self.config, tokens, mask)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """[len(texts), hidden] float32 unit vectors."""
-        return embed_in_batches(self.tokenize(texts), self.batch_size, self.dim, self._embed_batch)
+    def embed(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """[len(texts), hidden] float32 unit vectors, each text cut to its first max_tokens tokens first."""
+        return embed_in_batches(self.tokenize(texts, max_tokens), self.batch_size, self.dim, self._embed_batch)
 
 
 def minilm_folder() -> Path:
@@ -301,19 +304,21 @@ class LastTokenEmbedder:
         self.batch_size, self.max_length = batch_size, max_length
         self.dim = self.config.hidden_size
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids ending in exactly one end token, at most max_length in all (the text is truncated, not the end token)."""
+    def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+        """Token ids ending in exactly one end token: the text cut to its first max_tokens tokens (None: to what
+        max_length leaves), then the end token (never cut)."""
         ids = self.tokenizer(list(texts))["input_ids"] if texts else []  # the tokenizer fails on an empty batch
         without_end = [seq[:-1] if seq and seq[-1] == self.end_id else seq for seq in ids]
-        return [list(seq[:self.max_length - 1]) + [self.end_id] for seq in without_end]
+        length = self.max_length - 1 if max_tokens is None else min(self.max_length - 1, max_tokens)
+        return [list(seq[:length]) + [self.end_id] for seq in without_end]
 
     def _embed_batch(self, token_ids: list[Sequence[int]]) -> jax.Array:
         tokens, mask = lm.left_pad(token_ids, lm.bucket_length(max(map(len, token_ids))), self.end_id)
         return last_token_embeddings(self.params, self.config, tokens, mask)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """[len(texts), hidden] float32 unit vectors."""
-        return embed_in_batches(self.tokenize(texts), self.batch_size, self.dim, self._embed_batch)
+    def embed(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """[len(texts), hidden] float32 unit vectors, each text cut to its first max_tokens tokens first."""
+        return embed_in_batches(self.tokenize(texts, max_tokens), self.batch_size, self.dim, self._embed_batch)
 
 
 @functools.cache

