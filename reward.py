@@ -6,8 +6,8 @@ frozen sentence-embedding space E:
 
     s_hat = the text inside the last <next_state> ... </next_state>,           (missing: r = 0)
             cut to its first 100 tokens (the embedder's) as the RWML authors' code cuts it
-    d = 1 - cos(E(s_hat), E(s_{t+1}))
-    r = 1.0 if d < tau_d else 0.0          methods.md eq. 18: binary, more robust and less hackable than cos
+    d = 1 - cos(E(s_hat), E(s_{t+1}))       s_hat a document, s_{t+1} a query (Qwen3-Embedding: with an instruction)
+    r = 1.0 if d <= tau_d else 0.0         methods.md eq. 18: binary, more robust and less hackable than cos
     r = round_to(ROUGE-L F1(s_hat, s_{t+1}), 0.2)        eq. 19: structured tool responses (tau2-bench)
 
 Policy RL afterwards uses the environment's own return, the sum of its step rewards (eq. 1,
@@ -15,9 +15,9 @@ Policy RL afterwards uses the environment's own return, the sum of its step rewa
 and step penalties); the two are never mixed. Every reward here is a pure function of texts (and a frozen
 embedder) to floats.
 
-E comes in as an argument: anything with `embed(texts, max_tokens) -> [n, dim]` unit vectors (`Embedder`). The
-project's two, a BERT sentence embedder (all-MiniLM-L6-v2, the offline default) and the paper's Qwen3-Embedding (a
-decoder's last-token state), are machinery: `engine/embedders.py`.
+E comes in as an argument: anything with `embed(texts, max_tokens)` and `embed_queries(texts)` returning [n, dim]
+unit vectors (`Embedder`). The project's two, a BERT sentence embedder (all-MiniLM-L6-v2, the offline default) and
+the paper's Qwen3-Embedding (a decoder's last-token state), are machinery: `engine/embedders.py`.
 """
 
 from __future__ import annotations
@@ -65,8 +65,13 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 class Embedder(Protocol):
     def embed(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
-        """[len(texts), dim] float32 unit vectors, each text cut to its first max_tokens tokens (the embedder's own)
-        first; None: no cut but the embedder's maximum length."""
+        """[len(texts), dim] float32 unit vectors of the texts as documents (the predictions), each cut to its first
+        max_tokens tokens (the embedder's own) first; None: no cut but the embedder's maximum length."""
+        ...
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), dim] float32 unit vectors of the texts as queries (the true next states): with the instruction
+        the embedder was trained to read in front of a query (Qwen3-Embedding), or as documents (MiniLM)."""
         ...
 
 
@@ -80,6 +85,15 @@ def embed_each_once(texts: Sequence[str], embed) -> dict[str, np.ndarray]:
     return dict(zip(distinct, embed(distinct))) if distinct else {}
 
 
+def binary_rewards(distances: np.ndarray, tau_d: float) -> np.ndarray:
+    """RWML eq. 18: 1.0 where the distance d = 1 - cos is at most tau_d, else 0.0, float32.
+
+    Ties are rewarded: the RWML authors' code rewards a cosine similarity of at least 0.8, and 1 - s <= tau_d is
+    s >= 1 - tau_d; in float64 1 - s is exact for s in [0.5, 1], so tau_d = 0.2 draws their line to the last bit.
+    """
+    return np.where(np.asarray(distances, np.float64) <= tau_d, 1.0, 0.0).astype(np.float32)
+
+
 def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedder: Embedder, tau_d: float,
                        tag: str = "next_state", block: str = "last",
                        prediction_tokens: int = PREDICTION_TOKENS) -> tuple[np.ndarray, np.ndarray]:
@@ -87,9 +101,10 @@ def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedde
 
     responses: the world model's full outputs; the prediction is `extract_tag(response, tag, block)`, cut to its
     first prediction_tokens tokens of the embedder's tokenizer before it is embedded (0: not cut), as the RWML
-    authors' code cuts it. targets: the true next observations, never cut.
-    r = 1.0 if 1 - cos(E(prediction), E(target)) < tau_d (strictly) else 0.0. A response without a usable tag gets
-    reward 0 and distance 1.0 and is not embedded, nor is its target.
+    authors' code cuts it, and embedded as a document. targets: the true next observations, embedded as queries
+    (Embedder.embed_queries), never cut. r = 1.0 if 1 - cos(E(prediction), E(target)) <= tau_d else 0.0
+    (binary_rewards). A response without a usable tag gets reward 0 and distance 1.0 and is not embedded, nor is its
+    target.
     """
     if len(responses) != len(targets):
         raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
@@ -99,12 +114,12 @@ def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedde
     scored = [i for i, prediction in enumerate(predictions) if prediction is not None]
     predicted = embed_each_once([predictions[i] for i in scored],
                                 lambda texts: embedder.embed(texts, max_tokens=prediction_tokens or None))
-    wanted = embed_each_once([targets[i] for i in scored], embedder.embed)
+    wanted = embed_each_once([targets[i] for i in scored], embedder.embed_queries)
     distances = np.ones(len(responses), np.float64)  # compared with tau_d in float64: float32(0.4) > 0.4
+    rewards = np.zeros(len(responses), np.float32)
     for i in scored:
         distances[i] = cosine_distance(predicted[predictions[i]], wanted[targets[i]])
-    has_prediction = np.array([p is not None for p in predictions], bool)
-    rewards = np.where(has_prediction & (distances < tau_d), 1.0, 0.0).astype(np.float32)  # eq. 18: strict d < tau_d
+    rewards[scored] = binary_rewards(distances[scored], tau_d)
     return rewards, distances.astype(np.float32)
 
 

@@ -24,7 +24,7 @@ Reported per method, as mean ± std over seeds (ddof 0; in the regimes below, ±
     reached             policy-RL iterations until held-out success first reaches --success-level
                         (evaluated every --eval-every iterations; "not reached" seeds are counted apart)
     WM accuracy         RWML's measure: the share of held-out random-play transitions whose greedy
-                        prediction scores reward 1 (1 - cos(E(s'), E(s_hat)) < tau_d, MiniLM), in RWML's
+                        prediction scores reward 1 (1 - cos(E(s'), E(s_hat)) <= tau_d, MiniLM), in RWML's
                         prompt (what RWML trains) and in WM SFT's direct prompt (what WM SFT trains)
     WM exact, inline    PaW's layout [h ; a ; o']: the share predicted token for token
     weights changed     the share of the q, k, v, o, gate, up, down kernels' weights with
@@ -177,7 +177,7 @@ SUMMARY_VERSION = 2  # bump when summarise() changes: summaries are recomputed f
 
 
 def world_model_reward_accuracy(run: train.Args, game, models: dict, tokenizer, scorer) -> dict[str, float]:
-    """RWML's world-model accuracy (methods.md eq. 31: greedy; reward 1 when 1 - cos < tau_d, eq. 18) on the run's
+    """RWML's world-model accuracy (methods.md eq. 31: greedy; reward 1 when 1 - cos <= tau_d, eq. 18) on the run's
     held-out transitions (the evaluation's, engine/setup.py), in RWML's prompt and in WM SFT's direct prompt, for each
     {name: (config, params)}."""
     config = next(iter(models.values()))[0]

@@ -101,6 +101,8 @@ class CharacterCounts:
         vectors = np.array([[1.0 + t.count(c) for c in "aeiou <>/_"] for t in texts], np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
+    embed_queries = embed  # no instructions: a query is a document
+
 
 @FUZZ
 @given(st.lists(model_output, min_size=1, max_size=4), st.sampled_from(["S . G", "You see a desk 1."]))

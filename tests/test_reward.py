@@ -128,7 +128,8 @@ def test_the_scorer_reads_the_block_it_is_given():
     import rwml
 
     hedged = "<next_state>S . G</next_state> or <next_state>S . G</next_state>"
-    embedder = type("Same", (), {"embed": lambda self, texts, max_tokens=None: np.ones((len(texts), 2)) / np.sqrt(2)})()
+    same = lambda self, texts, max_tokens=None: np.ones((len(texts), 2)) / np.sqrt(2)
+    embedder = type("Same", (), {"embed": same, "embed_queries": same})()
     last, _ = rwml.cosine_scorer(embedder, 0.5)([hedged], ["S . G"])
     one, distance = rwml.cosine_scorer(embedder, 0.5, "one")([hedged], ["S . G"])
     assert last.tolist() == [1.0] and one.tolist() == [0.0] and distance.tolist() == [1.0]
@@ -150,7 +151,7 @@ def test_empty_tag_gives_none(response):
 
 
 class FixedEmbedder:
-    """Looks each text up in a table of vectors (ignoring any cut); records every call's texts."""
+    """Looks each text up in a table of vectors (ignoring any cut; a query as a document); records every call's texts."""
 
     def __init__(self, vectors):
         self.vectors, self.calls = vectors, []
@@ -158,6 +159,8 @@ class FixedEmbedder:
     def embed(self, texts, max_tokens=None):
         self.calls.append(list(texts))
         return np.array([self.vectors[t] for t in texts], np.float32)
+
+    embed_queries = embed
 
 
 # cos(target, near) = 3/5 exactly, so d = 1 - 0.6, which is the double 0.4; far is orthogonal: d = 1
@@ -172,15 +175,25 @@ def test_distance_is_one_minus_cosine():
     np.testing.assert_array_equal(rewards, [1.0, 1.0, 0.0])
 
 
-def test_distance_equal_to_tau_d_gives_no_reward():
+def test_distance_equal_to_tau_d_gives_reward():
     assert R.cosine_distance(VECTORS["near"], VECTORS["target"]) == 0.4
     rewards, _ = R.next_state_rewards([tag("near")], ["target"], FixedEmbedder(VECTORS), tau_d=0.4)
+    assert rewards.tolist() == [1.0]
+
+
+def test_distance_just_above_tau_d_gives_none():
+    rewards, _ = R.next_state_rewards([tag("near")], ["target"], FixedEmbedder(VECTORS), tau_d=np.nextafter(0.4, 0.0))
     assert rewards.tolist() == [0.0]
 
 
-def test_distance_just_below_tau_d_gives_reward():
-    rewards, _ = R.next_state_rewards([tag("near")], ["target"], FixedEmbedder(VECTORS), tau_d=np.nextafter(0.4, 1.0))
-    assert rewards.tolist() == [1.0]
+def test_distance_at_most_0_2_is_the_authors_similarity_at_least_0_8_to_the_last_bit():
+    """Their rule (embed_next_state.py: reward 1 when the similarity s >= 0.8) on doubles s at and around 0.8, and at
+    random, each compared with ours on d = 1 - s."""
+    around = [0.8]
+    for _ in range(20):
+        around = [np.nextafter(around[0], 0.0), *around, np.nextafter(around[-1], 1.0)]
+    similarity = np.concatenate([around, np.random.default_rng(0).uniform(-1.0, 1.0, 10_000)])
+    np.testing.assert_array_equal(R.binary_rewards(1.0 - similarity, 0.2), (similarity >= 0.8).astype(np.float32))
 
 
 def test_missing_prediction_gets_zero_reward_and_distance_one_and_nothing_is_embedded():
@@ -195,6 +208,21 @@ def test_predictions_then_targets_are_embedded_in_one_call_each_each_distinct_te
     R.next_state_rewards([tag("near"), tag("far"), tag("near"), "no tag"], ["target", "target", "target", "same"],
                          embedder, tau_d=0.2)
     assert embedder.calls == [["near", "far"], ["target"]]  # "same" is the target of a response without a prediction
+
+
+class QueryOrDocument(FixedEmbedder):
+    """A query's vector is its text's turned a quarter, [x, y] -> [-y, x]: "target" as a query points as "far" does."""
+
+    def embed_queries(self, texts):
+        self.calls.append(["query"] + list(texts))
+        return np.array([[-self.vectors[t][1], self.vectors[t][0]] for t in texts], np.float32)
+
+
+def test_the_target_is_embedded_as_a_query_and_the_prediction_as_a_document():
+    embedder = QueryOrDocument(VECTORS)
+    _, distances = R.next_state_rewards([tag("target"), tag("far")], ["target", "target"], embedder, tau_d=0.5)
+    assert embedder.calls == [["target", "far"], ["query", "target"]]
+    np.testing.assert_allclose(distances, [1.0, 0.0], atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,6 +296,32 @@ def test_last_token_embedder_matches_transformers(tmp_path, small_tokenizer, mod
         expected.append(torch.nn.functional.normalize(last, dim=-1).numpy())
     ours = embedders.LastTokenEmbedder(tmp_path).embed(DECODER_TEXTS)  # batched together: left padding is exercised
     np.testing.assert_allclose(ours, np.stack(expected), atol=EMBEDDING_TOLERANCE, rtol=0)
+
+
+def test_qwen3_embedding_reads_the_reference_as_an_instructed_query_and_the_prediction_as_a_document(
+        tmp_path, small_tokenizer):
+    """The reference is transformers' Qwen3Model on the texts as Qwen3-Embedding's model card writes a query,
+    "Instruct: {task}\nQuery:{text}", and a document, the text alone; the reward embeds each side its own way."""
+    backbone = qwen3_embedding_checkpoint(tmp_path, transformers.Qwen3Model, small_tokenizer)
+    end_id = small_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def reference(text):
+        ids = torch.tensor([small_tokenizer(text)["input_ids"] + [end_id]])
+        with torch.no_grad():
+            return torch.nn.functional.normalize(backbone(input_ids=ids).last_hidden_state[0, -1], dim=-1).numpy()
+
+    prediction, target = DECODER_TEXTS[1], DECODER_TEXTS[0]
+    as_query = reference(f"Instruct: {embedders.NEXT_STATE_QUERY_TASK}\nQuery:{target}")
+    embedder = embedders.LastTokenEmbedder(tmp_path)
+    np.testing.assert_allclose(embedder.embed_queries([target])[0], as_query, atol=EMBEDDING_TOLERANCE, rtol=0)
+    assert R.cosine_distance(as_query, reference(target)) > 0.01  # as a query it is another vector than as a document
+    _, (distance,) = R.next_state_rewards([tag(prediction)], [target], embedder, tau_d=0.2)
+    assert distance == pytest.approx(R.cosine_distance(reference(prediction), as_query), abs=EMBEDDING_TOLERANCE)
+    assert abs(distance - R.cosine_distance(reference(prediction), reference(target))) > 0.01
+
+
+def test_minilm_has_no_instructions_so_a_query_is_embedded_as_a_document(minilm):
+    np.testing.assert_array_equal(minilm.embed_queries(SENTENCES[:3]), minilm.embed(SENTENCES[:3]))
 
 
 def test_last_token_embedder_cuts_a_text_to_its_first_max_tokens_tokens_then_ends_it(tmp_path, small_tokenizer):
