@@ -8,7 +8,7 @@ frozen sentence-embedding space E:
             cut to its first 100 tokens (the embedder's) as the RWML authors' code cuts it
     d = 1 - cos(E(s_hat), E(s_{t+1}))       s_hat a document, s_{t+1} a query (Qwen3-Embedding: with an instruction)
     r = 1.0 if d <= tau_d else 0.0         methods.md eq. 18: binary, more robust and less hackable than cos
-    r = round_to(ROUGE-L F1(s_hat, s_{t+1}), 0.2)        eq. 19: structured tool responses (tau2-bench)
+    r = round(ROUGE-L F1(s_hat, s_{t+1}) / 0.2) * 0.2   eq. 19: structured tool responses (tau2-bench)
 
 Policy RL afterwards uses the environment's own return, the sum of its step rewards (eq. 1,
 `rollout.Trajectory.total_reward`: the success reward when the episode is won, plus the game's invalid-action
@@ -22,7 +22,7 @@ the paper's Qwen3-Embedding (a decoder's last-token state), are machinery: `engi
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -123,33 +123,33 @@ def next_state_rewards(responses: Sequence[str], targets: Sequence[str], embedde
     return rewards, distances.astype(np.float32)
 
 
+@functools.cache
+def rouge_l_scorer():
+    """rouge-score's ROUGE-L with Porter stemming, as the RWML authors' tau2-bench reward builds it (imported when
+    first used: it brings NLTK's stemmer)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
 def rouge_l_f1(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lowercased whitespace tokens: LCS length l, P = l / |pred|, R = l / |ref|, 2PR / (P + R); the
-    P, Rc and F of methods.md eq. 19."""
-    predicted, wanted = prediction.lower().split(), reference.lower().split()
-    if not predicted or not wanted:
-        return 0.0
-    lcs = [[0] * (len(wanted) + 1) for _ in range(len(predicted) + 1)]  # lcs[i][j]: of predicted[:i], wanted[:j]
-    for i, predicted_token in enumerate(predicted, start=1):
-        for j, wanted_token in enumerate(wanted, start=1):
-            lcs[i][j] = lcs[i - 1][j - 1] + 1 if predicted_token == wanted_token else max(lcs[i - 1][j], lcs[i][j - 1])
-    common = lcs[-1][-1]
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(wanted)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1, the F of methods.md eq. 19, as the `rouge-score` package computes it: both texts lowercased, every
+    run of characters other than a-z and 0-9 a space, words longer than 3 letters Porter-stemmed; l the length of
+    the longest common subsequence of the words, P = l / |pred|, R = l / |ref|, F = 2PR / (P + R); 0 when either
+    text has no word."""
+    return rouge_l_scorer().score(target=reference, prediction=prediction)["rougeL"].fmeasure
 
 
 def rouge_reward(prediction: str, reference: str, step: float = 0.2) -> float:
-    """RWML's reward for structured tool responses, methods.md eq. 19: ROUGE-L F1 rounded to the nearest multiple of
-    `step`.
+    """RWML's reward for structured tool responses, methods.md eq. 19: ROUGE-L F1 rounded to a multiple of `step` as
+    the RWML authors' code rounds it, round(F / step) * step.
 
-    The paper says "ROUGE rounded to a multiple of 0.2"; the variant (ROUGE-L F1) and the tie rule
-    are ours: exact halves round up (F1 0.5 -> 0.6), with 1e-9 of slack so that a tie like 0.3,
-    which is 1.4999... steps in floating point, still counts as one.
+    Python's round sends an exact half step to the even multiple (F 0.5 -> 0.4, F 0.9 -> 0.8). An F that is a half
+    step in exact arithmetic may not be one in floating point (0.3 / 0.2 is 1.4999..., so F 0.3 -> 0.2); like the
+    authors' code, this rounds the float it has. The result is the float their expression gives (3 * 0.2 is
+    0.6000000000000001).
     """
-    steps = math.floor(rouge_l_f1(prediction, reference) / step + 0.5 + 1e-9)
-    return round(steps * step, 10)  # 3 * 0.2 is 0.6000000000000001
+    return round(rouge_l_f1(prediction, reference) / step) * step
 
 
 def rouge_rewards(responses: Sequence[str], targets: Sequence[str], step: float = 0.2,

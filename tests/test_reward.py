@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from rouge_score import rouge_scorer
 
 import reward as R
 from engine import embedders, hf
@@ -230,25 +231,55 @@ def test_the_target_is_embedded_as_a_query_and_the_prediction_as_a_document():
 # --------------------------------------------------------------------------------------------
 
 
-def test_rouge_l_f1_matches_hand_worked_lcs():
+def authors_rouge_reward(prediction, reference, scorer=rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)):
+    """The RWML authors' tau2-bench reward for a tool response, from rouge-score directly: F1, then round(F1 / 0.2) * 0.2."""
+    return round(scorer.score(target=reference, prediction=prediction)["rougeL"].fmeasure / 0.2) * 0.2
+
+
+def test_rouge_l_f1_matches_hand_worked_lcs_over_stemmed_words():
     # LCS(a b c d e, a c e) = "a c e": P = 3/5, R = 3/3, F1 = 2 * 0.6 * 1 / 1.6 = 0.75
     assert R.rouge_l_f1("a b c d e", "a c e") == pytest.approx(0.75)
-    # LCS = "the cat on mat" (4 of 6 each way), case-insensitive: F1 = 2/3
-    assert R.rouge_l_f1("The cat sat on the mat", "the CAT lay on a mat") == pytest.approx(2 / 3)
+    # lowercased, punctuation a space, Porter stems: "drawers" ~ "drawer", "opened" ~ "open"; LCS = all 4 words
+    assert R.rouge_l_f1("The drawer is OPEN.", "the drawers is opened") == 1.0
     assert R.rouge_l_f1("", "a b") == 0.0 and R.rouge_l_f1("x y", "a b") == 0.0
 
 
-@pytest.mark.parametrize("prediction, reference, expected", [
-    ("a b c d e", "a c e", 0.8),  # F1 0.75
-    ("The cat sat on the mat", "the cat lay on a mat", 0.6),  # F1 0.667
-    ("a b", "a c", 0.6),  # F1 0.5, a tie: rounds up
-    ("a b c d e f g h i j", "a b c k l m n o p q", 0.4),  # F1 0.3, a tie that is 1.4999... steps in floating point
-    ("a b c d e f g h i j", "a k l m n o p q r s", 0.2),  # F1 0.1, half a step: rounds up
-    ("x y z", "x y z", 1.0),
-    ("x y z", "a b c", 0.0),
+def words(common, predicted, wanted):
+    """A prediction of `predicted` words and a reference of `wanted`, the first `common` of each shared: F1 = 2c / (p + w)."""
+    return (" ".join([f"w{i}" for i in range(common)] + [f"p{i}" for i in range(predicted - common)]),
+            " ".join([f"w{i}" for i in range(common)] + [f"r{i}" for i in range(wanted - common)]))
+
+
+def test_rouge_reward_is_the_authors_on_200_random_pairs_ties_included():
+    """150 pairs of random words (stems, case and punctuation included) and 50 whose F1 is a half step (0.1, 0.3, ...
+    0.9) in exact arithmetic."""
+    vocabulary = ["the", "drawer", "drawers", "open", "opened", "opens", "apple", "1", "2", "is", "in", "a", "Fridge",
+                  "fridge,", "you", "see", "nothing", "happens.", "{", '"status":', '"ok"}', "running", "ran"]
+    rng = np.random.default_rng(0)
+    pairs = [(" ".join(rng.choice(vocabulary, rng.integers(0, 12))), " ".join(rng.choice(vocabulary, rng.integers(1, 12))))
+             for _ in range(150)]
+    ties = [(c, p, total - p) for c in range(1, 10) for total in range(2 * c, 41) for p in range(c, total - c + 1)
+            if 10 * 2 * c % total == 0 and (10 * 2 * c // total) % 2 == 1]  # 2c / total = k / 10, k odd
+    pairs += [words(*ties[i]) for i in rng.choice(len(ties), 50, replace=False)]
+    assert sum((R.rouge_l_f1(p, r) / 0.2) % 1 == 0.5 for p, r in pairs[150:]) >= 10  # exact half steps in floats too
+    assert len({R.rouge_reward(p, r) for p, r in pairs}) >= 5  # the pairs span the steps
+    assert [R.rouge_reward(p, r) for p, r in pairs] == [authors_rouge_reward(p, r) for p, r in pairs]
+
+
+@pytest.mark.parametrize("counts, half_step, expected", [
+    ((1, 1, 19), True, 0.0),  # F1 0.1: 0.5 steps, to the even 0
+    ((1, 3, 1), True, 0.4),  # F1 0.5: 2.5 steps, to the even 2
+    ((9, 9, 11), True, 0.8),  # F1 0.9: 4.5 steps, to the even 4
+    ((7, 7, 13), True, 0.8),  # F1 0.7000000000000001: exactly 3.5 steps in floating point, up to the even 4
+    ((7, 10, 10), False, 0.6000000000000001),  # F1 0.7: 3.4999999999999996 steps, down to 3
+    ((3, 3, 17), False, 0.2),  # F1 0.3: 1.4999999999999998 steps, down to 1
 ])
-def test_rouge_reward_rounds_to_the_nearest_multiple_of_a_fifth(prediction, reference, expected):
-    assert R.rouge_reward(prediction, reference) == expected
+def test_rouge_reward_sends_exact_half_steps_to_the_even_multiple_as_the_authors_round(counts, half_step, expected):
+    prediction, reference = words(*counts)
+    f1 = R.rouge_l_f1(prediction, reference)
+    assert f1 == pytest.approx(2 * counts[0] / (counts[1] + counts[2]), abs=1e-15)  # a tie in exact arithmetic
+    assert ((f1 / 0.2) % 1 == 0.5) == half_step
+    assert R.rouge_reward(prediction, reference) == authors_rouge_reward(prediction, reference) == expected
 
 
 def test_rouge_rewards_score_a_missing_tag_zero():
