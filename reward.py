@@ -9,6 +9,7 @@ frozen sentence-embedding space E:
     d = 1 - cos(E(s_hat), E(s_{t+1}))       s_hat a document, s_{t+1} a query (Qwen3-Embedding: with an instruction)
     r = 1.0 if d <= tau_d else 0.0         methods.md eq. 18: binary, more robust and less hackable than cos
     r = round(ROUGE-L F1(s_hat, s_{t+1}) / 0.2) * 0.2   eq. 19: structured tool responses (tau2-bench)
+    r -= 0.1 [no <think> span of > 16 tokens] + 0.5 [wrong task status]     the authors' tau2 penalties, off here
 
 Policy RL afterwards uses the environment's own return, the sum of its step rewards (eq. 1,
 `rollout.Trajectory.total_reward`: the success reward when the episode is won, plus the game's invalid-action
@@ -23,7 +24,7 @@ the paper's Qwen3-Embedding (a decoder's last-token state), are machinery: `engi
 from __future__ import annotations
 
 import functools
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -160,3 +161,60 @@ def rouge_rewards(responses: Sequence[str], targets: Sequence[str], step: float 
         raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
     predictions = [extract_tag(response, tag, block) for response in responses]
     return np.array([0.0 if p is None else rouge_reward(p, t, step) for p, t in zip(predictions, targets)], np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The RWML authors' tau2-bench penalties: settings, off by default as in their ALFWorld script
+# --------------------------------------------------------------------------------------------
+
+
+THINKING_TOKENS = 16  # a response thinks when its <think> span has more tokens than this
+TASK_STATUSES = ("successfully completed", "not yet completed", "failed")  # the statuses their next states state
+
+
+def thinks(response: str, count_tokens: Callable[[str], int], more_than: int = THINKING_TOKENS) -> bool:
+    """Whether the response reasons before it predicts, as the authors' tau2-bench reward decides it: the text from
+    its first <think> to its first </think>, unstripped, has more than `more_than` tokens (count_tokens). No span
+    (either tag missing, or the first closing tag before the first opening one) does not think."""
+    start, end = response.find("<think>"), response.find("</think>")
+    if start < 0 or end < start:
+        return False
+    return count_tokens(response[start + len("<think>"):end]) > more_than
+
+
+def task_status(text: str) -> str | None:
+    """The task status a text states: the first of TASK_STATUSES it contains (case-sensitive, in that order, as the
+    authors' code reads a reference), or None."""
+    return next((status for status in TASK_STATUSES if status in text), None)
+
+
+def states_task_status(prediction: str | None, reference: str) -> bool:
+    """Whether the prediction's last line states the reference's task status and no other, as the authors' tau2-bench
+    reward checks it. The last line is that of the stripped prediction; a missing prediction states none. A reference
+    that states no status is an error: there is nothing to get right."""
+    wanted = task_status(reference)
+    if wanted is None:
+        raise ValueError(f"the true next state {reference[:80]!r} states no task status ({' / '.join(TASK_STATUSES)}), "
+                         "so a prediction cannot get it right. Fix: leave --wm-status-penalty at 0 for an environment "
+                         "whose observations do not end in a task status (none here do).")
+    lines = prediction.strip().splitlines() if prediction else []
+    if not lines:
+        return False
+    return wanted in lines[-1] and not any(other in lines[-1] for other in TASK_STATUSES if other != wanted)
+
+
+def penalties(responses: Sequence[str], targets: Sequence[str], count_tokens: Callable[[str], int] | None,
+              no_thinking: float = 0.0, wrong_status: float = 0.0, tag: str = "next_state",
+              block: str = "last") -> np.ndarray:
+    """What the RWML authors' tau2-bench reward subtracts from each response's reward, [n] float32: no_thinking when
+    the response does not think (`thinks`, tokens by count_tokens), wrong_status when its prediction (`extract_tag`,
+    uncut) does not state its target's task status (`states_task_status`). A penalty of 0 is not checked."""
+    if len(responses) != len(targets):
+        raise ValueError(f"{len(responses)} responses but {len(targets)} targets: pass one target per response")
+    total = np.zeros(len(responses), np.float32)
+    for i, (response, target) in enumerate(zip(responses, targets)):
+        if no_thinking and not thinks(response, count_tokens):
+            total[i] += no_thinking
+        if wrong_status and not states_task_status(extract_tag(response, tag, block), target):
+            total[i] += wrong_status
+    return total

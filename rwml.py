@@ -185,6 +185,19 @@ def cosine_scorer(embedder, tau_d: float, block: str = "last",
                              prediction_tokens=prediction_tokens)
 
 
+def penalised_scorer(scorer: Scorer, count_tokens: Callable[[str], int] | None, no_thinking: float = 0.0,
+                     wrong_status: float = 0.0, block: str = "last") -> Scorer:
+    """scorer's rewards less the RWML authors' tau2-bench penalties (reward.penalties: no_thinking for a response
+    without a <think> span of more than 16 tokens, wrong_status for a prediction that gets the task status wrong);
+    its distances unchanged. Both 0 (the default, as in their ALFWorld script) leave the rewards as they are."""
+    def score(responses: Sequence[str], targets: Sequence[str]):
+        rewards, distances = scorer(responses, targets)
+        taken = reward.penalties(responses, targets, count_tokens, no_thinking, wrong_status, block=block)
+        return rewards - taken, distances
+
+    return score
+
+
 def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Triplet], key, samples: int = 1,
             sampling: sampler.SamplingParams = sampler.SamplingParams(max_new_tokens=128), direct: bool = False):
     """`samples` predictions per triplet (rows grouped by triplet): the Completion and each decoded text."""

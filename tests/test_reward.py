@@ -288,6 +288,72 @@ def test_rouge_rewards_score_a_missing_tag_zero():
 
 
 # --------------------------------------------------------------------------------------------
+# The RWML authors' tau2-bench penalties, checked against their rules worked by hand
+# --------------------------------------------------------------------------------------------
+
+count_words = lambda text: len(text.split())  # a stand-in tokenizer: one token a word
+thinking = lambda n: "<think>" + " w" * n + " </think>"
+
+
+@pytest.mark.parametrize("response, expected", [
+    (thinking(17) + tag("x"), True),
+    (thinking(16) + tag("x"), False),  # more than 16 tokens are needed
+    ("</think>" + thinking(17), False),  # the first closing tag before the first opening one
+    ("<think>" + " w" * 30, False),  # never closed
+    (thinking(2) + thinking(30), False),  # the first span counts
+    ("no thinking " * 20 + tag("x"), False),
+])
+def test_a_response_thinks_when_its_first_think_span_has_more_than_16_tokens(response, expected):
+    assert R.thinks(response, count_words) is expected
+
+
+@pytest.mark.parametrize("prediction, expected", [
+    ("You open the drawer.\nThe task is not yet completed.", True),
+    ("You open the drawer.\nThe task is not yet completed.\n\n  ", True),  # the last line of the stripped text
+    ("The task is not yet completed.\nYou open the drawer.", False),  # stated, but not on the last line
+    ("You open the drawer. The task is successfully completed.", False),  # the wrong status
+    ("The task is not yet completed, or failed.", False),  # another status beside it
+    ("The task is Not Yet Completed.", False),  # case-sensitive, as theirs
+    (None, False),  # no prediction states nothing
+])
+def test_the_status_is_right_when_the_predictions_last_line_states_the_references_alone(prediction, expected):
+    assert R.states_task_status(prediction, "Nothing happens. The task is not yet completed.") is expected
+
+
+def test_a_reference_without_a_task_status_cannot_be_checked():
+    with pytest.raises(ValueError, match="states no task status.*--wm-status-penalty at 0"):
+        R.states_task_status("The task is not yet completed.", "You see a drawer 1.")
+
+
+def test_penalties_add_up_and_a_zero_penalty_is_not_checked():
+    done = "The drawer is open.\nThe task is successfully completed."
+    responses = [thinking(20) + tag(done), tag(done), thinking(20) + tag("The drawer is open."), "no prediction"]
+    targets = ["You open it. Task successfully completed."] * 4
+    both = R.penalties(responses, targets, count_words, no_thinking=0.1, wrong_status=0.5)
+    np.testing.assert_allclose(both, [0.0, 0.1, 0.5, 0.6], atol=1e-7)
+    assert R.penalties(responses, ["no status"] * 4, None).tolist() == [0.0] * 4  # neither checked: no error
+
+
+def test_the_penalised_scorer_subtracts_the_penalties_from_the_rewards_and_keeps_the_distances():
+    import rwml
+
+    scorer = rwml.cosine_scorer(FixedEmbedder(VECTORS), tau_d=0.5, prediction_tokens=0)
+    responses, targets = [thinking(20) + tag("same"), tag("same"), tag("far")], ["target"] * 3
+    plain_rewards, plain_distances = scorer(responses, targets)
+    rewards, distances = rwml.penalised_scorer(scorer, count_words, no_thinking=0.1)(responses, targets)
+    np.testing.assert_allclose(rewards, plain_rewards - [0.0, 0.1, 0.1], atol=1e-7)
+    np.testing.assert_array_equal(distances, plain_distances)
+    assert rwml.penalised_scorer(scorer, None)(responses, targets)[0].tolist() == plain_rewards.tolist()
+
+
+def test_the_penalties_are_off_by_default_as_in_the_authors_alfworld_script():
+    import train
+
+    args = train.settle(train.Args(method="rwml", env="alfworld"))
+    assert args.wm_thinking_penalty == 0.0 and args.wm_status_penalty == 0.0
+
+
+# --------------------------------------------------------------------------------------------
 # The decoder embedder (Qwen3-Embedding layout) against transformers
 # --------------------------------------------------------------------------------------------
 
