@@ -5,7 +5,7 @@ to the real next state in a pretrained embedding space (`docs/methods.md` sectio
 
     triplets <s_<=t, a_t, s_{t+1}> from the model's own rollouts (invalid steps dropped; 90/10 split)   (eq. 14)
     for each triplet, sample G predictions s_hat inside <next_state> ... </next_state>
-    reward:  d = 1 - cos(E(s_hat), E(s_{t+1})),   r = 1 if d < tau_d else 0                              (eq. 18)
+    reward:  d = 1 - cos(E(s_hat), E(s_{t+1})),   r = 1 if d <= tau_d else 0                             (eq. 18)
     optimise with GRPO (grpo.grpo_step), groups = the G predictions of one triplet
 
 "Too easy" subsampling, which the paper shows is essential: an SFT copy of the model trained on
@@ -176,11 +176,26 @@ def train_wm_sft(state: grpo.TrainState, tokenizer, model_config: lm.Config, tri
 # --------------------------------------------------------------------------------------------
 
 
-def cosine_scorer(embedder, tau_d: float, block: str = "last") -> Scorer:
-    """The reward of methods.md eq. 18: binary [1 - cos(E(s_hat), E(s)) < tau_d], s_hat from the response's
-    <next_state> block (the last one, or with block "one" the only one: reward.extract_tag); a missing prediction
-    scores 0."""
-    return functools.partial(reward.next_state_rewards, embedder=embedder, tau_d=tau_d, block=block)
+def cosine_scorer(embedder, tau_d: float, block: str = "last",
+                  prediction_tokens: int = reward.PREDICTION_TOKENS) -> Scorer:
+    """The reward of methods.md eq. 18: binary [1 - cos(E(s_hat), E(s)) <= tau_d], s_hat from the response's
+    <next_state> block (the last one, or with block "one" the only one: reward.extract_tag) cut to its first
+    prediction_tokens tokens (0: not cut); a missing prediction scores 0."""
+    return functools.partial(reward.next_state_rewards, embedder=embedder, tau_d=tau_d, block=block,
+                             prediction_tokens=prediction_tokens)
+
+
+def penalised_scorer(scorer: Scorer, count_tokens: Callable[[str], int] | None, no_thinking: float = 0.0,
+                     wrong_status: float = 0.0, block: str = "last") -> Scorer:
+    """scorer's rewards less the RWML authors' tau2-bench penalties (reward.penalties: no_thinking for a response
+    without a <think> span of more than 16 tokens, wrong_status for a prediction that gets the task status wrong);
+    its distances unchanged. Both 0 (the default, as in their ALFWorld script) leave the rewards as they are."""
+    def score(responses: Sequence[str], targets: Sequence[str]):
+        rewards, distances = scorer(responses, targets)
+        taken = reward.penalties(responses, targets, count_tokens, no_thinking, wrong_status, block=block)
+        return rewards - taken, distances
+
+    return score
 
 
 def rouge_scorer(step: float = 0.2, block: str = "last") -> Scorer:

@@ -124,10 +124,15 @@ def train_task(args: Args, stage: int, step: int, group: int) -> int:
 
 
 def rwml_steps(run: Run, index: int, name: str, state, reference, update, reference_of, start: int, data):
-    """RWML (methods.md section 2.4): G predictions of each triplet of a batch, the binary cosine reward (eq. 18),
-    group advantages and the GRPO update (rwml.rwml_update), over wm_epochs seeded shuffles of the triplets."""
+    """RWML (methods.md section 2.4): G predictions of each triplet of a batch, the binary cosine reward (eq. 18, less
+    the authors' tau2-bench penalties where set), group advantages and the GRPO update (rwml.rwml_update), over
+    wm_epochs seeded shuffles of the triplets."""
     args, train = run.args, data["train"]
     scorer = world_model_scorer(args, args.tau_d)
+    count_tokens = lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"])
+    penalise = lambda scorer: rwml.penalised_scorer(scorer, count_tokens, args.wm_thinking_penalty,
+                                                    args.wm_status_penalty, args.wm_prediction)
+    scorer = {kind: penalise(s) for kind, s in scorer.items()} if isinstance(scorer, dict) else penalise(scorer)
     sampling = sampler.SamplingParams(1.0, max_new_tokens=args.wm_max_new_tokens)
     cfg = rwml.RWMLConfig(args.wm_group_size, sampling, args.filter_zero_variance)
     for step in range(start, run.stage_lengths[index]):
@@ -141,7 +146,8 @@ def rwml_steps(run: Run, index: int, name: str, state, reference, update, refere
 def world_model_scorer(args: Args, tau_d: float):
     """RWML's reward (methods.md eqs. 18-19): the binary cosine reward at tau_d; on tau2-bench, a scorer per kind of
     next state: ROUGE-L rounded to 0.2 for tool responses (eq. 19), the cosine reward for the customer's replies."""
-    cosine = rwml.cosine_scorer(embedders.make_embedder(args.embedder), tau_d, args.wm_prediction)
+    cosine = rwml.cosine_scorer(embedders.make_embedder(args.embedder), tau_d, args.wm_prediction,
+                                args.wm_prediction_tokens)
     if args.env in envs.TAU2_ENVS:
         return {"tool": rwml.rouge_scorer(0.2, args.wm_prediction), "user": cosine}
     return cosine

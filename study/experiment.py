@@ -24,7 +24,7 @@ Reported per method, as mean ± std over seeds (ddof 0; in the regimes below, ±
     reached             policy-RL iterations until held-out success first reaches --success-level
                         (evaluated every --eval-every iterations; "not reached" seeds are counted apart)
     WM accuracy         RWML's measure: the share of held-out random-play transitions whose greedy
-                        prediction scores reward 1 (1 - cos(E(s'), E(s_hat)) < tau_d, MiniLM), in RWML's
+                        prediction scores reward 1 (1 - cos(E(s'), E(s_hat)) <= tau_d, MiniLM), in RWML's
                         prompt (what RWML trains) and in WM SFT's direct prompt (what WM SFT trains)
     WM exact, inline    PaW's layout [h ; a ; o']: the share predicted token for token
     weights changed     the share of the q, k, v, o, gate, up, down kernels' weights with
@@ -132,7 +132,8 @@ def run_args(args: ExperimentArgs, name: str, seed: int, out: Path) -> train.Arg
     shared = {"env": args.env, "seed": seed, "out": str(out), "eval.samples": args.eval_samples,
               "eval.every": args.eval_every, "eval.wm_every": 1_000_000, "checkpoint_every": args.eval_every,
               "tensorboard": False, "progress": False, "cache": args.cache,
-              "wm_prediction": "one"}  # what the study's tracked runs scored (before the authors' last block)
+              # what the study's tracked runs scored (before the authors' last block and their 100-token cut)
+              "wm_prediction": "one", "wm_prediction_tokens": 0}
     if args.quick:
         shared.update(QUICK)
     return settings.override(train.Args(), {**regime_of(args).rows[name], **shared})
@@ -176,7 +177,7 @@ SUMMARY_VERSION = 2  # bump when summarise() changes: summaries are recomputed f
 
 
 def world_model_reward_accuracy(run: train.Args, game, models: dict, tokenizer, scorer) -> dict[str, float]:
-    """RWML's world-model accuracy (methods.md eq. 31: greedy; reward 1 when 1 - cos < tau_d, eq. 18) on the run's
+    """RWML's world-model accuracy (methods.md eq. 31: greedy; reward 1 when 1 - cos <= tau_d, eq. 18) on the run's
     held-out transitions (the evaluation's, engine/setup.py), in RWML's prompt and in WM SFT's direct prompt, for each
     {name: (config, params)}."""
     config = next(iter(models.values()))[0]
@@ -321,7 +322,9 @@ def run_experiment(args: ExperimentArgs, deadline: float | None = None) -> dict:
                                   f"{list(regime.rows)}.")
     out = regime_folder(args)
     out.mkdir(parents=True, exist_ok=True)
-    scorer = rwml.cosine_scorer(embedders.make_embedder("minilm"), train.settle(run_args(args, names[0], 0, out)).tau_d)
+    first = train.settle(run_args(args, names[0], 0, out))  # the reward its runs trained with
+    scorer = rwml.cosine_scorer(embedders.make_embedder("minilm"), first.tau_d, first.wm_prediction,
+                                first.wm_prediction_tokens)
     started = time.perf_counter()
     results, left = {name: [] for name in names}, 0
     for seed in seeds:  # seed by seed: a stopped chunk leaves whole seeds, each pairing every row

@@ -97,9 +97,11 @@ def test_next_state_extraction_takes_the_last_or_the_only_closed_nonempty_block(
 class CharacterCounts:
     """A deterministic stand-in embedder: each text's counts of a few characters (plus one), as a unit vector."""
 
-    def embed(self, texts):
+    def embed(self, texts, max_tokens=None):  # uncut: a fuzzed prediction's characters all count
         vectors = np.array([[1.0 + t.count(c) for c in "aeiou <>/_"] for t in texts], np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    embed_queries = embed  # no instructions: a query is a document
 
 
 @FUZZ

@@ -621,6 +621,11 @@ def test_resume_may_change_only_how_often_a_run_evaluates_checkpoints_and_where_
     assert rwml.wm_prediction == "last"
     assert settings.setting_changes(predates, rwml) == [("--wm-prediction", "one", "last")]
     assert settings.setting_changes(predates, settings.override(rwml, {"wm_prediction": "one"})) == []
+    # nor did it cut the prediction: resuming it under the authors' 100 tokens is a change too
+    uncut = {k: v for k, v in dataclasses.asdict(rwml).items() if k != "wm_prediction_tokens"}
+    assert rwml.wm_prediction_tokens == 100
+    assert settings.setting_changes(uncut, rwml) == [("--wm-prediction-tokens", 0, 100)]
+    assert settings.setting_changes(uncut, settings.override(rwml, {"wm_prediction_tokens": 0})) == []
 
 
 @pytest.mark.parametrize("argv", [
