@@ -126,7 +126,7 @@ def check(args: Args) -> None:
                              "more, Sudoku a square (4 or 9).") from error
     if args.model is not None:
         try:
-            folder = hf.resolve_checkpoint(args.model)
+            folder = hf.resolve_checkpoint(args.model, args.cache)
         except (hf.CheckpointError, FileNotFoundError, OSError) as error:
             raise UsageError(str(error)) from error
         if not (folder / "config.json").exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import model as lm
+from engine import gguf
 from engine.hf_format import CheckpointError, WeightSpec, config_from_hf, config_to_hf, weight_specs
 
 Params = lm.Params
@@ -28,13 +30,27 @@ def _looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"([\w.-]+/)?[\w.-]+", name) is not None and not name.startswith((".", "/", "~"))
 
 
-def resolve_checkpoint(model: str | Path) -> Path:
-    """A local checkpoint folder, or a Hub id downloaded (or found in the cache) into one."""
+def cache_root() -> Path:
+    """Where the project keeps the checkpoints it makes (embedded defaults, converted GGUF files): $RWML_JAX_CACHE, or
+    ~/.cache/rwml-jax."""
+    return Path(os.environ.get("RWML_JAX_CACHE") or "~/.cache/rwml-jax").expanduser()
+
+
+def resolve_checkpoint(model: str | Path, cache: str | Path | None = None) -> Path:
+    """A checkpoint folder: a local one; a GGUF file, a folder holding one, or a short name such as
+    smollm2-135m-instruct, converted once into `cache` (default cache_root()); or a Hub id downloaded (or found in
+    the cache) into one."""
     folder = Path(model).expanduser()
+    file = gguf.gguf_file(folder)
+    if file is None and not folder.exists() and str(model) in gguf.SHORT_NAMES:
+        file = gguf.short_name_file(str(model))
+    if file is not None:
+        return gguf.converted(file, Path(cache).expanduser() if cache else cache_root())
     if folder.is_dir():
         return folder
     if not _looks_like_hub_id(str(model)):
-        raise CheckpointError(f"No checkpoint folder at '{model}'. Fix: pass an existing folder or a Hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
+        raise CheckpointError(f"No checkpoint folder at '{model}'. Fix: pass an existing folder, a .gguf file or a "
+                              "Hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
     import huggingface_hub
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]

@@ -155,10 +155,6 @@ def build(game: envs.Game, folder: str | Path, cfg: PretrainConfig = PretrainCon
     return hf.save_checkpoint(folder, config, state.params, tokenizer)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("RWML_JAX_CACHE") or "~/.cache/rwml-jax").expanduser()
-
-
 def embedded_default(game: envs.Game, cfg: PretrainConfig = PretrainConfig(), root: str | Path | None = None,
                      log: Callable = print) -> Path:
     """The cached checkpoint folder for this game and recipe, built on first use (atomically, and by one process:
@@ -168,7 +164,7 @@ def embedded_default(game: envs.Game, cfg: PretrainConfig = PretrainConfig(), ro
         del fields["dynamics"]
     recipe = json.dumps({"game": game.name, "prompt": game.prompt_name, "history": game.history,
                          "max_turns": game.max_turns, "version": RECIPE_VERSION, **fields}, sort_keys=True)
-    folder = Path(root or cache_root()) / f"{game.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    folder = Path(root or hf.cache_root()) / f"{game.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (folder / "config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

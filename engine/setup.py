@@ -81,9 +81,9 @@ def load_model(args: Args, game: envs.Game, log=print) -> tuple[Path, lm.Config,
         if args.pretrain_observation not in (None, args.observation):  # pretrained on other observations than it meets
             game = make_game(dataclasses.replace(args, observation=args.pretrain_observation))
         folder = pretrain.embedded_default(game, cfg, args.cache, log)
-    else:
-        folder = hf.resolve_checkpoint(args.model)
     try:
+        if args.model is not None:
+            folder = hf.resolve_checkpoint(args.model, args.cache)
         config, params = hf.load_checkpoint(folder)
         tokenizer = hf.load_tokenizer(folder)
     except hf.CheckpointError as error:

