@@ -142,25 +142,68 @@ def stopwatch(timings: dict[str, float], name: str):
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
+class UserModel(NamedTuple):
+    """A model that plays the other side of a conversation (tau2-bench's customer, --user-model), sampled by the
+    project's sampler wherever an environment waits for it (its info["awaiting_user"] holds the customer's prompt)."""
+
+    params: lm.Params
+    config: lm.Config
+    tokenizer: Any
+    sampling: sampler.SamplingParams = sampler.SamplingParams(temperature=0.0, max_new_tokens=128)
+
+
+def sample(params: lm.Params, config: lm.Config, tokenizer, prompts: Sequence[Sequence[int]], key: jax.Array,
+           sampling: sampler.SamplingParams) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
+    """One response per prompt: (ids through the stop token, log-probs, entropies, text without special tokens). The
+    batch is padded to a power of two so the sampler compiles a handful of programs."""
+    stop_ids = sampler.stop_token_ids(tokenizer, config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    padded = list(prompts) + [prompts[0]] * (lm.bucket_length(len(prompts), 1) - len(prompts))
+    out = multihost.to_host(sampler.generate(params, config, padded, key, sampling, stop_token_ids=stop_ids,
+                                             pad_token_id=pad_id))
+    responses = []
+    for row in range(len(prompts)):
+        length = int(out.mask[row].sum())
+        ids = np.asarray(out.tokens[row, :length])
+        responses.append((ids, out.logprobs[row, :length], out.entropies[row, :length],
+                          tokenizer.decode(ids, skip_special_tokens=True)))
+    return responses
+
+
+def answer_as_user(environments: EnvBatch, results: dict[int, tuple], user: UserModel | None, key: jax.Array) -> dict:
+    """results (index -> an environment's (observation, ..., info)) with those that wait for their customer
+    (info["awaiting_user"]) replaced by the environment's result after the user model's reply, sampled in one batch."""
+    waiting = sorted(i for i, result in results.items() if result[-1].get("awaiting_user") is not None)
+    if not waiting:
+        return results
+    if user is None:
+        raise ValueError("an environment waits for its customer and no user model was given (--user-model)")
+    prompts = [encode_prompt(user.tokenizer, results[i][-1]["awaiting_user"]) for i in waiting]
+    texts = [text for *_, text in sample(user.params, user.config, user.tokenizer, prompts, key, user.sampling)]
+    return {**results, **environments.answer(dict(zip(waiting, texts)))}
+
+
 def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBatch, seeds: Sequence[int], group_size: int,
             key: jax.Array, *, prompt: Callable, parse: Callable[[str], list[str]], max_turns: int,
             sampling: sampler.SamplingParams = sampler.SamplingParams(), history: int = 2,
-            timings: dict[str, float] | None = None) -> list[Trajectory]:
+            timings: dict[str, float] | None = None, user: UserModel | None = None) -> list[Trajectory]:
     """Play len(seeds) groups of group_size copies (`environments` holds len(seeds) * group_size).
 
-    Each turn, only the unfinished environments are sampled for (the batch is padded to a power of
-    two so the sampler compiles a handful of programs). prompt(task, history, step, observation,
-    info) builds the user text; parse(response_text) gives the turn's actions. If given, `timings`
-    accumulates wall seconds under "sampling" and "env" (reset and steps).
+    Each turn, only the unfinished environments are sampled for. prompt(task, history, step, observation,
+    info) builds the user text; parse(response_text) gives the turn's actions. `user` answers for environments that
+    wait for a customer model (tau2-bench with --user-model), in batches between the policy's turns. If given,
+    `timings` accumulates wall seconds under "sampling" and "env" (reset and steps; the user model's turns count
+    as "env").
     """
     timings = {} if timings is None else timings
     if environments.count != len(seeds) * group_size:
         raise ValueError(f"{environments.count} environments for {len(seeds)} groups of {group_size}")
-    stop_ids = sampler.stop_token_ids(tokenizer, config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     env_seeds = [seed for seed in seeds for _ in range(group_size)]
+    user_key = jax.random.fold_in(key, 1 << 20)
     with stopwatch(timings, "env"):
-        starts = environments.reset(env_seeds)
+        starts = dict(enumerate(environments.reset(env_seeds)))
+        starts = answer_as_user(environments, starts, user, user_key)
+        starts = [(result[0], result[-1]) for _, result in sorted(starts.items())]
     trajectories = [Trajectory(seed=seed, group=i // group_size, task=info.get("task", ""), initial_info=info, turns=[])
                     for i, (seed, (_, info)) in enumerate(zip(env_seeds, starts))]
     current = {i: observation_info for i, observation_info in enumerate(starts)}
@@ -173,18 +216,12 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
             observation, info = current[i]
             past = history_window(trajectories[i].turns, turn, history, no_action="(none)")
             prompts.append(encode_prompt(tokenizer, prompt(trajectories[i].task, past, turn, observation, info)))
-        padded = prompts + [prompts[0]] * (lm.bucket_length(len(prompts), 1) - len(prompts))
         with stopwatch(timings, "sampling"):
-            out = multihost.to_host(sampler.generate(params, config, padded, jax.random.fold_in(key, turn), sampling,
-                                                  stop_token_ids=stop_ids, pad_token_id=pad_id))
-        responses = {}
-        for row, i in enumerate(active):
-            length = int(out.mask[row].sum())
-            ids = np.asarray(out.tokens[row, :length])
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            responses[i] = (ids, out.logprobs[row, :length], out.entropies[row, :length], text, parse(text))
+            sampled = sample(params, config, tokenizer, prompts, jax.random.fold_in(key, turn), sampling)
+        responses = {i: (*response, parse(response[3])) for i, response in zip(active, sampled)}
         with stopwatch(timings, "env"):
             results = environments.play({i: responses[i][4] for i in active})
+            results = answer_as_user(environments, results, user, jax.random.fold_in(user_key, turn + 1))
         for i, prompt_ids in zip(active, prompts):
             ids, logprobs, entropies, text, actions = responses[i]
             next_observation, reward, done, info = results[i]
@@ -387,6 +424,8 @@ def _worker(connection, make_env: Callable[[], envs.Env], count: int):
         try:
             if command == "reset":
                 connection.send([environments[i].reset(seed) for i, seed in payload])
+            elif command == "answer":
+                connection.send([environments[i].user_says(text) for i, text in payload])
             else:
                 connection.send([play_turn(environments[i], actions) for i, actions in payload])
         except Exception as error:  # hand the error to the parent instead of dying silently
@@ -416,7 +455,7 @@ class EnvBatch:
 
     def _scatter(self, command: str, items: dict[int, Any]) -> dict[int, Any]:
         if self.workers == 0:
-            call = (lambda e, x: e.reset(x)) if command == "reset" else play_turn
+            call = {"reset": lambda e, x: e.reset(x), "answer": lambda e, x: e.user_says(x), "turn": play_turn}[command]
             return {i: call(self.environments[i], x) for i, x in items.items()}
         sent = []
         for connection, indices in zip(self.connections, self.owner):
@@ -443,6 +482,10 @@ class EnvBatch:
     def play(self, actions: dict[int, Sequence[str]]) -> dict[int, tuple[str, float, bool, dict]]:
         """One turn for the environments named in `actions` (index -> that turn's actions)."""
         return self._scatter("turn", actions)
+
+    def answer(self, texts: dict[int, str]) -> dict[int, tuple[str, float, bool, dict]]:
+        """The customer model's messages to the environments that wait for them (index -> text): each one's result."""
+        return self._scatter("answer", texts)
 
     def close(self):
         for connection in getattr(self, "connections", []):

@@ -78,7 +78,7 @@ def policy_steps(run: Run, index: int, name: str, state, reference, update, refe
             trajectories = rollout.rollout(state.params, run.config, run.tokenizer, environments, tasks,
                                            args.group_size, run.step_key(index, step), prompt=run.game.prompt,
                                            parse=run.game.parse, max_turns=args.max_turns, sampling=sampling,
-                                           history=args.history, timings=timings)
+                                           history=args.history, timings=timings, user=run.game.user)
             advantages, keep, stats = grpo.trajectory_advantages(trajectories, args.estimator,
                                                                  args.filter_zero_variance)
             rows = rollout.turn_rows(trajectories, with_observation=stage.weigh is not None, pad_id=run.pad_id,
@@ -228,7 +228,7 @@ def self_play(run: Run, index: int, params, tasks: int, rollouts: int, max_turns
     with rollout.EnvBatch(run.game.make_env, tasks * rollouts, args.workers) as environments:
         return rollout.rollout(params, run.config, run.tokenizer, environments, seeds, rollouts, run.data_key(index),
                                prompt=run.game.prompt, parse=run.game.parse, max_turns=max_turns, sampling=sampling,
-                               history=args.history)
+                               history=args.history, user=run.game.user)
 
 
 def epoch_rows(seed: int, stage: int, step: int, count: int, batch_size: int) -> np.ndarray:

@@ -110,6 +110,10 @@ def check(args: Args) -> None:
             envs.tau2.import_tau2()
         except ImportError as error:
             raise UsageError(f"--env {args.env}: {error}") from error
+    if args.user_model is not None and (not tau2 or envs.TAU2_ENVS[args.env][1]):
+        raise UsageError(f"--user-model plays the customer of a tau2-bench conversation; {args.env} has "
+                         f"{'no customer (solo mode)' if tau2 else 'none'}. Fix: leave --user-model out, or choose "
+                         "--env tau2-retail or tau2-airline.")
     given = [flag for flag, chosen in (("--pretrain-steps", args.pretrain_steps is not None),
                                        ("--pretrain-episodes", args.pretrain_episodes is not None),
                                        ("--pretrain-observation", args.pretrain_observation is not None),

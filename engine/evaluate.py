@@ -92,7 +92,7 @@ class Evaluator:
         sampling = sampler.SamplingParams(settings.temperature, max_new_tokens=self.max_new_tokens)
         trajectories = rollout.rollout(params, self.config, self.tokenizer, self.environments, seeds, settings.samples,
                                        key, prompt=self.game.prompt, parse=self.game.parse, max_turns=settings.max_turns,
-                                       sampling=sampling, history=self.game.history)
+                                       sampling=sampling, history=self.game.history, user=self.game.user)
         stats = rollout.episode_stats(trajectories)
         wins = np.array([t.won for t in trajectories]).reshape(settings.episodes, settings.samples).sum(1)
         metrics = {"success": stats["success"], "return": stats["return"], "invalid": stats["invalid"],

@@ -197,6 +197,10 @@ class Args:
     loss: Annotated[Loss, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=Loss)
     paw: Annotated[PaW, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=PaW)
 
+    user_model: str | None = None
+    """tau2-retail and tau2-airline: a Hugging Face instruct checkpoint (folder, Hub id or GGUF) that plays the
+    customer, with tau2's user guidelines and the task's scenario; unset: the scripted customer (envs/tau2.py)"""
+
     # ---- RWML and WM SFT (methods.md section 2) ----
     wm_tasks: int | None = None
     """tasks rolled out for the world-model data (paper: 2048 ALFWorld training games)"""

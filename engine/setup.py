@@ -17,6 +17,7 @@ import envs
 from envs import tau2
 import model as lm
 import multihost
+import rollout
 import spa
 from engine import embedders, estimates, evaluate, hf, pretrain, sharding
 from engine.settings import GRID_SIZE, Args, UsageError, settle
@@ -31,9 +32,11 @@ def make_game(args: Args) -> envs.Game:
                          envs.parse_action, args.history, args.max_turns)
     if args.env in envs.TAU2_ENVS:  # the compact prompt for the embedded default, tau2's policy and tools for a model
         compact = args.model is None
-        make_env = functools.partial(envs.Tau2, args.env, "train", max_steps=max(args.max_turns, args.wm_max_turns))
+        make_env = functools.partial(envs.Tau2, args.env, "train", max_steps=max(args.max_turns, args.wm_max_turns),
+                                     user="model" if args.user_model else "scripted")
         return envs.Game(args.env, "tau2-compact" if compact else "tau2", make_env, envs.tau2_prompt(args.env, compact),
-                         tau2.respond, tau2.parse_message, args.history, args.max_turns, tau2.demonstrations)
+                         tau2.respond, tau2.parse_message, args.history, args.max_turns,
+                         demonstrate=tau2.demonstrations)
     short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
     state_estimation = args.state_estimation or args.method == "spa"  # SPA keeps state estimation on
     if args.prompt == "coordinates" or (short and args.method == "spa"):
@@ -64,7 +67,8 @@ def held_out_game(args: Args, game: envs.Game) -> envs.Game:
     if args.env == "alfworld":
         make_env = functools.partial(envs.AlfWorld, args.eval.split, max_steps=args.eval.max_turns)
     elif args.env in envs.TAU2_ENVS:
-        make_env = functools.partial(envs.Tau2, args.env, "test", max_steps=args.eval.max_turns)
+        make_env = functools.partial(envs.Tau2, args.env, "test", max_steps=args.eval.max_turns,
+                                     user="model" if args.user_model else "scripted")
     else:
         make_env = grid_env(args, args.eval.max_turns)
     return dataclasses.replace(game, make_env=make_env)
@@ -147,12 +151,25 @@ def make_evaluator(args: Args, game: envs.Game, tokenizer, config: lm.Config) ->
                               seed=args.seed, workers=args.workers)
 
 
+def load_user_model(args: Args) -> rollout.UserModel:
+    """--user-model, the customer of a tau2-bench conversation: a Hugging Face checkpoint sampled greedily, its
+    messages at most 128 tokens."""
+    try:
+        folder = hf.resolve_checkpoint(args.user_model)
+        config, params = hf.load_checkpoint(folder)
+        return rollout.UserModel(params, config, hf.load_tokenizer(folder))
+    except (hf.CheckpointError, FileNotFoundError, OSError) as error:
+        raise UsageError(f"--user-model {args.user_model}: {error}") from error
+
+
 def prepare(args: Args, chunk_size: int = 512, log=print) -> Setup:
     """The game, the model and the mesh that args name, with --update-tokens settled for an update whose log-probs
     take chunk_size tokens a vocabulary chunk (grpo.StepConfig.chunk_size). args need not be settled yet."""
     args = settle(args)
     game = make_game(args)
     folder, config, params, tokenizer = load_model(args, game, log)
+    if args.user_model:
+        game = dataclasses.replace(game, user=load_user_model(args))
     mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp)
     tokens, why = update_tokens(args, config, lm.count_params(params), mesh.size, chunk_size)
     return Setup(dataclasses.replace(args, update_tokens=tokens), game, folder, config, params, tokenizer, mesh, why)

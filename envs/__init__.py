@@ -51,6 +51,8 @@ class Game:
     parse: Callable[[str], list[str]]  # response text -> the actions sent
     history: int
     max_turns: int
+    user: object = None
+    """the model that plays the customer (rollout.UserModel; tau2-bench with --user-model), None for a scripted one"""
     demonstrate: Callable | None = None
     """demonstrate(game, episodes, seed) -> (trajectories, prompts): the transcripts the embedded default is pretrained
     on; None: uniformly random admissible actions (rollout.random_play)"""

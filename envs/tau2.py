@@ -233,7 +233,7 @@ class Tau2:
     name = "tau2"
 
     def __init__(self, env: str = "tau2-retail", split: str = "train", max_steps: int = 30, success_reward: float = 1.0,
-                 task_ids: Sequence[str] | None = None):
+                 task_ids: Sequence[str] | None = None, user: str = "scripted"):
         if env not in TAU2_ENVS:
             raise ValueError(f"unknown tau2 environment '{env}'; choose from {sorted(TAU2_ENVS)}")
         self.env, (self.domain_name, self.solo) = env, TAU2_ENVS[env]
@@ -242,7 +242,9 @@ class Tau2:
         self.tasks = tasks if task_ids is None else [t for t in tasks if t.id in set(task_ids)]
         if not self.tasks:
             raise ValueError(f"no tau2 {self.domain_name} tasks in split '{split}' with ids {task_ids}")
-        self.max_steps, self.success_reward = max_steps, success_reward
+        if user not in ("scripted", "model"):
+            raise ValueError(f"user must be 'scripted' or 'model', not {user!r}")
+        self.max_steps, self.success_reward, self.user_kind = max_steps, success_reward, user
         self.done, self.score = True, True  # score False: no evaluation at the end (demonstrations need no reward)
 
     def tool_names(self) -> list[str]:
@@ -261,12 +263,42 @@ class Tau2:
         self.messages, self.steps, self.done, self.won, self.termination = history, 0, False, False, None
         if self.solo:
             observation = self.opening = self.task.ticket
+        elif self.user_kind == "model":  # the customer model opens: the rollout asks it (info["awaiting_user"])
+            self.user, self.opening = ScriptedUser(self.task.user_scenario), ""
+            self.messages.append(message.AssistantMessage(role="assistant", content=GREETING))
+            return "", {**self._info("user", "", False), "awaiting_user": self.user_prompt()}
         else:
             self.user = ScriptedUser(self.task.user_scenario)
             observation = self.opening = self.user.opening()
             self.messages += [message.AssistantMessage(role="assistant", content=GREETING),
                               message.UserMessage(role="user", content=observation)]
         return observation, self._info("user", observation, False)
+
+    def user_prompt(self) -> str:
+        """What a customer model reads (the roles flipped, as tau2's user simulator has them): tau2's user-simulation
+        guidelines, the task's scenario, and the conversation as the customer saw it (the agent's text, not its tool
+        calls)."""
+        from tau2.utils.utils import DATA_DIR
+
+        guidelines = (DATA_DIR / "tau2" / "user_simulator" / "simulation_guidelines.md").read_text()
+        lines = [guidelines.strip(), f"<scenario>\n{self.task.user_scenario}\n</scenario>", "The conversation so far:"]
+        for item in self.messages:
+            if item.role in ("assistant", "user") and item.content and not item.is_tool_call():
+                lines.append(f"{'Agent' if item.role == 'assistant' else 'You'}: {item.content}")
+        return "\n".join(lines + [f"Write your next message as the customer ({STOP} when the conversation is over)."])
+
+    def user_says(self, text: str) -> tuple[str, float, bool, dict]:
+        """The customer model's message, after reset or after the agent's text: the step's result, as step gives it
+        (the opening counts no turn)."""
+        message, _, _ = import_tau2()
+        text = text.strip() or "Sorry, could you say that again?"
+        self.messages.append(message.UserMessage(role="user", content=text))
+        if not self.opening:
+            self.opening = text
+            return text, 0.0, False, self._info("user", text, False)
+        if any(signal in text for signal in (STOP, TRANSFER, OUT_OF_SCOPE)):
+            self.termination = "user_stop"
+        return self._finish(text, "user", False)
 
     def _info(self, kind: str, observation: str, invalid: bool) -> dict:
         return {"task": self.task_text(), "task_id": self.task.id, "env": self.env, "opening": self.opening, "kind": kind,
@@ -304,6 +336,9 @@ class Tau2:
         elif self.solo:  # tau2 ends a solo conversation on a message that is not a tool call (an agent error)
             self.messages.append(message.AssistantMessage(role="assistant", content=action))
             invalid, observation, self.termination = True, "Error: solo mode takes tool calls only.", "agent_error"
+        elif self.user_kind == "model":  # the customer model answers: the rollout asks it (info["awaiting_user"])
+            self.messages.append(message.AssistantMessage(role="assistant", content=action))
+            return "", 0.0, False, {**self._info("user", "", False), "awaiting_user": self.user_prompt()}
         else:
             reply = self.user.reply(action)
             self.messages += [message.AssistantMessage(role="assistant", content=action),
@@ -311,6 +346,9 @@ class Tau2:
             kind, observation = "user", reply
             if any(signal in reply for signal in (STOP, TRANSFER, OUT_OF_SCOPE)):
                 self.termination = "user_stop"
+        return self._finish(observation, kind, invalid)
+
+    def _finish(self, observation: str, kind: str, invalid: bool) -> tuple[str, float, bool, dict]:
         if self.termination is None and self.steps >= self.max_steps:
             self.termination = "max_steps"
         self.done = self.termination is not None
@@ -475,6 +513,7 @@ def demonstrations(game, episodes: int, seed: int, detour: float = 0.25):
     rng = np.random.default_rng(seed)
     env = game.make_env()
     env.score = False  # transcripts need no reward, and tau2's evaluation is most of an episode's time
+    env.user_kind = "scripted"  # gold conversations are written for the scripted customer
     pool = [tool_call(a.name, dict(a.arguments)) for task in env.tasks
             for a in (task.evaluation_criteria.actions or []) if READ_ONLY.match(a.name)]
     trajectories, prompts = [], []

@@ -205,3 +205,52 @@ def test_without_tau2_installed_the_error_gives_the_install_line(tmp_path, monke
         tau2.Tau2("tau2-bank")
     with pytest.raises(ValueError, match="unknown tau2 domain 'bank'"):
         tau2.domain("bank")
+
+
+def test_a_customer_model_from_a_saved_checkpoint_plays_the_customer(tmp_path):
+    """--user-model: the customer's opening and replies come from a saved tiny checkpoint, sampled by the project's
+    sampler in batches between the policy's turns; the conversation tau2 evaluates holds them."""
+    import jax
+
+    import model as lm
+    import sampler
+    from conftest import tiny_command_policy
+    from engine import hf
+
+    lines = ["Hi. I want to exchange my keyboard.", "I am Yusuf Rossi in zip code 19122.", tau2.STOP]
+    config, tokenizer = tiny_command_policy(lines, lines)
+    hf.save_checkpoint(tmp_path / "customer", config, lm.init_params(config, jax.random.key(1)), tokenizer)
+    args = train.settle(train.Args(method="grpo", env="tau2-retail", user_model=str(tmp_path / "customer"),
+                                   out=str(tmp_path / "run")))
+    game = setup.make_game(args)
+    customer = setup.load_user_model(args)
+    customer = customer._replace(sampling=sampler.SamplingParams(1.0, max_new_tokens=6))
+    policy = ["Could you give me your email?", "Do you confirm? (yes/no)",
+              tau2.respond(tau2.tool_call("find_user_id_by_name_zip", {"first_name": "Yusuf", "last_name": "Rossi",
+                                                                       "zip": "19122"}))]
+    policy_config, policy_tokenizer = tiny_command_policy([game.prompt("t", [], 0, "Hi.", {})], policy)
+    with rollout.EnvBatch(game.make_env, 4, 0) as environments:
+        trajectories = rollout.rollout(lm.init_params(policy_config, jax.random.key(0)), policy_config, policy_tokenizer,
+                                       environments, [0], 4, jax.random.key(0), prompt=game.prompt, parse=game.parse,
+                                       max_turns=3, sampling=sampler.SamplingParams(1.0, max_new_tokens=6),
+                                       history=game.history, user=customer)
+        inside = environments.environments[0]
+        said = [m.content for m in inside.messages if m.role == "user"]
+    assert said and said[0] == trajectories[0].turns[0].observation == trajectories[0].initial_info["opening"]
+    replies = [turn.next_observation for t in trajectories for turn in t.turns if turn.kind == "user"]
+    assert replies and all(reply and not reply.startswith("I still need help") for reply in replies)  # not scripted
+    with pytest.raises(ValueError, match="no user model was given"):
+        with rollout.EnvBatch(game.make_env, 1, 0) as environments:
+            rollout.rollout(lm.init_params(policy_config, jax.random.key(0)), policy_config, policy_tokenizer,
+                            environments, [0], 1, jax.random.key(0), prompt=game.prompt, parse=game.parse, max_turns=1)
+    prompt = inside.user_prompt()
+    assert "<scenario>" in prompt and "Reason for call" in prompt and prompt.index("Agent: Hi! How can I help") < prompt.index("You: ")
+
+
+def test_user_model_on_a_conversation_without_a_customer_is_refused(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setenv("RWML_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["train.py", "--env", "tau2-telecom", "--user-model", "x", "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        train.cli()
+    assert exit_.value.code == 2 and "no customer (solo mode)" in capsys.readouterr().err and not out.exists()
