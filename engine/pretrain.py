@@ -121,6 +121,7 @@ def build(game: envs.Game, folder: str | Path, cfg: PretrainConfig = PretrainCon
     start = time.perf_counter()
     trajectories, prompts = (game.demonstrate or rollout.random_play)(game, cfg.episodes, cfg.seed)
     tokenizer = hf.train_tokenizer(corpus(game, trajectories, prompts, seed=cfg.seed), cfg.vocab_size)
+    tokenizer.add_tokens(list(game.tokens))
     play, world_model = transcripts(game, trajectories, prompts, tokenizer, cfg.seed, cfg.dynamics)
     config = lm.Config(
         model_type="qwen2", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
@@ -162,6 +163,8 @@ def embedded_default(game: envs.Game, cfg: PretrainConfig = PretrainConfig(), ro
     fields = dataclasses.asdict(cfg)
     if fields["dynamics"]:  # added later: a recipe at its default keeps the key (and cache) it had before
         del fields["dynamics"]
+    if game.tokens:  # added later: a game without whole tokens keeps the key (and cache) it had before
+        fields["tokens"] = list(game.tokens)
     recipe = json.dumps({"game": game.name, "prompt": game.prompt_name, "history": game.history,
                          "max_turns": game.max_turns, "version": RECIPE_VERSION, **fields}, sort_keys=True)
     folder = Path(root or hf.cache_root()) / f"{game.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"

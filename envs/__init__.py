@@ -53,6 +53,9 @@ class Game:
     max_turns: int
     user: object = None
     """the model that plays the customer (rollout.UserModel; tau2-bench with --user-model), None for a scripted one"""
+    tokens: tuple[str, ...] = ()
+    """strings the embedded default's tokenizer holds whole (tau2: each tool call's opening), so a tiny model writes
+    them in one token"""
     demonstrate: Callable | None = None
     """demonstrate(game, episodes, seed) -> (trajectories, prompts): the transcripts the embedded default is pretrained
     on; None: uniformly random admissible actions (rollout.random_play)"""

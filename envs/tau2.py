@@ -88,6 +88,14 @@ TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
+def call_tokens(env: str) -> tuple[str, ...]:
+    """A tool call's pieces as the embedded default's tokenizer holds them whole: each tool's opening
+    `<tool_call>{"name": "<tool>", "arguments": {` and the closing `}}</tool_call>` (a tiny model then writes a call
+    without arguments in two tokens, and spells only the arguments' values)."""
+    names = [schema["function"]["name"] for schema in tool_schemas(env)]
+    return tuple(respond(tool_call(name, {}))[:-len("}}</tool_call>")] for name in names) + ("}}</tool_call>",)
+
+
 def tool_call(name: str, arguments: dict) -> str:
     """An action that calls a tool: the JSON object {"name", "arguments"} (the environment's action string)."""
     return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
@@ -479,15 +487,15 @@ def tau2_prompt(env: str, compact: bool = False):
 
     Full (a Hugging Face model): the agent's role, tau2's policy for the domain, the tool schemas (tau2's), the answer
     format, and the conversation (the whole of it at the tau2 recipe's --history 30). Compact (the embedded default):
-    the domain, the tool names and the format, the opening, then the turns of the history window (--history: 2 for
-    the embedded default) with past tool responses cut to 120 characters and the current observation to 400: no
-    policy, no schemas, no older turns (a tiny model on a CPU reads ~500 tokens, not ~5,000)."""
+    the environment's name and the format, the opening, then the turns of the history window (--history: 2 for the
+    embedded default) with past tool responses cut to 120 characters and the current observation to 400: no policy,
+    no tools (their names are learnt from the transcripts), no older turns (a tiny model on a CPU reads ~300 tokens,
+    not ~5,000)."""
     _, solo = TAU2_ENVS[env]
 
     def prompt(task: str, history: Sequence[tuple[str, str]], step: int, observation: str, info: dict) -> str:
         if compact:
-            names = ", ".join(schema["function"]["name"] for schema in tool_schemas(env))
-            lines = [f"{env} agent. Tools: {names}.", ANSWER_FORMAT]
+            lines = [f"{env} agent.", ANSWER_FORMAT]
             lines += conversation(history, observation[:400], step, solo, info.get("opening", ""), cut=120)
             return "\n".join(lines + ["Agent:"])
         role = ("You are a technical support agent working a ticket alone: use the tools, then call done."
