@@ -36,6 +36,7 @@ import numpy as np
 from filelock import FileLock
 
 import envs
+from envs import tau2
 import grpo
 import model as lm
 import rollout
@@ -96,6 +97,48 @@ def transcripts(game: envs.Game, trajectories: Sequence[rollout.Trajectory], pro
             triplet = triplet._replace(next_state=triplet.state)
         world_model.append((rollout.encode_prompt(tokenizer, prompt), encode(rwml.sft_label(triplet)) + eos))
     return play, world_model
+
+
+def tau2_demonstrations(game: envs.Game, episodes: int, seed: int, detour: float = 0.25):
+    """tau2-bench's transcripts for the embedded default, as rollout.random_play records them ([Trajectory],
+    prompts): each episode a training task's gold conversation (envs.tau2.gold_actions) against the scripted
+    customer, with, before each gold message, probability `detour` of a random read-only tool call drawn from the
+    split's gold calls (so the model also sees calls that answer "Error: ... not found" or another customer's
+    record)."""
+    rng = np.random.default_rng(seed)
+    env = game.make_env()
+    env.score = False  # transcripts need no reward, and tau2's evaluation is most of an episode's time
+    env.user_kind = "scripted"  # gold conversations are written for the scripted customer
+    pool = [tau2.tool_call(a.name, dict(a.arguments)) for task in env.tasks
+            for a in (task.evaluation_criteria.actions or []) if tau2.READ_ONLY.match(a.name)]
+    trajectories, prompts = [], []
+    for episode in range(episodes):
+        reset_seed = int(rng.integers(1 << 30))
+        observation, info = env.reset(reset_seed)
+        plan = tau2.gold_actions(env.task, env.solo)
+        actions = []
+        for message in plan:
+            if pool and rng.random() < detour:
+                actions.append(pool[rng.integers(len(pool))])
+            actions.append(message)
+        trajectory = rollout.Trajectory(seed=reset_seed, group=episode, task=info["task"], initial_info=info, turns=[])
+        prompts.append([])
+        empty = np.zeros(0, np.int32)
+        for step, action in enumerate(actions[:game.max_turns]):
+            past = rollout.history_window(trajectory.turns, step, game.history)
+            prompts[-1].append(game.prompt(trajectory.task, past, step, observation, info))
+            following, reward, done, info = env.step(action)
+            trajectory.turns.append(rollout.Turn(
+                step=step, observation=observation, prompt_ids=empty, response_ids=empty, response_logprobs=empty,
+                response_entropies=empty, response_text=game.respond(action), actions=[action],
+                next_observation=following, next_observation_ids=empty, reward=reward, done=done,
+                won=bool(info.get("won")), invalid=bool(info.get("invalid_action")), kind=info.get("kind", ""),
+                target=info.get("target", following)))
+            observation = following
+            if done:
+                break
+        trajectories.append(trajectory)
+    return trajectories, prompts
 
 
 def corpus(game: envs.Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequence[Sequence[str]], size: int = 3000,

@@ -36,7 +36,7 @@ def make_game(args: Args) -> envs.Game:
                                      user="model" if args.user_model else "scripted")
         return envs.Game(args.env, "tau2-compact" if compact else "tau2", make_env, envs.tau2_prompt(args.env, compact),
                          tau2.respond, tau2.parse_message, args.history, args.max_turns,
-                         tokens=tau2.call_tokens(args.env), demonstrate=tau2.demonstrations)
+                         tokens=tau2.call_tokens(args.env), demonstrate=pretrain.tau2_demonstrations)
     short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
     state_estimation = args.state_estimation or args.method == "spa"  # SPA keeps state estimation on
     if args.prompt == "coordinates" or (short and args.method == "spa"):
