@@ -69,6 +69,9 @@ class PretrainConfig:
     num_kv_heads: int = 2
     head_dim: int = 16
     seed: int = 0
+    max_length: int | None = None
+    """transcripts longer than this many tokens are left out (None: none is); tau2-bench's longest world-model
+    transcripts (a product's every variant, twice) would set the padded length of every batch they are in"""
     dynamics: bool = True
     """play transcripts end with the next observation and world-model ones answer with the next state; False: they
     end at the response and answer with the current state (the format and the grid, not what an action does)"""
@@ -166,6 +169,9 @@ def build(game: envs.Game, folder: str | Path, cfg: PretrainConfig = PretrainCon
     tokenizer = hf.train_tokenizer(corpus(game, trajectories, prompts, seed=cfg.seed), cfg.vocab_size)
     tokenizer.add_tokens(list(game.tokens))
     play, world_model = transcripts(game, trajectories, prompts, tokenizer, cfg.seed, cfg.dynamics)
+    if cfg.max_length is not None:
+        play, world_model = ([(c, t) for c, t in examples if len(c) + len(t) <= cfg.max_length]
+                             for examples in (play, world_model))
     config = lm.Config(
         model_type="qwen2", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -204,8 +210,9 @@ def embedded_default(game: envs.Game, cfg: PretrainConfig = PretrainConfig(), ro
     """The cached checkpoint folder for this game and recipe, built on first use (atomically, and by one process:
     others asking for the same recipe meanwhile wait for it and reuse it)."""
     fields = dataclasses.asdict(cfg)
-    if fields["dynamics"]:  # added later: a recipe at its default keeps the key (and cache) it had before
-        del fields["dynamics"]
+    for name, default in (("dynamics", True), ("max_length", None)):  # added later: a recipe at their defaults
+        if fields[name] == default:  # keeps the key (and cache) it had before
+            del fields[name]
     if game.tokens:  # added later: a game without whole tokens keeps the key (and cache) it had before
         fields["tokens"] = list(game.tokens)
     recipe = json.dumps({"game": game.name, "prompt": game.prompt_name, "history": game.history,

@@ -81,7 +81,7 @@ def load_model(args: Args, game: envs.Game, log=print) -> tuple[Path, lm.Config,
         cfg = dataclasses.replace(pretrain.PretrainConfig(), episodes=args.pretrain_episodes, steps=args.pretrain_steps,
                                   dynamics=args.pretrain_dynamics)
         if args.env in envs.TAU2_ENVS:  # transcripts ~5x longer than a grid game's, and JSON needs more tokens
-            cfg = dataclasses.replace(cfg, batch_size=32, vocab_size=1024)
+            cfg = dataclasses.replace(cfg, batch_size=32, vocab_size=1024, max_length=1024)
         if args.pretrain_observation not in (None, args.observation):  # pretrained on other observations than it meets
             game = make_game(dataclasses.replace(args, observation=args.pretrain_observation))
         folder = pretrain.embedded_default(game, cfg, args.cache, log)
