@@ -244,11 +244,13 @@ def epoch_rows(seed: int, stage: int, step: int, count: int, batch_size: int) ->
 # --------------------------------------------------------------------------------------------
 
 
-def step_config(args: Args, budget: int | None = None, temperature: float | None = None) -> grpo.StepConfig:
+def step_config(args: Args, budget: int | None = None, temperature: float | None = None,
+                beta: str = "loss.beta") -> grpo.StepConfig:
     """How an update's loss is computed (its micro-batches are engine/microbatch.py's). budget: the stage's most new
     tokens per response (default --max-new-tokens), Dr.GRPO's constant unless --max-length is set; temperature: the
-    log-probs' (default --temperature, the rollouts')."""
-    loss = dataclasses.replace(args.loss, max_length=args.loss.max_length or budget or args.max_new_tokens)
+    log-probs' (default --temperature, the rollouts'); beta: the setting that holds the KL coefficient."""
+    loss = dataclasses.replace(args.loss, max_length=args.loss.max_length or budget or args.max_new_tokens,
+                               beta=settings.get(args, beta))
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
     return grpo.StepConfig(loss, args.temperature if temperature is None else temperature, remat=args.remat,
                            compute_dtype=dtype)
@@ -268,7 +270,8 @@ class Stage:
     epochs: str | None = None
     batch: str | None = None
     schedule: str = "constant"
-    reference: bool = False  # its loss has the KL term to the reference (when --beta > 0)
+    reference: bool = False  # its loss has the KL term to the reference (when the setting `beta` names is > 0)
+    beta: str = "loss.beta"
     weigh: Callable | None = None  # policy RL: PaW's world-model part of the batch
 
 
@@ -278,10 +281,10 @@ STAGE_TABLE = {
     "paw": Stage(step_config, lambda config, step, args: paw.paw_objective(config, step, args.paw), policy_steps,
                  rate="learning_rate", reference=True, weigh=paw_weigh),
     # the world model's predictions are sampled at temperature 1, so the ratio's log-probs (and the reference's) are too
-    "rwml": Stage(lambda args: step_config(args, args.wm_max_new_tokens, temperature=1.0),
+    "rwml": Stage(lambda args: step_config(args, args.wm_max_new_tokens, temperature=1.0, beta="wm_beta"),
                   lambda config, step, args: grpo.grpo_objective(config, step), rwml_steps, rate="wm_learning_rate",
                   reference=True, data=functools.partial(world_model_data, too_easy=True), epochs="wm_epochs",
-                  batch="wm_batch"),
+                  batch="wm_batch", beta="wm_beta"),
     "wm-sft": Stage(lambda args: step_config(args, temperature=1.0),
                     lambda config, step, args: rwml.sft_objective(config, step), sft_steps, rate="sft_learning_rate",
                     data=functools.partial(world_model_data, too_easy=False), epochs="wm_epochs", batch="wm_batch"),
@@ -306,7 +309,7 @@ def run_stage(run: Run, index: int, name: str, params, start: int, latest: int |
     optimizer = grpo.make_optimizer(settings.get(args, stage.rate), args.weight_decay, args.max_grad_norm,
                                     schedule=stage.schedule, total_steps=run.stage_lengths[index])
     state = sharding.place(grpo.init_state(params, optimizer), run.mesh)
-    uses_reference = stage.reference and args.loss.beta > 0
+    uses_reference = stage.reference and settings.get(args, stage.beta) > 0
     reference = sharding.place(params, run.mesh) if uses_reference else None
     if latest is not None:
         state, reference = run.restore(latest, state, reference)

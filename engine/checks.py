@@ -42,7 +42,7 @@ NUMBER_RULES = [
     ("--r-max", *RATE, "10"),
     ("--wm-tasks", *AT_LEAST_ONE, "2048"), ("--wm-rollouts", *AT_LEAST_ONE, "3"), ("--wm-max-turns", *AT_LEAST_ONE, "30"),
     ("--wm-epochs", *AT_LEAST_ONE, "2"), ("--wm-batch", *AT_LEAST_ONE, "32"), ("--wm-group-size", *AT_LEAST_ONE, "8"),
-    ("--wm-learning-rate", *RATE, "1e-6"), ("--sft-learning-rate", *RATE, "2e-6"),
+    ("--wm-learning-rate", *RATE, "1e-6"), ("--wm-beta", *NOT_NEGATIVE, "0.001"), ("--sft-learning-rate", *RATE, "2e-6"),
     ("--wm-max-new-tokens", *AT_LEAST_ONE, "512"), ("--tau-d", *DISTANCE, "0.2"),
     ("--filter.samples", *AT_LEAST_ONE, "10"), ("--filter.tau-easy", *FRACTION, "0"),
     ("--filter.keep-easy", *FRACTION, "0.1"),

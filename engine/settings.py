@@ -38,7 +38,7 @@ TAU2_TEST_TASKS = {"tau2-retail": 40, "tau2-airline": 20, "tau2-telecom": 40}  #
 
 # Unset settings take these: the papers' recipe for a Hugging Face model, a tiny model's for the embedded default.
 PAPER = {"learning_rate": 1e-6, "weight_decay": 0.01, "loss.beta": 0.01, "groups": 16, "iterations": 150,
-         "max_new_tokens": 512, "wm_learning_rate": 1e-6, "sft_learning_rate": 2e-6, "wm_tasks": 2048,
+         "max_new_tokens": 512, "wm_learning_rate": 1e-6, "wm_beta": 0.001, "sft_learning_rate": 2e-6, "wm_tasks": 2048,
          "wm_max_new_tokens": 512, "spa.learning_rate": 1e-4}
 EMBEDDED = {"learning_rate": 1e-3, "weight_decay": 0.0, "loss.beta": 0.0, "groups": 16, "iterations": 30,
             "max_new_tokens": 16, "wm_learning_rate": 2e-4, "sft_learning_rate": 1e-3, "wm_tasks": 64,
@@ -219,6 +219,9 @@ class Args:
     """RWML: predictions per triplet (one GRPO group)"""
     wm_learning_rate: float | None = None
     """RWML learning rate (paper 1e-6)"""
+    wm_beta: Annotated[float | None, follows("--beta; with --model 0.001")] = None
+    """RWML's KL-to-reference coefficient, k3 as --kl-estimator says (the RWML authors' ALFWorld script: 0.001, a
+    tenth of their policy RL's 0.01)"""
     sft_learning_rate: float | None = None
     """WM SFT learning rate (paper 2e-6)"""
     wm_max_new_tokens: int | None = None
@@ -405,7 +408,9 @@ def followed(args: Args) -> dict[str, object]:
     """The settings that follow others when left unset, by dotted name: the values settle() gives them."""
     return {"out": f"runs/{args.method}-{args.env}-seed{args.seed}", "eval.max_turns": args.max_turns,
             "eval.wm_every": args.eval.every, "filter.sft_epochs": args.wm_epochs,
-            "filter.sft_batch_size": args.wm_batch, "filter.max_new_tokens": args.wm_max_new_tokens}
+            "filter.sft_batch_size": args.wm_batch, "filter.max_new_tokens": args.wm_max_new_tokens,
+            # the embedded default's RWML keeps the policy's KL coefficient; a Hugging Face model's, the authors' 0.001
+            "wm_beta": args.loss.beta if args.model is None else PAPER["wm_beta"]}
 
 
 def settings_block(args: Args) -> str:

@@ -20,7 +20,7 @@ import multihost
 import rollout
 import spa
 from engine import embedders, estimates, evaluate, hf, pretrain, sharding
-from engine.settings import GRID_SIZE, Args, UsageError, settle
+from engine.settings import GRID_SIZE, STAGES, Args, UsageError, settle
 
 
 def make_game(args: Args) -> envs.Game:
@@ -100,7 +100,8 @@ def update_tokens(args: Args, config: lm.Config, parameters: int, devices: int, 
     (estimates.default_update_tokens), agreed by every process of the run (each must cut its updates alike)."""
     if args.update_tokens is not None:
         return args.update_tokens, f"{args.update_tokens:,} tokens per device (--update-tokens)"
-    tokens, why = estimates.default_update_tokens(config, parameters, args.loss.beta > 0, devices, chunk_size)
+    reference = args.loss.beta > 0 or ("rwml" in STAGES[args.method] and args.wm_beta > 0)
+    tokens, why = estimates.default_update_tokens(config, parameters, reference, devices, chunk_size)
     agreed = multihost.smallest(tokens)
     if agreed < tokens:
         tokens, why = agreed, f"{agreed:,} tokens per device (another process's memory)"
