@@ -197,7 +197,7 @@ class Args:
     loss: Annotated[Loss, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=Loss)
     paw: Annotated[PaW, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=PaW)
 
-    user_model: str | None = None
+    user_model: Annotated[str | None, follows("none: the scripted customer")] = None
     """tau2-retail and tau2-airline: a Hugging Face instruct checkpoint (folder, Hub id or GGUF) that plays the
     customer, with tau2's user guidelines and the task's scenario; unset: the scripted customer (envs/tau2.py)"""
 
