@@ -10,11 +10,12 @@ frozen sentence-embedding space E:
     r = 1.0 if d <= tau_d else 0.0         methods.md eq. 18: binary, more robust and less hackable than cos
     r = round(ROUGE-L F1(s_hat, s_{t+1}) / 0.2) * 0.2   eq. 19: structured tool responses (tau2-bench)
     r -= 0.1 [no <think> span of > 16 tokens] + 0.5 [wrong task status]     the authors' tau2 penalties, off here
+    r = the score in the JSON object an LLM judge answers to `judge_prompt`   the paper's ablation (methods.md 2.8)
 
 Policy RL afterwards uses the environment's own return, the sum of its step rewards (eq. 1,
 `rollout.Trajectory.total_reward`: the success reward when the episode is won, plus the game's invalid-action
 and step penalties); the two are never mixed. Every reward here is a pure function of texts (and a frozen
-embedder) to floats.
+embedder) to floats; the LLM judge's is a function of the judge's answer, which rwml.judge_scorer samples.
 
 E comes in as an argument: anything with `embed(texts, max_tokens)` and `embed_queries(texts)` returning [n, dim]
 unit vectors (`Embedder`). The project's two, a BERT sentence embedder (all-MiniLM-L6-v2, the offline default) and
@@ -24,6 +25,8 @@ the paper's Qwen3-Embedding (a decoder's last-token state), are machinery: `engi
 from __future__ import annotations
 
 import functools
+import json
+import math
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -218,3 +221,64 @@ def penalties(responses: Sequence[str], targets: Sequence[str], count_tokens: Ca
         if wrong_status and not states_task_status(extract_tag(response, tag, block), target):
             total[i] += wrong_status
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# The LLM-judge reward: the RWML paper's ablation (judge rewards are hacked by vague predictions)
+# --------------------------------------------------------------------------------------------
+
+
+JUDGE_RUBRIC = "\n".join([  # one line a criterion
+    "Grade the predicted next observation against the actual one, on four criteria:",
+    "1. Coverage, up to 0.2: the share of the important changes the action made (as the actual next observation shows "
+    "them) that the prediction contains.",
+    "2. Specificity, up to 0.4: whether the prediction states those changes in concrete detail. A vague or generic "
+    "statement that would fit many outcomes earns nothing here, even when it is not false.",
+    "3. Confidence, up to 0.2: whether the prediction states its correct changes plainly, without hedging between "
+    "outcomes. A change stated confidently and wrongly earns 0 here.",
+    "4. Task status, up to 0.2: whether the prediction gets right if the task is now completed, not yet completed or "
+    "failed.",
+    "The score is the sum of the four, a number from 0 to 1. Answer with one JSON object and nothing else, in this "
+    "form:",
+    '{"coverage": <number>, "specificity": <number>, "confidence": <number>, "status": <number>, "score": <their sum>}'])
+
+
+def judge_prompt(task: str, state: str, action: str, prediction: str, actual: str) -> str:
+    """What the LLM judge reads (methods.md section 2.8): the task, the observation the action was taken in, the
+    action, the predicted and the actual next observation, then the rubric (coverage of the important changes,
+    specificity, confidence, the task's completion status) and the JSON answer it asks for."""
+    return (f"You grade a world model: a model that read an agent's observation of an environment and the action the "
+            f"agent took, and predicted the observation the environment shows next.\n"
+            f"The agent's task: {task}\n"
+            f"The observation: {state}\n"
+            f"The agent's action: {action}\n"
+            f"The predicted next observation: {prediction}\n"
+            f"The actual next observation: {actual}\n"
+            f"{JUDGE_RUBRIC}")
+
+
+def judge_score(answer: str) -> float | None:
+    """The score a judge's answer gives, or None where it gives none (a parse failure, which scores 0).
+
+    The answer must hold exactly one JSON object, found scanning left to right from each "{" (an object nested in
+    another is part of it; one inside a malformed object counts on its own); text around it is ignored (a "<json>" wrapper, a code fence, "Here is my grade:").
+    Its "score" must be a JSON number (not a string, not true/false, not NaN or infinity) in [0, 1]. None for
+    anything else: no object; several objects (which would be the grade is not clear); a score outside [0, 1], which
+    is not clipped (a judge that answers 7 misread the scale, perhaps as 0-10, and clipping would give it full marks;
+    the RWML authors' parser clips). Never raises.
+    """
+    decoder, found, position = json.JSONDecoder(), [], answer.find("{")
+    while position >= 0:
+        try:
+            value, end = decoder.raw_decode(answer, position)
+        except (ValueError, RecursionError):  # not JSON from here (RecursionError: absurdly deep nesting)
+            position = answer.find("{", position + 1)
+            continue
+        found.append(value)
+        position = answer.find("{", end)
+    if len(found) != 1 or not isinstance(found[0], dict):
+        return None
+    score = found[0].get("score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return None
+    return float(score) if 0 <= score <= 1 else None

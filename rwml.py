@@ -18,6 +18,9 @@ of the triplets are easy (eq. 17).
 WM SFT, the baseline: the same prompt asking to "directly present" the prediction, and
 cross-entropy on the label "<think> </think>\\n<next_state> {s_{t+1}} </next_state>" (eq. 20).
 
+The paper's ablation, an LLM judge's rubric score in place of eq. 18 (`judge_scorer`, --wm-reward judge), is a
+TripletScorer: it reads each prediction with its whole triplet, not only the true next state.
+
 `weight_change` is the paper's evidence that RWML forgets less: per layer and module, the
 fraction of weights with |w' - w| > eta * max(|w|, |w'|), eta = 1e-3 (eq. 21).
 """
@@ -40,6 +43,14 @@ import sampler
 
 Triplet = rollout.Transition  # <s_<=t, a_t, s_{t+1}> of methods.md eq. 14, with the task and the H turns before t
 Scorer = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]  # (responses, targets) -> (rewards, distances)
+
+
+class TripletScorer(NamedTuple):
+    """A reward that reads each response's whole triplet, not only its true next state (the LLM judge reads the
+    observation and the action too): score(responses, triplets) -> (rewards [n], distances [n], metrics), metrics
+    what it logs of itself (floats by name). score_texts takes it wherever it takes a Scorer."""
+
+    score: Callable[[Sequence[str], Sequence[Triplet]], tuple[np.ndarray, np.ndarray, dict]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,11 +200,21 @@ def penalised_scorer(scorer: Scorer, count_tokens: Callable[[str], int] | None, 
                      wrong_status: float = 0.0, block: str = "last") -> Scorer:
     """scorer's rewards less the RWML authors' tau2-bench penalties (reward.penalties: no_thinking for a response
     without a <think> span of more than 16 tokens, wrong_status for a prediction that gets the task status wrong);
-    its distances unchanged. Both 0 (the default, as in their ALFWorld script) leave the rewards as they are."""
+    its distances unchanged. Both 0 (the default, as in their ALFWorld script) leave the rewards as they are. A
+    TripletScorer stays one."""
+    def taken(responses: Sequence[str], targets: Sequence[str]) -> np.ndarray:
+        return reward.penalties(responses, targets, count_tokens, no_thinking, wrong_status, block=block)
+
+    if isinstance(scorer, TripletScorer):
+        def score_triplets(responses: Sequence[str], triplets: Sequence[Triplet]):
+            rewards, distances, metrics = scorer.score(responses, triplets)
+            return rewards - taken(responses, [t.next_state for t in triplets]), distances, metrics
+
+        return TripletScorer(score_triplets)
+
     def score(responses: Sequence[str], targets: Sequence[str]):
         rewards, distances = scorer(responses, targets)
-        taken = reward.penalties(responses, targets, count_tokens, no_thinking, wrong_status, block=block)
-        return rewards - taken, distances
+        return rewards - taken(responses, targets), distances
 
     return score
 
@@ -222,20 +243,92 @@ def predict(params, model_config: lm.Config, tokenizer, triplets: Sequence[Tripl
     return completion, texts
 
 
-def score_texts(texts: Sequence[str], triplets: Sequence[Triplet], samples: int, scorer: Scorer | dict[str, Scorer]):
-    """Rewards and distances of responses grouped `samples` per triplet, each against its triplet's true next state.
-    A dict of scorers scores each response by its triplet's kind (tau2-bench: ROUGE for "tool", cosine for "user")."""
-    targets = [t.next_state for t in triplets for _ in range(samples)]
+def score_texts(texts: Sequence[str], triplets: Sequence[Triplet], samples: int,
+                scorer: Scorer | TripletScorer | dict, metrics: dict | None = None):
+    """Rewards and distances of responses grouped `samples` per triplet, each against its triplet's true next state
+    (a TripletScorer: against its whole triplet). A dict of scorers scores each response by its triplet's kind
+    (tau2-bench: ROUGE for "tool", cosine for "user"). If given, `metrics` receives what TripletScorers log (a dict's:
+    each name with "_<kind>" added)."""
+    rows = [t for t in triplets for _ in range(samples)]
     if not isinstance(scorer, dict):
-        return scorer(texts, targets)
-    kinds = np.array([t.kind for t in triplets for _ in range(samples)])
+        return _scored(scorer, texts, rows, metrics, "")
+    kinds = np.array([t.kind for t in rows])
     rewards, distances = np.zeros(len(texts), np.float32), np.ones(len(texts), np.float32)
     for kind in np.unique(kinds):
         if kind not in scorer:
             raise ValueError(f"no scorer for next states of kind '{kind}' (scorers for {sorted(scorer)})")
-        rows = np.flatnonzero(kinds == kind)
-        rewards[rows], distances[rows] = scorer[kind]([texts[i] for i in rows], [targets[i] for i in rows])
+        chosen = np.flatnonzero(kinds == kind)
+        rewards[chosen], distances[chosen] = _scored(scorer[kind], [texts[i] for i in chosen],
+                                                     [rows[i] for i in chosen], metrics, f"_{kind}")
     return rewards, distances
+
+
+def _scored(scorer: Scorer | TripletScorer, texts: Sequence[str], rows: Sequence[Triplet], metrics: dict | None,
+            suffix: str):
+    if not isinstance(scorer, TripletScorer):
+        return scorer(texts, [t.next_state for t in rows])
+    rewards, distances, logged = scorer.score(texts, rows)
+    if metrics is not None:
+        metrics.update({name + suffix: value for name, value in logged.items()})
+    return rewards, distances
+
+
+# --------------------------------------------------------------------------------------------
+# The LLM-judge reward, the paper's ablation
+# --------------------------------------------------------------------------------------------
+
+
+class Judge(NamedTuple):
+    """An LLM that grades predictions (--judge-model), sampled by the project's sampler: greedy, its answer at most
+    128 tokens (a JSON object with five numbers takes about 40), `batch_size` prompts a call."""
+
+    params: lm.Params
+    config: lm.Config
+    tokenizer: object
+    sampling: sampler.SamplingParams = sampler.SamplingParams(temperature=0.0, max_new_tokens=128)
+    batch_size: int = 64
+
+
+def judge_answers(judge: Judge, prompts: Sequence[str]) -> list[str]:
+    """The judge's answer to each prompt (text without special tokens), in batches of judge.batch_size."""
+    answers = []
+    for start in range(0, len(prompts), judge.batch_size):
+        encoded = [rollout.encode_prompt(judge.tokenizer, p) for p in prompts[start:start + judge.batch_size]]
+        answers += [text for *_, text in rollout.sample(judge.params, judge.config, judge.tokenizer, encoded,
+                                                        jax.random.key(0), judge.sampling)]  # greedy: the key is unused
+    return answers
+
+
+def judge_scorer(judge: Judge, baseline: Scorer | dict | None = None, block: str = "last") -> TripletScorer:
+    """The LLM-judge reward of the RWML paper's ablation (methods.md section 2.8): the judge reads each prediction
+    (the response's <next_state> block, reward.extract_tag) with its triplet's task, observation, action and true
+    next observation (reward.judge_prompt) and answers a JSON object whose score in [0, 1] is the reward
+    (reward.judge_score); the distance is 1 - reward, what the too-easy filter compares with its tau_d.
+
+    A response without a prediction scores 0 and is not judged. An answer without a usable score scores 0 and is
+    counted. Each distinct prompt is judged once (a group's predictions repeat). Metrics: judge_score (the mean
+    reward), judge_parse_failures (responses whose answer gave no score), and with a baseline scorer (the cosine
+    reward, or tau2-bench's dict by kind) cosine_reward, its mean reward on the same responses, for comparison.
+    """
+
+    def score(responses: Sequence[str], triplets: Sequence[Triplet]):
+        predictions = [reward.extract_tag(response, "next_state", block) for response in responses]
+        prompts = {i: reward.judge_prompt(t.task, t.state, t.action, p, t.next_state)
+                   for i, (p, t) in enumerate(zip(predictions, triplets)) if p is not None}
+        distinct = list(dict.fromkeys(prompts.values()))
+        scores = dict(zip(distinct, map(reward.judge_score, judge_answers(judge, distinct))))
+        rewards = np.zeros(len(responses), np.float32)
+        failures = 0
+        for i, prompt in prompts.items():
+            failures += scores[prompt] is None
+            rewards[i] = scores[prompt] or 0.0
+        metrics = {"judge_score": float(np.mean(rewards)) if len(rewards) else 0.0,
+                   "judge_parse_failures": float(failures)}
+        if baseline is not None:
+            metrics["cosine_reward"] = float(np.mean(score_texts(responses, triplets, 1, baseline)[0]))
+        return rewards, 1.0 - rewards, metrics
+
+    return TripletScorer(score)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +359,8 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
     with rollout.stopwatch(timings, "sampling"):
         completion, texts = predict(state.params, model_config, tokenizer, triplets, key, cfg.group_size, cfg.sampling)
     with rollout.stopwatch(timings, "reward"):
-        rewards, distances = score_texts(texts, triplets, cfg.group_size, scorer)
+        scorer_metrics = {}  # the LLM judge's own: its mean score, its parse failures, the cosine reward beside it
+        rewards, distances = score_texts(texts, triplets, cfg.group_size, scorer, scorer_metrics)
     with rollout.stopwatch(timings, "reference"):
         group_ids = jnp.repeat(jnp.arange(len(triplets)), cfg.group_size)
         advantages, keep, stats = grpo.advantages(jnp.asarray(rewards, jnp.float32), group_ids,
@@ -284,6 +378,7 @@ def rwml_update(state: grpo.TrainState, step_fn: Callable, tokenizer, model_conf
         # the share ending in a closed, non-empty <next_state> block (what the scorer reads is its own: cosine_scorer)
         format=float(np.mean([reward.extract_tag(t, "next_state") is not None for t in texts])),
         zero_variance_groups=float(np.mean(np.asarray(stats.zero_variance))),
+        **scorer_metrics,
     )
     if isinstance(scorer, dict):  # each kind's reward apart (tau2-bench: reward_tool is ROUGE's, reward_user cosine's)
         kinds = np.array([t.kind for t in triplets for _ in range(cfg.group_size)])

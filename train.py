@@ -11,7 +11,7 @@ device mesh and the batch split over all devices:
     grpo          policy RL: rollouts, group advantages, grpo's objective          (methods.md section 1, eqs. 1-13)
     paw           policy RL with PaW's world-model loss: paw's objective         (methods.md section 3, eq. 22)
     wm-sft        WM SFT on the model's own transitions: rwml.sft_objective       (methods.md section 2.5, eq. 20)
-    rwml          RWML: too-easy filter, G predictions a triplet, cosine reward, grpo's objective   (section 2)
+    rwml          RWML: too-easy filter, G predictions a triplet, cosine or judge reward, grpo's objective (section 2)
     spa-sft       SPA's SFT on self-play with the true states in the reasoning     (section 4)
 
 and the methods: grpo, paw, wm-sft, rwml, rwml-grpo and wm-sft-grpo (the world-model stage, then GRPO from its
@@ -128,7 +128,7 @@ def rwml_steps(run: Run, index: int, name: str, state, reference, update, refere
     the authors' tau2-bench penalties where set), group advantages and the GRPO update (rwml.rwml_update), over
     wm_epochs seeded shuffles of the triplets."""
     args, train = run.args, data["train"]
-    scorer = world_model_scorer(args, args.tau_d)
+    scorer = world_model_scorer(args, args.tau_d, run.setup.judge)
     count_tokens = lambda text: len(run.tokenizer(text, add_special_tokens=False)["input_ids"])
     penalise = lambda scorer: rwml.penalised_scorer(scorer, count_tokens, args.wm_thinking_penalty,
                                                     args.wm_status_penalty, args.wm_prediction)
@@ -143,13 +143,16 @@ def rwml_steps(run: Run, index: int, name: str, state, reference, update, refere
     return state
 
 
-def world_model_scorer(args: Args, tau_d: float):
+def world_model_scorer(args: Args, tau_d: float, judge: rwml.Judge | None = None):
     """RWML's reward (methods.md eqs. 18-19): the binary cosine reward at tau_d; on tau2-bench, a scorer per kind of
-    next state: ROUGE-L rounded to 0.2 for tool responses (eq. 19), the cosine reward for the customer's replies."""
+    next state: ROUGE-L rounded to 0.2 for tool responses (eq. 19), the cosine reward for the customer's replies.
+    --wm-reward judge: the LLM judge's score for every kind (section 2.8), that reward computed beside it for the logs."""
     cosine = rwml.cosine_scorer(embedders.make_embedder(args.embedder), tau_d, args.wm_prediction,
                                 args.wm_prediction_tokens)
     if args.env in envs.TAU2_ENVS:
-        return {"tool": rwml.rouge_scorer(0.2, args.wm_prediction), "user": cosine}
+        cosine = {"tool": rwml.rouge_scorer(0.2, args.wm_prediction), "user": cosine}
+    if args.wm_reward == "judge":
+        return rwml.judge_scorer(judge, baseline=cosine, block=args.wm_prediction)
     return cosine
 
 
@@ -183,7 +186,7 @@ def world_model_data(run: Run, index: int, name: str, params, too_easy: bool) ->
         train, validation = rwml.split_triplets(triplets, 0.1, args.seed)
         summary = {"triplets": len(triplets), "train": len(train), "validation": len(validation)}
         if too_easy and args.too_easy_filter:
-            scorer = world_model_scorer(args, args.filter.tau_d)
+            scorer = world_model_scorer(args, args.filter.tau_d, run.setup.judge)
             optimizer = grpo.make_optimizer(args.sft_learning_rate, args.weight_decay, args.max_grad_norm)
             train, filtered = rwml.too_easy_subsample(params, run.config, run.tokenizer, train, validation, scorer,
                                                       optimizer, jax.random.fold_in(run.data_key(index), 1),
@@ -244,11 +247,13 @@ def epoch_rows(seed: int, stage: int, step: int, count: int, batch_size: int) ->
 # --------------------------------------------------------------------------------------------
 
 
-def step_config(args: Args, budget: int | None = None, temperature: float | None = None) -> grpo.StepConfig:
+def step_config(args: Args, budget: int | None = None, temperature: float | None = None,
+                beta: str = "loss.beta") -> grpo.StepConfig:
     """How an update's loss is computed (its micro-batches are engine/microbatch.py's). budget: the stage's most new
     tokens per response (default --max-new-tokens), Dr.GRPO's constant unless --max-length is set; temperature: the
-    log-probs' (default --temperature, the rollouts')."""
-    loss = dataclasses.replace(args.loss, max_length=args.loss.max_length or budget or args.max_new_tokens)
+    log-probs' (default --temperature, the rollouts'); beta: the setting that holds the KL coefficient."""
+    loss = dataclasses.replace(args.loss, max_length=args.loss.max_length or budget or args.max_new_tokens,
+                               beta=settings.get(args, beta))
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
     return grpo.StepConfig(loss, args.temperature if temperature is None else temperature, remat=args.remat,
                            compute_dtype=dtype)
@@ -268,7 +273,8 @@ class Stage:
     epochs: str | None = None
     batch: str | None = None
     schedule: str = "constant"
-    reference: bool = False  # its loss has the KL term to the reference (when --beta > 0)
+    reference: bool = False  # its loss has the KL term to the reference (when the setting `beta` names is > 0)
+    beta: str = "loss.beta"
     weigh: Callable | None = None  # policy RL: PaW's world-model part of the batch
 
 
@@ -278,10 +284,10 @@ STAGE_TABLE = {
     "paw": Stage(step_config, lambda config, step, args: paw.paw_objective(config, step, args.paw), policy_steps,
                  rate="learning_rate", reference=True, weigh=paw_weigh),
     # the world model's predictions are sampled at temperature 1, so the ratio's log-probs (and the reference's) are too
-    "rwml": Stage(lambda args: step_config(args, args.wm_max_new_tokens, temperature=1.0),
+    "rwml": Stage(lambda args: step_config(args, args.wm_max_new_tokens, temperature=1.0, beta="wm_beta"),
                   lambda config, step, args: grpo.grpo_objective(config, step), rwml_steps, rate="wm_learning_rate",
                   reference=True, data=functools.partial(world_model_data, too_easy=True), epochs="wm_epochs",
-                  batch="wm_batch"),
+                  batch="wm_batch", beta="wm_beta"),
     "wm-sft": Stage(lambda args: step_config(args, temperature=1.0),
                     lambda config, step, args: rwml.sft_objective(config, step), sft_steps, rate="sft_learning_rate",
                     data=functools.partial(world_model_data, too_easy=False), epochs="wm_epochs", batch="wm_batch"),
@@ -306,7 +312,7 @@ def run_stage(run: Run, index: int, name: str, params, start: int, latest: int |
     optimizer = grpo.make_optimizer(settings.get(args, stage.rate), args.weight_decay, args.max_grad_norm,
                                     schedule=stage.schedule, total_steps=run.stage_lengths[index])
     state = sharding.place(grpo.init_state(params, optimizer), run.mesh)
-    uses_reference = stage.reference and args.loss.beta > 0
+    uses_reference = stage.reference and settings.get(args, stage.beta) > 0
     reference = sharding.place(params, run.mesh) if uses_reference else None
     if latest is not None:
         state, reference = run.restore(latest, state, reference)

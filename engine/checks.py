@@ -42,7 +42,7 @@ NUMBER_RULES = [
     ("--r-max", *RATE, "10"),
     ("--wm-tasks", *AT_LEAST_ONE, "2048"), ("--wm-rollouts", *AT_LEAST_ONE, "3"), ("--wm-max-turns", *AT_LEAST_ONE, "30"),
     ("--wm-epochs", *AT_LEAST_ONE, "2"), ("--wm-batch", *AT_LEAST_ONE, "32"), ("--wm-group-size", *AT_LEAST_ONE, "8"),
-    ("--wm-learning-rate", *RATE, "1e-6"), ("--sft-learning-rate", *RATE, "2e-6"),
+    ("--wm-learning-rate", *RATE, "1e-6"), ("--wm-beta", *NOT_NEGATIVE, "0.001"), ("--sft-learning-rate", *RATE, "2e-6"),
     ("--wm-max-new-tokens", *AT_LEAST_ONE, "512"), ("--tau-d", *DISTANCE, "0.2"),
     ("--filter.samples", *AT_LEAST_ONE, "10"), ("--filter.tau-easy", *FRACTION, "0"),
     ("--filter.keep-easy", *FRACTION, "0.1"),
@@ -114,6 +114,7 @@ def check(args: Args) -> None:
         raise UsageError(f"--user-model plays the customer of a tau2-bench conversation; {args.env} has "
                          f"{'no customer (solo mode)' if tau2 else 'none'}. Fix: leave --user-model out, or choose "
                          "--env tau2-retail or tau2-airline.")
+    judge_problem(args)
     given = [flag for flag, chosen in (("--pretrain-steps", args.pretrain_steps is not None),
                                        ("--pretrain-episodes", args.pretrain_episodes is not None),
                                        ("--pretrain-observation", args.pretrain_observation is not None),
@@ -173,6 +174,29 @@ def check(args: Args) -> None:
             raise UsageError(f"--resume: {out} was run with other settings (flag: then -> now):{listed}\nA resumed "
                              f"run continues the same training. Fix: resume with the settings in {out / 'args.json'}, "
                              "or choose another --out for the new ones.")
+
+
+def judge_problem(args: Args) -> None:
+    """--wm-reward judge and --judge-model come together, on a method with RWML, the judge a checkpoint folder."""
+    if args.wm_reward == "cosine" and args.judge_model is None:
+        return
+    if "rwml" not in STAGES[args.method]:
+        given = "--wm-reward judge" if args.wm_reward == "judge" else f"--judge-model {args.judge_model}"
+        raise UsageError(f"{given}: the LLM judge scores RWML's predictions; --method {args.method} has no RWML stage. "
+                         "Fix: --method rwml or rwml-grpo, or leave --wm-reward and --judge-model out.")
+    if args.judge_model is None:
+        raise UsageError("--wm-reward judge needs the judge: a Hugging Face instruct checkpoint. Fix: add --judge-model "
+                         "<folder or Hub id>, e.g. --judge-model Qwen/Qwen2.5-7B-Instruct.")
+    if args.wm_reward != "judge":
+        raise UsageError(f"--judge-model {args.judge_model} is the judge of --wm-reward judge, and the reward is "
+                         f"--wm-reward {args.wm_reward}. Fix: add --wm-reward judge, or leave --judge-model out.")
+    try:
+        folder = hf.resolve_checkpoint(args.judge_model, args.cache)
+    except (hf.CheckpointError, FileNotFoundError, OSError) as error:
+        raise UsageError(f"--judge-model {args.judge_model}: {error}") from error
+    if not (folder / "config.json").exists():
+        raise UsageError(f"--judge-model {args.judge_model}: no config.json in {folder}. Fix: point at a Hugging Face "
+                         "model folder (config.json, safetensors weights and the tokenizer).")
 
 
 def writable_folder(out: Path) -> None:

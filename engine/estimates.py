@@ -96,13 +96,14 @@ MAX_UPDATE_TOKENS = 2**15  # past this a micro-batch buys no speed on a CPU, onl
 
 
 def default_update_tokens(config: lm.Config, parameters: int, reference: bool, devices: int,
-                          chunk_size: int) -> tuple[int, str]:
+                          chunk_size: int, frozen: int = 0) -> tuple[int, str]:
     """The largest power of two of tokens per device whose activations (activation_bytes_per_token) fit in half of a
     device's free memory, after the training state (parameters, gradients and their running sum, AdamW's two
-    moments, the reference when there is one) sharded over the devices and the vocabulary chunks of the log-probs
-    (chunk_size tokens a chunk: the run's grpo.StepConfig.chunk_size)."""
+    moments, the reference when there is one, and `frozen` parameters of other models held beside it: the LLM
+    judge) sharded over the devices and the vocabulary chunks of the log-probs (chunk_size tokens a chunk: the run's
+    grpo.StepConfig.chunk_size)."""
     available, source = memory_available()
-    state = parameters * 4 * (6 if reference else 5) // devices
+    state = (parameters * (6 if reference else 5) + frozen) * 4 // devices
     vocabulary = 4 * 4 * chunk_size * config.vocab_size
     per_token = activation_bytes_per_token(config)
     fit = max(1, (available // 2 - state - vocabulary) // per_token)

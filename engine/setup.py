@@ -18,9 +18,10 @@ from envs import tau2
 import model as lm
 import multihost
 import rollout
+import rwml
 import spa
 from engine import embedders, estimates, evaluate, hf, pretrain, sharding
-from engine.settings import GRID_SIZE, Args, UsageError, settle
+from engine.settings import GRID_SIZE, STAGES, Args, UsageError, settle
 
 
 def make_game(args: Args) -> envs.Game:
@@ -95,12 +96,15 @@ def load_model(args: Args, game: envs.Game, log=print) -> tuple[Path, lm.Config,
     return folder, config, params, tokenizer
 
 
-def update_tokens(args: Args, config: lm.Config, parameters: int, devices: int, chunk_size: int) -> tuple[int, str]:
+def update_tokens(args: Args, config: lm.Config, parameters: int, devices: int, chunk_size: int,
+                  frozen: int = 0) -> tuple[int, str]:
     """--update-tokens, and why: the user's, or the largest micro-batch whose activations fit the memory free
-    (estimates.default_update_tokens), agreed by every process of the run (each must cut its updates alike)."""
+    beside `frozen` parameters of other models held on the devices (the LLM judge) (estimates.default_update_tokens),
+    agreed by every process of the run (each must cut its updates alike)."""
     if args.update_tokens is not None:
         return args.update_tokens, f"{args.update_tokens:,} tokens per device (--update-tokens)"
-    tokens, why = estimates.default_update_tokens(config, parameters, args.loss.beta > 0, devices, chunk_size)
+    reference = args.loss.beta > 0 or ("rwml" in STAGES[args.method] and args.wm_beta > 0)
+    tokens, why = estimates.default_update_tokens(config, parameters, reference, devices, chunk_size, frozen)
     agreed = multihost.smallest(tokens)
     if agreed < tokens:
         tokens, why = agreed, f"{agreed:,} tokens per device (another process's memory)"
@@ -120,6 +124,8 @@ class Setup:
     tokenizer: object
     mesh: jax.sharding.Mesh
     update_tokens_why: str = ""
+    judge: rwml.Judge | None = None
+    """--judge-model's LLM judge of RWML's predictions (--wm-reward judge), its parameters on the mesh"""
 
     @property
     def pad_id(self) -> int:
@@ -162,6 +168,18 @@ def load_user_model(args: Args) -> rollout.UserModel:
         raise UsageError(f"--user-model {args.user_model}: {error}") from error
 
 
+def load_judge(args: Args, mesh: jax.sharding.Mesh) -> rwml.Judge:
+    """--judge-model, the LLM judge of --wm-reward judge: a Hugging Face checkpoint held as the policy is, its
+    parameters sharded FSDP-style over the mesh (a judge can be as large as the policy), sampled greedily."""
+    try:
+        folder = hf.resolve_checkpoint(args.judge_model, args.cache)
+        config, params = hf.load_checkpoint(folder)
+        tokenizer = hf.load_tokenizer(folder)
+    except (hf.CheckpointError, FileNotFoundError, OSError) as error:
+        raise UsageError(f"--judge-model {args.judge_model}: {error}") from error
+    return rwml.Judge(sharding.place(params, mesh), config, tokenizer)
+
+
 def prepare(args: Args, chunk_size: int = 512, log=print) -> Setup:
     """The game, the model and the mesh that args name, with --update-tokens settled for an update whose log-probs
     take chunk_size tokens a vocabulary chunk (grpo.StepConfig.chunk_size). args need not be settled yet."""
@@ -171,5 +189,8 @@ def prepare(args: Args, chunk_size: int = 512, log=print) -> Setup:
     if args.user_model:
         game = dataclasses.replace(game, user=load_user_model(args))
     mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp)
-    tokens, why = update_tokens(args, config, lm.count_params(params), mesh.size, chunk_size)
-    return Setup(dataclasses.replace(args, update_tokens=tokens), game, folder, config, params, tokenizer, mesh, why)
+    judge = load_judge(args, mesh) if args.wm_reward == "judge" else None
+    frozen = lm.count_params(judge.params) if judge is not None else 0
+    tokens, why = update_tokens(args, config, lm.count_params(params), mesh.size, chunk_size, frozen)
+    return Setup(dataclasses.replace(args, update_tokens=tokens), game, folder, config, params, tokenizer, mesh, why,
+                 judge)

@@ -101,3 +101,16 @@ def test_every_top_level_module_is_installed():
     """pyproject's py-modules: a module left out imports from a checkout but not from an installed copy."""
     listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
     assert sorted(listed) == sorted(p.stem for p in ROOT.glob("*.py"))
+
+
+def test_rwml_takes_the_authors_kl_coefficient_with_a_model_and_the_policys_with_the_embedded_default():
+    """The RWML authors' scripts: kl_loss_coef 0.001 (low_var_kl, k3) in run_alfworld_state_prediction.sh, 0.01 in
+    run_alfworld_policy_rl.sh. The embedded default's RWML keeps --beta, as it did before --wm-beta existed."""
+    import train
+
+    paper = settings.settle(settings.Args(method="rwml-grpo", model=HUB_ID))
+    assert (paper.wm_beta, paper.loss.beta, paper.loss.kl_estimator) == (0.001, 0.01, "k3")
+    assert train.STAGE_TABLE["rwml"].step_config(paper).loss.beta == 0.001
+    assert train.STAGE_TABLE["grpo"].step_config(paper).loss.beta == 0.01
+    assert settings.settle(settings.override(settings.Args(method="rwml"), {"loss.beta": 0.05})).wm_beta == 0.05
+    assert settings.settle(settings.Args(method="rwml")).wm_beta == 0.0
