@@ -15,7 +15,7 @@ import jax
 
 import envs
 from engine import checkpoints, embedders, hf, pretrain
-from engine.settings import STAGES, Args, UsageError, flags, setting_changes, settle
+from engine.settings import STAGES, Args, UsageError, flags, followed, setting_changes, settle
 
 
 # Every number on the command line: (flag, what it must be, the test, an example for the fix where the run's recipe
@@ -73,7 +73,12 @@ def number_problems(args: Args) -> list[str]:
     problems = []
     values = flags(args)
     recipe = flags(settle(Args(method=args.method, env=args.env, model=args.model)))
+    # a setting that follows another (--wm-beta follows --beta) and holds its value: the other's message covers it
+    following = {"--" + name.replace("_", "-"): value for name, value in followed(args).items()}
+    same = lambda a, b: a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
     for flag, requirement, ok, example in NUMBER_RULES:
+        if flag in following and same(values[flag], following[flag]):
+            continue
         if values[flag] is not None and not ok(values[flag]):
             example = example if recipe[flag] is None else recipe[flag]
             problems.append(f"{flag} must be {requirement}, not {values[flag]}. Fix: pass e.g. {flag} {example}.")
