@@ -270,6 +270,17 @@ def episode_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     }
 
 
+def text_turn(game: envs.Game, step: int, observation: str, action: str, following: str, reward: float, done: bool,
+              info: dict) -> Turn:
+    """A turn played without a model (random play, demonstrations): its text as the game writes it, no token ids."""
+    empty = np.zeros(0, np.int32)
+    return Turn(step=step, observation=observation, prompt_ids=empty, response_ids=empty, response_logprobs=empty,
+                response_entropies=empty, response_text=game.respond(action), actions=[action],
+                next_observation=following, next_observation_ids=empty, reward=reward, done=done,
+                won=bool(info.get("won")), invalid=bool(info.get("invalid_action")), kind=info.get("kind", ""),
+                target=info.get("target", following))
+
+
 def random_play(game: envs.Game, episodes: int, seed: int) -> tuple[list[Trajectory], list[list[str]]]:
     """Uniformly random admissible actions, recorded as Trajectories (text only: no token ids), and the
     policy prompt of every turn (prompts[episode][turn])."""
@@ -287,13 +298,7 @@ def random_play(game: envs.Game, episodes: int, seed: int) -> tuple[list[Traject
             past = history_window(trajectory.turns, step, game.history)
             prompts[-1].append(game.prompt(trajectory.task, past, step, observation, info))
             following, reward, done, info = play_turn(env, [action])
-            empty = np.zeros(0, np.int32)
-            trajectory.turns.append(Turn(
-                step=step, observation=observation, prompt_ids=empty, response_ids=empty, response_logprobs=empty,
-                response_entropies=empty, response_text=game.respond(action), actions=[action],
-                next_observation=following, next_observation_ids=empty, reward=reward, done=done,
-                won=bool(info.get("won")), invalid=bool(info.get("invalid_action")), kind=info.get("kind", ""),
-                target=info.get("target", following)))
+            trajectory.turns.append(text_turn(game, step, observation, action, following, reward, done, info))
             observation = following
             if done:
                 break

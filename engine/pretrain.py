@@ -126,17 +126,11 @@ def tau2_demonstrations(game: envs.Game, episodes: int, seed: int, detour: float
             actions.append(message)
         trajectory = rollout.Trajectory(seed=reset_seed, group=episode, task=info["task"], initial_info=info, turns=[])
         prompts.append([])
-        empty = np.zeros(0, np.int32)
         for step, action in enumerate(actions[:game.max_turns]):
             past = rollout.history_window(trajectory.turns, step, game.history)
             prompts[-1].append(game.prompt(trajectory.task, past, step, observation, info))
             following, reward, done, info = env.step(action)
-            trajectory.turns.append(rollout.Turn(
-                step=step, observation=observation, prompt_ids=empty, response_ids=empty, response_logprobs=empty,
-                response_entropies=empty, response_text=game.respond(action), actions=[action],
-                next_observation=following, next_observation_ids=empty, reward=reward, done=done,
-                won=bool(info.get("won")), invalid=bool(info.get("invalid_action")), kind=info.get("kind", ""),
-                target=info.get("target", following)))
+            trajectory.turns.append(rollout.text_turn(game, step, observation, action, following, reward, done, info))
             observation = following
             if done:
                 break
