@@ -157,26 +157,28 @@ def make_evaluator(args: Args, game: envs.Game, tokenizer, config: lm.Config) ->
                               seed=args.seed, workers=args.workers)
 
 
+def load_other_model(flag: str, model: str, cache: str | None) -> tuple[lm.Config, lm.Params, object]:
+    """(config, parameters, tokenizer) of a checkpoint that another flag than --model names (a folder, Hub id or GGUF
+    file, converted under --cache); a fault is a UsageError naming the flag."""
+    try:
+        folder = hf.resolve_checkpoint(model, cache)
+        config, params = hf.load_checkpoint(folder)
+        return config, params, hf.load_tokenizer(folder)
+    except (hf.CheckpointError, FileNotFoundError, OSError) as error:
+        raise UsageError(f"{flag} {model}: {error}") from error
+
+
 def load_user_model(args: Args) -> rollout.UserModel:
     """--user-model, the customer of a tau2-bench conversation: a Hugging Face checkpoint sampled greedily, its
     messages at most 128 tokens."""
-    try:
-        folder = hf.resolve_checkpoint(args.user_model)
-        config, params = hf.load_checkpoint(folder)
-        return rollout.UserModel(params, config, hf.load_tokenizer(folder))
-    except (hf.CheckpointError, FileNotFoundError, OSError) as error:
-        raise UsageError(f"--user-model {args.user_model}: {error}") from error
+    config, params, tokenizer = load_other_model("--user-model", args.user_model, args.cache)
+    return rollout.UserModel(params, config, tokenizer)
 
 
 def load_judge(args: Args, mesh: jax.sharding.Mesh) -> rwml.Judge:
     """--judge-model, the LLM judge of --wm-reward judge: a Hugging Face checkpoint held as the policy is, its
     parameters sharded FSDP-style over the mesh (a judge can be as large as the policy), sampled greedily."""
-    try:
-        folder = hf.resolve_checkpoint(args.judge_model, args.cache)
-        config, params = hf.load_checkpoint(folder)
-        tokenizer = hf.load_tokenizer(folder)
-    except (hf.CheckpointError, FileNotFoundError, OSError) as error:
-        raise UsageError(f"--judge-model {args.judge_model}: {error}") from error
+    config, params, tokenizer = load_other_model("--judge-model", args.judge_model, args.cache)
     return rwml.Judge(sharding.place(params, mesh), config, tokenizer)
 
 

