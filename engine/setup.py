@@ -96,6 +96,22 @@ def load_model(args: Args, game: envs.Game, log=print) -> tuple[Path, lm.Config,
     return folder, config, params, tokenizer
 
 
+def check_context(args: Args, game: envs.Game, config: lm.Config, tokenizer) -> None:
+    """Refuse a --model whose context cannot hold the game's first turn: the first training task's prompt through
+    the chat template and --max-new-tokens after it, against the checkpoint's max_position_embeddings. Past it the
+    rotary positions are ones the model never saw, and nothing would say so (tau2-telecom's policy and tools take
+    10,782 tokens, SmolLM2-135M-Instruct's context is 8,192). A conversation that outgrows the context later is not
+    checked here."""
+    observation, info = game.make_env().reset(args.seed)
+    length = len(rollout.encode_prompt(tokenizer, game.prompt(info.get("task", ""), [], 0, observation, info)))
+    if length + args.max_new_tokens > config.max_position_embeddings:
+        raise UsageError(
+            f"{args.env}'s first prompt is {length:,} tokens through {args.model}'s chat template, and --max-new-tokens "
+            f"{args.max_new_tokens} after it make {length + args.max_new_tokens:,}: past the model's context of "
+            f"{config.max_position_embeddings:,} tokens (max_position_embeddings in its config.json). Fix: a model "
+            "with a longer context (Qwen2.5-Instruct, Qwen3: 32,768), or another --env.")
+
+
 def update_tokens(args: Args, config: lm.Config, parameters: int, devices: int, chunk_size: int,
                   frozen: int = 0) -> tuple[int, str]:
     """--update-tokens, and why: the user's, or the largest micro-batch whose activations fit the memory free
@@ -188,6 +204,8 @@ def prepare(args: Args, chunk_size: int = 512, log=print) -> Setup:
     args = settle(args)
     game = make_game(args)
     folder, config, params, tokenizer = load_model(args, game, log)
+    if args.model is not None:  # the embedded default is pretrained on its own game's prompts
+        check_context(args, game, config, tokenizer)
     if args.user_model:
         game = dataclasses.replace(game, user=load_user_model(args))
     mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp)

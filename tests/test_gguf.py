@@ -114,6 +114,79 @@ def test_a_gguf_file_given_as_model_gives_the_same_logits_as_the_converted_folde
                                   logits(params, config, tokens, np.ones_like(tokens, bool)))
 
 
+def test_an_exported_model_reloads_in_transformers_with_the_same_logits_and_chat_template(real, tmp_path):
+    """checkpoints.export_model (a run's <out>/model) of changed weights: transformers reads the folder back and its
+    logits are ours on those weights; the tokenizer keeps its chat template and stop token."""
+    from engine import checkpoints
+
+    config, params, tokenizer, _ = real
+    rng = np.random.default_rng(0)
+    changed = jax.tree.map(lambda w: np.asarray(w) + rng.normal(0, 1e-3, w.shape).astype(np.float32), params)
+    checkpoints.export_model(tmp_path / "model", config, changed, tokenizer)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), dtype=torch.float32).eval()
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    prompts = chat_prompts(tokenizer)
+    assert [rollout.encode_prompt(their_tokenizer, text) for text in USER_TURNS] == prompts
+    assert their_tokenizer.eos_token == "<|im_end|>"
+    tokens, mask = M.left_pad(prompts, max(map(len, prompts)), tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = reloaded(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                          position_ids=torch.tensor(np.maximum(mask.cumsum(1) - 1, 0), dtype=torch.long)).logits.numpy()
+    ours = np.asarray(logits(changed, config, tokens, mask))
+    np.testing.assert_allclose(ours[mask], theirs[mask], atol=LOGIT_TOLERANCE, rtol=0)
+    assert np.abs(ours[mask] - np.asarray(logits(params, config, tokens, mask))[mask]).max() > 100 * LOGIT_TOLERANCE
+
+
+def test_its_stop_token_ends_a_turn_where_transformers_generate_stops(real):
+    """A turn as the rollout samples it (rollout.sample: the tokenizer's and the config's stop ids): greedy, each
+    response is transformers' generate() with <|im_end|> as EOS, through that token and no further; the text
+    leaves it out."""
+    config, params, tokenizer, reference = real
+    prompts = chat_prompts(tokenizer)
+    new_tokens = 64
+    ours = rollout.sample(params, config, tokenizer, prompts, jax.random.key(0),
+                          sampler.SamplingParams(temperature=0, max_new_tokens=new_tokens))
+    ended = 0
+    for prompt, (ids, logprobs, _, text) in zip(prompts, ours):
+        with torch.no_grad():
+            out = reference.generate(input_ids=torch.tensor([prompt], dtype=torch.long), do_sample=False,
+                                     max_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+        expected = out[0, len(prompt):].numpy()
+        np.testing.assert_array_equal(ids, expected)
+        assert len(logprobs) == len(ids) and "<|im_end|>" not in text
+        assert text == tokenizer.decode(expected, skip_special_tokens=True).strip() or text == tokenizer.decode(
+            expected, skip_special_tokens=True)
+        ended += int(ids[-1] == tokenizer.eos_token_id and len(ids) < new_tokens)
+    assert ended >= 2, "the prompts should end their turns inside the token limit: choose other prompts"
+
+
+@pytest.mark.parametrize("env", ["frozenlake", "sokoban", "sudoku", "alfworld", "tau2-retail", "tau2-airline",
+                                 "tau2-telecom"])
+def test_the_chat_template_renders_every_environments_first_prompt(env, smollm2, real, alfworld_data, monkeypatch):
+    """Each game's first prompt with --model (the papers' prompts: RAGEN's for the grid games, verl-agent's for
+    ALFWorld, tau2's policy and tools) is one user turn of the template, after SmolLM2's default system turn and
+    before the assistant's header, its text whole. tau2-telecom's does not fit SmolLM2's 8,192-token context: the
+    run is refused before it starts (setup.check_context), the others pass that check."""
+    if env.startswith("tau2"):
+        installed_or_skip("tau2", why="tau2-bench")
+    monkeypatch.setenv("ALFWORLD_DATA", str(alfworld_data))
+    config, _, tokenizer, _ = real
+    args = settings.settle(settings.Args(method="grpo", env=env, model=str(smollm2[0])))
+    game = setup.make_game(args)
+    observation, info = game.make_env().reset(0)
+    text = game.prompt(info.get("task", ""), [], 0, observation, info)
+    rendered = tokenizer.decode(rollout.encode_prompt(tokenizer, text))
+    system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert rendered == f"{system}<|im_start|>user\n{text.strip()}<|im_end|>\n<|im_start|>assistant\n"
+    assert observation.strip() in text
+    if env == "tau2-telecom":
+        with pytest.raises(settings.UsageError, match="past the model's context of 8,192 tokens"):
+            setup.check_context(args, game, config, tokenizer)
+    else:
+        setup.check_context(args, game, config, tokenizer)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: one clear error each, nothing written
 # --------------------------------------------------------------------------------------------
