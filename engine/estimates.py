@@ -93,6 +93,20 @@ def memory_available() -> tuple[int, str]:
 
 
 MAX_UPDATE_TOKENS = 2**15  # past this a micro-batch buys no speed on a CPU, only memory
+CPU_BUSY_FLOPS = 2**38  # a micro-batch's gradient of ~2.7e11 FLOPs keeps a CPU's cores busy; more buys only memory
+
+
+def busy_tokens(config: lm.Config) -> int:
+    """On a CPU, the tokens a micro-batch needs to keep the cores busy: the power of two whose gradient's matmuls
+    (6 FLOPs a weight a token, training_flops' 6 N) reach CPU_BUSY_FLOPS, between 512 and MAX_UPDATE_TOKENS. Measured
+    here (2 cores, one GRPO update of 16 rows of 512 tokens, SmolLM2-135M): micro-batches of 512 tokens took 111 s and
+    peaked at 5.2 GiB, of 2,048 tokens 122 s and 10.1 GiB. Small models keep MAX_UPDATE_TOKENS (the embedded
+    default: its matmuls are too small to keep the cores busy one row at a time)."""
+    c = config
+    weights = c.num_layers * (c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+                              + 3 * c.hidden_size * c.intermediate_size)
+    tokens = CPU_BUSY_FLOPS // (6 * max(weights, 1))
+    return min(MAX_UPDATE_TOKENS, max(512, 1 << max(0, int(tokens).bit_length() - 1)))
 
 
 def default_update_tokens(config: lm.Config, parameters: int, reference: bool, devices: int,
@@ -101,15 +115,19 @@ def default_update_tokens(config: lm.Config, parameters: int, reference: bool, d
     device's free memory, after the training state (parameters, gradients and their running sum, AdamW's two
     moments, the reference when there is one, and `frozen` parameters of other models held beside it: the LLM
     judge) sharded over the devices and the vocabulary chunks of the log-probs (chunk_size tokens a chunk: the run's
-    grpo.StepConfig.chunk_size)."""
+    grpo.StepConfig.chunk_size); on a CPU, no more than keep its cores busy (busy_tokens): what fits is the limit,
+    not the need."""
     available, source = memory_available()
     state = (parameters * (6 if reference else 5) + frozen) * 4 // devices
     vocabulary = 4 * 4 * chunk_size * config.vocab_size
     per_token = activation_bytes_per_token(config)
     fit = max(1, (available // 2 - state - vocabulary) // per_token)
-    tokens = min(MAX_UPDATE_TOKENS, 1 << (int(fit).bit_length() - 1))
+    fits = 1 << (int(fit).bit_length() - 1)
+    busy = busy_tokens(config) if jax.devices()[0].platform == "cpu" else MAX_UPDATE_TOKENS
+    tokens = min(busy, fits)
     why = (f"{tokens:,} tokens per device (~{per_token / 2**20:.2f} MiB of activations a token; half of "
-           f"{available / 2**30:.1f} GiB of {source}, less {state / 2**30:.1f} GiB of training state)")
+           f"{available / 2**30:.1f} GiB of {source}, less {state / 2**30:.1f} GiB of training state"
+           + (f", fits {fits:,}; {busy:,} keep the CPU busy)" if busy < min(fits, MAX_UPDATE_TOKENS) else ")"))
     return tokens, why
 
 
