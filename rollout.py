@@ -126,8 +126,12 @@ def history_window(turns: Sequence[Turn], step: int, history: int, no_action: st
 # --------------------------------------------------------------------------------------------
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a user turn: through the tokenizer's chat template when it has one."""
+def encode_prompt(tokenizer, text: str | envs.Chat) -> list[int]:
+    """Token ids of a user turn: through the tokenizer's chat template when it has one. A Chat (messages and tools,
+    envs.tau2_chat_prompt's) goes to the template whole."""
+    if isinstance(text, envs.Chat):
+        return list(tokenizer.apply_chat_template(text.messages, tools=text.tools, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": text}]
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))

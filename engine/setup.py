@@ -204,6 +204,8 @@ def prepare(args: Args, chunk_size: int = 512, log=print) -> Setup:
     args = settle(args)
     game = make_game(args)
     folder, config, params, tokenizer = load_model(args, game, log)
+    if args.env in envs.TAU2_ENVS and args.model is not None and tau2.renders_tools(tokenizer):
+        game = dataclasses.replace(game, prompt=envs.tau2_chat_prompt(args.env), prompt_name="tau2-chat")
     if args.model is not None:  # the embedded default is pretrained on its own game's prompts
         check_context(args, game, config, tokenizer)
     if args.user_model:

@@ -24,11 +24,12 @@ from envs.alfworld import (ALFWORLD_SPLITS, ALFWORLD_TASK_TYPES, AlfWorld, alfwo
                            alfworld_walkthrough, parse_action)
 from envs.grid import (ACTION_NAMES, DIRECTIONS, GRID_ENVS, FrozenLake, Sokoban, Sudoku, WithCoordinates, grid_prompt,
                        parse_answer)
-from envs.tau2 import TAU2_ENVS, Tau2, tau2_prompt
+from envs.tau2 import TAU2_ENVS, Chat, Tau2, tau2_chat_prompt, tau2_prompt
 
 __all__ = ["Env", "Game", "FrozenLake", "Sokoban", "Sudoku", "WithCoordinates", "GRID_ENVS", "DIRECTIONS",
            "ACTION_NAMES", "grid_prompt", "parse_answer", "AlfWorld", "alfworld_games", "alfworld_walkthrough",
-           "alfworld_prompt", "parse_action", "ALFWORLD_SPLITS", "ALFWORLD_TASK_TYPES", "Tau2", "TAU2_ENVS", "tau2_prompt"]
+           "alfworld_prompt", "parse_action", "ALFWORLD_SPLITS", "ALFWORLD_TASK_TYPES", "Tau2", "TAU2_ENVS", "tau2_prompt",
+           "tau2_chat_prompt", "Chat"]
 
 
 class Env(Protocol):

