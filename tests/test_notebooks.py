@@ -58,7 +58,9 @@ def test_there_are_three_notebooks():
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
-def test_notebook_runs_without_errors_and_draws_labelled_figures(notebook, tmp_path, monkeypatch, embedded_cache):
+def test_notebook_runs_without_errors_and_draws_labelled_figures(notebook, tmp_path, monkeypatch, embedded_cache, request):
+    if notebook.name.startswith("1_"):  # it opens with SmolLM2, converted once per session (conftest's smollm2)
+        request.getfixturevalue("smollm2")
     monkeypatch.setenv("RWML_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("RWML_JAX_CACHE", str(embedded_cache))  # the tiny embedded defaults the other tests build
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel runs in tmp_path and imports this checkout's modules

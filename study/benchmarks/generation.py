@@ -2,6 +2,7 @@
 
     python study/benchmarks/generation.py            # ~3 minutes on 2 CPU cores
     python study/benchmarks/generation.py --tunix-python /work/venv-tunix/bin/python   # and google-tunix at temperature 1
+    python study/benchmarks/generation.py --model smollm2-135m-instruct --no-random --tunix-python ...  # real weights
 
 Both frameworks get the same random checkpoint (written by transformers), the same prompts and
 greedy decoding with no stop token, so both produce exactly batch x new_tokens tokens. Ours also
@@ -39,7 +40,7 @@ import transformers
 import model as M
 import sampler
 from engine import estimates, hf
-from peer import peer_name, tunix_times, write_batch
+from peer import peer_name, qwen2_layout, tunix_times, write_batch
 from timing import timed
 
 SHAPES = {
@@ -81,13 +82,22 @@ def decode_roofline(config, params, batch, prompt_length, new_tokens, ours, band
           f"({reading / step:.0%} of the bandwidth's)")
 
 
-def generation(name, shape, batch, prompt_length, new_tokens, repeats, tunix_python=None, bandwidth=None, peak=None):
+def generation(name, shape, batch, prompt_length, new_tokens, repeats, tunix_python=None, bandwidth=None, peak=None,
+               model=None):
+    """One checkpoint's rows: random weights of `shape`, or `model`'s own (a folder, Hub id, GGUF or short name; tunix
+    gets them in Qwen2's layout, peer.qwen2_layout)."""
     torch.manual_seed(0)
-    reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).eval()
     folder = tempfile.TemporaryDirectory()
-    reference.save_pretrained(folder.name)
-    config, params = hf.load_checkpoint(folder.name)
-    prompts = np.random.default_rng(0).integers(0, shape["vocab_size"], size=(batch, prompt_length)).tolist()
+    if model is None:
+        reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).eval()
+        reference.save_pretrained(folder.name)
+        config, params = hf.load_checkpoint(folder.name)
+    else:
+        source = hf.resolve_checkpoint(model)
+        reference = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+        config, params = hf.load_checkpoint(source)
+        hf.save_checkpoint(folder.name, *qwen2_layout(config, params))
+    prompts = np.random.default_rng(0).integers(0, config.vocab_size, size=(batch, prompt_length)).tolist()
     greedy = sampler.SamplingParams(temperature=0, max_new_tokens=new_tokens)
 
     def ours(sampling=greedy):
@@ -173,12 +183,20 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tunix-python", help="a python with google-tunix installed: add issue 18's temperature-1 "
                         "rows with tunix's sampler (study/benchmarks/peer_tunix.py) on the same checkpoint and prompts")
+    parser.add_argument("--model", action="append", default=[], help="also a real checkpoint (folder, Hub id, GGUF or "
+                        "short name such as smollm2-135m-instruct), on its own weights; may be repeated")
+    parser.add_argument("--no-random", action="store_true", help="only the --model rows")
     args = parser.parse_args()
     bandwidth, peak = memory_bandwidth(), estimates.matmul_peak("float32")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; measured: memory bandwidth {bandwidth / 1e9:.1f} GB/s, matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s; load average {open('/proc/loadavg').read().split()[0]}")
-    for name, shape in SHAPES.items():
+    for name, shape in SHAPES.items() if not args.no_random else ():
         generation(name, shape, args.batch, args.prompt_length, args.new_tokens, args.repeats, args.tunix_python,
                    bandwidth, peak)
-    logprob_memory(batch=4, length=1024, chunk_size=128)
+    for model in args.model:
+        generation(f"{model} (its weights)", None, args.batch, args.prompt_length, args.new_tokens, args.repeats,
+                   args.tunix_python, bandwidth, peak, model=model)
+    if not args.no_random:
+        logprob_memory(batch=4, length=1024, chunk_size=128)
+    print(f"load average {open('/proc/loadavg').read().split()[0]} at the end")

@@ -2,6 +2,7 @@
 
     python study/benchmarks/grpo_step.py            # ~2 minutes on 2 CPU cores
     python study/benchmarks/grpo_step.py --tunix-python /work/venv-tunix/bin/python   # and google-tunix beside it
+    python study/benchmarks/grpo_step.py --model smollm2-135m-instruct --no-random --tunix-python ...  # real weights
 
 Batch 8 x 192 tokens (128 prompt + 64 completion), float32, token-mean loss with a k3 KL term (beta 0.04), clip 0.2,
 clipped AdamW, on two checkpoints with random weights: a Qwen2.5-0.5B-shaped one with 4 of its 24 layers and a tiny
@@ -27,7 +28,7 @@ import numpy as np
 import grpo
 import model as lm
 from engine import estimates, hf, microbatch
-from peer import peer_name, tunix_times, write_batch
+from peer import peer_name, qwen2_layout, tunix_times, write_batch
 from timing import timed_steps
 
 CONFIG = lm.Config(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=4,
@@ -41,18 +42,23 @@ def duration(seconds):
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def main(batch, prompt_length, completion_length, repeats, beta=0.04, tunix_python=None):
+def main(batch, prompt_length, completion_length, repeats, beta=0.04, tunix_python=None, models=(), random=True):
     peak = estimates.matmul_peak("float32")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s (estimates.matmul_peak, float32, same run); "
           f"load average {open('/proc/loadavg').read().split()[0]}")
-    for name, config in CONFIGS.items():
+    for name, config in CONFIGS.items() if random else ():
         step_row(name, config, batch, prompt_length, completion_length, repeats, beta, peak, tunix_python)
+    for model in models:  # a real checkpoint's weights (tunix gets them in Qwen2's layout: peer.qwen2_layout)
+        config, params = hf.load_checkpoint(hf.resolve_checkpoint(model))
+        step_row(f"{model} (its weights)", config, batch, prompt_length, completion_length, repeats, beta, peak,
+                 tunix_python, params)
+    print(f"load average {open('/proc/loadavg').read().split()[0]} at the end")
 
 
-def step_row(name, config, batch, prompt_length, completion_length, repeats, beta, peak, tunix_python=None):
+def step_row(name, config, batch, prompt_length, completion_length, repeats, beta, peak, tunix_python=None, params=None):
     length = prompt_length + completion_length
-    params = lm.init_params(config, jax.random.key(0))
+    params = lm.init_params(config, jax.random.key(0)) if params is None else params
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
     action_mask = np.zeros((batch, length), np.float32)
@@ -64,7 +70,7 @@ def step_row(name, config, batch, prompt_length, completion_length, repeats, bet
                       logp - 0.01, advantages, none, none)
     folder = tempfile.TemporaryDirectory() if tunix_python else None
     if folder:  # before the step donates the parameters
-        hf.save_checkpoint(Path(folder.name) / "checkpoint", config, params)
+        hf.save_checkpoint(Path(folder.name) / "checkpoint", *qwen2_layout(config, jax.device_get(params)))
         write_batch(Path(folder.name) / "batch.npz", prompt_length=prompt_length, tokens=data.tokens,
                     token_mask=data.token_mask, loss_mask=data.action_mask, old_logprobs=data.old_logprobs,
                     ref_logprobs=data.ref_logprobs, advantages=data.advantages)
@@ -107,5 +113,9 @@ if __name__ == "__main__":
     parser.add_argument("--beta", type=float, default=0.04, help="KL-to-reference coefficient (k3)")
     parser.add_argument("--tunix-python", help="a python with google-tunix installed: time tunix's GRPO update on "
                         "the same checkpoint and batch (study/benchmarks/peer_tunix.py) and print it beside ours")
+    parser.add_argument("--model", action="append", default=[], help="also a real checkpoint (folder, Hub id, GGUF or "
+                        "short name such as smollm2-135m-instruct), on its own weights; may be repeated")
+    parser.add_argument("--no-random", action="store_true", help="only the --model rows")
     args = parser.parse_args()
-    main(args.batch, args.prompt_length, args.completion_length, args.repeats, args.beta, args.tunix_python)
+    main(args.batch, args.prompt_length, args.completion_length, args.repeats, args.beta, args.tunix_python,
+         args.model, not args.no_random)

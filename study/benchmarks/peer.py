@@ -6,6 +6,7 @@ google-tunix installed, never a dependency of this project: `python -m venv /wor
 (.npz) to a temporary folder, time their own work, then call tunix_times() on the same files.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +23,23 @@ def write_batch(path, **arrays) -> Path:
     ref_logprobs, advantages [b, t] and prompt_length for a GRPO step."""
     np.savez(path, **{name: np.asarray(value) for name, value in arrays.items()})
     return Path(path)
+
+
+def qwen2_layout(config, params):
+    """(config, params) of the same network as a Qwen2 checkpoint, for peer_tunix.py (it runs tunix's Qwen2 only): a
+    Llama without attention biases or RoPE scaling (SmolLM2's) is a Qwen2 whose q, k and v biases are zero."""
+    if config.model_type == "qwen2":
+        return config, params
+    if config.model_type != "llama" or config.qkv_bias or config.o_bias or config.rope_type != "default":
+        raise ValueError(f"no Qwen2 layout for {config.model_type} (qkv_bias {config.qkv_bias}, rope {config.rope_type})")
+    layers = {}
+    for name, layer in params.items():
+        if name.startswith("layers_"):
+            attn = {proj: dict(weights) for proj, weights in layer["attn"].items()}
+            for proj, heads in (("q", config.num_heads), ("k", config.num_kv_heads), ("v", config.num_kv_heads)):
+                attn[proj]["bias"] = np.zeros((heads, config.head_dim), np.float32)
+            layers[name] = dict(layer, attn=attn)
+    return dataclasses.replace(config, model_type="qwen2", qkv_bias=True), dict(params, **layers)
 
 
 def tunix_times(python, checkpoint_dir, batch_npz, *options, repeats: int = 3, timeout: float = 3600) -> dict:
