@@ -20,7 +20,7 @@ import multihost
 import rollout
 import rwml
 import spa
-from engine import embedders, estimates, evaluate, hf, pretrain, sharding
+from engine import embedders, estimates, evaluate, hf, microbatch, pretrain, sharding
 from engine.settings import GRID_SIZE, STAGES, Args, UsageError, settle
 
 
@@ -156,6 +156,11 @@ class Setup:
     def embedder(self):
         """E of RWML's reward, as --embedder names it (MiniLM by default)."""
         return embedders.make_embedder(self.args.embedder)
+
+    def update(self, objective, optimizer) -> microbatch.LengthSortedUpdate:
+        """train.py's update of an objective (grpo.grpo_objective, ...): its gradient summed over micro-batches of at
+        most --update-tokens tokens, so a real model's update fits the memory."""
+        return microbatch.LengthSortedUpdate(objective, optimizer, self.args.update_tokens)
 
     def load(self, folder: str | Path) -> lm.Params:
         """The parameters of another checkpoint of this model, e.g. a run's exported <out>/model."""
