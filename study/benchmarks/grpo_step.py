@@ -57,13 +57,21 @@ def main(batch, prompt_length, completion_length, repeats, beta=0.04, tunix_pyth
 
 
 def step_row(name, config, batch, prompt_length, completion_length, repeats, beta, peak, tunix_python=None, params=None):
+    """With random weights the batch's old log-probs are random in [-5, 0]; with a real checkpoint's (params given)
+    they are the model's own on the batch, less noise of 0.05 (a real update's ratios are near 1): random tokens
+    under a trained model score ~-30, and old log-probs 25 nats away would put the KL's log-ratio past the project's
+    clamp at 20, which tunix does not clamp, so the two losses would differ."""
     length = prompt_length + completion_length
+    real = params is not None
     params = lm.init_params(config, jax.random.key(0)) if params is None else params
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
     action_mask = np.zeros((batch, length), np.float32)
     action_mask[:, prompt_length:] = 1.0
     logp = -rng.uniform(0, 5, (batch, length)).astype(np.float32)
+    if real:
+        own, _ = jax.jit(lm.token_logprobs, static_argnums=1)(params, config, tokens, np.ones((batch, length), bool))
+        logp = np.asarray(own, np.float32) - rng.uniform(0, 0.05, (batch, length)).astype(np.float32)
     advantages = np.repeat(rng.normal(size=(batch, 1)), length, 1).astype(np.float32)
     none = np.zeros(batch, np.float32)  # no world-model term (PaW's)
     data = grpo.Batch(tokens, np.ones((batch, length), bool), action_mask, np.zeros_like(action_mask), logp,
