@@ -101,8 +101,8 @@ def busy_tokens(config: lm.Config) -> int:
     (6 FLOPs a weight a token, training_flops' 6 N) reach CPU_BUSY_FLOPS, between 512 and MAX_UPDATE_TOKENS. Measured
     here (2 busy cores, one GRPO update of SmolLM2-135M on 16 rows of 512 tokens, study/benchmarks/microbatch_size.py's
     work): micro-batches of 512 tokens took 111 s and peaked at 5.2 GiB, of 1,024 111 s and 6.9 GiB, of 2,048 122 s
-    and 10.1 GiB. Small models keep MAX_UPDATE_TOKENS (the embedded
-    default: its matmuls are too small to keep the cores busy one row at a time)."""
+    and 10.1 GiB. Small models keep MAX_UPDATE_TOKENS (the embedded default: its matmuls are too small to keep the
+    cores busy one row at a time)."""
     c = config
     weights = c.num_layers * (c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
                               + 3 * c.hidden_size * c.intermediate_size)

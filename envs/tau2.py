@@ -125,9 +125,9 @@ def respond(action: str) -> str:
 
 
 def parse_message(text: str) -> list[str]:
-    """A response as the turn's one action: the first <tool_call> block's call (its JSON re-written compactly), a
-    bare JSON call (bare_call), or the text (a <think> block dropped) for the customer. [] when a <tool_call> block does not hold a JSON object with
-    a "name" (and "arguments", an object) or when nothing is left: an invalid step."""
+    """The turn's one action: the first <tool_call> block's call (its JSON re-written compactly), a bare JSON call
+    (bare_call), or the text (a <think> block dropped) for the customer. [] when a <tool_call> block does not hold a
+    JSON object with a "name" (and "arguments", an object) or when nothing is left: an invalid step."""
     match = TOOL_CALL.search(text)
     if match:
         try:
