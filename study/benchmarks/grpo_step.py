@@ -56,26 +56,32 @@ def main(batch, prompt_length, completion_length, repeats, beta=0.04, tunix_pyth
     print(f"load average {open('/proc/loadavg').read().split()[0]} at the end")
 
 
+def random_batch(config, rows: int, length: int, completion: int, params=None) -> grpo.Batch:
+    """A GRPO batch of random tokens, the last `completion` of each row the response, one random advantage a row, no
+    world-model term; old log-probs random in [-5, 0], or with `params` the model's own less up to 0.05 (step_row
+    says why), and the reference's 0.01 below them."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (rows, length)).astype(np.int32)
+    action_mask = np.zeros((rows, length), np.float32)
+    action_mask[:, length - completion:] = 1.0
+    logp = -rng.uniform(0, 5, (rows, length)).astype(np.float32)
+    if params is not None:
+        own, _ = jax.jit(lm.token_logprobs, static_argnums=1)(params, config, tokens, np.ones((rows, length), bool))
+        logp = np.asarray(own, np.float32) - rng.uniform(0, 0.05, (rows, length)).astype(np.float32)
+    advantages = np.repeat(rng.normal(size=(rows, 1)), length, 1).astype(np.float32)
+    none = np.zeros(rows, np.float32)  # no world-model term (PaW's)
+    return grpo.Batch(tokens, np.ones((rows, length), bool), action_mask, np.zeros_like(action_mask), logp,
+                      logp - 0.01, advantages, none, none)
+
+
 def step_row(name, config, batch, prompt_length, completion_length, repeats, beta, peak, tunix_python=None, params=None):
     """With random weights the batch's old log-probs are random in [-5, 0]; with a real checkpoint's (params given)
     they are the model's own on the batch, less noise of 0.05 (a real update's ratios are near 1): random tokens
     under a trained model score ~-30, and old log-probs 25 nats away would put the KL's log-ratio past the project's
     clamp at 20, which tunix does not clamp, so the two losses would differ."""
     length = prompt_length + completion_length
-    real = params is not None
+    data = random_batch(config, batch, length, completion_length, params)
     params = lm.init_params(config, jax.random.key(0)) if params is None else params
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
-    action_mask = np.zeros((batch, length), np.float32)
-    action_mask[:, prompt_length:] = 1.0
-    logp = -rng.uniform(0, 5, (batch, length)).astype(np.float32)
-    if real:
-        own, _ = jax.jit(lm.token_logprobs, static_argnums=1)(params, config, tokens, np.ones((batch, length), bool))
-        logp = np.asarray(own, np.float32) - rng.uniform(0, 0.05, (batch, length)).astype(np.float32)
-    advantages = np.repeat(rng.normal(size=(batch, 1)), length, 1).astype(np.float32)
-    none = np.zeros(batch, np.float32)  # no world-model term (PaW's)
-    data = grpo.Batch(tokens, np.ones((batch, length), bool), action_mask, np.zeros_like(action_mask), logp,
-                      logp - 0.01, advantages, none, none)
     folder = tempfile.TemporaryDirectory() if tunix_python else None
     if folder:  # before the step donates the parameters
         hf.save_checkpoint(Path(folder.name) / "checkpoint", *qwen2_layout(config, jax.device_get(params)))

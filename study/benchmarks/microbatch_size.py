@@ -5,7 +5,8 @@ a bigger micro-batch stops buying speed and only costs memory (estimates.busy_to
     python study/benchmarks/microbatch_size.py --model Qwen/Qwen2.5-0.5B-Instruct --budgets 512 4096
 
 The update is train.py's (microbatch.LengthSortedUpdate, a k3 KL term, token-mean, clipped AdamW) on `--rows` rows
-of `--length` tokens, the last 64 the completion, random tokens. Each size runs in its own process, so its peak
+of `--length` tokens, the last 64 the completion, random tokens (grpo_step.random_batch: old log-probs the model's
+own). Each size runs in its own process, so its peak
 resident memory (VmHWM) is its own; a micro-batch holds at least one row, so sizes below --length behave as --length.
 """
 
@@ -21,21 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def one_size(model: str, budget: int, rows: int, length: int, repeats: int) -> dict:
     import jax
-    import numpy as np
 
     import grpo
     from engine import estimates, hf, microbatch
+    from grpo_step import random_batch
 
     config, params = hf.load_checkpoint(hf.resolve_checkpoint(model))
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config.vocab_size, (rows, length)).astype(np.int32)
-    completion = np.zeros((rows, length), np.float32)
-    completion[:, -64:] = 1.0
-    logp = -rng.uniform(0, 5, (rows, length)).astype(np.float32)
-    advantages = np.repeat(rng.normal(size=(rows, 1)), length, 1).astype(np.float32)
-    none = np.zeros(rows, np.float32)
-    batch = grpo.Batch(tokens, np.ones((rows, length), bool), completion, np.zeros_like(completion), logp, logp - 0.01,
-                       advantages, none, none)
+    batch = random_batch(config, rows, length, 64, params)
     optimizer = grpo.make_optimizer(1e-6)
     objective = grpo.grpo_objective(config, grpo.StepConfig(loss=grpo.LossConfig(beta=0.01, kl_estimator="k3")))
     update = microbatch.LengthSortedUpdate(objective, optimizer, token_budget=budget)
