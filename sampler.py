@@ -31,12 +31,14 @@ import multihost
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each token. Static under jit: each distinct value compiles once."""
+    """How to pick each token, and how many rows to sample at once. Static under jit: each distinct value compiles
+    once."""
 
     temperature: float = 1.0  # 0 means greedy (argmax)
     top_p: float = 1.0  # nucleus: the smallest set of most likely tokens with mass >= top_p
     top_k: int = 0  # keep the k most likely tokens; 0 keeps all
     max_new_tokens: int = 64
+    batch_bytes: int = 0  # the memory one batch of rows may take (row_bytes each); 0: every row in one batch
 
 
 class Completion(NamedTuple):
@@ -122,9 +124,11 @@ def _copy_rows(logits, cache: lm.KVCache, rows):
                                     cache.index)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_ids", "pad_id"), donate_argnames=("cache",))
 def _decode(params, config, cache, first_logits, next_positions, key, sampling, stop_ids, pad_id):
-    """Sample until every row has produced a stop token or max_new_tokens: one XLA while loop."""
+    """Sample until every row has produced a stop token or max_new_tokens: one XLA while loop. The cache is donated
+    and returned, so the loop writes it in place (kept only as an input, XLA copied it into the loop: twice its
+    memory)."""
     if config.tie_word_embeddings and jax.default_backend() == "cpu":
         # each step's largest matmul is [batch, hidden] x the [vocab, hidden] embedding; XLA on a CPU runs it ~20%
         # faster (Qwen2.5-0.5B: 38 against 47 ms at batch 8) from a [hidden, vocab] copy, made once per call
@@ -153,12 +157,34 @@ def _decode(params, config, cache, first_logits, next_positions, key, sampling, 
 
     outputs = (empty(jnp.int32) + pad_id, empty(jnp.float32), empty(jnp.float32), empty(bool))
     carry = (0, cache, first_logits, jnp.zeros(batch, bool), next_positions, outputs)
-    return jax.lax.while_loop(unfinished, decode_one, carry)[-1]
+    _, cache, _, _, _, outputs = jax.lax.while_loop(unfinished, decode_one, carry)
+    return outputs, cache
 
 
 def stop_token_ids(tokenizer, config: lm.Config) -> tuple[int, ...]:
     """Where a chat turn ends: the tokenizer's EOS (e.g. <|im_end|>) and the checkpoint's own EOS ids."""
     return tuple(sorted({tokenizer.eos_token_id, *config.eos_token_ids} - {None}))
+
+
+def row_bytes(config: lm.Config, prompt_length: int, max_new_tokens: int, dtype_bytes: int = 4) -> int:
+    """An upper estimate of the memory one row of a batch takes while it is sampled: its KV cache (keys and values of
+    every layer, prompt_length + max_new_tokens slots), the prefill's transient activations of one layer for its
+    prompt (attention scores over the cache, three of them a head, and the MLP's and the residual stream's), and its
+    logits. XLA's memory analysis on CPU, SmolLM2-135M's shape, 128 rows: prompts of 512 tokens and 512 new take 45
+    MiB of cache and 60 of prefill a row (this estimate: 113 in all), prompts of 256 34 and 23 (estimate 61)."""
+    c = config
+    length = prompt_length + max_new_tokens
+    cache = 2 * c.num_layers * c.num_kv_heads * c.head_dim * length * dtype_bytes
+    prefill = 4 * prompt_length * (3 * c.num_heads * length + 3 * c.intermediate_size + 4 * c.hidden_size)
+    return cache + prefill + 2 * 4 * c.vocab_size
+
+
+def rows_per_batch(config: lm.Config, prompt_length: int, sampling: SamplingParams, dtype_bytes: int = 4) -> int:
+    """The largest power of two of rows whose row_bytes fit in sampling.batch_bytes (at least one); 0: no limit."""
+    if sampling.batch_bytes <= 0:
+        return 0
+    rows = sampling.batch_bytes // row_bytes(config, prompt_length, sampling.max_new_tokens, dtype_bytes)
+    return 1 << max(0, int(rows).bit_length() - 1)
 
 
 def generate(params: lm.Params, config: lm.Config, prompts: Sequence[Sequence[int]], key: jax.Array,
@@ -169,25 +195,40 @@ def generate(params: lm.Params, config: lm.Config, prompts: Sequence[Sequence[in
     stop_token_ids defaults to the config's EOS ids; a row finishes at its first stop token, which
     is kept in its mask. pad_token_id (default: the config's pad, else the first stop id) fills
     the left of the prompts and the right of finished rows; masks never derive from it, because
-    Qwen's pad id is its EOS id.
+    Qwen's pad id is its EOS id. With sampling.batch_bytes, the rows are sampled in consecutive batches of
+    rows_per_batch (batch i with fold_in(key, i)): memory then grows with the batch, not with the number of prompts.
     """
     stop_ids = tuple(config.eos_token_ids if stop_token_ids is None else stop_token_ids)
     pad_id = next((i for i in (pad_token_id, config.pad_token_id, *stop_ids) if i is not None), 0)
     prompt_length = lm.bucket_length(max(len(p) for p in prompts), min_bucket)
     tokens, mask = lm.left_pad(prompts, prompt_length, pad_id)
+    dtype = params["embed"]["embedding"].dtype
+    rows = rows_per_batch(config, prompt_length, sampling, jnp.dtype(dtype).itemsize) or len(prompts)
+    sampling = dataclasses.replace(sampling, batch_bytes=0)  # one decode program whatever the budget
+    if rows >= len(prompts):
+        return _sample_rows(params, config, tokens, mask, key, sampling, stop_ids, pad_id)
+    parts = [_sample_rows(params, config, tokens[start:start + rows], mask[start:start + rows],
+                          jax.random.fold_in(key, start // rows), sampling, stop_ids, pad_id)
+             for start in range(0, len(prompts), rows)]
+    return Completion(*(jnp.concatenate(field) for field in zip(*parts)))
+
+
+def _sample_rows(params, config: lm.Config, tokens: np.ndarray, mask: np.ndarray, key: jax.Array,
+                 sampling: SamplingParams, stop_ids: tuple[int, ...], pad_id: int) -> Completion:
+    """generate's one batch: the prefill of its distinct prompts, then the decode loop over all its rows."""
     # a group's rows share a prompt (a task's G rollouts, RWML's G predictions, Pass@k's attempts): each distinct
     # prompt is prefilled once (padded to a power of two of rows), and its rows start from copies of its KV cache
     _, first, row_of = np.unique(np.concatenate([tokens, mask], 1), axis=0, return_index=True, return_inverse=True)
     prefilled = np.resize(first, lm.bucket_length(len(first), 1))  # repeats rows to fill the power of two
-    if len(prefilled) >= len(prompts):
-        prefilled, row_of = np.arange(len(prompts)), np.arange(len(prompts))
+    if len(prefilled) >= len(tokens):
+        prefilled, row_of = np.arange(len(tokens)), np.arange(len(tokens))
     cache_dtype = params["embed"]["embedding"].dtype
-    cache = lm.init_cache(config, len(prefilled), prompt_length + sampling.max_new_tokens, cache_dtype)
+    cache = lm.init_cache(config, len(prefilled), tokens.shape[1] + sampling.max_new_tokens, cache_dtype)
     first_logits, cache = _prefill(params, config, jnp.asarray(tokens[prefilled]), jnp.asarray(mask[prefilled]), cache)
-    if len(prefilled) < len(prompts):
+    if len(prefilled) < len(tokens):
         first_logits, cache = _copy_rows(first_logits, cache, jnp.asarray(row_of.reshape(-1)))
     next_positions = jnp.asarray(mask.sum(-1), jnp.int32)
-    sampled, logprobs, entropies, completion_mask = _decode(
+    (sampled, logprobs, entropies, completion_mask), _ = _decode(
         params, config, cache, first_logits, next_positions, key, sampling, stop_ids, pad_id
     )
     return Completion(jnp.asarray(tokens), jnp.asarray(mask), sampled, logprobs, entropies, completion_mask)

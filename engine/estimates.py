@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import model as lm
+import multihost
 from attention import ATTENTION_BLOCK
 
 
@@ -90,6 +91,13 @@ def memory_available() -> tuple[int, str]:
     except (OSError, KeyError, ValueError):
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return available // jax.local_device_count(), "host memory available"
+
+
+def sampling_bytes(share: int = 2) -> int:
+    """The memory a batch of sampled rows may take (sampler.SamplingParams.batch_bytes): 1/share of a device's free
+    memory now (half, once the training state is in place; a quarter before it is), the smallest over the
+    processes, which all run one program."""
+    return multihost.smallest(memory_available()[0] // share)
 
 
 MAX_UPDATE_TOKENS = 2**15  # past this a micro-batch buys no speed on a CPU, only memory

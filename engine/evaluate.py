@@ -21,6 +21,7 @@ import rollout
 import rwml
 import sampler
 import spa
+from engine import estimates
 
 EVAL_SEED = 1_000_000_000  # grid games' held-out seeds start here; ALFWorld evaluates games 0..N-1 of its split
 
@@ -89,7 +90,8 @@ class Evaluator:
         settings = self.settings
         in_order = self.game.name == "alfworld" or self.game.name in envs.TAU2_ENVS  # a split's first N tasks
         seeds = [i if in_order else EVAL_SEED + i for i in range(settings.episodes)]
-        sampling = sampler.SamplingParams(settings.temperature, max_new_tokens=self.max_new_tokens)
+        sampling = sampler.SamplingParams(settings.temperature, max_new_tokens=self.max_new_tokens,
+                                          batch_bytes=estimates.sampling_bytes())  # free now, state held
         trajectories = rollout.rollout(params, self.config, self.tokenizer, self.environments, seeds, settings.samples,
                                        key, prompt=self.game.prompt, parse=self.game.parse, max_turns=settings.max_turns,
                                        sampling=sampling, history=self.game.history, user=self.game.user)

@@ -193,14 +193,18 @@ def load_user_model(args: Args) -> rollout.UserModel:
     """--user-model, the customer of a tau2-bench conversation: a Hugging Face checkpoint sampled greedily, its
     messages at most 128 tokens."""
     config, params, tokenizer = load_other_model("--user-model", args.user_model, args.cache)
-    return rollout.UserModel(params, config, tokenizer)
+    sampling = rollout.UserModel._field_defaults["sampling"]
+    return rollout.UserModel(params, config, tokenizer, dataclasses.replace(
+        sampling, batch_bytes=estimates.sampling_bytes(share=4)))  # before the training state: a quarter of the free
 
 
 def load_judge(args: Args, mesh: jax.sharding.Mesh) -> rwml.Judge:
     """--judge-model, the LLM judge of --wm-reward judge: a Hugging Face checkpoint held as the policy is, its
     parameters sharded FSDP-style over the mesh (a judge can be as large as the policy), sampled greedily."""
     config, params, tokenizer = load_other_model("--judge-model", args.judge_model, args.cache)
-    return rwml.Judge(sharding.place(params, mesh), config, tokenizer)
+    sampling = rwml.Judge._field_defaults["sampling"]
+    return rwml.Judge(sharding.place(params, mesh), config, tokenizer, dataclasses.replace(
+        sampling, batch_bytes=estimates.sampling_bytes(share=4)))  # before the training state: a quarter of the free
 
 
 def prepare(args: Args, chunk_size: int = 512, log=print) -> Setup:

@@ -1,6 +1,8 @@
 """sampler.py: greedy against transformers' generate, log-probs against teacher forcing, and the sampling rules
 against their definitions."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +125,42 @@ def test_prompts_of_nearby_lengths_share_one_padded_shape(hf_checkpoint):
     sampling = sampler.SamplingParams(temperature=0, max_new_tokens=4)
     shapes = {sampler.generate(params, config, prompts((n,)), jax.random.key(0), sampling).prompt_tokens.shape for n in (3, 9, 16)}
     assert shapes == {(1, 16)}
+
+
+def test_a_memory_budget_samples_the_rows_in_batches_each_as_it_would_be_sampled_alone(hf_checkpoint, monkeypatch):
+    """batch_bytes of 2.5 rows (row_bytes at the prompts' bucket): 7 prompts go in batches of 2, 2, 2 and 1; greedy,
+    every row is what one batch of all 7 gives; at temperature 1, batch i is what that batch alone gives with
+    fold_in(key, i)."""
+    folder, _ = hf_checkpoint("qwen2", tied=True)
+    config, params = hf.load_checkpoint(folder)
+    batch = prompts((5, 11, 17, 3, 9, 14, 7), seed=3)
+    bucket = M.bucket_length(17, 16)
+    greedy = sampler.SamplingParams(temperature=0, max_new_tokens=10)
+    budget = int(2.5 * sampler.row_bytes(config, bucket, greedy.max_new_tokens))
+    assert sampler.rows_per_batch(config, bucket, dataclasses.replace(greedy, batch_bytes=budget)) == 2
+    assert sampler.rows_per_batch(config, bucket, dataclasses.replace(greedy, batch_bytes=1)) == 1
+    assert sampler.rows_per_batch(config, bucket, greedy) == 0  # no budget: one batch
+    decoded, decode = [], sampler._decode
+    monkeypatch.setattr(sampler, "_decode", lambda params, config, cache, *rest: (
+        decoded.append(cache.k[0].shape[0]) or decode(params, config, cache, *rest)))
+    whole = sampler.generate(params, config, batch, jax.random.key(0), greedy, stop_token_ids=())
+    parts = sampler.generate(params, config, batch, jax.random.key(0), dataclasses.replace(greedy, batch_bytes=budget),
+                             stop_token_ids=())
+    assert decoded == [7, 2, 2, 2, 1]
+    for name in ("prompt_tokens", "prompt_mask", "tokens", "mask"):
+        np.testing.assert_array_equal(getattr(parts, name), getattr(whole, name))
+    for name in ("logprobs", "entropies"):
+        np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), atol=1e-5)
+
+    sampling = sampler.SamplingParams(temperature=1.0, max_new_tokens=10, batch_bytes=budget)
+    parts = sampler.generate(params, config, batch, jax.random.key(4), sampling, stop_token_ids=())
+    alone = dataclasses.replace(sampling, batch_bytes=0)
+    for i, start in enumerate(range(0, 7, 2)):
+        rows = slice(start, start + 2)
+        one = sampler.generate(params, config, batch[rows], jax.random.fold_in(jax.random.key(4), i), alone,
+                               stop_token_ids=())
+        np.testing.assert_array_equal(np.asarray(parts.tokens)[rows], one.tokens)
+        np.testing.assert_allclose(np.asarray(parts.logprobs)[rows], one.logprobs, atol=1e-5)
 
 
 # ---- the sampling rules, on a small vocabulary, against their definitions ----
