@@ -27,6 +27,7 @@ import numpy as np
 
 import model as lm
 import multihost
+from attention import ATTENTION_BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,13 +170,15 @@ def stop_token_ids(tokenizer, config: lm.Config) -> tuple[int, ...]:
 def row_bytes(config: lm.Config, prompt_length: int, max_new_tokens: int, dtype_bytes: int = 4) -> int:
     """An upper estimate of the memory one row of a batch takes while it is sampled: its KV cache (keys and values of
     every layer, prompt_length + max_new_tokens slots), the prefill's transient activations of one layer for its
-    prompt (attention scores over the cache, three of them a head, and the MLP's and the residual stream's), and its
-    logits. XLA's memory analysis on CPU, SmolLM2-135M's shape, 128 rows: prompts of 512 tokens and 512 new take 45
-    MiB of cache and 60 of prefill a row (this estimate: 113 in all), prompts of 256 34 and 23 (estimate 61)."""
+    prompt (attention scores over the cache, or over a block of it once the prompt is longer than a block, four of
+    them a head; the MLP's and the residual stream's), and its logits. XLA's memory analysis on CPU, SmolLM2-135M's
+    shape, 512 new tokens, in MiB a row (cache + prefill; this estimate): prompts of 256 tokens 34 + 23 (68), 512
+    45 + 60 (131), 1,024 68 + 99 (167), 4,096 203 + 367 (599)."""
     c = config
     length = prompt_length + max_new_tokens
     cache = 2 * c.num_layers * c.num_kv_heads * c.head_dim * length * dtype_bytes
-    prefill = 4 * prompt_length * (3 * c.num_heads * length + 3 * c.intermediate_size + 4 * c.hidden_size)
+    keys = length if prompt_length <= ATTENTION_BLOCK else ATTENTION_BLOCK  # attention.attention's choice: blockwise
+    prefill = 4 * prompt_length * (4 * c.num_heads * keys + 3 * c.intermediate_size + 4 * c.hidden_size)
     return cache + prefill + 2 * 4 * c.vocab_size
 
 
