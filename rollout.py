@@ -84,6 +84,7 @@ class Trajectory:
     task: str
     initial_info: dict
     turns: list[Turn]
+    context_full: bool = False  # ended before a turn whose prompt and max_new_tokens would pass the model's context
 
     @property
     def total_reward(self) -> float:
@@ -197,7 +198,9 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
     info) builds the user text; parse(response_text) gives the turn's actions. `user` answers for environments that
     wait for a customer model (tau2-bench with --user-model), in batches between the policy's turns. If given,
     `timings` accumulates wall seconds under "sampling" and "env" (reset and steps; the user model's turns count
-    as "env").
+    as "env"). An episode whose next prompt and sampling.max_new_tokens would pass the model's context
+    (config.max_position_embeddings: positions it never saw) ends before that turn, as at the turn cap, and says so
+    (Trajectory.context_full; episode_stats' "context_full" is their share).
     """
     timings = {} if timings is None else timings
     if environments.count != len(seeds) * group_size:
@@ -214,12 +217,19 @@ def rollout(params: lm.Params, config: lm.Config, tokenizer, environments: EnvBa
     for turn in range(max_turns):
         if not current:
             break
-        active = sorted(current)
-        prompts = []
-        for i in active:
+        active, prompts = [], []
+        for i in sorted(current):
             observation, info = current[i]
             past = history_window(trajectories[i].turns, turn, history, no_action="(none)")
-            prompts.append(encode_prompt(tokenizer, prompt(trajectories[i].task, past, turn, observation, info)))
+            ids = encode_prompt(tokenizer, prompt(trajectories[i].task, past, turn, observation, info))
+            if len(ids) + sampling.max_new_tokens > config.max_position_embeddings:  # positions it never saw
+                trajectories[i].context_full = True
+                del current[i]
+                continue
+            active.append(i)
+            prompts.append(ids)
+        if not active:
+            break
         with stopwatch(timings, "sampling"):
             sampled = sample(params, config, tokenizer, prompts, jax.random.fold_in(key, turn), sampling)
         responses = {i: (*response, parse(response[3])) for i, response in zip(active, sampled)}
@@ -271,6 +281,7 @@ def episode_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
         "return": float(np.mean([t.total_reward for t in trajectories])),
         "turns": float(np.mean([len(t.turns) for t in trajectories])),
         "invalid": float(np.mean([t.invalid for t in turns])) if turns else 0.0,
+        "context_full": float(np.mean([t.context_full for t in trajectories])),
     }
 
 

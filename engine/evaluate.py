@@ -98,7 +98,7 @@ class Evaluator:
         stats = rollout.episode_stats(trajectories)
         wins = np.array([t.won for t in trajectories]).reshape(settings.episodes, settings.samples).sum(1)
         metrics = {"success": stats["success"], "return": stats["return"], "invalid": stats["invalid"],
-                   "turns": stats["turns"]}
+                   "turns": stats["turns"], "context_full": stats["context_full"]}
         k = 1
         while k <= settings.samples:
             metrics[f"pass@{k}"] = float(np.mean([pass_at_k(settings.samples, int(c), k) for c in wins]))  # eq. 29

@@ -100,8 +100,8 @@ def check_context(args: Args, game: envs.Game, config: lm.Config, tokenizer) -> 
     """Refuse a --model whose context cannot hold the game's first turn: the first training task's prompt through
     the chat template and --max-new-tokens after it, against the checkpoint's max_position_embeddings. Past it the
     rotary positions are ones the model never saw, and nothing would say so (tau2-telecom's policy and tools take
-    10,782 tokens, SmolLM2-135M-Instruct's context is 8,192). A conversation that outgrows the context later is not
-    checked here."""
+    10,782 tokens, SmolLM2-135M-Instruct's context is 8,192). A conversation that outgrows the context later ends
+    there (rollout.rollout: Trajectory.context_full)."""
     observation, info = game.make_env().reset(args.seed)
     length = len(rollout.encode_prompt(tokenizer, game.prompt(info.get("task", ""), [], 0, observation, info)))
     if length + args.max_new_tokens > config.max_position_embeddings:

@@ -1,5 +1,7 @@
 """The rollout loop: the exact ids and log-probs it records, its groups, and the transitions it gives."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -85,3 +87,24 @@ def test_transitions_carry_the_history_window(tiny_policy):
         assert len(record.history) == min(record.turn, 2)
         if record.turn:
             assert record.history[-1][0] == turns[record.turn - 1].observation
+
+
+def test_an_episode_whose_next_prompt_would_pass_the_context_ends_before_that_turn(tiny_policy):
+    """A context that holds the first turn's prompt and max_new_tokens, not the second's (its history is longer):
+    every episode plays the same first turn as without the limit, then ends there, marked context_full, unless its
+    first turn finished it."""
+    params, config, tokenizer = tiny_policy
+    unlimited, _ = play_lake(tiny_policy, groups=1, group_size=4, max_turns=3)
+    (first,) = {len(t.turns[0].prompt_ids) for t in unlimited}  # one group: one first prompt
+    assert all(len(t.turns[1].prompt_ids) > first for t in unlimited if len(t.turns) > 1)
+    short = dataclasses.replace(config, max_position_embeddings=first + 12)
+    batch = rollout.EnvBatch(RecordingLake, 4)
+    limited = rollout.rollout(params, short, tokenizer, batch, [0], 4, jax.random.key(0),
+                              prompt=envs.grid_prompt(envs.FrozenLake.rules), parse=envs.parse_answer, max_turns=3,
+                              sampling=sampler.SamplingParams(1.0, max_new_tokens=12))
+    for whole, cut in zip(unlimited, limited):
+        assert len(cut.turns) == 1
+        np.testing.assert_array_equal(cut.turns[0].response_ids, whole.turns[0].response_ids)
+        assert cut.context_full == (not cut.turns[0].done) and not whole.context_full
+    assert rollout.episode_stats(limited)["context_full"] == np.mean([not t.turns[0].done for t in limited])
+    assert any(t.context_full for t in limited)
