@@ -225,7 +225,7 @@ def test_the_rollout_loop_plays_any_output_and_scores_what_it_could_not_parse_in
     scripts = data.draw(st.lists(st.one_of(as_text, as_ids).filter(len), min_size=1, max_size=8))
     stop_ids = [tokenizer.eos_token_id]
     monkeypatch.setattr(sampler, "generate", scripted(scripts, stop_ids))
-    config = type("Config", (), {"eos_token_ids": tuple(stop_ids)})()
+    config = type("Config", (), {"eos_token_ids": tuple(stop_ids), "max_position_embeddings": 32768})()
     batch = rollout.EnvBatch(lambda: envs.FrozenLake(max_steps=100), 4)  # 3 turns of up to 10 actions never run out
     trajectories = rollout.rollout(None, config, tokenizer, batch, [0, 1], 2, jax.random.key(0),
                                    prompt=envs.grid_prompt(envs.FrozenLake.rules), parse=envs.parse_answer, max_turns=3,
