@@ -70,7 +70,7 @@ def policy_steps(run: Run, index: int, name: str, state, reference, update, refe
     """GRPO or PaW: each step plays `groups` tasks x G, scores whole trajectories (their returns, methods.md eq. 1),
     and updates on every turn. PaW's rows carry the next observation, weighed by paw.weigh."""
     args, stage = run.args, STAGE_TABLE[name]
-    sampling = sampled_rows(args.temperature, args.max_new_tokens)
+    sampling = stage_sampling(args.temperature, args.max_new_tokens)
     with rollout.EnvBatch(run.game.make_env, args.groups * args.group_size, args.workers) as environments:
         for step in range(start, args.iterations):
             timings = {}
@@ -133,7 +133,7 @@ def rwml_steps(run: Run, index: int, name: str, state, reference, update, refere
     penalise = lambda scorer: rwml.penalised_scorer(scorer, count_tokens, args.wm_thinking_penalty,
                                                     args.wm_status_penalty, args.wm_prediction)
     scorer = {kind: penalise(s) for kind, s in scorer.items()} if isinstance(scorer, dict) else penalise(scorer)
-    sampling = sampled_rows(1.0, args.wm_max_new_tokens)
+    sampling = stage_sampling(1.0, args.wm_max_new_tokens)
     cfg = rwml.RWMLConfig(args.wm_group_size, sampling, args.filter_zero_variance)
     for step in range(start, run.stage_lengths[index]):
         rows = epoch_rows(args.seed, index, step, len(train), args.wm_batch)
@@ -227,14 +227,14 @@ def self_play(run: Run, index: int, params, tasks: int, rollouts: int, max_turns
     """A stage's data rollouts: `tasks` training tasks x `rollouts` at temperature 1, with the stage's data key."""
     args = run.args
     seeds = [train_task(args, index, 0, task) for task in range(tasks)]
-    sampling = sampled_rows(1.0, args.max_new_tokens)
+    sampling = stage_sampling(1.0, args.max_new_tokens)
     with rollout.EnvBatch(run.game.make_env, tasks * rollouts, args.workers) as environments:
         return rollout.rollout(params, run.config, run.tokenizer, environments, seeds, rollouts, run.data_key(index),
                                prompt=run.game.prompt, parse=run.game.parse, max_turns=max_turns, sampling=sampling,
                                history=args.history, user=run.game.user)
 
 
-def sampled_rows(temperature: float, max_new_tokens: int) -> sampler.SamplingParams:
+def stage_sampling(temperature: float, max_new_tokens: int) -> sampler.SamplingParams:
     """A stage's sampling, its batches of rows sized to half the memory free when the stage starts
     (estimates.sampling_bytes): a large model's KV cache for every episode at once need not fit."""
     return sampler.SamplingParams(temperature, max_new_tokens=max_new_tokens, batch_bytes=estimates.sampling_bytes())

@@ -19,6 +19,7 @@ import model as lm
 import multihost
 import rollout
 import rwml
+import sampler
 import spa
 from engine import embedders, estimates, evaluate, hf, microbatch, pretrain, sharding
 from engine.settings import GRID_SIZE, STAGES, Args, UsageError, settle
@@ -193,18 +194,22 @@ def load_user_model(args: Args) -> rollout.UserModel:
     """--user-model, the customer of a tau2-bench conversation: a Hugging Face checkpoint sampled greedily, its
     messages at most 128 tokens."""
     config, params, tokenizer = load_other_model("--user-model", args.user_model, args.cache)
-    sampling = rollout.UserModel._field_defaults["sampling"]
-    return rollout.UserModel(params, config, tokenizer, dataclasses.replace(
-        sampling, batch_bytes=estimates.sampling_bytes(share=4)))  # before the training state: a quarter of the free
+    user = rollout.UserModel(params, config, tokenizer)
+    return user._replace(sampling=sized_to_memory(user.sampling))
 
 
 def load_judge(args: Args, mesh: jax.sharding.Mesh) -> rwml.Judge:
     """--judge-model, the LLM judge of --wm-reward judge: a Hugging Face checkpoint held as the policy is, its
     parameters sharded FSDP-style over the mesh (a judge can be as large as the policy), sampled greedily."""
     config, params, tokenizer = load_other_model("--judge-model", args.judge_model, args.cache)
-    sampling = rwml.Judge._field_defaults["sampling"]
-    return rwml.Judge(sharding.place(params, mesh), config, tokenizer, dataclasses.replace(
-        sampling, batch_bytes=estimates.sampling_bytes(share=4)))  # before the training state: a quarter of the free
+    judge = rwml.Judge(sharding.place(params, mesh), config, tokenizer)
+    return judge._replace(sampling=sized_to_memory(judge.sampling))
+
+
+def sized_to_memory(sampling: sampler.SamplingParams) -> sampler.SamplingParams:
+    """A model's sampling beside the policy (the judge, the user model), its batches sized to a quarter of the memory
+    free now: it is loaded before the training state is in place."""
+    return dataclasses.replace(sampling, batch_bytes=estimates.sampling_bytes(share=4))
 
 
 def prepare(args: Args, chunk_size: int = 512, log=print) -> Setup:
