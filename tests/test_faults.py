@@ -87,14 +87,16 @@ FILL = textwrap.dedent("""
 
 
     def fill(folder):
-        \"\"\"A file taking every free byte of folder's filesystem.\"\"\"
-        with open(os.path.join(folder, "filler"), "wb") as filler:
-            try:
-                while True:
-                    filler.write(b"x" * 65536)
-                    filler.flush()
-            except OSError:
+        \"\"\"A file taking every free byte of folder's filesystem. Unbuffered: a buffered file's close would flush
+        what the failed write left in its buffer and raise ENOSPC again, here rather than at the checkpoint.\"\"\"
+        filler = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"x" * 65536):
                 pass
+        except OSError:
+            pass
+        finally:
+            os.close(filler)
 """)
 
 # train.py's command line, with the disk filled once the checkpoint of step 1 is complete, just before the checkpoint
