@@ -1,5 +1,6 @@
 """How the memory of a gradient grows with length: the plain attention (a [heads, T, T] matrix a layer) against the
-blockwise one (attention.py), read from XLA's compiled memory analysis, without running anything.
+blockwise one (attention.py), and the blockwise one with each layer recomputed in the backward pass (--remat), read
+from XLA's compiled memory analysis, without running anything.
 
     python study/benchmarks/attention_memory.py          # ~1 minute on 2 CPU cores
 
@@ -23,12 +24,13 @@ CONFIG = lm.Config(model_type="qwen2", vocab_size=151936, hidden_size=896, inter
                    num_heads=14, num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True)
 
 
-def temporaries(attention: str, length: int) -> int:
+def temporaries(attention: str, length: int, remat: bool = False) -> int:
     """XLA's temporary bytes for the gradient at one length (shapes only: no parameter is allocated)."""
     params = jax.eval_shape(lambda: lm.init_params(CONFIG, jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
     mask = jax.ShapeDtypeStruct((1, length), bool)
-    gradient = jax.jit(jax.grad(lambda p, t, m: lm.token_logprobs(p, CONFIG, t, m, attention=attention)[0].sum()))
+    logprob = lambda p, t, m: lm.token_logprobs(p, CONFIG, t, m, attention=attention, remat=remat)[0].sum()
+    gradient = jax.jit(jax.grad(logprob))
     return gradient.lower(params, tokens, mask).compile().memory_analysis().temp_size_in_bytes
 
 
@@ -39,10 +41,10 @@ def main():
     print(f"gradient of token_logprobs, 2 layers at Qwen2.5-0.5B width, batch 1 ({jax.devices()[0].platform})")
     print("| attention | " + " | ".join(f"T = {n:,}" for n in args.lengths) + " | growth |")
     print("|---|" + "---|" * (len(args.lengths) + 1))
-    for attention in ("plain", "blockwise"):
-        sizes = [temporaries(attention, n) for n in args.lengths]
+    for attention, remat in (("plain", False), ("blockwise", False), ("blockwise", True)):
+        sizes = [temporaries(attention, n, remat) for n in args.lengths]
         cells = " | ".join(f"{size / 2**20:,.0f} MiB" for size in sizes)
-        print(f"| {attention} | {cells} | {sizes[-1] / sizes[0]:.1f}x |", flush=True)
+        print(f"| {attention}{', remat' if remat else ''} | {cells} | {sizes[-1] / sizes[0]:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":
