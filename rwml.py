@@ -58,9 +58,12 @@ class TripletScorer(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def triplets_from_rollouts(trajectories: Sequence[rollout.Trajectory], history: int = 2) -> list[Triplet]:
-    """Every step of every trajectory as a triplet (methods.md eq. 14), steps with invalid actions dropped."""
-    return [t for t in rollout.transitions(trajectories, history) if not t.invalid]
+def triplets_from_rollouts(trajectories: Sequence[rollout.Trajectory], history: int = 2,
+                           view: Callable[[Triplet], Triplet] | None = None) -> list[Triplet]:
+    """Every step of every trajectory as a triplet (methods.md eq. 14), steps with invalid actions dropped. view: how
+    the world-model prompt shows a triplet's past and present (envs.Game.world_model_view); None: whole."""
+    kept = [t for t in rollout.transitions(trajectories, history) if not t.invalid]
+    return [view(t) for t in kept] if view is not None else kept
 
 
 def split_triplets(triplets: Sequence[Triplet], validation_fraction: float = 0.1, seed: int = 0):

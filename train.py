@@ -176,10 +176,11 @@ def world_model_data(run: Run, index: int, name: str, params, too_easy: bool) ->
         train, validation = triplets_from_json(data["train"]), triplets_from_json(data["validation"])
     else:
         trajectories = self_play(run, index, params, args.wm_tasks, args.wm_rollouts, args.wm_max_turns)
+        view = run.game.world_model_view or (lambda t: t)  # as the world-model prompt shows a transition
         if args.wm_invalid_steps == "drop":
-            triplets = rwml.triplets_from_rollouts(trajectories, args.history)
+            triplets = rwml.triplets_from_rollouts(trajectories, args.history, view)
         else:
-            triplets = rollout.transitions(trajectories, args.history)
+            triplets = [view(t) for t in rollout.transitions(trajectories, args.history)]
         if len(triplets) < 2:
             raise DataError(f"only {len(triplets)} valid transitions from {len(trajectories)} rollouts: too few to "
                             "train a world model on. Fix: raise --wm-tasks, or --wm-invalid-steps keep.")

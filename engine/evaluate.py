@@ -64,7 +64,7 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         episodes = max(2, math.ceil(2 * settings.wm_transitions / game.max_turns))
         play, play_prompts = (game.demonstrate or rollout.random_play)(game, episodes, EVAL_SEED + seed)
-        triplets = rwml.triplets_from_rollouts(play, game.history)
+        triplets = rwml.triplets_from_rollouts(play, game.history, game.world_model_view)
         rng = np.random.default_rng(seed)
         self.triplets = [triplets[i] for i in rng.permutation(len(triplets))[:settings.wm_transitions]]
         encode = functools.partial(tokenizer.encode, add_special_tokens=False)

@@ -94,7 +94,7 @@ def transcripts(game: envs.Game, trajectories: Sequence[rollout.Trajectory], pro
             play.append((rollout.encode_prompt(tokenizer, prompt), response + following))
     rng = np.random.default_rng(seed)
     world_model = []
-    for triplet in rwml.triplets_from_rollouts(trajectories, game.history):
+    for triplet in rwml.triplets_from_rollouts(trajectories, game.history, game.world_model_view):
         prompt = rwml.world_model_prompt(triplet, direct=bool(rng.integers(2)))
         if not dynamics:
             triplet = triplet._replace(next_state=triplet.state)
@@ -144,7 +144,7 @@ def corpus(game: envs.Game, trajectories: Sequence[rollout.Trajectory], prompts:
     of world-model examples (both prompts and the label), half each."""
     turns = [(turn, prompt) for trajectory, turn_prompts in zip(trajectories, prompts)
              for turn, prompt in zip(trajectory.turns, turn_prompts)]
-    triplets = rwml.triplets_from_rollouts(trajectories, game.history)
+    triplets = rwml.triplets_from_rollouts(trajectories, game.history, game.world_model_view)
     rng = np.random.default_rng(seed)
     texts = []
     for index in rng.choice(len(turns), min(size // 2, len(turns)), replace=False):

@@ -296,9 +296,10 @@ class Args:
     """environment worker processes (ALFWorld 2; grid games 0: in process)"""
 
     # ---- the embedded default (pretrain.py) ----
-    pretrain_steps: Annotated[int | None, follows(f"{pretrain.PretrainConfig.steps}; ALFWorld 60; none with --model")] = None
+    pretrain_steps: Annotated[int | None, follows(f"{pretrain.PretrainConfig.steps}; ALFWorld 60; tau2 500; none with "
+                                                  "--model")] = None
     """cross-entropy steps on random-play transcripts (ALFWorld 60: its 128 transcripts a step of ~500-900 tokens
-    take ~7 s on 2 CPU cores)"""
+    take ~7 s on 2 CPU cores; tau2 500, 4 in 5 of them on world-model transcripts: engine/setup.py says why)"""
     pretrain_episodes: Annotated[int | None, follows(f"{pretrain.PretrainConfig.episodes}; ALFWorld 100; none with "
                                                      "--model")] = None
     """random-play episodes recorded for pretraining (ALFWorld 100, whose games step ~30 times a second: there the
@@ -403,7 +404,7 @@ def settle(args: Args, derived: bool = True) -> Args:
         by_env.update(max_turns=30, history=30, tau_d=0.4, workers=2, **{"eval.episodes": TAU2_TEST_TASKS[args.env]})
     if args.model is None:  # the embedded default's pretraining; with --model unset, so that check() refuses a value
         by_env.update(pretrain_episodes={"alfworld": 100}.get(args.env, 400 if tau2 else pretrain.PretrainConfig.episodes),
-                      pretrain_steps=60 if alfworld else 200 if tau2 else pretrain.PretrainConfig.steps)
+                      pretrain_steps=60 if alfworld else 500 if tau2 else pretrain.PretrainConfig.steps)
     if args.method == "spa":  # the response holds two rendered states
         recipe = {**recipe, "max_new_tokens": max(recipe["max_new_tokens"], 256)}
     small = (EMBEDDED_ALFWORLD if alfworld else EMBEDDED_TAU2 if tau2 else {}) if args.model is None else {}

@@ -60,3 +60,6 @@ class Game:
     demonstrate: Callable | None = None
     """demonstrate(game, episodes, seed) -> (trajectories, prompts): the transcripts the embedded default is pretrained
     on; None: uniformly random admissible actions (rollout.random_play)"""
+    world_model_view: Callable | None = None
+    """view(transition) -> the transition as the world-model prompt shows it (rwml.triplets_from_rollouts): tau2's
+    compact prompt cuts the past and present observations as the policy's prompt does; None: whole"""

@@ -493,6 +493,26 @@ def speaker(previous_action: str | None, solo: bool) -> str:
     return "Tool" if as_tool_call(previous_action) or previous_action in ("", "(none)") else "Customer"
 
 
+PAST_CUT, PRESENT_CUT = 120, 400  # the compact prompt's cuts: characters of a past tool response, of the present
+
+
+def clip(text: str, cut: int) -> str:
+    """text cut to `cut` characters, " ..." saying it was."""
+    return text[:cut] + " ..." if len(text) > cut else text
+
+
+def compact_view(transition):
+    """A transition (rollout.Transition) as the embedded default's world-model prompt shows it: cut as its compact
+    policy prompt cuts the same turns (tool responses in the past to PAST_CUT characters, the present observation
+    to PRESENT_CUT). The next state, the label, stays whole. Whole, the prompt ran to ~3,400 tokens (median ~1,000)
+    in the default's tokenizer; cut, the prompt and its label to ~1,200 (median ~590)."""
+    previous, past = None if transition.turn == len(transition.history) else "(none)", []
+    for seen, action in transition.history:
+        past.append((clip(seen, PAST_CUT) if speaker(previous, False) == "Tool" else seen, action))
+        previous = action
+    return transition._replace(history=tuple(past), state=transition.state[:PRESENT_CUT])
+
+
 def conversation(history: Sequence[tuple[str, str]], observation: str, step: int, solo: bool, opening: str = "",
                  cut: int | None = None) -> list[str]:
     """The conversation as lines "Customer: ...", "Agent: ...", "Tool: ...", oldest first, ending with the current
@@ -505,7 +525,7 @@ def conversation(history: Sequence[tuple[str, str]], observation: str, step: int
     previous = None if first == 0 else "(none)"
     for seen, action in turns:
         who = speaker(previous, solo)
-        text = seen[:cut] + " ..." if cut is not None and who == "Tool" and len(seen) > cut else seen
+        text = clip(seen, cut) if cut is not None and who == "Tool" else seen
         lines += [f"{who}: {text}", f"Agent: {respond(action) if action != '(none)' else '(no message)'}"]
         previous = action
     lines.append(f"{speaker(previous if turns else None, solo)}: {observation}")
@@ -589,7 +609,7 @@ def tau2_prompt(env: str, compact: bool = False):
     def prompt(task: str, history: Sequence[tuple[str, str]], step: int, observation: str, info: dict) -> str:
         if compact:
             lines = [f"{env} agent.", ANSWER_FORMAT]
-            lines += conversation(history, observation[:400], step, solo, info.get("opening", ""), cut=120)
+            lines += conversation(history, observation[:PRESENT_CUT], step, solo, info.get("opening", ""), cut=PAST_CUT)
             return "\n".join(lines + ["Agent:"])
         tools = "\n".join(json.dumps(schema, ensure_ascii=False) for schema in tool_schemas(env))
         lines = [ROLE[solo], f"<policy>\n{policy(env)}\n</policy>", f"<tools>\n{tools}\n</tools>", ANSWER_FORMAT,

@@ -181,6 +181,28 @@ def test_the_prompts_render_the_conversation():
     assert "Ticket: The phone has no service." in solo and '"name": "done"' in solo and '"toggle_airplane_mode"' in solo
 
 
+def test_the_compact_world_model_prompt_shows_what_the_compact_policy_prompt_shows():
+    """The embedded default's world model sees each turn as its policy does (tau2.compact_view): every past
+    observation and the present one appear in the world-model prompt exactly as in the compact policy prompt of the
+    same turn, cut or not, and the next state, the label, stays whole."""
+    args = train.settle(train.Args(method="rwml", env="tau2-retail"))
+    game = setup.make_game(args)
+    trajectories, prompts = game.demonstrate(game, 3, 0)
+    whole = rwml.triplets_from_rollouts(trajectories, game.history)
+    seen = rwml.triplets_from_rollouts(trajectories, game.history, game.world_model_view)
+    assert len(seen) == len(whole) > 10 and any(len(t.state) > tau2.PRESENT_CUT for t in whole)
+    cut = 0
+    for full, view in zip(whole, seen):
+        policy = prompts[view.trajectory][view.turn]
+        for observation, _ in view.history:
+            assert f": {observation}\nAgent: " in policy, observation
+        assert policy.endswith(f": {view.state}\nAgent:") and view.state == full.state[:tau2.PRESENT_CUT]
+        assert (view.next_state, view.action, view.kind) == (full.next_state, full.action, full.kind)
+        cut += view != full
+    assert cut > 0
+    assert max(len(rwml.world_model_prompt(t)) for t in seen) < 3000 < max(len(rwml.world_model_prompt(t)) for t in whole)
+
+
 # A chat template that renders tools as Qwen2.5's does, in outline (the test's own, not Qwen's text)
 TOOLS_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\n{{ messages[0]['content'] }}\n<tools>{% for tool in tools %}\n"
