@@ -85,7 +85,7 @@ def load_model(args: Args, game: envs.Game, log=print) -> tuple[Path, lm.Config,
                                   dynamics=args.pretrain_dynamics)
         if args.env in envs.TAU2_ENVS:  # transcripts ~5x longer than a grid game's, and JSON needs more tokens. Every
             # transcript is kept (the longest ~1,200 tokens), and 4 steps in 5 train on world-model transcripts: after
-            # ~100 such steps of 8 none of 32 held-out predictions closed <next_state>; after ~400, 28 of 32 (greedy)
+            # ~100 such steps of 8 none of 32 held-out predictions closed <next_state>; 300 more, 28 of 32 (greedy)
             cfg = dataclasses.replace(cfg, batch_size=32, vocab_size=1024, max_length=1536, world_model_fraction=0.8)
         if args.pretrain_observation not in (None, args.observation):  # pretrained on other observations than it meets
             game = make_game(dataclasses.replace(args, observation=args.pretrain_observation))
