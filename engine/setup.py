@@ -39,7 +39,7 @@ def make_game(args: Args) -> envs.Game:
         return envs.Game(args.env, "tau2-compact" if compact else "tau2", make_env, envs.tau2_prompt(args.env, compact),
                          tau2.respond, tau2.parse_message, args.history, args.max_turns,
                          tokens=tau2.call_tokens(args.env), demonstrate=pretrain.tau2_demonstrations,
-                         world_model_view=tau2.compact_view if compact else None)
+                         world_model_view=compact_view if compact else None)
     short = args.prompt == "short" or (args.prompt == "auto" and args.model is None)
     state_estimation = args.state_estimation or args.method == "spa"  # SPA keeps state estimation on
     if args.prompt == "coordinates" or (short and args.method == "spa"):
@@ -54,6 +54,18 @@ def make_game(args: Args) -> envs.Game:
     parse = functools.partial(envs.parse_answer, max_actions=args.actions_per_turn)
     return envs.Game(args.env + size + observation, name, grid_env(args, args.max_turns), prompt,
                      lambda a: f"<answer>{a}</answer>", parse, args.history, args.max_turns)
+
+
+def compact_view(transition: rollout.Transition) -> rollout.Transition:
+    """A tau2 transition as the embedded default's world-model prompt shows it: cut as its compact policy prompt cuts
+    the same turns (envs.tau2.conversation); the next state, the label, stays whole. Whole, the prompt ran to ~3,400
+    tokens (median ~1,000) in the default's tokenizer; cut, the prompt and label to ~1,200 (median ~590)."""
+    previous, past, cut = None if transition.turn == len(transition.history) else "(none)", [], tau2.PAST_CUT
+    for seen, action in transition.history:
+        tool = tau2.speaker(previous, False) == "Tool" and len(seen) > cut
+        past.append((seen[:cut] + " ..." if tool else seen, action))
+        previous = action
+    return transition._replace(history=tuple(past), state=transition.state[:tau2.PRESENT_CUT])
 
 
 def grid_env(args: Args, max_steps: int):

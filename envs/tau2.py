@@ -29,6 +29,7 @@ TAU2_ENVS = {"tau2-retail": ("retail", False), "tau2-airline": ("airline", False
 GREETING = "Hi! How can I help you today?"  # tau2's agent opens every conversation with a greeting
 STOP, TRANSFER, OUT_OF_SCOPE = "###STOP###", "###TRANSFER###", "###OUT-OF-SCOPE###"  # tau2's user stop signals
 DONE_TOOL, TRANSFER_TOOL = "done", "transfer_to_human_agents"
+PAST_CUT, PRESENT_CUT = 120, 400  # the compact prompt's cuts: characters of a past tool response, of the present
 
 
 def ends_the_call(reply: str) -> bool:
@@ -108,10 +109,8 @@ def tool_call(name: str, arguments: dict) -> str:
 
 def as_tool_call(action: str) -> tuple[str, dict] | None:
     """(name, arguments) of an action that is a tool call, None for text."""
-    if not action.startswith("{"):
-        return None
     try:
-        call = json.loads(action)
+        call = json.loads(action) if action.startswith("{") else None
     except json.JSONDecodeError:
         return None
     if isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments", {}), dict):
@@ -493,26 +492,6 @@ def speaker(previous_action: str | None, solo: bool) -> str:
     return "Tool" if as_tool_call(previous_action) or previous_action in ("", "(none)") else "Customer"
 
 
-PAST_CUT, PRESENT_CUT = 120, 400  # the compact prompt's cuts: characters of a past tool response, of the present
-
-
-def clip(text: str, cut: int) -> str:
-    """text cut to `cut` characters, " ..." saying it was."""
-    return text[:cut] + " ..." if len(text) > cut else text
-
-
-def compact_view(transition):
-    """A transition (rollout.Transition) as the embedded default's world-model prompt shows it: cut as its compact
-    policy prompt cuts the same turns (tool responses in the past to PAST_CUT characters, the present observation
-    to PRESENT_CUT). The next state, the label, stays whole. Whole, the prompt ran to ~3,400 tokens (median ~1,000)
-    in the default's tokenizer; cut, the prompt and its label to ~1,200 (median ~590)."""
-    previous, past = None if transition.turn == len(transition.history) else "(none)", []
-    for seen, action in transition.history:
-        past.append((clip(seen, PAST_CUT) if speaker(previous, False) == "Tool" else seen, action))
-        previous = action
-    return transition._replace(history=tuple(past), state=transition.state[:PRESENT_CUT])
-
-
 def conversation(history: Sequence[tuple[str, str]], observation: str, step: int, solo: bool, opening: str = "",
                  cut: int | None = None) -> list[str]:
     """The conversation as lines "Customer: ...", "Agent: ...", "Tool: ...", oldest first, ending with the current
@@ -525,7 +504,7 @@ def conversation(history: Sequence[tuple[str, str]], observation: str, step: int
     previous = None if first == 0 else "(none)"
     for seen, action in turns:
         who = speaker(previous, solo)
-        text = clip(seen, cut) if cut is not None and who == "Tool" else seen
+        text = seen[:cut] + " ..." if cut is not None and who == "Tool" and len(seen) > cut else seen
         lines += [f"{who}: {text}", f"Agent: {respond(action) if action != '(none)' else '(no message)'}"]
         previous = action
     lines.append(f"{speaker(previous if turns else None, solo)}: {observation}")

@@ -182,7 +182,7 @@ def test_the_prompts_render_the_conversation():
 
 
 def test_the_compact_world_model_prompt_shows_what_the_compact_policy_prompt_shows():
-    """The embedded default's world model sees each turn as its policy does (tau2.compact_view): every past
+    """The embedded default's world model sees each turn as its policy does (engine.setup.compact_view): every past
     observation and the present one appear in the world-model prompt exactly as in the compact policy prompt of the
     same turn, cut or not, and the next state, the label, stays whole."""
     args = train.settle(train.Args(method="rwml", env="tau2-retail"))
