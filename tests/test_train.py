@@ -492,7 +492,7 @@ def test_too_few_world_model_transitions_end_with_one_message_and_exit_status_2(
 
     monkeypatch.setattr(train, "self_play", lambda *args, **kwargs: [])  # 0 valid transitions
     args = train.settle(tyro.cli(train.Args, args=["--method", "wm-sft", "--out", str(tmp_path / "run")]))
-    stub = types.SimpleNamespace(args=args, out=tmp_path)
+    stub = types.SimpleNamespace(args=args, out=tmp_path, game=setup.make_game(args))
     monkeypatch.setattr(train, "main", lambda args: train.world_model_data(stub, 0, "wm-sft", None, too_easy=False))
     code, stderr, _ = run_cli_in_process([], tmp_path, monkeypatch, capsys)
     assert code == 2 and stderr.startswith("error: only 0 valid transitions") and "Fix: raise --wm-tasks" in stderr
