@@ -58,14 +58,11 @@ def make_game(args: Args) -> envs.Game:
 
 def compact_view(transition: rollout.Transition) -> rollout.Transition:
     """A tau2 transition as the embedded default's world-model prompt shows it: cut as its compact policy prompt cuts
-    the same turns (envs.tau2.conversation); the next state, the label, stays whole. Whole, the prompt ran to ~3,400
-    tokens (median ~1,000) in the default's tokenizer; cut, the prompt and label to ~1,200 (median ~590)."""
-    previous, past, cut = None if transition.turn == len(transition.history) else "(none)", [], tau2.PAST_CUT
-    for seen, action in transition.history:
-        tool = tau2.speaker(previous, False) == "Tool" and len(seen) > cut
-        past.append((seen[:cut] + " ..." if tool else seen, action))
-        previous = action
-    return transition._replace(history=tuple(past), state=transition.state[:tau2.PRESENT_CUT])
+    the same turns (envs.tau2.window, PRESENT_CUT); the next state, the label, stays whole. Whole, the prompt ran to
+    ~3,400 tokens (median ~1,000) in the default's tokenizer; cut, the prompt and label to ~1,200 (median ~590)."""
+    past = tau2.window(transition.history, transition.turn, False, tau2.PAST_CUT)
+    return transition._replace(history=tuple((seen, action) for _, seen, action in past),
+                               state=transition.state[:tau2.PRESENT_CUT])
 
 
 def grid_env(args: Args, max_steps: int):

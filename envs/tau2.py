@@ -492,23 +492,27 @@ def speaker(previous_action: str | None, solo: bool) -> str:
     return "Tool" if as_tool_call(previous_action) or previous_action in ("", "(none)") else "Customer"
 
 
+def window(history: Sequence[tuple[str, str]], step: int, solo: bool, cut: int | None = None) -> list[tuple]:
+    """(who, observation as shown, action) of each (observation, action) pair of the turns before `step` a prompt
+    shows (all, or the last H). cut: tool responses cut to this many characters, " ..." saying so."""
+    previous, shown = None if step == len(history) else "(none)", []
+    for seen, action in history:
+        who, previous = speaker(previous, solo), action
+        cut_here = cut is not None and who == "Tool" and len(seen) > cut
+        shown.append((who, seen[:cut] + " ..." if cut_here else seen, action))
+    return shown
+
+
 def conversation(history: Sequence[tuple[str, str]], observation: str, step: int, solo: bool, opening: str = "",
                  cut: int | None = None) -> list[str]:
     """The conversation as lines "Customer: ...", "Agent: ...", "Tool: ...", oldest first, ending with the current
     observation. history holds the (observation, action) pairs of the turns the prompt shows (all of them, or the
     last H); the first observation of an episode is its opening (the ticket in solo mode), shown first when the
     window starts later. cut: tool responses in the past cut to this many characters."""
-    turns = list(history)
-    first = step - len(turns)  # the step of turns[0]
-    lines = [f"{speaker(None, solo)}: {opening}", "(earlier turns left out)"] if first > 0 and opening else []
-    previous = None if first == 0 else "(none)"
-    for seen, action in turns:
-        who = speaker(previous, solo)
-        text = seen[:cut] + " ..." if cut is not None and who == "Tool" and len(seen) > cut else seen
+    lines = [f"{speaker(None, solo)}: {opening}", "(earlier turns left out)"] if step > len(history) and opening else []
+    for who, text, action in window(history, step, solo, cut):
         lines += [f"{who}: {text}", f"Agent: {respond(action) if action != '(none)' else '(no message)'}"]
-        previous = action
-    lines.append(f"{speaker(previous if turns else None, solo)}: {observation}")
-    return lines
+    return lines + [f"{speaker(history[-1][1] if history else None, solo)}: {observation}"]
 
 
 class Chat(NamedTuple):
@@ -546,14 +550,11 @@ def chat_messages(history: Sequence[tuple[str, str]], observation: str, step: in
         return {"role": "assistant", "content": "",
                 "tool_calls": [{"type": "function", "function": {"name": call[0], "arguments": call[1]}}]}
 
-    turns = list(history)
-    first = step - len(turns)
-    messages = [{"role": "user", "content": f"{opening}\n(earlier turns left out)"}] if first > 0 and opening else []
-    previous = None if first == 0 else "(none)"
-    for seen, action in turns:
-        messages += [observed(seen, speaker(previous, solo)), sent(action)]
-        previous = action
-    return messages + [observed(observation, speaker(previous if turns else None, solo))]
+    later = step > len(history) and opening  # a window that starts after the opening shows it first
+    messages = [{"role": "user", "content": f"{opening}\n(earlier turns left out)"}] if later else []
+    for who, seen, action in window(history, step, solo):
+        messages += [observed(seen, who), sent(action)]
+    return messages + [observed(observation, speaker(history[-1][1] if history else None, solo))]
 
 
 def tau2_chat_prompt(env: str):
