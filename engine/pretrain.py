@@ -75,14 +75,19 @@ class PretrainConfig:
     dynamics: bool = True
     """play transcripts end with the next observation and world-model ones answer with the next state; False: they
     end at the response and answer with the current state (the format and the grid, not what an action does)"""
+    following_chars: int | None = None
+    """a play transcript's next observation is cut to this many characters (None: whole; a world-model transcript's
+    label always is); tau2's compact prompt shows no more of it (tau2.PRESENT_CUT), and whole it padded most play
+    batches to 2,048 tokens rather than 1,024"""
 
 
 def transcripts(game: envs.Game, trajectories: Sequence[rollout.Trajectory], prompts: Sequence[Sequence[str]], tokenizer,
-                seed: int, dynamics: bool = True) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
-    """(context ids, target ids) pairs: every play turn, and a world-model example of every valid triplet
-    (its prompt form, RWML's or WM SFT's direct one, drawn at random). Without dynamics, a play turn ends at the
-    response and a world-model example answers with the triplet's current state: the model learns the format and the
-    grid, and that nothing follows from an action.
+                seed: int, dynamics: bool = True, following_chars: int | None = None
+                ) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
+    """(context ids, target ids) pairs: every play turn (its next observation cut to following_chars), and a
+    world-model example of every valid triplet (its prompt form, RWML's or WM SFT's direct one, drawn at random,
+    its label whole). Without dynamics, a play turn ends at the response and a world-model example answers with the
+    triplet's current state: the model learns the format and the grid, and that nothing follows from an action.
     """
     eos = [tokenizer.eos_token_id]
     encode = functools.partial(tokenizer.encode, add_special_tokens=False)
@@ -90,7 +95,7 @@ def transcripts(game: envs.Game, trajectories: Sequence[rollout.Trajectory], pro
     for trajectory, turn_prompts in zip(trajectories, prompts):
         for turn, prompt in zip(trajectory.turns, turn_prompts):
             response = encode(turn.response_text) + eos
-            following = encode(turn.target) if dynamics else []
+            following = encode(turn.target[:following_chars]) if dynamics else []
             play.append((rollout.encode_prompt(tokenizer, prompt), response + following))
     rng = np.random.default_rng(seed)
     world_model = []
@@ -162,7 +167,7 @@ def build(game: envs.Game, folder: str | Path, cfg: PretrainConfig = PretrainCon
     trajectories, prompts = (game.demonstrate or rollout.random_play)(game, cfg.episodes, cfg.seed)
     tokenizer = hf.train_tokenizer(corpus(game, trajectories, prompts, seed=cfg.seed), cfg.vocab_size)
     tokenizer.add_tokens(list(game.tokens))
-    play, world_model = transcripts(game, trajectories, prompts, tokenizer, cfg.seed, cfg.dynamics)
+    play, world_model = transcripts(game, trajectories, prompts, tokenizer, cfg.seed, cfg.dynamics, cfg.following_chars)
     if cfg.max_length is not None:
         play, world_model = ([(c, t) for c, t in examples if len(c) + len(t) <= cfg.max_length]
                              for examples in (play, world_model))
@@ -204,7 +209,7 @@ def embedded_default(game: envs.Game, cfg: PretrainConfig = PretrainConfig(), ro
     """The cached checkpoint folder for this game and recipe, built on first use (atomically, and by one process:
     others asking for the same recipe meanwhile wait for it and reuse it)."""
     fields = dataclasses.asdict(cfg)
-    for name, default in (("dynamics", True), ("max_length", None)):  # added later: a recipe at their defaults
+    for name, default in (("dynamics", True), ("max_length", None), ("following_chars", None)):  # added later: a recipe at their defaults
         if fields[name] == default:  # keeps the key (and cache) it had before
             del fields[name]
     if game.tokens:  # added later: a game without whole tokens keeps the key (and cache) it had before

@@ -50,10 +50,12 @@ EMBEDDED_ALFWORLD = {"groups": 4, "iterations": 4, "max_turns": 20, "eval.episod
 # and tau2's evaluation of an episode ~1 s of CPU; the embedded default's run is sized to finish in minutes. A world
 # model's answer holds a tool response masked to its schema: in the retail default's tokenizer, the labels of the
 # training split's gold conversations are 244 tokens at the median and 498 at most (a customer's reply, 26), so
-# RWML samples up to the papers' 512 (at 64, 79% of the tool predictions could never close their <next_state> block)
+# RWML samples up to the papers' 512 (at 64, 79% of the tool predictions could never close their <next_state> block).
+# The tiny model plays at 0.7: at 1 its sampled arguments broke the JSON of nearly every tool call (6 valid calls in
+# 172 turns of 16 training conversations), so its own play held no tool response for RWML to predict; at 0.7, 37 in 188
 EMBEDDED_TAU2 = {"history": 2, "groups": 4, "group_size": 4, "iterations": 4, "max_new_tokens": 64, "wm_max_new_tokens": 512,
                  "wm_tasks": 8, "wm_rollouts": 2, "wm_max_turns": 12, "wm_batch": 16, "wm_group_size": 4,
-                 "eval.episodes": 8}
+                 "eval.episodes": 8, "temperature": 0.7}
 
 
 class UsageError(Exception):
@@ -184,7 +186,8 @@ class Args:
     """drop groups whose rewards are all equal (advantage 0) from the RL loss, so they leave the token-mean
     denominator too (DAPO's dynamic sampling, without resampling); policy RL and RWML"""
     temperature: float = 1.0
-    """rollout temperature (log-probs are recomputed at it)"""
+    """rollout temperature, the policy's and that of the world-model stages' data rollouts (log-probs are recomputed
+    at it; the tau2 embedded default: 0.7)"""
     max_new_tokens: int | None = None
     """response tokens per turn (paper 512)"""
     history: int | None = None
@@ -296,10 +299,10 @@ class Args:
     """environment worker processes (ALFWorld 2; grid games 0: in process)"""
 
     # ---- the embedded default (pretrain.py) ----
-    pretrain_steps: Annotated[int | None, follows(f"{pretrain.PretrainConfig.steps}; ALFWorld 60; tau2 500; none with "
+    pretrain_steps: Annotated[int | None, follows(f"{pretrain.PretrainConfig.steps}; ALFWorld 60; tau2 700; none with "
                                                   "--model")] = None
     """cross-entropy steps on random-play transcripts (ALFWorld 60: its 128 transcripts a step of ~500-900 tokens
-    take ~7 s on 2 CPU cores; tau2 500, 4 in 5 of them on world-model transcripts: engine/setup.py says why)"""
+    take ~7 s on 2 CPU cores; tau2 700, 55% of them on world-model transcripts: engine/setup.py says why)"""
     pretrain_episodes: Annotated[int | None, follows(f"{pretrain.PretrainConfig.episodes}; ALFWorld 100; none with "
                                                      "--model")] = None
     """random-play episodes recorded for pretraining (ALFWorld 100, whose games step ~30 times a second: there the
@@ -404,7 +407,7 @@ def settle(args: Args, derived: bool = True) -> Args:
         by_env.update(max_turns=30, history=30, tau_d=0.4, workers=2, **{"eval.episodes": TAU2_TEST_TASKS[args.env]})
     if args.model is None:  # the embedded default's pretraining; with --model unset, so that check() refuses a value
         by_env.update(pretrain_episodes={"alfworld": 100}.get(args.env, 400 if tau2 else pretrain.PretrainConfig.episodes),
-                      pretrain_steps=60 if alfworld else 500 if tau2 else pretrain.PretrainConfig.steps)
+                      pretrain_steps=60 if alfworld else 700 if tau2 else pretrain.PretrainConfig.steps)
     if args.method == "spa":  # the response holds two rendered states
         recipe = {**recipe, "max_new_tokens": max(recipe["max_new_tokens"], 256)}
     small = (EMBEDDED_ALFWORLD if alfworld else EMBEDDED_TAU2 if tau2 else {}) if args.model is None else {}

@@ -93,9 +93,12 @@ def load_model(args: Args, game: envs.Game, log=print) -> tuple[Path, lm.Config,
         cfg = dataclasses.replace(pretrain.PretrainConfig(), episodes=args.pretrain_episodes, steps=args.pretrain_steps,
                                   dynamics=args.pretrain_dynamics)
         if args.env in envs.TAU2_ENVS:  # transcripts ~5x longer than a grid game's, and JSON needs more tokens. Every
-            # transcript is kept (the longest ~1,200 tokens), and 4 steps in 5 train on world-model transcripts: after
-            # ~100 such steps of 8 none of 32 held-out predictions closed <next_state>; 300 more, 28 of 32 (greedy)
-            cfg = dataclasses.replace(cfg, batch_size=32, vocab_size=1024, max_length=1536, world_model_fraction=0.8)
+            # transcript is kept (the longest ~1,200 tokens). World model: after ~100 steps of 8 none of 32 held-out
+            # predictions closed <next_state>; 300 more, 28 of 32 (greedy). Play: after 100 steps of 32 (the 500-step
+            # recipe of 4c69f69) greedy play wrote world-model text; 150 more took its loss from 0.92 to 0.38. A play
+            # transcript's next observation is cut as the next prompt cuts it: whole, most play batches padded to 2,048
+            cfg = dataclasses.replace(cfg, batch_size=32, vocab_size=1024, max_length=1536, world_model_fraction=0.55,
+                                      following_chars=tau2.PRESENT_CUT)
         if args.pretrain_observation not in (None, args.observation):  # pretrained on other observations than it meets
             game = make_game(dataclasses.replace(args, observation=args.pretrain_observation))
         folder = pretrain.embedded_default(game, cfg, args.cache, log)

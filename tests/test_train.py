@@ -82,7 +82,7 @@ COVERING = ["paw", "wm-sft-grpo", "rwml-grpo"]
 def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--method", method, "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, *TINY_WORLD_MODEL]
-    if method == "rwml-grpo":  # RL at 0.7; RWML's predictions are sampled at temperature 1 whatever --temperature says
+    if method == "rwml-grpo":  # play at 0.7 (RL and RWML's data); its predictions are sampled at 1 whatever it says
         argv += ["--temperature", "0.7"]
     result = run_in_process(argv, cache, monkeypatch)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -668,18 +668,19 @@ def test_the_settings_block_leaves_out_what_the_recipe_and_the_followed_settings
 
 def test_pretraining_without_dynamics_shows_the_format_but_never_a_next_state(tmp_path):
     """--no-pretrain-dynamics: play transcripts stop at the response's end, and world-model transcripts answer in
-    the world-model format with the state the action was taken in; with dynamics both carry the next state."""
+    the world-model format with the state the action was taken in; with dynamics both carry the next state (the play
+    transcript's cut to following_chars, the world model's label whole)."""
     game = setup.make_game(train.settle(train.Args(method="grpo", out=str(tmp_path))))
     trajectories, prompts = rollout.random_play(game, 12, seed=0)
     tokenizer = hf.train_tokenizer(pretrain.corpus(game, trajectories, prompts), 400)
     eos = tokenizer.eos_token_id
     turns = [turn for trajectory in trajectories for turn in trajectory.turns]
-    for dynamics in (True, False):
-        play, world_model = pretrain.transcripts(game, trajectories, prompts, tokenizer, 0, dynamics)
+    for dynamics, cut in ((True, None), (False, None), (True, 7)):  # cut: the play's next observation, not the label
+        play, world_model = pretrain.transcripts(game, trajectories, prompts, tokenizer, 0, dynamics, cut)
         assert len(play) == len(turns)
         for (_, target), turn in zip(play, turns):
             response = tokenizer.encode(turn.response_text, add_special_tokens=False) + [eos]
-            following = tokenizer.encode(turn.next_observation, add_special_tokens=False) if dynamics else []
+            following = tokenizer.encode(turn.next_observation[:cut], add_special_tokens=False) if dynamics else []
             assert target == response + following
         triplets = rwml.triplets_from_rollouts(trajectories, game.history)
         assert len(world_model) == len(triplets)
