@@ -225,11 +225,10 @@ def spa_data(run: Run, index: int, name: str, params) -> dict:
 
 
 def self_play(run: Run, index: int, params, tasks: int, rollouts: int, max_turns: int) -> list[rollout.Trajectory]:
-    """A stage's data rollouts: `tasks` training tasks x `rollouts` at --temperature (the papers' 1; the tau2 embedded
-    default's 0.7), with the stage's data key."""
+    """A stage's data rollouts: `tasks` training tasks x `rollouts` at temperature 1, with the stage's data key."""
     args = run.args
     seeds = [train_task(args, index, 0, task) for task in range(tasks)]
-    sampling = stage_sampling(args.temperature, args.max_new_tokens)
+    sampling = stage_sampling(1.0, args.max_new_tokens)
     with rollout.EnvBatch(run.game.make_env, tasks * rollouts, args.workers) as environments:
         return rollout.rollout(params, run.config, run.tokenizer, environments, seeds, rollouts, run.data_key(index),
                                prompt=run.game.prompt, parse=run.game.parse, max_turns=max_turns, sampling=sampling,

@@ -50,13 +50,10 @@ EMBEDDED_ALFWORLD = {"groups": 4, "iterations": 4, "max_turns": 20, "eval.episod
 # and tau2's evaluation of an episode ~1 s of CPU; the embedded default's run is sized to finish in minutes. A world
 # model's answer holds a tool response masked to its schema: in the retail default's tokenizer, the labels of the
 # training split's gold conversations are 244 tokens at the median and 498 at most (a customer's reply, 26), so
-# RWML samples up to the papers' 512 (at 64, 79% of the tool predictions could never close their <next_state> block).
-# The tiny model plays at 0.7 (RL and RWML's data): its sampled arguments break the JSON of most of its tool calls at 1.
-# In 16 training conversations, 51 of its 192 turns were valid tool calls at 0.7 and 28 of 176 at 1 (greedy: 100 of
-# 192), each a tool response for RWML to predict (the 500-step default of 4c69f69 made none at 1: 0 of 127)
+# RWML samples up to the papers' 512 (at 64, 79% of the tool predictions could never close their <next_state> block)
 EMBEDDED_TAU2 = {"history": 2, "groups": 4, "group_size": 4, "iterations": 4, "max_new_tokens": 64, "wm_max_new_tokens": 512,
                  "wm_tasks": 8, "wm_rollouts": 2, "wm_max_turns": 12, "wm_batch": 16, "wm_group_size": 4,
-                 "eval.episodes": 8, "temperature": 0.7}
+                 "eval.episodes": 8}
 
 
 class UsageError(Exception):
@@ -187,8 +184,7 @@ class Args:
     """drop groups whose rewards are all equal (advantage 0) from the RL loss, so they leave the token-mean
     denominator too (DAPO's dynamic sampling, without resampling); policy RL and RWML"""
     temperature: float = 1.0
-    """rollout temperature, the policy's and that of the world-model stages' data rollouts (log-probs are recomputed
-    at it; the tau2 embedded default: 0.7)"""
+    """rollout temperature (log-probs are recomputed at it)"""
     max_new_tokens: int | None = None
     """response tokens per turn (paper 512)"""
     history: int | None = None

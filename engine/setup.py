@@ -95,8 +95,10 @@ def load_model(args: Args, game: envs.Game, log=print) -> tuple[Path, lm.Config,
         if args.env in envs.TAU2_ENVS:  # transcripts ~5x longer than a grid game's, and JSON needs more tokens. Every
             # transcript is kept (the longest ~1,200 tokens). World model: after ~100 steps of 8 none of 32 held-out
             # predictions closed <next_state>; 300 more, 28 of 32 (greedy). Play: after 100 steps of 32 (the 500-step
-            # recipe of 4c69f69) greedy play wrote world-model text; 150 more took its loss from 0.92 to 0.38. A play
-            # transcript's next observation is cut as the next prompt cuts it: whole, most play batches padded to 2,048
+            # recipe of 4c69f69) greedy play wrote world-model text; 150 more took its loss from 0.92 to 0.38. At
+            # temperature 1, in 16 training conversations, this recipe's default made 28 valid tool calls in 176 turns
+            # (that of 4c69f69: 0 in 127). A play transcript's next observation is cut as the next prompt cuts it:
+            # whole, most play batches padded to 2,048
             cfg = dataclasses.replace(cfg, batch_size=32, vocab_size=1024, max_length=1536, world_model_fraction=0.55,
                                       following_chars=tau2.PRESENT_CUT)
         if args.pretrain_observation not in (None, args.observation):  # pretrained on other observations than it meets

@@ -82,7 +82,7 @@ COVERING = ["paw", "wm-sft-grpo", "rwml-grpo"]
 def test_every_stage_kind_runs_from_the_command_line_on_frozenlake(method, cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--method", method, "--out", str(out), *TINY_PRETRAIN, *TINY_POLICY, *TINY_WORLD_MODEL]
-    if method == "rwml-grpo":  # play at 0.7 (RL and RWML's data); its predictions are sampled at 1 whatever it says
+    if method == "rwml-grpo":  # RL at 0.7; RWML's predictions are sampled at temperature 1 whatever --temperature says
         argv += ["--temperature", "0.7"]
     result = run_in_process(argv, cache, monkeypatch)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
