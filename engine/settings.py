@@ -50,9 +50,9 @@ EMBEDDED_ALFWORLD = {"groups": 4, "iterations": 4, "max_turns": 20, "eval.episod
 # and tau2's evaluation of an episode ~1 s of CPU; the embedded default's run is sized to finish in minutes. A world
 # model's answer holds a tool response masked to its schema: in the retail default's tokenizer, the labels of the
 # training split's gold conversations are 244 tokens at the median and 498 at most (a customer's reply, 26), so
-# RWML samples up to the papers' 512 (at 64, 79% of the tool predictions could never close their <next_state> block)
-EMBEDDED_TAU2 = {"history": 2, "groups": 4, "group_size": 4, "iterations": 4, "max_new_tokens": 64, "wm_max_new_tokens": 512,
-                 "wm_tasks": 8, "wm_rollouts": 2, "wm_max_turns": 12, "wm_batch": 16, "wm_group_size": 4,
+# RWML samples up to the papers' 512 (at 64, 79% of the tool predictions could never close their <next_state> block).
+# Group sizes, RWML's rollouts a task, turns and batch are the papers' (8, 3, 30, 32; 8 predictions a triplet)
+EMBEDDED_TAU2 = {"history": 2, "groups": 4, "iterations": 4, "max_new_tokens": 64, "wm_max_new_tokens": 512, "wm_tasks": 8,
                  "eval.episodes": 8}
 
 

@@ -72,6 +72,13 @@ def test_override_sets_settings_by_their_dotted_names_and_refuses_unknown_ones()
         settings.override(args, {"eval.epsiodes": 4})
 
 
+def test_every_setting_a_recipe_fills_starts_unset():
+    """settle() fills only the settings still None, so a recipe's value for a setting with a default of its own would
+    never take effect, and nothing would say so (the tau2 default's group size and RWML data sizes once did not)."""
+    for recipe in (settings.EMBEDDED, settings.PAPER, settings.EMBEDDED_ALFWORLD, settings.EMBEDDED_TAU2):
+        assert [name for name in recipe if settings.get(settings.Args(), name) is not None] == []
+
+
 def test_every_flag_name_is_one_the_command_line_takes():
     args = settings.settle(settings.Args(model=HUB_ID))
     argv = []
