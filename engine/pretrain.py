@@ -209,8 +209,8 @@ def embedded_default(game: envs.Game, cfg: PretrainConfig = PretrainConfig(), ro
     """The cached checkpoint folder for this game and recipe, built on first use (atomically, and by one process:
     others asking for the same recipe meanwhile wait for it and reuse it)."""
     fields = dataclasses.asdict(cfg)
-    for name, default in (("dynamics", True), ("max_length", None), ("following_chars", None)):  # added later: a recipe at their defaults
-        if fields[name] == default:  # keeps the key (and cache) it had before
+    for name, default in (("dynamics", True), ("max_length", None), ("following_chars", None)):  # added later: a
+        if fields[name] == default:  # recipe at their defaults keeps the key (and cache) it had before
             del fields[name]
     if game.tokens:  # added later: a game without whole tokens keeps the key (and cache) it had before
         fields["tokens"] = list(game.tokens)
